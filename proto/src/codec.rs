@@ -1,0 +1,232 @@
+//! The one place where messages become bytes and back.
+//!
+//! Framing: every message is a 4-byte big-endian length followed by that many bytes of
+//! bincode 2 (standard configuration: little-endian, variable-length integers). Raw piece
+//! data is not framed: it follows a [`crate::msg::PeerMessage::Piece`] header.
+//!
+//! Every decode is bounded: a frame longer than the caller's limit is refused before
+//! any allocation, and bincode itself is configured with the same limit so a length
+//! field inside a frame cannot claim more memory than the frame holds.
+
+use bincode::{Decode, Encode};
+
+/// Largest frame of any kind (enough for the metainfo of a blob at the piece limit).
+pub const MAX_FRAME_LEN: usize = 40 * 1024 * 1024;
+/// Largest frame on a peer control or piece stream (a bitfield of the piece limit).
+pub const MAX_PEER_FRAME_LEN: usize = 256 * 1024;
+
+/// Errors from encoding or decoding a frame.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("frame of {len} bytes exceeds the limit of {limit}")]
+    TooLong { len: usize, limit: usize },
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    #[error("{extra} trailing bytes after the message")]
+    Trailing { extra: usize },
+    #[error("cannot encode message: {0}")]
+    Encode(String),
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_FRAME_LEN>()
+}
+
+/// Encodes `msg` as a complete frame: length prefix plus body.
+pub fn encode_frame<T: Encode>(msg: &T) -> Result<Vec<u8>, CodecError> {
+    let mut out = vec![0u8; 4];
+    bincode::encode_into_std_write(msg, &mut out, config()).map_err(|e| CodecError::Encode(e.to_string()))?;
+    let body = out.len() - 4;
+    if body > MAX_FRAME_LEN {
+        return Err(CodecError::TooLong { len: body, limit: MAX_FRAME_LEN });
+    }
+    out[..4].copy_from_slice(&(body as u32).to_be_bytes());
+    Ok(out)
+}
+
+/// Reads a frame's length prefix and checks it against `limit`.
+pub fn frame_len(header: [u8; 4], limit: usize) -> Result<usize, CodecError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len > limit.min(MAX_FRAME_LEN) {
+        return Err(CodecError::TooLong { len, limit: limit.min(MAX_FRAME_LEN) });
+    }
+    Ok(len)
+}
+
+/// Decodes one frame body (without its length prefix). The body must hold exactly
+/// one message.
+pub fn decode_body<T: Decode<()>>(body: &[u8], limit: usize) -> Result<T, CodecError> {
+    if body.len() > limit.min(MAX_FRAME_LEN) {
+        return Err(CodecError::TooLong { len: body.len(), limit: limit.min(MAX_FRAME_LEN) });
+    }
+    let (msg, used) = bincode::decode_from_slice(body, config()).map_err(|e| CodecError::Malformed(e.to_string()))?;
+    if used != body.len() {
+        return Err(CodecError::Trailing { extra: body.len() - used });
+    }
+    Ok(msg)
+}
+
+/// Decodes a complete frame (length prefix plus body) held in memory.
+pub fn decode_frame<T: Decode<()>>(frame: &[u8], limit: usize) -> Result<T, CodecError> {
+    let header: [u8; 4] = frame
+        .get(..4)
+        .and_then(|h| h.try_into().ok())
+        .ok_or_else(|| CodecError::Malformed("frame shorter than its length prefix".into()))?;
+    let len = frame_len(header, limit)?;
+    let body = &frame[4..];
+    if body.len() < len {
+        return Err(CodecError::Malformed(format!("frame announces {len} bytes but holds {}", body.len())));
+    }
+    if body.len() > len {
+        return Err(CodecError::Trailing { extra: body.len() - len });
+    }
+    decode_body(body, limit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::msg::*;
+    use crate::{Bitfield, Digest, Metainfo, PeerId};
+    use proptest::prelude::*;
+
+    fn sample_messages() -> (Vec<TrackerRequest>, Vec<TrackerResponse>, Vec<PeerMessage>) {
+        let blob = Digest::of(b"blob");
+        let peer_id = PeerId([7; 16]);
+        let metainfo = Metainfo {
+            digest: blob,
+            length: 600_000,
+            piece_length: 1 << 18,
+            piece_hashes: vec![[1; 32], [2; 32], [3; 32]],
+        };
+        let mut bits = Bitfield::new(3);
+        bits.set(1, true);
+        let announce = Announce {
+            peer_id,
+            blob,
+            listen_port: 7000,
+            advertise: Some("198.18.0.2:7000".parse().expect("addr")),
+            zone: "rack-a".into(),
+            have: 1,
+            complete: false,
+            num_want: 50,
+        };
+        (
+            vec![
+                TrackerRequest::Register { metainfo: metainfo.clone() },
+                TrackerRequest::GetMetainfo { blob },
+                TrackerRequest::Announce(announce),
+                TrackerRequest::Leave { peer_id, blob },
+            ],
+            vec![
+                TrackerResponse::Registered,
+                TrackerResponse::Metainfo(metainfo),
+                TrackerResponse::Peers {
+                    peers: vec![PeerInfo {
+                        peer_id,
+                        addr: "[::1]:9".parse().expect("addr"),
+                        zone: String::new(),
+                        have: 3,
+                        complete: true,
+                    }],
+                    interval_secs: 30,
+                },
+                TrackerResponse::Left,
+                TrackerResponse::Error { code: TrackerErrorCode::UnknownBlob, message: "no".into() },
+            ],
+            vec![
+                PeerMessage::Handshake { version: crate::PROTOCOL_VERSION, peer_id, blob },
+                PeerMessage::Bitfield(bits),
+                PeerMessage::Have { piece: 2 },
+                PeerMessage::Request { piece: 0 },
+                PeerMessage::Piece { piece: 0, length: 1 << 18 },
+                PeerMessage::Reject { piece: 1, reason: RejectReason::Busy },
+            ],
+        )
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let (reqs, resps, peers) = sample_messages();
+        for m in reqs {
+            let f = encode_frame(&m).expect("encode");
+            assert_eq!(decode_frame::<TrackerRequest>(&f, MAX_FRAME_LEN).expect("decode"), m);
+        }
+        for m in resps {
+            let f = encode_frame(&m).expect("encode");
+            assert_eq!(decode_frame::<TrackerResponse>(&f, MAX_FRAME_LEN).expect("decode"), m);
+        }
+        for m in peers {
+            let f = encode_frame(&m).expect("encode");
+            assert_eq!(decode_frame::<PeerMessage>(&f, MAX_PEER_FRAME_LEN).expect("decode"), m);
+        }
+    }
+
+    #[test]
+    fn oversized_frames_are_refused_before_decoding() {
+        assert!(matches!(frame_len(u32::MAX.to_be_bytes(), MAX_PEER_FRAME_LEN), Err(CodecError::TooLong { .. })));
+        let big = TrackerRequest::Register {
+            metainfo: Metainfo {
+                digest: Digest([0; 32]),
+                length: 1,
+                piece_length: 1,
+                piece_hashes: vec![[0; 32]; 10_000],
+            },
+        };
+        let f = encode_frame(&big).expect("encode");
+        assert!(matches!(decode_frame::<TrackerRequest>(&f, 1024), Err(CodecError::TooLong { .. })));
+    }
+
+    #[test]
+    fn a_length_field_cannot_claim_more_than_the_limit() {
+        // A Register whose hash vector claims 2^40 entries in a tiny frame.
+        let mut body = vec![0u8]; // variant 0
+        body.extend_from_slice(&[0u8; 32]); // digest
+        body.push(1); // length
+        body.push(1); // piece_length
+        body.push(253); // u64 varint marker
+        body.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        assert!(decode_body::<TrackerRequest>(&body, MAX_FRAME_LEN).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn truncated_frames_never_panic(cut in 0usize..200, which in 0usize..15) {
+            let (reqs, resps, peers) = sample_messages();
+            let frames: Vec<Vec<u8>> = reqs.iter().map(|m| encode_frame(m).expect("e"))
+                .chain(resps.iter().map(|m| encode_frame(m).expect("e")))
+                .chain(peers.iter().map(|m| encode_frame(m).expect("e")))
+                .collect();
+            let f = &frames[which % frames.len()];
+            let cut = cut.min(f.len().saturating_sub(1));
+            let truncated = &f[..cut];
+            prop_assert!(decode_frame::<TrackerRequest>(truncated, MAX_FRAME_LEN).is_err());
+            prop_assert!(decode_frame::<TrackerResponse>(truncated, MAX_FRAME_LEN).is_err());
+            prop_assert!(decode_frame::<PeerMessage>(truncated, MAX_PEER_FRAME_LEN).is_err());
+        }
+
+        #[test]
+        fn bit_flipped_frames_never_panic(which in 0usize..15, flips in proptest::collection::vec((0usize..400, 0u8..8), 1..6)) {
+            let (reqs, resps, peers) = sample_messages();
+            let frames: Vec<Vec<u8>> = reqs.iter().map(|m| encode_frame(m).expect("e"))
+                .chain(resps.iter().map(|m| encode_frame(m).expect("e")))
+                .chain(peers.iter().map(|m| encode_frame(m).expect("e")))
+                .collect();
+            let mut f = frames[which % frames.len()].clone();
+            for (pos, bit) in flips {
+                let n = f.len();
+                f[pos % n] ^= 1 << bit;
+            }
+            let _ = decode_frame::<TrackerRequest>(&f, MAX_FRAME_LEN);
+            let _ = decode_frame::<TrackerResponse>(&f, MAX_FRAME_LEN);
+            let _ = decode_frame::<PeerMessage>(&f, MAX_PEER_FRAME_LEN);
+        }
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode_body::<TrackerRequest>(&bytes, MAX_FRAME_LEN);
+            let _ = decode_body::<TrackerResponse>(&bytes, MAX_FRAME_LEN);
+            let _ = decode_body::<PeerMessage>(&bytes, MAX_PEER_FRAME_LEN);
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! Wire types and pure data shared by every swarm component.
+//!
+//! This crate does no I/O and knows nothing of tokio or QUIC. It owns:
+//!
+//! - [`Digest`] and [`PeerId`]: the identifiers (`sha256:<hex>` in the OCI form).
+//! - [`Metainfo`]: a blob's length, piece length and per-piece sha256 hashes, plus the
+//!   piece-length policy ([`piece_length_for`]) and the incremental [`PieceHasher`].
+//! - [`Bitfield`]: which pieces a peer holds.
+//! - [`msg`]: one message enum per direction (peer→tracker, tracker→peer, peer↔peer).
+//! - [`codec`]: the only place where bytes become messages and back, with a size cap
+//!   on every decode.
+//!
+//! The protocol is specified in `docs/protocol.md`; [`PROTOCOL_VERSION`] and [`ALPN`]
+//! change together whenever a message changes incompatibly.
+
+pub mod bitfield;
+pub mod codec;
+pub mod ids;
+pub mod metainfo;
+pub mod msg;
+
+pub use bitfield::Bitfield;
+pub use ids::{Digest, PeerId};
+pub use metainfo::{Metainfo, PieceHasher, piece_length_for};
+
+/// Version of the wire protocol, sent in every handshake.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// ALPN token negotiated by every swarm QUIC connection.
+pub const ALPN: &[u8] = b"swarm/1";
+
+/// Errors from parsing or validating protocol data.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtoError {
+    #[error("invalid digest {input:?}: {reason}")]
+    InvalidDigest { input: String, reason: &'static str },
+    #[error("invalid metainfo: {0}")]
+    InvalidMetainfo(String),
+    #[error("invalid bitfield: {len} bits do not fit in {bytes} bytes")]
+    InvalidBitfield { len: u32, bytes: usize },
+    #[error("piece {piece} out of range (blob has {count} pieces)")]
+    PieceOutOfRange { piece: u32, count: u32 },
+}

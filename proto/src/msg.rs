@@ -1,0 +1,111 @@
+//! Messages, one enum per direction. New variants are only ever appended, so an old
+//! peer decoding a new message fails cleanly on the unknown variant tag instead of
+//! misreading it. See `docs/protocol.md` for framing and the exchange rules.
+
+use std::net::SocketAddr;
+
+use bincode::{Decode, Encode};
+
+use crate::{Bitfield, Digest, Metainfo, PeerId};
+
+/// Longest zone label accepted.
+pub const MAX_ZONE_LEN: usize = 64;
+/// Most peers a tracker returns in one reply.
+pub const MAX_PEERS_PER_REPLY: u32 = 200;
+
+/// Peer → tracker. Each request travels on its own QUIC bidirectional stream and gets
+/// exactly one [`TrackerResponse`] back.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum TrackerRequest {
+    /// Publish a blob's metainfo. Idempotent; a different metainfo for a known digest
+    /// is refused with [`TrackerErrorCode::Conflict`].
+    Register { metainfo: Metainfo },
+    /// Ask for a blob's metainfo.
+    GetMetainfo { blob: Digest },
+    /// "I hold or want this blob; who else does?" Sent on start, then every
+    /// `interval_secs` as a keep-alive, and on completion.
+    Announce(Announce),
+    /// "I no longer serve or want this blob."
+    Leave { peer_id: PeerId, blob: Digest },
+}
+
+/// The body of [`TrackerRequest::Announce`].
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct Announce {
+    pub peer_id: PeerId,
+    pub blob: Digest,
+    /// UDP port the peer's QUIC endpoint listens on; combined with the source address
+    /// the tracker sees unless `advertise` is given.
+    pub listen_port: u16,
+    /// Address to hand out instead of the observed one (NAT, multi-homed hosts).
+    pub advertise: Option<SocketAddr>,
+    /// Free-form locality label (rack, site); peers in the same zone are preferred.
+    pub zone: String,
+    /// Pieces held.
+    pub have: u32,
+    /// Whether every piece is held (a seed).
+    pub complete: bool,
+    /// How many peers the caller would like at most.
+    pub num_want: u32,
+}
+
+/// Tracker → peer.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum TrackerResponse {
+    Registered,
+    Metainfo(Metainfo),
+    Peers { peers: Vec<PeerInfo>, interval_secs: u32 },
+    Left,
+    Error { code: TrackerErrorCode, message: String },
+}
+
+/// One entry of a peer list.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct PeerInfo {
+    pub peer_id: PeerId,
+    pub addr: SocketAddr,
+    pub zone: String,
+    pub have: u32,
+    pub complete: bool,
+}
+
+/// Why the tracker refused a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum TrackerErrorCode {
+    /// No metainfo is registered for that digest.
+    UnknownBlob,
+    /// A different metainfo is already registered for that digest.
+    Conflict,
+    /// The request broke a rule (bad metainfo, oversized zone label, ...).
+    Invalid,
+}
+
+/// Peer ↔ peer. Both directions of the control stream and of every piece stream
+/// carry these; see `docs/protocol.md` for which may appear where.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum PeerMessage {
+    /// First message each way on the control stream: who I am and which blob this
+    /// connection is about.
+    Handshake { version: u32, peer_id: PeerId, blob: Digest },
+    /// The sender's pieces; second message each way on the control stream.
+    Bitfield(Bitfield),
+    /// The sender has verified one more piece.
+    Have { piece: u32 },
+    /// Opens a piece stream: "send me this piece".
+    Request { piece: u32 },
+    /// Answers a request: exactly `length` raw piece bytes follow on the stream.
+    Piece { piece: u32, length: u32 },
+    /// Answers a request the sender will not serve.
+    Reject { piece: u32, reason: RejectReason },
+}
+
+/// Why a piece request was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum RejectReason {
+    /// All upload slots are taken; try again later or elsewhere.
+    Busy,
+    /// The sender does not hold that piece.
+    Missing,
+    /// The connection's handshake named a blob the sender does not serve.
+    UnknownBlob,
+}
