@@ -1,1 +1,14 @@
-//! placeholder
+//! The swarm peer agent.
+//!
+//! - [`scheduler`]: sans-IO piece picking and peer choosing (no tokio, no I/O).
+//! - [`store`]: blobs on disk, one data file plus a persisted bitfield per blob.
+//! - [`node`]: the QUIC peer that drives the scheduler, serves uploads and talks to the
+//!   tracker.
+//! - [`upstream`]: the OCI registry client (token flow, ranges, redirects).
+//! - [`mirror`]: the HTTP registry mirror containerd talks to.
+
+pub mod mirror;
+pub mod node;
+pub mod scheduler;
+pub mod store;
+pub mod upstream;
