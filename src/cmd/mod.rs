@@ -1,0 +1,8 @@
+//! One module per subcommand, plus the options and helpers they share.
+
+pub mod common;
+pub mod demo;
+pub mod pull;
+pub mod seed;
+pub mod token;
+pub mod tracker;
