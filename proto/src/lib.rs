@@ -21,7 +21,7 @@ pub mod msg;
 
 pub use bitfield::Bitfield;
 pub use ids::{Digest, PeerId};
-pub use metainfo::{Metainfo, PieceHasher, piece_length_for};
+pub use metainfo::{Layout, Metainfo, PieceHasher, piece_length_for};
 
 /// Version of the wire protocol, sent in every handshake.
 pub const PROTOCOL_VERSION: u32 = 1;

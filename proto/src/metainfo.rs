@@ -32,7 +32,54 @@ pub fn piece_length_for(len: u64) -> u32 {
     ideal.clamp(u64::from(MIN_PIECE_LENGTH), u64::from(MAX_PIECE_LENGTH)) as u32
 }
 
-/// A blob's layout: its digest, length, piece length and the sha256 of every piece.
+/// Where a blob's pieces lie: its digest, length and piece length. Known before the
+/// piece hashes are (while a blob is still streaming in from upstream).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct Layout {
+    pub digest: Digest,
+    pub length: u64,
+    pub piece_length: u32,
+}
+
+impl Layout {
+    /// Number of pieces.
+    pub fn piece_count(&self) -> u32 {
+        self.length.div_ceil(u64::from(self.piece_length.max(1))) as u32
+    }
+
+    /// Byte offset of piece `i` in the blob.
+    pub fn piece_offset(&self, i: u32) -> u64 {
+        u64::from(i) * u64::from(self.piece_length)
+    }
+
+    /// Length of piece `i` (the last piece may be shorter; 0 past the end).
+    pub fn piece_len(&self, i: u32) -> u32 {
+        let start = self.piece_offset(i);
+        (self.length.saturating_sub(start)).min(u64::from(self.piece_length)) as u32
+    }
+
+    /// The piece holding byte `offset`.
+    pub fn piece_at(&self, offset: u64) -> u32 {
+        (offset / u64::from(self.piece_length.max(1))) as u32
+    }
+
+    /// Checks the invariants a layout from the wire must hold.
+    pub fn validate(&self) -> Result<(), ProtoError> {
+        let bad = |m: String| Err(ProtoError::InvalidMetainfo(m));
+        if !self.piece_length.is_power_of_two() || self.piece_length > MAX_WIRE_PIECE_LENGTH {
+            return bad(format!("piece length {} is not a power of two up to 16 MiB", self.piece_length));
+        }
+        if self.length == 0 {
+            return bad("blob length is zero".into());
+        }
+        if self.length.div_ceil(u64::from(self.piece_length)) > u64::from(MAX_PIECES) {
+            return bad(format!("more than {MAX_PIECES} pieces"));
+        }
+        Ok(())
+    }
+}
+
+/// A blob's layout plus the sha256 of every piece.
 #[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
 pub struct Metainfo {
     pub digest: Digest,
@@ -42,25 +89,24 @@ pub struct Metainfo {
 }
 
 impl Metainfo {
-    /// Number of pieces a blob of `length` bytes has with `piece_length`.
-    pub fn count_for(length: u64, piece_length: u32) -> u32 {
-        length.div_ceil(u64::from(piece_length.max(1))) as u32
+    /// The layout part.
+    pub fn layout(&self) -> Layout {
+        Layout { digest: self.digest, length: self.length, piece_length: self.piece_length }
     }
 
     /// Number of pieces.
     pub fn piece_count(&self) -> u32 {
-        Self::count_for(self.length, self.piece_length)
+        self.layout().piece_count()
     }
 
     /// Byte offset of piece `i` in the blob.
     pub fn piece_offset(&self, i: u32) -> u64 {
-        u64::from(i) * u64::from(self.piece_length)
+        self.layout().piece_offset(i)
     }
 
     /// Length of piece `i` (the last piece may be shorter).
     pub fn piece_len(&self, i: u32) -> u32 {
-        let start = self.piece_offset(i);
-        (self.length.saturating_sub(start)).min(u64::from(self.piece_length)) as u32
+        self.layout().piece_len(i)
     }
 
     /// Whether `data` is exactly piece `i`.
@@ -73,19 +119,14 @@ impl Metainfo {
 
     /// Checks the invariants a metainfo from the wire must hold.
     pub fn validate(&self) -> Result<(), ProtoError> {
-        let bad = |m: String| Err(ProtoError::InvalidMetainfo(m));
-        if !self.piece_length.is_power_of_two() || self.piece_length > MAX_WIRE_PIECE_LENGTH {
-            return bad(format!("piece length {} is not a power of two up to 16 MiB", self.piece_length));
-        }
-        if self.length == 0 {
-            return bad("blob length is zero".into());
-        }
-        let count = self.length.div_ceil(u64::from(self.piece_length));
-        if count > u64::from(MAX_PIECES) {
-            return bad(format!("{count} pieces exceed the limit of {MAX_PIECES}"));
-        }
-        if self.piece_hashes.len() as u64 != count {
-            return bad(format!("{} piece hashes for {count} pieces", self.piece_hashes.len()));
+        let layout = self.layout();
+        layout.validate()?;
+        let count = layout.piece_count();
+        if self.piece_hashes.len() as u64 != u64::from(count) {
+            return Err(ProtoError::InvalidMetainfo(format!(
+                "{} piece hashes for {count} pieces",
+                self.piece_hashes.len()
+            )));
         }
         Ok(())
     }
