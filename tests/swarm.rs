@@ -159,7 +159,11 @@ async fn a_restarted_puller_resumes_without_refetching_verified_pieces() {
 
 /// A peer that holds the token and speaks the protocol, but serves every piece with
 /// one byte flipped.
-async fn corrupt_peer(cluster: &Cluster, meta: Metainfo, original: PathBuf) -> (PeerId, Arc<std::sync::atomic::AtomicU64>) {
+async fn corrupt_peer(
+    cluster: &Cluster,
+    meta: Metainfo,
+    original: PathBuf,
+) -> (PeerId, Arc<std::sync::atomic::AtomicU64>) {
     let ep = Endpoint::bind(loopback(), cluster.token.clone(), &EndpointConfig::default()).expect("bind");
     let peer_id = PeerId([0xEE; 16]);
     let tracker = TrackerClient::new(ep.clone(), cluster.tracker);
@@ -184,7 +188,8 @@ async fn corrupt_peer(cluster: &Cluster, meta: Metainfo, original: PathBuf) -> (
             let (meta, data, counter) = (meta.clone(), data.clone(), counter.clone());
             tokio::spawn(async move {
                 let Ok((mut send, mut recv)) = conn.accept_bi().await else { return };
-                let Ok(Some(PeerMessage::Handshake { blob, .. })) = read_msg::<PeerMessage>(&mut recv, MAX_PEER_FRAME_LEN).await
+                let Ok(Some(PeerMessage::Handshake { blob, .. })) =
+                    read_msg::<PeerMessage>(&mut recv, MAX_PEER_FRAME_LEN).await
                 else {
                     return;
                 };
@@ -192,7 +197,8 @@ async fn corrupt_peer(cluster: &Cluster, meta: Metainfo, original: PathBuf) -> (
                 let _ = write_msg(&mut send, &reply).await;
                 let _ = write_msg(&mut send, &PeerMessage::Bitfield(Bitfield::full(meta.piece_count()))).await;
                 while let Ok((mut s, mut r)) = conn.accept_bi().await {
-                    let Ok(Some(PeerMessage::Request { piece })) = read_msg::<PeerMessage>(&mut r, MAX_PEER_FRAME_LEN).await
+                    let Ok(Some(PeerMessage::Request { piece })) =
+                        read_msg::<PeerMessage>(&mut r, MAX_PEER_FRAME_LEN).await
                     else {
                         continue;
                     };

@@ -1,1 +1,1030 @@
-//! (being written)
+//! The QUIC peer: one endpoint, one tracker client, one piece store, and one swarm
+//! actor per blob.
+//!
+//! ```text
+//!             accept loop ──(handshake names blob)──► SwarmActor(blob) ◄── tracker replies
+//!                                                        │  owns the Scheduler
+//!   per connection: control reader ─ Bitfield/Have ────►│
+//!                   control writer ◄─ Bitfield/Have ────│
+//!                   request server  (uploads, bounded slots, reads the BlobFile)
+//!   per request:    fetch task ─ verified/failed ──────►│
+//! ```
+//!
+//! The [`SwarmActor`] is the only owner of its blob's [`Scheduler`]: every network
+//! event becomes a scheduler call, and every scheduler action becomes a network
+//! operation, so the policy lives entirely in the sans-IO module and this file is
+//! plumbing. Tasks that touch the network report back to the actor through its inbox;
+//! the actor never awaits the network itself, so a slow peer cannot stall the rest.
+//!
+//! Connections are per (pair of nodes, blob): the first bidirectional stream opened by
+//! the connecting side is the control stream (handshake, bitfield, haves); every
+//! further stream, opened by either side, carries one piece request. When two nodes
+//! connect to each other at once, the connection opened by the smaller peer id wins.
+//!
+//! Memory: a piece is held in memory from the moment its first byte arrives until it
+//! is verified and written, bounded by a node-wide receive budget; uploads are bounded
+//! by a node-wide number of slots. Everything else streams.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use swarm_net::{Endpoint, NetError, codes, read_msg, write_msg};
+use swarm_proto::codec::MAX_PEER_FRAME_LEN;
+use swarm_proto::msg::{Announce, PeerInfo, PeerMessage, RejectReason};
+use swarm_proto::{Digest, Layout, Metainfo, PROTOCOL_VERSION, PeerId};
+use swarm_tracker::client::{TrackerClient, TrackerClientError};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::AbortHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::scheduler::{Action, Candidate, PeerKey, RequestFailure, Scheduler, SchedulerConfig, choose_peers};
+use crate::store::{BlobFile, Store, StoreError};
+
+/// How long a handshake may take before the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Re-announce this often while the swarm has fewer peers than wanted.
+const EAGER_ANNOUNCE: Duration = Duration::from_secs(2);
+/// Do not retry a peer address that failed for this long.
+const CONNECT_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Uploads are paced in chunks of this many bytes when a rate cap is set.
+const PACING_CHUNK: usize = 64 * 1024;
+
+/// Settings of a node.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Where blobs are stored.
+    pub data_dir: PathBuf,
+    /// Locality label sent to the tracker.
+    pub zone: String,
+    /// Address to announce instead of the one the tracker observes.
+    pub advertise: Option<SocketAddr>,
+    /// Concurrent piece uploads across all blobs.
+    pub upload_slots: usize,
+    /// Peers to keep connected per blob.
+    pub max_peers: usize,
+    /// Bytes of piece buffers that may be in flight across all downloads.
+    pub receive_budget: usize,
+    /// How long `fetch` waits for the tracker to learn the blob's metainfo.
+    pub metainfo_wait: Duration,
+    /// Cap on the bytes per second this node uploads (None: unlimited).
+    pub upload_rate: Option<u64>,
+    /// Piece-picking policy.
+    pub scheduler: SchedulerConfig,
+}
+
+impl NodeConfig {
+    /// Defaults for a node storing its blobs under `data_dir`.
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            zone: String::new(),
+            advertise: None,
+            upload_slots: 16,
+            max_peers: 32,
+            receive_budget: 32 << 20,
+            metainfo_wait: Duration::from_secs(30),
+            upload_rate: None,
+            scheduler: SchedulerConfig::default(),
+        }
+    }
+}
+
+/// Errors a node reports to its caller.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("tracker: {0}")]
+    Tracker(#[from] TrackerClientError),
+    #[error("the tracker does not know {digest} after {waited:?}: is a `swarm seed` for it running?")]
+    UnknownBlob { digest: Digest, waited: Duration },
+    #[error("download of {digest} failed: {reason}")]
+    DownloadFailed { digest: Digest, reason: String },
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("the node is shutting down")]
+    ShuttingDown,
+}
+
+/// Byte counters of a node, for summaries and metrics.
+#[derive(Clone, Debug, Default)]
+pub struct NodeStats {
+    /// Piece bytes verified from each peer.
+    pub downloaded_from: HashMap<PeerId, u64>,
+    /// Piece bytes sent to peers.
+    pub uploaded: u64,
+    /// Pieces that failed verification.
+    pub bad_pieces: u64,
+}
+
+impl NodeStats {
+    /// Total piece bytes received and verified.
+    pub fn downloaded(&self) -> u64 {
+        self.downloaded_from.values().sum()
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    downloaded_from: Mutex<HashMap<PeerId, u64>>,
+    uploaded: AtomicU64,
+    bad_pieces: AtomicU64,
+}
+
+/// Where a download stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DownloadState {
+    Running,
+    Complete,
+    Failed(String),
+}
+
+/// A snapshot of one blob's transfer, published on every verified piece.
+#[derive(Clone, Debug)]
+pub struct Progress {
+    pub pieces: u32,
+    pub piece_count: u32,
+    pub bytes: u64,
+    pub total: u64,
+    pub peers: usize,
+    pub state: DownloadState,
+}
+
+/// A blob being fetched (and served) by this node.
+pub struct Download {
+    digest: Digest,
+    blob: Arc<BlobFile>,
+    progress: watch::Receiver<Progress>,
+}
+
+impl Download {
+    pub fn digest(&self) -> Digest {
+        self.digest
+    }
+
+    /// The blob's digest, length and piece length.
+    pub fn layout(&self) -> &Layout {
+        self.blob.layout()
+    }
+
+    /// Where the blob's bytes are stored.
+    pub fn data_path(&self) -> &Path {
+        self.blob.data_path()
+    }
+
+    /// A receiver of progress snapshots.
+    pub fn progress(&self) -> watch::Receiver<Progress> {
+        self.progress.clone()
+    }
+
+    /// Waits until every piece is in and the whole blob matched its digest.
+    pub async fn finished(&mut self) -> Result<(), NodeError> {
+        loop {
+            let state = self.progress.borrow_and_update().state.clone();
+            match state {
+                DownloadState::Complete => return Ok(()),
+                DownloadState::Failed(reason) => {
+                    return Err(NodeError::DownloadFailed { digest: self.digest, reason });
+                }
+                DownloadState::Running => {}
+            }
+            if self.progress.changed().await.is_err() {
+                return Err(NodeError::ShuttingDown);
+            }
+        }
+    }
+}
+
+/// A running peer node. Cheap to clone.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    peer_id: PeerId,
+    endpoint: Endpoint,
+    tracker: TrackerClient,
+    store: Store,
+    config: NodeConfig,
+    swarms: Mutex<HashMap<Digest, SwarmHandle>>,
+    upload_slots: Arc<Semaphore>,
+    /// Permits are KiB of piece buffers.
+    receive_budget: Arc<Semaphore>,
+    counters: Counters,
+    upload_limit: Option<RateLimiter>,
+    cancel: CancellationToken,
+}
+
+#[derive(Clone)]
+struct SwarmHandle {
+    blob: Arc<BlobFile>,
+    inbox: mpsc::UnboundedSender<Event>,
+    progress: watch::Receiver<Progress>,
+}
+
+impl Node {
+    /// Starts a node on `endpoint`, talking to the tracker at `tracker`.
+    pub fn start(endpoint: Endpoint, tracker: SocketAddr, config: NodeConfig) -> Result<Self, NodeError> {
+        let store = Store::open(&config.data_dir)?;
+        let peer_id = PeerId(rand::thread_rng().r#gen());
+        let budget_kib = (config.receive_budget / 1024).max(1);
+        let config_rate = config.upload_rate;
+        let inner = Arc::new(Inner {
+            peer_id,
+            tracker: TrackerClient::new(endpoint.clone(), tracker),
+            endpoint,
+            store,
+            upload_slots: Arc::new(Semaphore::new(config.upload_slots.max(1))),
+            receive_budget: Arc::new(Semaphore::new(budget_kib)),
+            config,
+            swarms: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+            upload_limit: config_rate.map(RateLimiter::new),
+            cancel: CancellationToken::new(),
+        });
+        let node = Self { inner };
+        let accept = node.clone();
+        tokio::spawn(
+            async move { accept.accept_loop().await }.instrument(info_span!("accept", peer = %peer_id.short())),
+        );
+        Ok(node)
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.peer_id
+    }
+
+    /// The UDP address the node's QUIC endpoint is bound to.
+    pub fn local_addr(&self) -> Result<SocketAddr, NodeError> {
+        Ok(self.inner.endpoint.local_addr()?)
+    }
+
+    /// The node's piece store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// A snapshot of the node's byte counters.
+    pub fn stats(&self) -> NodeStats {
+        let c = &self.inner.counters;
+        NodeStats {
+            downloaded_from: c.downloaded_from.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            uploaded: c.uploaded.load(Ordering::Relaxed),
+            bad_pieces: c.bad_pieces.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Serves an already hashed file in place: registers its metainfo with the
+    /// tracker and answers piece requests until the node shuts down.
+    pub async fn seed(&self, path: &Path, metainfo: Metainfo) -> Result<(), NodeError> {
+        let digest = metainfo.digest;
+        self.inner.tracker.register(&metainfo).await?;
+        let blob = Arc::new(BlobFile::from_existing(path, metainfo)?);
+        self.start_swarm(blob);
+        info!(%digest, path = %path.display(), "seeding");
+        Ok(())
+    }
+
+    /// Starts fetching `digest` through the swarm (or resumes it from the store). The
+    /// returned handle reports progress; the node keeps serving the blob afterwards.
+    pub async fn fetch(&self, digest: Digest) -> Result<Download, NodeError> {
+        if let Some(h) = self.swarm(&digest) {
+            return Ok(Download { digest, blob: h.blob, progress: h.progress });
+        }
+        let metainfo = match self.inner.store.metainfo(&digest) {
+            Ok(Some(m)) => m,
+            _ => self.wait_metainfo(digest).await?,
+        };
+        let store = self.inner.store.clone();
+        let m = metainfo.clone();
+        let blob = tokio::task::spawn_blocking(move || store.open_blob(&m))
+            .await
+            .map_err(|e| NodeError::DownloadFailed { digest, reason: e.to_string() })??;
+        let blob = Arc::new(blob);
+        let h = self.start_swarm(blob);
+        Ok(Download { digest, blob: h.blob, progress: h.progress })
+    }
+
+    async fn wait_metainfo(&self, digest: Digest) -> Result<Metainfo, NodeError> {
+        let started = Instant::now();
+        loop {
+            if let Some(m) = self.inner.tracker.get_metainfo(digest).await? {
+                return Ok(m);
+            }
+            if started.elapsed() >= self.inner.config.metainfo_wait {
+                return Err(NodeError::UnknownBlob { digest, waited: started.elapsed() });
+            }
+            tokio::select! {
+                _ = self.inner.cancel.cancelled() => return Err(NodeError::ShuttingDown),
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        }
+    }
+
+    /// Stops every swarm, tells the tracker this node is leaving, and closes the endpoint.
+    pub async fn shutdown(&self) {
+        let digests: Vec<Digest> =
+            self.inner.swarms.lock().unwrap_or_else(|e| e.into_inner()).keys().copied().collect();
+        self.inner.cancel.cancel();
+        for digest in digests {
+            let leave = self.inner.tracker.leave(self.inner.peer_id, digest);
+            if let Err(e) = tokio::time::timeout(Duration::from_secs(2), leave).await.unwrap_or(Ok(())) {
+                debug!(%digest, error = %e, "leave failed");
+            }
+        }
+        self.inner.endpoint.close();
+    }
+
+    fn swarm(&self, digest: &Digest) -> Option<SwarmHandle> {
+        self.inner.swarms.lock().unwrap_or_else(|e| e.into_inner()).get(digest).cloned()
+    }
+
+    fn start_swarm(&self, blob: Arc<BlobFile>) -> SwarmHandle {
+        let digest = blob.layout().digest;
+        let mut swarms = self.inner.swarms.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = swarms.get(&digest) {
+            return h.clone();
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let have = blob.have();
+        let metainfo = blob.layout();
+        let progress = Progress {
+            pieces: have.count(),
+            piece_count: have.len(),
+            bytes: have.ones().map(|i| u64::from(metainfo.piece_len(i))).sum(),
+            total: metainfo.length,
+            peers: 0,
+            state: DownloadState::Running,
+        };
+        let (progress_tx, progress_rx) = watch::channel(progress);
+        let seed = rand::thread_rng().r#gen();
+        let scheduler = Scheduler::new(self.inner.config.scheduler.clone(), metainfo.piece_length, have, seed);
+        let actor = SwarmActor {
+            node: self.clone(),
+            blob: blob.clone(),
+            inbox_tx: tx.clone(),
+            inbox: rx,
+            scheduler,
+            peers: HashMap::new(),
+            by_id: HashMap::new(),
+            requests: HashMap::new(),
+            next_key: 0,
+            connecting: HashSet::new(),
+            failed: HashMap::new(),
+            progress: progress_tx,
+            next_announce: tokio::time::Instant::now(),
+            announcing: false,
+            finishing: false,
+        };
+        let span = info_span!("swarm", peer = %self.inner.peer_id.short(), blob = %digest.short());
+        tokio::spawn(actor.run().instrument(span));
+        let h = SwarmHandle { blob, inbox: tx, progress: progress_rx };
+        swarms.insert(digest, h.clone());
+        h
+    }
+
+    async fn accept_loop(self) {
+        loop {
+            let incoming = tokio::select! {
+                _ = self.inner.cancel.cancelled() => return,
+                i = self.inner.endpoint.accept() => match i { Some(i) => i, None => return },
+            };
+            let node = self.clone();
+            let remote = incoming.remote_address();
+            tokio::spawn(
+                async move {
+                    if let Err(e) = node.accept_one(incoming).await {
+                        debug!(%remote, error = %e, "incoming connection dropped");
+                    }
+                }
+                .instrument(info_span!("incoming", %remote)),
+            );
+        }
+    }
+
+    async fn accept_one(&self, incoming: swarm_net::Incoming) -> Result<(), NodeError> {
+        let conn = incoming.authenticate().await?;
+        let handshake = async {
+            let (send, mut recv) = conn.accept_bi().await.map_err(|source| NetError::ConnectionLost { source })?;
+            let hello: Option<PeerMessage> = read_msg(&mut recv, MAX_PEER_FRAME_LEN).await?;
+            Ok::<_, NodeError>((send, recv, hello))
+        };
+        let (mut send, recv, hello) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+            Ok(r) => r?,
+            Err(_) => {
+                conn.close(codes::PROTOCOL_ERROR.into(), b"handshake timeout");
+                return Ok(());
+            }
+        };
+        let Some(PeerMessage::Handshake { version, peer_id, blob }) = hello else {
+            conn.close(codes::PROTOCOL_ERROR.into(), b"expected a handshake");
+            return Ok(());
+        };
+        if version != PROTOCOL_VERSION {
+            warn!(version, "peer speaks another protocol version");
+            conn.close(codes::PROTOCOL_ERROR.into(), b"unsupported protocol version");
+            return Ok(());
+        }
+        let Some(swarm) = self.swarm(&blob) else {
+            conn.close(codes::UNKNOWN_BLOB.into(), b"blob not served here");
+            return Ok(());
+        };
+        let reply = PeerMessage::Handshake { version: PROTOCOL_VERSION, peer_id: self.inner.peer_id, blob };
+        write_msg(&mut send, &reply).await?;
+        let _ = swarm.inbox.send(Event::Connected(Box::new(NewPeer { conn, peer_id, send, recv, outbound: false })));
+        Ok(())
+    }
+}
+
+/// A connection whose handshake succeeded, handed to the swarm actor.
+struct NewPeer {
+    conn: quinn::Connection,
+    peer_id: PeerId,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    outbound: bool,
+}
+
+/// What a fetch task reports.
+enum Outcome {
+    Verified,
+    BadPiece,
+    Rejected(RejectReason),
+    Failed(String),
+}
+
+enum Event {
+    Connected(Box<NewPeer>),
+    ConnectFailed(SocketAddr),
+    Control { key: PeerKey, msg: PeerMessage },
+    Closed { key: PeerKey },
+    Piece { key: PeerKey, piece: u32, outcome: Outcome },
+    TrackerPeers { peers: Vec<PeerInfo>, interval: Duration },
+    TrackerFailed(String),
+    Finished(Result<(), String>),
+}
+
+struct PeerState {
+    peer_id: PeerId,
+    conn: quinn::Connection,
+    control: mpsc::UnboundedSender<PeerMessage>,
+    outbound: bool,
+}
+
+/// Owns one blob's scheduler and connections. See the module docs.
+struct SwarmActor {
+    node: Node,
+    blob: Arc<BlobFile>,
+    inbox_tx: mpsc::UnboundedSender<Event>,
+    inbox: mpsc::UnboundedReceiver<Event>,
+    scheduler: Scheduler,
+    peers: HashMap<PeerKey, PeerState>,
+    by_id: HashMap<PeerId, PeerKey>,
+    requests: HashMap<(PeerKey, u32), AbortHandle>,
+    next_key: u64,
+    connecting: HashSet<SocketAddr>,
+    failed: HashMap<SocketAddr, Instant>,
+    progress: watch::Sender<Progress>,
+    next_announce: tokio::time::Instant,
+    announcing: bool,
+    finishing: bool,
+}
+
+impl SwarmActor {
+    fn digest(&self) -> Digest {
+        self.blob.layout().digest
+    }
+
+    async fn run(mut self) {
+        let cancel = self.node.inner.cancel.clone();
+        if self.scheduler.is_complete() {
+            self.start_finish();
+        }
+        loop {
+            let deadline = self.scheduler.poll_timeout().map(tokio::time::Instant::from_std);
+            let sched_sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                ev = self.inbox.recv() => match ev {
+                    Some(ev) => self.handle(ev),
+                    None => break,
+                },
+                _ = sched_sleep => self.scheduler.handle_timeout(Instant::now()),
+                _ = tokio::time::sleep_until(self.next_announce), if !self.announcing => self.announce(),
+            }
+            self.drain_actions();
+        }
+        for (_, h) in self.requests.drain() {
+            h.abort();
+        }
+        for p in self.peers.values() {
+            p.conn.close(codes::SHUTDOWN.into(), b"shutting down");
+        }
+    }
+
+    fn handle(&mut self, ev: Event) {
+        let now = Instant::now();
+        match ev {
+            Event::Connected(p) => self.add_peer(*p, now),
+            Event::ConnectFailed(addr) => {
+                self.connecting.remove(&addr);
+                self.failed.insert(addr, now);
+            }
+            Event::Control { key, msg } => self.control(key, msg, now),
+            Event::Closed { key } => self.remove_peer(key, now),
+            Event::Piece { key, piece, outcome } => {
+                self.requests.remove(&(key, piece));
+                match outcome {
+                    Outcome::Verified => {
+                        if let Some(p) = self.peers.get(&key) {
+                            let len = u64::from(self.blob.layout().piece_len(piece));
+                            let mut map =
+                                self.node.inner.counters.downloaded_from.lock().unwrap_or_else(|e| e.into_inner());
+                            *map.entry(p.peer_id).or_default() += len;
+                        }
+                        self.scheduler.piece_verified(key, piece, now);
+                    }
+                    Outcome::BadPiece => {
+                        self.node.inner.counters.bad_pieces.fetch_add(1, Ordering::Relaxed);
+                        warn!(piece, peer = ?self.peers.get(&key).map(|p| p.peer_id), "piece failed verification");
+                        self.scheduler.piece_failed(key, piece, now);
+                    }
+                    Outcome::Rejected(RejectReason::Busy) => {
+                        self.scheduler.request_failed(key, piece, RequestFailure::Busy, now)
+                    }
+                    Outcome::Rejected(_) => self.scheduler.request_failed(key, piece, RequestFailure::Missing, now),
+                    Outcome::Failed(reason) => {
+                        debug!(piece, %reason, "request failed");
+                        self.scheduler.request_failed(key, piece, RequestFailure::Error, now);
+                    }
+                }
+            }
+            Event::TrackerPeers { peers, interval } => {
+                self.announcing = false;
+                let eager = self.peers.len() < self.node.inner.config.max_peers / 2 && !self.scheduler.is_complete();
+                self.next_announce =
+                    tokio::time::Instant::now() + if eager { EAGER_ANNOUNCE.min(interval) } else { interval };
+                self.connect_to(peers, now);
+            }
+            Event::TrackerFailed(reason) => {
+                self.announcing = false;
+                warn!(%reason, "announce failed; retrying");
+                self.next_announce = tokio::time::Instant::now() + EAGER_ANNOUNCE;
+            }
+            Event::Finished(result) => {
+                let state = match result {
+                    Ok(()) => {
+                        info!("blob complete and verified");
+                        // Tell the tracker at once that we are now a seed.
+                        self.next_announce = tokio::time::Instant::now();
+                        DownloadState::Complete
+                    }
+                    Err(reason) => {
+                        warn!(%reason, "blob failed its final check");
+                        DownloadState::Failed(reason)
+                    }
+                };
+                self.progress.send_modify(|p| p.state = state);
+            }
+        }
+    }
+
+    fn add_peer(&mut self, p: NewPeer, now: Instant) {
+        let NewPeer { conn, peer_id, send, recv, outbound } = p;
+        if outbound {
+            self.connecting.remove(&conn.remote_address());
+        }
+        if peer_id == self.node.inner.peer_id {
+            conn.close(codes::PROTOCOL_ERROR.into(), b"connected to self");
+            return;
+        }
+        if let Some(&existing) = self.by_id.get(&peer_id) {
+            // Simultaneous connections: keep the one opened by the smaller peer id.
+            let existing_opener = if self.peers[&existing].outbound { self.node.inner.peer_id } else { peer_id };
+            let new_opener = if outbound { self.node.inner.peer_id } else { peer_id };
+            if new_opener >= existing_opener {
+                conn.close(codes::SHUTDOWN.into(), b"duplicate connection");
+                return;
+            }
+            self.remove_peer(existing, now);
+        }
+        let key = PeerKey(self.next_key);
+        self.next_key += 1;
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let _ = control_tx.send(PeerMessage::Bitfield(self.blob.have()));
+        tokio::spawn(control_writer(send, control_rx).in_current_span());
+        tokio::spawn(
+            control_reader(key, recv, self.inbox_tx.clone(), self.blob.layout().piece_count()).in_current_span(),
+        );
+        tokio::spawn(
+            serve_requests(conn.clone(), self.blob.clone(), self.node.clone())
+                .instrument(info_span!("uploads", to = %peer_id.short())),
+        );
+        let watcher = conn.clone();
+        let inbox = self.inbox_tx.clone();
+        tokio::spawn(async move {
+            watcher.closed().await;
+            let _ = inbox.send(Event::Closed { key });
+        });
+        debug!(peer = %peer_id.short(), outbound, "peer connected");
+        self.peers.insert(key, PeerState { peer_id, conn, control: control_tx, outbound });
+        self.by_id.insert(peer_id, key);
+        self.scheduler.add_peer(key, now);
+        self.publish_progress();
+    }
+
+    fn remove_peer(&mut self, key: PeerKey, now: Instant) {
+        let Some(p) = self.peers.remove(&key) else { return };
+        if self.by_id.get(&p.peer_id) == Some(&key) {
+            self.by_id.remove(&p.peer_id);
+        }
+        p.conn.close(codes::SHUTDOWN.into(), b"bye");
+        self.requests.retain(|(k, _), h| {
+            if *k == key {
+                h.abort();
+                false
+            } else {
+                true
+            }
+        });
+        self.scheduler.remove_peer(key, now);
+        self.publish_progress();
+    }
+
+    fn control(&mut self, key: PeerKey, msg: PeerMessage, now: Instant) {
+        match msg {
+            PeerMessage::Bitfield(bits) => self.scheduler.peer_bitfield(key, &bits, now),
+            PeerMessage::Have { piece } => self.scheduler.peer_have(key, piece, now),
+            other => {
+                debug!(?other, "unexpected message on the control stream");
+                if let Some(p) = self.peers.get(&key) {
+                    p.conn.close(codes::PROTOCOL_ERROR.into(), b"unexpected control message");
+                }
+            }
+        }
+    }
+
+    fn drain_actions(&mut self) {
+        while let Some(action) = self.scheduler.poll_action() {
+            match action {
+                Action::Request { peer, piece } => self.request(peer, piece),
+                Action::Cancel { peer, piece } => {
+                    if let Some(h) = self.requests.remove(&(peer, piece)) {
+                        h.abort();
+                    }
+                }
+                Action::Have { piece } => {
+                    for p in self.peers.values() {
+                        let _ = p.control.send(PeerMessage::Have { piece });
+                    }
+                    self.publish_progress();
+                }
+                Action::DropPeer { peer, reason } => {
+                    if let Some(p) = self.peers.get(&peer) {
+                        warn!(peer = %p.peer_id.short(), ?reason, "dropping peer");
+                        p.conn.close(codes::BAD_PIECES.into(), b"too many bad pieces");
+                    }
+                    self.remove_peer(peer, Instant::now());
+                }
+                Action::Complete => self.start_finish(),
+            }
+        }
+    }
+
+    fn start_finish(&mut self) {
+        if self.finishing {
+            return;
+        }
+        self.finishing = true;
+        let blob = self.blob.clone();
+        let inbox = self.inbox_tx.clone();
+        tokio::spawn(async move {
+            let r = tokio::task::spawn_blocking(move || blob.finish()).await;
+            let r = match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            let _ = inbox.send(Event::Finished(r));
+        });
+    }
+
+    fn request(&mut self, key: PeerKey, piece: u32) {
+        let Some(p) = self.peers.get(&key) else { return };
+        let conn = p.conn.clone();
+        let blob = self.blob.clone();
+        let inbox = self.inbox_tx.clone();
+        let budget = self.node.inner.receive_budget.clone();
+        let task = tokio::spawn(
+            async move {
+                let outcome = fetch_piece(conn, blob, piece, budget).await;
+                let _ = inbox.send(Event::Piece { key, piece, outcome });
+            }
+            .in_current_span(),
+        );
+        if let Some(old) = self.requests.insert((key, piece), task.abort_handle()) {
+            old.abort();
+        }
+    }
+
+    fn publish_progress(&self) {
+        let have = self.scheduler.have();
+        let m = self.blob.layout();
+        let pieces = have.count();
+        // Every piece but the last has the full length.
+        let last = m.piece_count().saturating_sub(1);
+        let bytes = u64::from(pieces) * u64::from(m.piece_length)
+            - if have.get(last) { u64::from(m.piece_length - m.piece_len(last)) } else { 0 };
+        let peers = self.peers.len();
+        self.progress.send_modify(|p| {
+            p.pieces = pieces;
+            p.bytes = bytes;
+            p.peers = peers;
+        });
+    }
+
+    fn announce(&mut self) {
+        self.announcing = true;
+        let inner = &self.node.inner;
+        let have = self.scheduler.have();
+        let complete = self.progress.borrow().state == DownloadState::Complete;
+        let ann = Announce {
+            peer_id: inner.peer_id,
+            blob: self.digest(),
+            listen_port: inner.endpoint.local_addr().map(|a| a.port()).unwrap_or(0),
+            advertise: inner.config.advertise,
+            zone: inner.config.zone.clone(),
+            have: have.count(),
+            complete,
+            num_want: inner.config.max_peers as u32,
+        };
+        let node = self.node.clone();
+        let inbox = self.inbox_tx.clone();
+        let metainfo = if complete { self.blob.metainfo() } else { None };
+        tokio::spawn(
+            async move {
+                // A restarted tracker forgets metainfo: whoever holds the whole blob
+                // registers it again (idempotent) before announcing.
+                if let Some(m) = metainfo
+                    && let Err(e) = node.inner.tracker.register(&m).await
+                {
+                    let _ = inbox.send(Event::TrackerFailed(e.to_string()));
+                    return;
+                }
+                let ev = match node.inner.tracker.announce(&ann).await {
+                    Ok((peers, interval)) => Event::TrackerPeers { peers, interval },
+                    Err(e) => Event::TrackerFailed(e.to_string()),
+                };
+                let _ = inbox.send(ev);
+            }
+            .in_current_span(),
+        );
+    }
+
+    fn connect_to(&mut self, peers: Vec<PeerInfo>, now: Instant) {
+        let me = self.node.inner.peer_id;
+        self.failed.retain(|_, t| now.duration_since(*t) < CONNECT_BACKOFF);
+        let fresh: Vec<PeerInfo> = peers
+            .into_iter()
+            .filter(|p| {
+                p.peer_id != me
+                    && !self.by_id.contains_key(&p.peer_id)
+                    && !self.connecting.contains(&p.addr)
+                    && !self.failed.contains_key(&p.addr)
+            })
+            .collect();
+        let wanted = self.node.inner.config.max_peers.saturating_sub(self.peers.len() + self.connecting.len());
+        if fresh.is_empty() || wanted == 0 {
+            return;
+        }
+        // A seed has nothing to fetch; it only connects when asked to.
+        if self.scheduler.is_complete() {
+            return;
+        }
+        let zone = &self.node.inner.config.zone;
+        let candidates: Vec<Candidate> = fresh
+            .iter()
+            .map(|p| Candidate { same_zone: &p.zone == zone, have: p.have, complete: p.complete })
+            .collect();
+        let chosen = choose_peers(&candidates, wanted, &mut rand::thread_rng());
+        for i in chosen {
+            let Some(info) = fresh.get(i) else { continue };
+            self.connecting.insert(info.addr);
+            let node = self.node.clone();
+            let inbox = self.inbox_tx.clone();
+            let digest = self.digest();
+            let addr = info.addr;
+            tokio::spawn(
+                async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect_peer(&node, addr, digest)).await {
+                        Ok(Ok(p)) => {
+                            let _ = inbox.send(Event::Connected(Box::new(p)));
+                        }
+                        Ok(Err(e)) => {
+                            debug!(%addr, error = %e, "connect failed");
+                            let _ = inbox.send(Event::ConnectFailed(addr));
+                        }
+                        Err(_) => {
+                            let _ = inbox.send(Event::ConnectFailed(addr));
+                        }
+                    }
+                }
+                .in_current_span(),
+            );
+        }
+    }
+}
+
+async fn connect_peer(node: &Node, addr: SocketAddr, blob: Digest) -> Result<NewPeer, NodeError> {
+    let conn = node.inner.endpoint.connect(addr).await?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|source| NetError::ConnectionLost { source })?;
+    let hello = PeerMessage::Handshake { version: PROTOCOL_VERSION, peer_id: node.inner.peer_id, blob };
+    write_msg(&mut send, &hello).await?;
+    match read_msg::<PeerMessage>(&mut recv, MAX_PEER_FRAME_LEN).await? {
+        Some(PeerMessage::Handshake { version: PROTOCOL_VERSION, peer_id, blob: b }) if b == blob => {
+            Ok(NewPeer { conn, peer_id, send, recv, outbound: true })
+        }
+        other => {
+            conn.close(codes::PROTOCOL_ERROR.into(), b"bad handshake");
+            Err(NodeError::Protocol(format!("unexpected handshake reply {other:?}")))
+        }
+    }
+}
+
+async fn control_writer(mut send: quinn::SendStream, mut rx: mpsc::UnboundedReceiver<PeerMessage>) {
+    while let Some(msg) = rx.recv().await {
+        if write_msg(&mut send, &msg).await.is_err() {
+            return;
+        }
+    }
+    let _ = send.finish();
+}
+
+async fn control_reader(key: PeerKey, mut recv: quinn::RecvStream, inbox: mpsc::UnboundedSender<Event>, pieces: u32) {
+    loop {
+        match read_msg::<PeerMessage>(&mut recv, MAX_PEER_FRAME_LEN).await {
+            Ok(Some(msg)) => {
+                let valid = match &msg {
+                    PeerMessage::Bitfield(b) => b.len() == pieces,
+                    PeerMessage::Have { piece } => *piece < pieces,
+                    _ => false,
+                };
+                if !valid {
+                    debug!(?msg, "invalid control message");
+                    let _ = inbox.send(Event::Closed { key });
+                    return;
+                }
+                if inbox.send(Event::Control { key, msg }).is_err() {
+                    return;
+                }
+            }
+            Ok(None) | Err(_) => {
+                let _ = inbox.send(Event::Closed { key });
+                return;
+            }
+        }
+    }
+}
+
+/// Requests one piece on a new stream, verifies it and stores it.
+async fn fetch_piece(conn: quinn::Connection, blob: Arc<BlobFile>, piece: u32, budget: Arc<Semaphore>) -> Outcome {
+    let len = blob.layout().piece_len(piece);
+    let kib = len.div_ceil(1024).max(1);
+    let Ok(_permit) = budget.acquire_many_owned(kib).await else {
+        return Outcome::Failed("node shutting down".into());
+    };
+    let result = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        write_msg(&mut send, &PeerMessage::Request { piece }).await.map_err(|e| e.to_string())?;
+        let _ = send.finish();
+        match read_msg::<PeerMessage>(&mut recv, MAX_PEER_FRAME_LEN).await.map_err(|e| e.to_string())? {
+            Some(PeerMessage::Piece { piece: p, length }) if p == piece && length == len => {}
+            Some(PeerMessage::Reject { reason, .. }) => return Ok(Err(reason)),
+            other => return Err(format!("unexpected reply {other:?}")),
+        }
+        let mut data = vec![0u8; len as usize];
+        recv.read_exact(&mut data).await.map_err(|e| e.to_string())?;
+        Ok(Ok(data))
+    }
+    .await;
+    let data = match result {
+        Ok(Ok(data)) => data,
+        Ok(Err(reason)) => return Outcome::Rejected(reason),
+        Err(e) => return Outcome::Failed(e),
+    };
+    match tokio::task::spawn_blocking(move || blob.write_piece(piece, &data)).await {
+        Ok(Ok(_)) => Outcome::Verified,
+        Ok(Err(StoreError::PieceMismatch { .. })) => Outcome::BadPiece,
+        Ok(Err(e)) => Outcome::Failed(e.to_string()),
+        Err(e) => Outcome::Failed(e.to_string()),
+    }
+}
+
+/// Answers the piece requests a peer sends on this connection.
+async fn serve_requests(conn: quinn::Connection, blob: Arc<BlobFile>, node: Node) {
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        let blob = blob.clone();
+        let node = node.clone();
+        tokio::spawn(
+            async move {
+                if let Err(e) = serve_one(send, recv, blob, node).await {
+                    debug!(error = %e, "upload failed");
+                }
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+async fn serve_one(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    blob: Arc<BlobFile>,
+    node: Node,
+) -> Result<(), NodeError> {
+    let Some(PeerMessage::Request { piece }) = read_msg::<PeerMessage>(&mut recv, MAX_PEER_FRAME_LEN).await? else {
+        return Err(NodeError::Protocol("expected a piece request".into()));
+    };
+    if !blob.has_piece(piece) {
+        write_msg(&mut send, &PeerMessage::Reject { piece, reason: RejectReason::Missing }).await?;
+        let _ = send.finish();
+        return Ok(());
+    }
+    let slots = &node.inner.upload_slots;
+    let permit = match slots.clone().try_acquire_owned() {
+        Ok(p) => p,
+        Err(_) => {
+            // Queue briefly; a peer that waits too long is told to go elsewhere.
+            match tokio::time::timeout(Duration::from_millis(500), slots.clone().acquire_owned()).await {
+                Ok(Ok(p)) => p,
+                _ => {
+                    write_msg(&mut send, &PeerMessage::Reject { piece, reason: RejectReason::Busy }).await?;
+                    let _ = send.finish();
+                    return Ok(());
+                }
+            }
+        }
+    };
+    let reader = blob.clone();
+    let data = tokio::task::spawn_blocking(move || {
+        let mut buf = Vec::new();
+        reader.read_piece_into(piece, &mut buf).map(|()| buf)
+    })
+    .await
+    .map_err(|e| NodeError::DownloadFailed { digest: blob.layout().digest, reason: e.to_string() })??;
+    write_msg(&mut send, &PeerMessage::Piece { piece, length: data.len() as u32 }).await?;
+    for chunk in data.chunks(PACING_CHUNK) {
+        if let Some(limit) = &node.inner.upload_limit {
+            limit.acquire(chunk.len()).await;
+        }
+        send.write_all(chunk).await.map_err(|e| NodeError::Protocol(e.to_string()))?;
+    }
+    let _ = send.finish();
+    drop(permit);
+    node.inner.counters.uploaded.fetch_add(data.len() as u64, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Paces uploads to a byte rate: each chunk reserves the next free slot of the
+/// node's send schedule and waits for it, so concurrent uploads share the cap.
+struct RateLimiter {
+    bytes_per_sec: f64,
+    next_free: Mutex<tokio::time::Instant>,
+}
+
+impl RateLimiter {
+    fn new(bytes_per_sec: u64) -> Self {
+        Self { bytes_per_sec: bytes_per_sec.max(1) as f64, next_free: Mutex::new(tokio::time::Instant::now()) }
+    }
+
+    async fn acquire(&self, bytes: usize) {
+        let cost = Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec);
+        let start = {
+            let mut next = self.next_free.lock().unwrap_or_else(|e| e.into_inner());
+            let start = (*next).max(tokio::time::Instant::now());
+            *next = start + cost;
+            start
+        };
+        tokio::time::sleep_until(start).await;
+    }
+}

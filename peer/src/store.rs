@@ -3,11 +3,17 @@
 //! Layout under the data directory:
 //!
 //! ```text
-//! blobs/<64 hex>/meta      the blob's Metainfo, in the proto codec's framing
+//! blobs/<64 hex>/layout    the blob's Layout (length, piece length), in the proto codec's framing
+//! blobs/<64 hex>/hashes    the piece hashes known so far: 32 bytes each, piece 0 first
 //! blobs/<64 hex>/data      the blob bytes, written piece by piece at their offsets
 //! blobs/<64 hex>/have      the persisted bitfield: one bit per piece, MSB first
 //! blobs/<64 hex>/complete  present once every piece is in and the whole digest matched
 //! ```
+//!
+//! Piece hashes may arrive after the layout: a blob streaming in from upstream has its
+//! hashes published piece by piece by the node fetching it, so a [`BlobFile`] knows a
+//! growing prefix of them ([`BlobFile::add_hashes`]) and refuses to store a piece whose
+//! hash it does not know yet.
 //!
 //! A piece is hashed before it is written, and its bit is set in `have` only after
 //! the write, so a process killed at any moment never claims a piece it did not
@@ -23,14 +29,14 @@
 //! All methods do blocking file I/O; async callers run them on the blocking pool.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use sha2::{Digest as _, Sha256};
 use swarm_proto::codec::{self, CodecError};
-use swarm_proto::{Bitfield, Digest, Metainfo, PieceHasher, piece_length_for};
+use swarm_proto::{Bitfield, Digest, Layout, Metainfo, PieceHasher, piece_length_for};
 
 /// Errors from the piece store.
 #[derive(Debug, thiserror::Error)]
@@ -42,42 +48,60 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
-    #[error("stored metainfo for {digest} is unreadable: {source}")]
-    BadMeta {
+    #[error("stored layout for {digest} is unreadable: {source}")]
+    BadLayout {
         digest: Digest,
         #[source]
         source: CodecError,
     },
     #[error("piece {piece} of {digest} does not match its sha256")]
     PieceMismatch { digest: Digest, piece: u32 },
+    #[error("the hash of piece {piece} of {digest} is not known yet")]
+    HashUnknown { digest: Digest, piece: u32 },
     #[error("piece {piece} out of range for {digest}")]
     PieceOutOfRange { digest: Digest, piece: u32 },
     #[error("blob {expected} is incomplete: {have} of {count} pieces")]
     Incomplete { expected: Digest, have: u32, count: u32 },
     #[error("blob content hashes to {actual}, expected {expected}")]
     DigestMismatch { expected: Digest, actual: Digest },
-    #[error("a different metainfo is already stored for {digest}")]
-    MetainfoConflict { digest: Digest },
+    #[error("a different layout or piece hash is already stored for {digest}")]
+    Conflict { digest: Digest },
     #[error("{path} is empty: there is nothing to share")]
     EmptyFile { path: PathBuf },
+    #[error("the data directory {path} is in use by another swarm process; give each process its own --data-dir")]
+    Locked { path: PathBuf },
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
     move |source| StoreError::Io { action, path: path.to_path_buf(), source }
 }
 
-/// The data directory: one subdirectory per blob.
+/// The data directory: one subdirectory per blob. Held by one process at a time.
 #[derive(Clone, Debug)]
 pub struct Store {
     root: PathBuf,
+    _lock: std::sync::Arc<File>,
 }
 
 impl Store {
-    /// Opens (creating if needed) a store rooted at `root`.
+    /// Opens (creating if needed) a store rooted at `root`, and locks it against use
+    /// by a second process.
     pub fn open(root: &Path) -> Result<Self, StoreError> {
         let blobs = root.join("blobs");
         fs::create_dir_all(&blobs).map_err(io_err("cannot create", &blobs))?;
-        Ok(Self { root: root.to_path_buf() })
+        let lock_path = root.join("lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err("cannot open", &lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => return Err(StoreError::Locked { path: root.to_path_buf() }),
+            Err(fs::TryLockError::Error(e)) => return Err(io_err("cannot lock", &lock_path)(e)),
+        }
+        Ok(Self { root: root.to_path_buf(), _lock: std::sync::Arc::new(lock) })
     }
 
     /// The data directory.
@@ -89,43 +113,80 @@ impl Store {
         self.root.join("blobs").join(digest.hex())
     }
 
-    /// The metainfo stored for `digest`, if any.
-    pub fn metainfo(&self, digest: &Digest) -> Result<Option<Metainfo>, StoreError> {
-        let path = self.blob_dir(digest).join("meta");
+    /// Where the bytes of `digest` are (or would be) stored.
+    pub fn data_path(&self, digest: &Digest) -> PathBuf {
+        self.blob_dir(digest).join("data")
+    }
+
+    /// The layout stored for `digest`, if any.
+    pub fn layout(&self, digest: &Digest) -> Result<Option<Layout>, StoreError> {
+        let path = self.blob_dir(digest).join("layout");
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err("cannot read", &path)(e)),
         };
-        let meta: Metainfo = codec::decode_frame(&bytes, codec::MAX_FRAME_LEN)
-            .map_err(|source| StoreError::BadMeta { digest: *digest, source })?;
-        if meta.digest != *digest || meta.validate().is_err() {
-            return Err(StoreError::BadMeta {
+        let layout: Layout = codec::decode_frame(&bytes, codec::MAX_PEER_FRAME_LEN)
+            .map_err(|source| StoreError::BadLayout { digest: *digest, source })?;
+        if layout.digest != *digest || layout.validate().is_err() {
+            return Err(StoreError::BadLayout {
                 digest: *digest,
-                source: CodecError::Malformed("metainfo does not describe this blob".into()),
+                source: CodecError::Malformed("layout does not describe this blob".into()),
             });
         }
-        Ok(Some(meta))
+        Ok(Some(layout))
     }
 
-    /// Opens the stored copy of `metainfo`'s blob, creating it empty if it is new.
-    /// An incomplete copy is resumed: the pieces its bitfield claims are re-hashed and
-    /// kept when they match.
+    /// The full metainfo stored for `digest`, if its layout and every hash are known.
+    pub fn metainfo(&self, digest: &Digest) -> Result<Option<Metainfo>, StoreError> {
+        let Some(layout) = self.layout(digest)? else { return Ok(None) };
+        let hashes = read_hashes(&self.blob_dir(digest).join("hashes"), layout.piece_count())?;
+        if hashes.len() as u32 != layout.piece_count() {
+            return Ok(None);
+        }
+        Ok(Some(Metainfo {
+            digest: layout.digest,
+            length: layout.length,
+            piece_length: layout.piece_length,
+            piece_hashes: hashes,
+        }))
+    }
+
+    /// Opens the stored copy of a blob whose hashes are all known.
     pub fn open_blob(&self, metainfo: &Metainfo) -> Result<BlobFile, StoreError> {
-        let digest = metainfo.digest;
+        let blob = self.open_layout(metainfo.layout())?;
+        blob.add_hashes(0, &metainfo.piece_hashes)?;
+        Ok(blob)
+    }
+
+    /// Opens the stored copy of the blob laid out as `layout`, creating it empty if it
+    /// is new. Hashes stored earlier are loaded; more may be added with
+    /// [`BlobFile::add_hashes`]. An incomplete copy is resumed: the pieces its bitfield
+    /// claims are re-hashed and kept when they match.
+    pub fn open_layout(&self, layout: Layout) -> Result<BlobFile, StoreError> {
+        let digest = layout.digest;
         let dir = self.blob_dir(&digest);
         fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
-        match self.metainfo(&digest) {
-            Ok(Some(existing)) if existing != *metainfo => {
-                return Err(StoreError::MetainfoConflict { digest });
+        match self.layout(&digest) {
+            Ok(Some(existing)) if existing != layout => {
+                // An old copy with another layout: start over.
+                for f in ["data", "have", "hashes", "complete"] {
+                    let _ = fs::remove_file(dir.join(f));
+                }
+                self.write_layout(&dir, &layout)?;
             }
             Ok(Some(_)) => {}
-            Ok(None) | Err(StoreError::BadMeta { .. }) => {
-                let frame = codec::encode_frame(metainfo).map_err(|source| StoreError::BadMeta { digest, source })?;
-                write_atomic(&dir.join("meta"), &frame)?;
-            }
+            Ok(None) | Err(StoreError::BadLayout { .. }) => self.write_layout(&dir, &layout)?,
             Err(e) => return Err(e),
         }
+        let count = layout.piece_count();
+        let hashes_path = dir.join("hashes");
+        let hashes = read_hashes(&hashes_path, count)?;
+        let hashes_file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&hashes_path)
+            .map_err(io_err("cannot open", &hashes_path))?;
         let data_path = dir.join("data");
         let file = OpenOptions::new()
             .read(true)
@@ -135,11 +196,10 @@ impl Store {
             .open(&data_path)
             .map_err(io_err("cannot open", &data_path))?;
         let len = file.metadata().map_err(io_err("cannot stat", &data_path))?.len();
-        if len != metainfo.length {
-            file.set_len(metainfo.length).map_err(io_err("cannot size", &data_path))?;
+        if len != layout.length {
+            file.set_len(layout.length).map_err(io_err("cannot size", &data_path))?;
         }
-        let count = metainfo.piece_count();
-        let complete = dir.join("complete").exists() && len == metainfo.length;
+        let complete = dir.join("complete").exists() && len == layout.length && hashes.len() as u32 == count;
         let have_path = dir.join("have");
         let have_file = OpenOptions::new()
             .read(true)
@@ -148,13 +208,13 @@ impl Store {
             .truncate(false)
             .open(&have_path)
             .map_err(io_err("cannot open", &have_path))?;
-        let mut have = if complete {
+        let claimed = if complete {
             Bitfield::full(count)
         } else {
             let mut raw = Vec::new();
             (&have_file).read_to_end(&mut raw).map_err(io_err("cannot read", &have_path))?;
             raw.resize(count.div_ceil(8) as usize, 0);
-            // Spare bits past the last piece are noise from an older layout: clear them.
+            // Only bits of real pieces count; spare bits are ignored.
             let mut claimed = Bitfield::new(count);
             for i in 0..count {
                 if raw[(i / 8) as usize] & (0x80 >> (i % 8)) != 0 {
@@ -164,27 +224,44 @@ impl Store {
             claimed
         };
         let blob = BlobFile {
-            metainfo: metainfo.clone(),
+            layout,
             data_path,
             file,
+            state: Mutex::new(BlobState { have: Bitfield::new(count), hashes, hashes_file: Some(hashes_file) }),
             have_file: Some(have_file),
-            have: Mutex::new(Bitfield::new(count)),
             dir: Some(dir),
+            verified: complete.into(),
         };
+        let mut have = claimed;
         if !complete {
             // Re-check every claimed piece; rewrite the bitfield with what survived.
-            let claimed: Vec<u32> = have.ones().collect();
             let mut buf = Vec::new();
-            for i in claimed {
+            for i in have.clone().ones() {
                 blob.read_piece_into(i, &mut buf)?;
-                if !metainfo.verify_piece(i, &buf) {
+                if !blob.matches_hash(i, &buf) {
                     have.set(i, false);
                 }
             }
-            blob.have_file_rewrite(&have)?;
+            blob.rewrite_have(&have)?;
         }
-        *blob.have.lock().unwrap_or_else(|e| e.into_inner()) = have;
+        blob.state().have = have;
         Ok(blob)
+    }
+
+    fn write_layout(&self, dir: &Path, layout: &Layout) -> Result<(), StoreError> {
+        let frame =
+            codec::encode_frame(layout).map_err(|source| StoreError::BadLayout { digest: layout.digest, source })?;
+        write_atomic(&dir.join("layout"), &frame)
+    }
+
+    /// Forgets a blob: removes its directory.
+    pub fn remove(&self, digest: &Digest) -> Result<(), StoreError> {
+        let dir = self.blob_dir(digest);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("cannot remove", &dir)(e)),
+        }
     }
 
     /// Digests of every complete blob in the store.
@@ -202,6 +279,24 @@ impl Store {
         out.sort();
         Ok(out)
     }
+}
+
+fn read_hashes(path: &Path, count: u32) -> Result<Vec<[u8; 32]>, StoreError> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err("cannot read", path)(e)),
+    };
+    // A torn last entry (crash mid-append) is dropped; it is simply learned again.
+    Ok(bytes
+        .chunks_exact(32)
+        .take(count as usize)
+        .map(|c| {
+            let mut h = [0u8; 32];
+            h.copy_from_slice(c);
+            h
+        })
+        .collect())
 }
 
 /// Hashes a whole file into its metainfo, calling `progress` with the bytes hashed so
@@ -231,16 +326,28 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     fs::rename(&tmp, path).map_err(io_err("cannot rename", &tmp))
 }
 
-/// One blob's bytes and the record of which pieces are verified.
+/// What a [`BlobFile`] knows and changes under its lock.
+struct BlobState {
+    have: Bitfield,
+    /// Hashes of pieces `0..hashes.len()`.
+    hashes: Vec<[u8; 32]>,
+    /// Append-only record of `hashes`; `None` for a seeded file served in place.
+    hashes_file: Option<File>,
+}
+
+/// One blob's bytes, its known piece hashes and the record of which pieces are
+/// verified.
 pub struct BlobFile {
-    metainfo: Metainfo,
+    layout: Layout,
     data_path: PathBuf,
     file: File,
+    state: Mutex<BlobState>,
     /// `None` for a seeded file served in place (always complete).
     have_file: Option<File>,
-    have: Mutex<Bitfield>,
     /// `None` for a seeded file served in place.
     dir: Option<PathBuf>,
+    /// Whether the whole blob is known to match its digest.
+    verified: std::sync::atomic::AtomicBool,
 }
 
 impl BlobFile {
@@ -249,17 +356,66 @@ impl BlobFile {
         let file = File::open(path).map_err(io_err("cannot open", path))?;
         let count = metainfo.piece_count();
         Ok(Self {
-            metainfo,
+            layout: metainfo.layout(),
             data_path: path.to_path_buf(),
             file,
+            state: Mutex::new(BlobState {
+                have: Bitfield::full(count),
+                hashes: metainfo.piece_hashes,
+                hashes_file: None,
+            }),
             have_file: None,
-            have: Mutex::new(Bitfield::full(count)),
             dir: None,
+            verified: true.into(),
         })
     }
 
-    pub fn metainfo(&self) -> &Metainfo {
-        &self.metainfo
+    /// Digest, length and piece length.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The full metainfo, once every piece hash is known.
+    pub fn metainfo(&self) -> Option<Metainfo> {
+        let st = self.state();
+        (st.hashes.len() as u32 == self.layout.piece_count()).then(|| Metainfo {
+            digest: self.layout.digest,
+            length: self.layout.length,
+            piece_length: self.layout.piece_length,
+            piece_hashes: st.hashes.clone(),
+        })
+    }
+
+    /// Number of leading pieces whose hash is known.
+    pub fn known_hashes(&self) -> u32 {
+        self.state().hashes.len() as u32
+    }
+
+    /// Learns the hashes of pieces `first..first + hashes.len()`. Hashes already known
+    /// must agree ([`StoreError::Conflict`] otherwise); a gap after the known prefix is
+    /// refused the same way. Returns how many were new.
+    pub fn add_hashes(&self, first: u32, hashes: &[[u8; 32]]) -> Result<u32, StoreError> {
+        let count = self.layout.piece_count() as usize;
+        let mut st = self.state();
+        let known = st.hashes.len();
+        let first = first as usize;
+        if first > known || first + hashes.len() > count {
+            return Err(StoreError::Conflict { digest: self.layout.digest });
+        }
+        let overlap = (known - first).min(hashes.len());
+        if st.hashes[first..first + overlap] != hashes[..overlap] {
+            return Err(StoreError::Conflict { digest: self.layout.digest });
+        }
+        let new = &hashes[overlap..];
+        if new.is_empty() {
+            return Ok(0);
+        }
+        if let Some(f) = &mut st.hashes_file {
+            let bytes: Vec<u8> = new.iter().flatten().copied().collect();
+            f.write_all(&bytes).map_err(io_err("cannot write", &self.data_path))?;
+        }
+        st.hashes.extend_from_slice(new);
+        Ok(new.len() as u32)
     }
 
     /// Where the blob's bytes live.
@@ -267,37 +423,42 @@ impl BlobFile {
         &self.data_path
     }
 
-    fn have_lock(&self) -> std::sync::MutexGuard<'_, Bitfield> {
-        // A panic while holding this lock cannot leave the bitfield half-updated
-        // (single bit flips), so a poisoned lock is still usable.
-        self.have.lock().unwrap_or_else(|e| e.into_inner())
+    fn state(&self) -> MutexGuard<'_, BlobState> {
+        // Every update under this lock is a single bit flip or an append that is
+        // complete before the guard drops, so a poisoned lock is still consistent.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A copy of the verified-pieces bitfield.
     pub fn have(&self) -> Bitfield {
-        self.have_lock().clone()
+        self.state().have.clone()
     }
 
     pub fn has_piece(&self, piece: u32) -> bool {
-        self.have_lock().get(piece)
+        self.state().have.get(piece)
     }
 
     pub fn is_complete(&self) -> bool {
-        self.have_lock().is_complete()
+        self.state().have.is_complete()
     }
 
     fn check_range(&self, piece: u32) -> Result<(), StoreError> {
-        if piece >= self.metainfo.piece_count() {
-            return Err(StoreError::PieceOutOfRange { digest: self.metainfo.digest, piece });
+        if piece >= self.layout.piece_count() {
+            return Err(StoreError::PieceOutOfRange { digest: self.layout.digest, piece });
         }
         Ok(())
+    }
+
+    fn matches_hash(&self, piece: u32, data: &[u8]) -> bool {
+        let expected = self.state().hashes.get(piece as usize).copied();
+        expected.is_some_and(|h| data.len() == self.layout.piece_len(piece) as usize && Sha256::digest(data)[..] == h)
     }
 
     /// Reads piece `piece` into `buf` (resized to the piece's length).
     pub fn read_piece_into(&self, piece: u32, buf: &mut Vec<u8>) -> Result<(), StoreError> {
         self.check_range(piece)?;
-        buf.resize(self.metainfo.piece_len(piece) as usize, 0);
-        self.file.read_exact_at(buf, self.metainfo.piece_offset(piece)).map_err(io_err("cannot read", &self.data_path))
+        buf.resize(self.layout.piece_len(piece) as usize, 0);
+        self.file.read_exact_at(buf, self.layout.piece_offset(piece)).map_err(io_err("cannot read", &self.data_path))
     }
 
     /// Reads `buf.len()` bytes at `offset` of the blob.
@@ -307,33 +468,38 @@ impl BlobFile {
 
     /// Verifies `data` against piece `piece`'s hash and, when it matches, stores it and
     /// marks it held. Returns `Ok(false)` when the piece was already held (nothing
-    /// written), and [`StoreError::PieceMismatch`] when the bytes are wrong.
+    /// written), [`StoreError::PieceMismatch`] when the bytes are wrong and
+    /// [`StoreError::HashUnknown`] when the piece's hash has not been learned yet.
     pub fn write_piece(&self, piece: u32, data: &[u8]) -> Result<bool, StoreError> {
         self.check_range(piece)?;
-        if !self.metainfo.verify_piece(piece, data) {
-            return Err(StoreError::PieceMismatch { digest: self.metainfo.digest, piece });
+        let expected = self.state().hashes.get(piece as usize).copied();
+        let Some(expected) = expected else {
+            return Err(StoreError::HashUnknown { digest: self.layout.digest, piece });
+        };
+        if data.len() != self.layout.piece_len(piece) as usize || Sha256::digest(data)[..] != expected {
+            return Err(StoreError::PieceMismatch { digest: self.layout.digest, piece });
         }
         if self.has_piece(piece) {
             return Ok(false);
         }
         self.file
-            .write_all_at(data, self.metainfo.piece_offset(piece))
+            .write_all_at(data, self.layout.piece_offset(piece))
             .map_err(io_err("cannot write", &self.data_path))?;
-        let mut have = self.have_lock();
-        if have.get(piece) {
+        let mut st = self.state();
+        if st.have.get(piece) {
             // A concurrent writer stored the same verified bytes first.
             return Ok(false);
         }
-        have.set(piece, true);
+        st.have.set(piece, true);
         if let Some(have_file) = &self.have_file {
             let byte_index = (piece / 8) as usize;
-            let byte = have.as_bytes()[byte_index];
+            let byte = st.have.as_bytes()[byte_index];
             have_file.write_all_at(&[byte], byte_index as u64).map_err(io_err("cannot write", &self.data_path))?;
         }
         Ok(true)
     }
 
-    fn have_file_rewrite(&self, have: &Bitfield) -> Result<(), StoreError> {
+    fn rewrite_have(&self, have: &Bitfield) -> Result<(), StoreError> {
         if let Some(f) = &self.have_file {
             f.set_len(0).map_err(io_err("cannot truncate", &self.data_path))?;
             f.write_all_at(have.as_bytes(), 0).map_err(io_err("cannot write", &self.data_path))?;
@@ -345,35 +511,35 @@ impl BlobFile {
     /// disk and marks it complete. On a mismatch every piece is forgotten (the caller
     /// should drop the blob and tell the tracker).
     pub fn finish(&self) -> Result<(), StoreError> {
+        if self.verified.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
         let have = self.have();
         if !have.is_complete() {
-            return Err(StoreError::Incomplete {
-                expected: self.metainfo.digest,
-                have: have.count(),
-                count: have.len(),
-            });
+            return Err(StoreError::Incomplete { expected: self.layout.digest, have: have.count(), count: have.len() });
         }
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         let mut offset = 0u64;
-        while offset < self.metainfo.length {
-            let n = (self.metainfo.length - offset).min(buf.len() as u64) as usize;
+        while offset < self.layout.length {
+            let n = (self.layout.length - offset).min(buf.len() as u64) as usize;
             self.read_at(&mut buf[..n], offset)?;
             hasher.update(&buf[..n]);
             offset += n as u64;
         }
         let actual = Digest(hasher.finalize().into());
-        if actual != self.metainfo.digest {
-            let empty = Bitfield::new(self.metainfo.piece_count());
-            self.have_file_rewrite(&empty)?;
-            *self.have_lock() = empty;
-            return Err(StoreError::DigestMismatch { expected: self.metainfo.digest, actual });
+        if actual != self.layout.digest {
+            let empty = Bitfield::new(self.layout.piece_count());
+            self.rewrite_have(&empty)?;
+            self.state().have = empty;
+            return Err(StoreError::DigestMismatch { expected: self.layout.digest, actual });
         }
         if let Some(dir) = &self.dir {
             self.file.sync_all().map_err(io_err("cannot sync", &self.data_path))?;
             let marker = dir.join("complete");
             fs::write(&marker, b"").map_err(io_err("cannot write", &marker))?;
         }
+        self.verified.store(true, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 }
@@ -458,12 +624,47 @@ mod tests {
         store.open_blob(&meta).expect("open");
         let mut other = meta.clone();
         other.piece_hashes[0] = [9; 32];
-        assert!(matches!(store.open_blob(&other), Err(StoreError::MetainfoConflict { .. })));
+        assert!(matches!(store.open_blob(&other), Err(StoreError::Conflict { .. })));
         let seeded = BlobFile::from_existing(&file, meta).expect("seed");
         assert!(seeded.is_complete());
-        seeded.finish().expect("seeded file matches its digest");
         let empty = dir.path().join("empty");
         fs::write(&empty, b"").expect("write");
         assert!(matches!(hash_file(&empty, |_| {}), Err(StoreError::EmptyFile { .. })));
+    }
+
+    #[test]
+    fn hashes_may_arrive_after_the_layout_and_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        let data = sample(1_000_000);
+        let meta = meta_of(&data, 1 << 18);
+        let piece = |i: u32| {
+            let s = meta.piece_offset(i) as usize;
+            &data[s..s + meta.piece_len(i) as usize]
+        };
+        let blob = store.open_layout(meta.layout()).expect("open");
+        assert!(matches!(blob.write_piece(0, piece(0)), Err(StoreError::HashUnknown { piece: 0, .. })));
+        assert_eq!(blob.add_hashes(0, &meta.piece_hashes[..2]).expect("add"), 2);
+        assert_eq!(blob.add_hashes(1, &meta.piece_hashes[1..2]).expect("overlap"), 0);
+        assert!(matches!(blob.add_hashes(3, &meta.piece_hashes[3..]), Err(StoreError::Conflict { .. })));
+        assert!(matches!(blob.add_hashes(1, &[[0; 32]]), Err(StoreError::Conflict { .. })));
+        assert!(blob.write_piece(0, piece(0)).expect("write"));
+        assert!(blob.metainfo().is_none());
+        drop(blob);
+        let blob = store.open_layout(meta.layout()).expect("reopen");
+        assert_eq!(blob.known_hashes(), 2);
+        assert_eq!(blob.have().ones().collect::<Vec<_>>(), vec![0]);
+        assert_eq!(blob.add_hashes(2, &meta.piece_hashes[2..]).expect("rest"), 2);
+        assert_eq!(blob.metainfo().as_ref(), Some(&meta));
+        assert_eq!(store.metainfo(&meta.digest).expect("read").as_ref(), Some(&meta));
+    }
+
+    #[test]
+    fn a_data_directory_serves_one_process_at_a_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = Store::open(dir.path()).expect("store");
+        assert!(matches!(Store::open(dir.path()), Err(StoreError::Locked { .. })));
+        drop(first);
+        Store::open(dir.path()).expect("free again");
     }
 }

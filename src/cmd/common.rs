@@ -21,7 +21,8 @@ impl TokenArgs {
     /// Loads the token from `--token-file`, else from `SWARM_TOKEN`.
     pub fn load(&self) -> Result<ClusterToken> {
         if let Some(path) = &self.token_file {
-            return ClusterToken::from_file(path).with_context(|| format!("loading the cluster token from {}", path.display()));
+            return ClusterToken::from_file(path)
+                .with_context(|| format!("loading the cluster token from {}", path.display()));
         }
         match std::env::var("SWARM_TOKEN") {
             Ok(text) if !text.trim().is_empty() => ClusterToken::from_text(&text).context("SWARM_TOKEN"),
@@ -70,7 +71,11 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
         "KiB" => 1024.0,
         "MiB" => 1024.0 * 1024.0,
         "GiB" => 1024.0 * 1024.0 * 1024.0,
-        other => return Err(format!("{s:?}: unknown unit {other:?} (use bit, kbit, Mbit, Gbit, B, kB, MB, GB, KiB, MiB, GiB)")),
+        other => {
+            return Err(format!(
+                "{s:?}: unknown unit {other:?} (use bit, kbit, Mbit, Gbit, B, kB, MB, GB, KiB, MiB, GiB)"
+            ));
+        }
     };
     let v = n * factor;
     if !(v >= 1.0 && v.is_finite()) {

@@ -56,7 +56,8 @@ pub async fn run(args: Args) -> Result<()> {
     let tracker_endpoint = Endpoint::bind(loopback, token.clone(), &endpoint_config)?;
     let tracker_addr = tracker_endpoint.local_addr()?;
     let cancel = CancellationToken::new();
-    let tracker = tokio::spawn(swarm_tracker::server::serve(tracker_endpoint, TrackerConfig::default(), cancel.clone()));
+    let tracker =
+        tokio::spawn(swarm_tracker::server::serve(tracker_endpoint, TrackerConfig::default(), cancel.clone()));
 
     let blob_path = dir.path().join("blob");
     generate_blob(&blob_path, args.size)?;
@@ -113,7 +114,13 @@ pub async fn run(args: Args) -> Result<()> {
         .map(|(n, e)| {
             let s = n.stats();
             let from_seed = s.downloaded_from.get(&seed_id).copied().unwrap_or(0);
-            Row { peer_id: n.peer_id(), elapsed: *e, from_seed, from_peers: s.downloaded() - from_seed, uploaded: s.uploaded }
+            Row {
+                peer_id: n.peer_id(),
+                elapsed: *e,
+                from_seed,
+                from_peers: s.downloaded() - from_seed,
+                uploaded: s.uploaded,
+            }
         })
         .collect();
     let seed_sent = seed.stats().uploaded;
@@ -165,7 +172,10 @@ fn rate_text(bytes_per_sec: u64) -> String {
 
 fn print_table(rows: &[Row], length: u64) {
     println!();
-    println!("{:<10} {:>9} {:>10} {:>12} {:>12} {:>12}", "peer", "time (s)", "MB/s", "from seed", "from peers", "uploaded");
+    println!(
+        "{:<10} {:>9} {:>10} {:>12} {:>12} {:>12}",
+        "peer", "time (s)", "MB/s", "from seed", "from peers", "uploaded"
+    );
     for r in rows {
         println!(
             "{:<10} {:>9.2} {:>10.1} {:>12} {:>12} {:>12}",
@@ -182,7 +192,8 @@ fn print_table(rows: &[Row], length: u64) {
 fn generate_blob(path: &Path, size: u64) -> Result<()> {
     use std::io::Write;
     let mut rng = rand::rngs::StdRng::from_entropy();
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?);
+    let mut f =
+        std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?);
     let mut buf = vec![0u8; 1 << 20];
     let mut left = size;
     while left > 0 {

@@ -109,6 +109,7 @@ struct Summary {
 
 async fn pull(node: &swarm_peer::node::Node, digest: Digest, args: &Args, started: Instant) -> Result<Summary> {
     let mut download = node.fetch(digest).await?;
+    let length = download.layout().length;
     let mut progress = download.progress();
     let first = progress.borrow().clone();
     let resumed = first.bytes;
@@ -147,7 +148,7 @@ async fn pull(node: &swarm_peer::node::Node, digest: Digest, args: &Args, starte
     let stats = node.stats();
     Ok(Summary {
         digest,
-        length: download.metainfo().length,
+        length,
         elapsed: started.elapsed(),
         resumed,
         downloaded: stats.downloaded(),
@@ -171,8 +172,11 @@ fn print_summary(s: &Summary, args: &Args) -> Result<()> {
         });
         println!("{v}");
     } else {
-        let resumed =
-            if s.resumed > 0 { format!(", {} already verified from an earlier run", human_bytes(s.resumed)) } else { String::new() };
+        let resumed = if s.resumed > 0 {
+            format!(", {} already verified from an earlier run", human_bytes(s.resumed))
+        } else {
+            String::new()
+        };
         println!(
             "pulled {} ({}) in {:.2} s at {:.1} MB/s from {} peers{}; uploaded {} meanwhile; wrote {}",
             s.digest,

@@ -49,7 +49,8 @@ pub async fn run(args: Args) -> Result<()> {
     let data_dir = match &args.data_dir {
         Some(d) => d.clone(),
         None => {
-            scratch = tempfile::Builder::new().prefix("swarm-seed-").tempdir().context("creating a scratch directory")?;
+            scratch =
+                tempfile::Builder::new().prefix("swarm-seed-").tempdir().context("creating a scratch directory")?;
             scratch.path().to_path_buf()
         }
     };
@@ -67,7 +68,11 @@ pub async fn run(args: Args) -> Result<()> {
     );
     shutdown_signal().await;
     let stats = node.stats();
-    eprintln!("stopping; uploaded {} ({:.2} copies)", human_bytes(stats.uploaded), stats.uploaded as f64 / metainfo.length as f64);
+    eprintln!(
+        "stopping; uploaded {} ({:.2} copies)",
+        human_bytes(stats.uploaded),
+        stats.uploaded as f64 / metainfo.length as f64
+    );
     node.shutdown().await;
     Ok(())
 }

@@ -22,8 +22,8 @@ pub struct Args {
 pub async fn run(args: Args) -> Result<()> {
     let token = args.token.load()?;
     let addr = resolve("listen", &args.listen).await?;
-    let endpoint = Endpoint::bind(addr, token, &EndpointConfig::default())
-        .with_context(|| format!("cannot listen on {addr}"))?;
+    let endpoint =
+        Endpoint::bind(addr, token, &EndpointConfig::default()).with_context(|| format!("cannot listen on {addr}"))?;
     let local = endpoint.local_addr()?;
     eprintln!("tracker listening on {local} (QUIC/UDP)");
     let config = TrackerConfig {
