@@ -1,1 +1,65 @@
-//! placeholder
+//! The swarm tracker: who holds or wants which blob, and each blob's metainfo.
+//!
+//! Three modules:
+//!
+//! - [`state`]: the pure core. [`TrackerState::handle`] turns one
+//!   [`TrackerRequest`](swarm_proto::msg::TrackerRequest) plus the observed source
+//!   address and `now` into one response. No I/O, no tokio, a seeded RNG: the server
+//!   and the network simulator drive the very same code.
+//! - [`server`]: [`serve`], a thin QUIC accept loop around the state. Every connection
+//!   is authenticated with the cluster token in its own task; every bidirectional
+//!   stream carries one request and one response; the state sits behind a
+//!   `std::sync::Mutex` that is never held across an `.await`; a periodic task
+//!   expires silent peers.
+//! - [`client`]: [`TrackerClient`], what peers use: one cached connection, one stream
+//!   per request, a bounded time per request, one reconnect when the tracker went
+//!   away.
+//!
+//! **Restarts.** The tracker keeps nothing on disk. After a restart it knows nothing,
+//! and it does not need to: peers re-announce every `announce_interval` (30 s by
+//! default) and seeders re-register their metainfo, so the state rebuilds itself
+//! within one interval. Clients notice the restart on their next request (a
+//! gracefully stopped tracker closes its connections; a crashed one restarted on the
+//! same port answers stale connections with a QUIC stateless reset, see
+//! `swarm_net`), reconnect and retry once.
+
+pub mod client;
+pub mod server;
+pub mod state;
+
+pub use client::{TrackerClient, TrackerClientError};
+pub use server::serve;
+pub use state::{TrackerConfig, TrackerState};
+
+use std::net::SocketAddr;
+
+use swarm_proto::{Digest, PeerId, ProtoError};
+
+/// Errors of the tracker state and server. Request errors are sent back to the peer
+/// as a [`TrackerResponse::Error`](swarm_proto::msg::TrackerResponse::Error) with
+/// [`TrackerError::code`].
+#[derive(Debug, thiserror::Error)]
+pub enum TrackerError {
+    /// The metainfo breaks the protocol's rules.
+    #[error("invalid metainfo for {blob}: {source}")]
+    InvalidMetainfo {
+        blob: Digest,
+        #[source]
+        source: ProtoError,
+    },
+    /// A different metainfo is already registered for this digest.
+    #[error("a different metainfo is already registered for {blob}")]
+    Conflict { blob: Digest },
+    /// Nothing is registered for this digest.
+    #[error("no metainfo is registered for {blob}")]
+    UnknownBlob { blob: Digest },
+    /// The announce's zone label is too long.
+    #[error("zone label of {len} bytes exceeds the limit of {max}")]
+    ZoneTooLong { len: usize, max: usize },
+    /// The announce gives no address other peers could dial.
+    #[error("peer {peer_id} announced the unreachable address {addr} (set a listen port or an advertise address)")]
+    Unreachable { peer_id: PeerId, addr: SocketAddr },
+    /// The server's endpoint failed.
+    #[error(transparent)]
+    Net(#[from] swarm_net::NetError),
+}

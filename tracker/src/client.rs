@@ -1,0 +1,225 @@
+//! [`TrackerClient`]: how peers talk to the tracker. One cached, authenticated QUIC
+//! connection; each request on its own bidirectional stream; every request bounded
+//! in time; one reconnect and retry when the cached connection turns out dead (the
+//! tracker restarted). All tracker requests are idempotent, so the retry is safe.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use swarm_net::{Endpoint, NetError, codes, read_msg, write_msg};
+use swarm_proto::codec::MAX_FRAME_LEN;
+use swarm_proto::msg::{Announce, PeerInfo, TrackerErrorCode, TrackerRequest, TrackerResponse};
+use swarm_proto::{Digest, Metainfo, PeerId, ProtoError};
+use tracing::debug;
+
+/// Default bound on one request, reconnecting included.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Errors of tracker requests.
+#[derive(Debug, thiserror::Error)]
+pub enum TrackerClientError {
+    /// Connecting, authenticating or moving bytes failed. A token mismatch shows up
+    /// here as [`NetError::AuthRejected`].
+    #[error("tracker {tracker}: {source}")]
+    Net {
+        tracker: SocketAddr,
+        #[source]
+        source: NetError,
+    },
+    /// The request did not complete in time.
+    #[error("tracker {tracker} did not answer within {after:?}")]
+    Timeout { tracker: SocketAddr, after: Duration },
+    /// The tracker finished the stream without answering.
+    #[error("tracker {tracker} closed the request stream without answering")]
+    NoResponse { tracker: SocketAddr },
+    /// The tracker could not parse the request.
+    #[error("tracker {tracker} refused the request as malformed (is it running an incompatible swarm version?)")]
+    Malformed { tracker: SocketAddr },
+    /// The tracker answered with an error.
+    #[error("tracker refused the request ({code:?}): {message}")]
+    Refused { code: TrackerErrorCode, message: String },
+    /// The tracker answered with the wrong kind of response.
+    #[error("tracker answered a {request} request with {response}")]
+    UnexpectedResponse { request: &'static str, response: &'static str },
+    /// The metainfo the tracker sent breaks the protocol's rules.
+    #[error("tracker sent invalid metainfo for {blob}: {source}")]
+    InvalidMetainfo {
+        blob: Digest,
+        #[source]
+        source: ProtoError,
+    },
+    /// The tracker sent the metainfo of another blob.
+    #[error("asked the tracker for {requested} but got the metainfo of {got}")]
+    WrongMetainfo { requested: Digest, got: Digest },
+}
+
+impl TrackerClientError {
+    /// Whether the tracker refused our cluster token.
+    pub fn is_auth_rejected(&self) -> bool {
+        matches!(self, TrackerClientError::Net { source: NetError::AuthRejected { .. }, .. })
+    }
+}
+
+/// A handle to the tracker. Cheap to clone; clones share the cached connection.
+#[derive(Clone, Debug)]
+pub struct TrackerClient {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    endpoint: Endpoint,
+    tracker: SocketAddr,
+    timeout: Duration,
+    /// The cached connection. An async mutex: it is held while connecting, so
+    /// concurrent requests share one new connection instead of racing.
+    conn: tokio::sync::Mutex<Option<quinn::Connection>>,
+}
+
+impl TrackerClient {
+    /// A client of the tracker at `tracker`, using `endpoint` (the peer's own) to dial.
+    /// Connects lazily, on the first request.
+    pub fn new(endpoint: Endpoint, tracker: SocketAddr) -> Self {
+        Self::with_timeout(endpoint, tracker, REQUEST_TIMEOUT)
+    }
+
+    /// Like [`TrackerClient::new`] with another bound per request.
+    pub fn with_timeout(endpoint: Endpoint, tracker: SocketAddr, timeout: Duration) -> Self {
+        Self { inner: Arc::new(Inner { endpoint, tracker, timeout, conn: tokio::sync::Mutex::new(None) }) }
+    }
+
+    /// The tracker's address.
+    pub fn tracker(&self) -> SocketAddr {
+        self.inner.tracker
+    }
+
+    /// Sends one request and returns the response, whatever its variant. Opens a
+    /// stream per request; if the cached connection is dead, reconnects once and
+    /// retries. Bounded by the client's timeout (15 s by default); a timed-out
+    /// connection is dropped from the cache so the next request dials afresh.
+    pub async fn request(&self, req: &TrackerRequest) -> Result<TrackerResponse, TrackerClientError> {
+        let tracker = self.inner.tracker;
+        match tokio::time::timeout(self.inner.timeout, self.request_with_retry(req)).await {
+            Ok(result) => result,
+            Err(_) => {
+                // Maybe the tracker died without a trace; do not trust this connection again.
+                self.inner.conn.lock().await.take();
+                Err(TrackerClientError::Timeout { tracker, after: self.inner.timeout })
+            }
+        }
+    }
+
+    async fn request_with_retry(&self, req: &TrackerRequest) -> Result<TrackerResponse, TrackerClientError> {
+        let (conn, fresh) = self.connection().await?;
+        match exchange(&conn, req).await {
+            Err(e) if !fresh && e.is_connection_lost() => {
+                debug!(tracker = %self.inner.tracker, error = %e, "tracker connection lost; reconnecting");
+                self.forget(&conn).await;
+                let (conn, _) = self.connection().await?;
+                exchange(&conn, req).await.map_err(|e| self.net_error(e))?
+            }
+            other => other.map_err(|e| self.net_error(e))?,
+        }
+        .ok_or(TrackerClientError::NoResponse { tracker: self.inner.tracker })
+    }
+
+    /// The cached connection if it is alive, else a new one; and whether it is new.
+    async fn connection(&self) -> Result<(quinn::Connection, bool), TrackerClientError> {
+        let mut cached = self.inner.conn.lock().await;
+        if let Some(conn) = cached.as_ref().filter(|c| c.close_reason().is_none()) {
+            return Ok((conn.clone(), false));
+        }
+        let conn = self
+            .inner
+            .endpoint
+            .connect(self.inner.tracker)
+            .await
+            .map_err(|source| TrackerClientError::Net { tracker: self.inner.tracker, source })?;
+        debug!(tracker = %self.inner.tracker, "connected to the tracker");
+        *cached = Some(conn.clone());
+        Ok((conn, true))
+    }
+
+    /// Drops `dead` from the cache unless another request already replaced it.
+    async fn forget(&self, dead: &quinn::Connection) {
+        let mut cached = self.inner.conn.lock().await;
+        if cached.as_ref().is_some_and(|c| c.stable_id() == dead.stable_id()) {
+            *cached = None;
+        }
+    }
+
+    fn net_error(&self, source: NetError) -> TrackerClientError {
+        let tracker = self.inner.tracker;
+        if source.remote_code() == Some(codes::PROTOCOL_ERROR) && !source.is_connection_lost() {
+            TrackerClientError::Malformed { tracker }
+        } else {
+            TrackerClientError::Net { tracker, source }
+        }
+    }
+
+    /// Publishes a blob's metainfo (idempotent).
+    pub async fn register(&self, metainfo: &Metainfo) -> Result<(), TrackerClientError> {
+        match self.request(&TrackerRequest::Register { metainfo: metainfo.clone() }).await? {
+            TrackerResponse::Registered => Ok(()),
+            other => Err(unexpected("register", other)),
+        }
+    }
+
+    /// A blob's metainfo, or `None` if the tracker has none. The metainfo is checked
+    /// (valid, and really for `blob`) before it is returned.
+    pub async fn get_metainfo(&self, blob: Digest) -> Result<Option<Metainfo>, TrackerClientError> {
+        match self.request(&TrackerRequest::GetMetainfo { blob }).await? {
+            TrackerResponse::Metainfo(m) => {
+                if m.digest != blob {
+                    return Err(TrackerClientError::WrongMetainfo { requested: blob, got: m.digest });
+                }
+                m.validate().map_err(|source| TrackerClientError::InvalidMetainfo { blob, source })?;
+                Ok(Some(m))
+            }
+            TrackerResponse::Error { code: TrackerErrorCode::UnknownBlob, .. } => Ok(None),
+            other => Err(unexpected("get-metainfo", other)),
+        }
+    }
+
+    /// Announces and returns other peers plus when to announce again.
+    pub async fn announce(&self, ann: &Announce) -> Result<(Vec<PeerInfo>, Duration), TrackerClientError> {
+        match self.request(&TrackerRequest::Announce(ann.clone())).await? {
+            TrackerResponse::Peers { peers, interval_secs } => {
+                Ok((peers, Duration::from_secs(u64::from(interval_secs.max(1)))))
+            }
+            other => Err(unexpected("announce", other)),
+        }
+    }
+
+    /// Tells the tracker this peer no longer serves or wants `blob`.
+    pub async fn leave(&self, peer_id: PeerId, blob: Digest) -> Result<(), TrackerClientError> {
+        match self.request(&TrackerRequest::Leave { peer_id, blob }).await? {
+            TrackerResponse::Left => Ok(()),
+            other => Err(unexpected("leave", other)),
+        }
+    }
+}
+
+/// One request on a new stream of `conn`: `None` if the tracker finished the stream
+/// without a response.
+async fn exchange(conn: &quinn::Connection, req: &TrackerRequest) -> Result<Option<TrackerResponse>, NetError> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|source| NetError::ConnectionLost { source })?;
+    write_msg(&mut send, req).await?;
+    // Fails only if the stream is already gone, which the read reports.
+    let _ = send.finish();
+    read_msg(&mut recv, MAX_FRAME_LEN).await
+}
+
+/// Turns a response of the wrong kind into an error; an `Error` response becomes
+/// [`TrackerClientError::Refused`].
+fn unexpected(request: &'static str, response: TrackerResponse) -> TrackerClientError {
+    let response = match response {
+        TrackerResponse::Error { code, message } => return TrackerClientError::Refused { code, message },
+        TrackerResponse::Registered => "Registered",
+        TrackerResponse::Metainfo(_) => "Metainfo",
+        TrackerResponse::Peers { .. } => "Peers",
+        TrackerResponse::Left => "Left",
+    };
+    TrackerClientError::UnexpectedResponse { request, response }
+}

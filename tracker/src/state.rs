@@ -1,0 +1,416 @@
+//! The tracker's pure core: which peers hold or want which blob, the registered
+//! metainfo, and the choice of peers handed out per announce. No I/O, no clock, no
+//! tokio: callers pass `now` and the address they observed, and the shuffling RNG is
+//! seeded, so the server and the simulator get the same behaviour and tests are
+//! deterministic.
+//!
+//! Data layout per blob: the peers live in a `Vec` (O(1) random access for sampling,
+//! O(1) removal by swap), with a map from peer id to position and a map from zone
+//! label to the positions of that zone's peers. Every removal fixes up both maps.
+//!
+//! Choosing peers for an announce costs O(k log k) with k about four times the
+//! reply size, whatever the swarm's size: small swarms are ranked whole; large ones
+//! contribute a random sample of the caller's zone plus a random sample of everyone.
+//! The candidates are shuffled, then ordered by bucket: same zone before other
+//! zones, and within that seeds, then partial holders, then peers with nothing. So
+//! the reply is random but biased towards close peers that can upload.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use swarm_proto::msg::{
+    Announce, MAX_PEERS_PER_REPLY, MAX_ZONE_LEN, PeerInfo, TrackerErrorCode, TrackerRequest, TrackerResponse,
+};
+use swarm_proto::{Digest, Metainfo, PeerId};
+
+use crate::TrackerError;
+
+/// Tracker tuning.
+#[derive(Clone, Debug)]
+pub struct TrackerConfig {
+    /// How often peers are told to re-announce.
+    pub announce_interval: Duration,
+    /// A peer not heard from for this long is forgotten.
+    pub peer_ttl: Duration,
+    /// Most peers in one reply (also capped by [`MAX_PEERS_PER_REPLY`]).
+    pub max_peers_per_reply: usize,
+}
+
+impl Default for TrackerConfig {
+    /// Re-announce every 30 s, forget after three missed announces, 50 peers a reply.
+    fn default() -> Self {
+        Self { announce_interval: Duration::from_secs(30), peer_ttl: Duration::from_secs(90), max_peers_per_reply: 50 }
+    }
+}
+
+/// Candidates considered per announce, as a multiple of the reply size.
+const CANDIDATE_FACTOR: usize = 4;
+/// Fewest candidates considered per announce (small replies still get a choice).
+const MIN_CANDIDATES: usize = 64;
+
+/// One tracked peer of one blob.
+#[derive(Debug)]
+struct PeerEntry {
+    info: PeerInfo,
+    last_seen: Instant,
+    /// Position of this entry's index in its zone's list.
+    zone_pos: usize,
+}
+
+/// The peers of one blob. Invariants: `index[entries[i].info.peer_id] == i`, and
+/// `zones[z][entries[i].zone_pos] == i` where `z == entries[i].info.zone`; no zone
+/// list is empty.
+#[derive(Debug, Default)]
+struct PeerSet {
+    entries: Vec<PeerEntry>,
+    index: HashMap<PeerId, usize>,
+    zones: HashMap<String, Vec<usize>>,
+}
+
+impl PeerSet {
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Adds or refreshes a peer; returns whether it is new.
+    fn upsert(&mut self, info: PeerInfo, now: Instant) -> bool {
+        match self.index.get(&info.peer_id).copied() {
+            Some(i) => {
+                if self.entries[i].info.zone != info.zone {
+                    self.zone_unlink(i);
+                    self.entries[i].info.zone = info.zone.clone();
+                    self.zone_link(i);
+                }
+                let entry = &mut self.entries[i];
+                entry.info = info;
+                entry.last_seen = now;
+                false
+            }
+            None => {
+                let i = self.entries.len();
+                self.index.insert(info.peer_id, i);
+                self.entries.push(PeerEntry { info, last_seen: now, zone_pos: 0 });
+                self.zone_link(i);
+                true
+            }
+        }
+    }
+
+    fn remove(&mut self, peer_id: &PeerId) -> bool {
+        match self.index.get(peer_id).copied() {
+            Some(i) => {
+                self.remove_at(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn remove_at(&mut self, i: usize) {
+        self.zone_unlink(i);
+        let removed = self.entries.swap_remove(i);
+        self.index.remove(&removed.info.peer_id);
+        if let Some(moved) = self.entries.get(i) {
+            // The former last entry now lives at `i`: repoint both maps.
+            self.index.insert(moved.info.peer_id, i);
+            if let Some(slot) = self.zones.get_mut(&moved.info.zone).and_then(|list| list.get_mut(moved.zone_pos)) {
+                *slot = i;
+            }
+        }
+    }
+
+    fn zone_link(&mut self, i: usize) {
+        let list = self.zones.entry(self.entries[i].info.zone.clone()).or_default();
+        self.entries[i].zone_pos = list.len();
+        list.push(i);
+    }
+
+    fn zone_unlink(&mut self, i: usize) {
+        let pos = self.entries[i].zone_pos;
+        let Some(list) = self.zones.get_mut(&self.entries[i].info.zone) else { return };
+        list.swap_remove(pos);
+        let moved = list.get(pos).copied();
+        let now_empty = list.is_empty();
+        if let Some(moved) = moved {
+            self.entries[moved].zone_pos = pos;
+        }
+        if now_empty {
+            self.zones.remove(&self.entries[i].info.zone);
+        }
+    }
+
+    /// Panics unless the invariants stated on the type hold.
+    #[cfg(test)]
+    fn check(&self) {
+        assert_eq!(self.index.len(), self.entries.len());
+        let mut zoned = 0;
+        for (zone, list) in &self.zones {
+            assert!(!list.is_empty(), "empty zone list {zone:?}");
+            zoned += list.len();
+        }
+        assert_eq!(zoned, self.entries.len());
+        for (i, e) in self.entries.iter().enumerate() {
+            assert_eq!(self.index.get(&e.info.peer_id), Some(&i));
+            assert_eq!(self.zones.get(&e.info.zone).and_then(|l| l.get(e.zone_pos)), Some(&i));
+        }
+    }
+
+    /// Drops every peer last seen `ttl` or more before `now`; returns how many.
+    fn expire(&mut self, now: Instant, ttl: Duration) -> usize {
+        let mut dropped = 0;
+        let mut i = 0;
+        while i < self.entries.len() {
+            if now.saturating_duration_since(self.entries[i].last_seen) >= ttl {
+                self.remove_at(i); // the last entry moves into `i`: look at it next
+                dropped += 1;
+            } else {
+                i += 1;
+            }
+        }
+        dropped
+    }
+
+    /// Up to `want` peers other than `caller`, chosen as described in the module docs.
+    fn choose(
+        &self,
+        caller: &PeerId,
+        zone: &str,
+        want: usize,
+        now: Instant,
+        ttl: Duration,
+        rng: &mut StdRng,
+    ) -> Vec<PeerInfo> {
+        if want == 0 || self.entries.is_empty() {
+            return Vec::new();
+        }
+        let pool = want.saturating_mul(CANDIDATE_FACTOR).max(MIN_CANDIDATES);
+        let mut candidates: Vec<usize> = if self.entries.len() <= pool {
+            (0..self.entries.len()).collect()
+        } else {
+            let mut picked = Vec::with_capacity(2 * pool);
+            if !zone.is_empty() {
+                if let Some(local) = self.zones.get(zone) {
+                    sample_into(&mut picked, local.len(), pool, rng, |k| local[k]);
+                }
+            }
+            sample_into(&mut picked, self.entries.len(), pool, rng, |k| k);
+            picked.sort_unstable();
+            picked.dedup();
+            picked
+        };
+        candidates.retain(|&i| {
+            let e = &self.entries[i];
+            e.info.peer_id != *caller && now.saturating_duration_since(e.last_seen) < ttl
+        });
+        candidates.shuffle(rng);
+        // Stable: the shuffle decides the order within a bucket.
+        candidates.sort_by_key(|&i| bucket(&self.entries[i].info, zone));
+        candidates.truncate(want);
+        candidates.into_iter().map(|i| self.entries[i].info.clone()).collect()
+    }
+}
+
+/// Pushes `map(k)` for about `amount` random `k` in `0..len` (all of them if
+/// `len <= amount`). Draws with replacement, so the cost is O(amount) however large
+/// `len` is; the caller removes the rare duplicates.
+fn sample_into(out: &mut Vec<usize>, len: usize, amount: usize, rng: &mut StdRng, map: impl Fn(usize) -> usize) {
+    if len <= amount {
+        out.extend((0..len).map(map));
+    } else {
+        out.extend((0..amount).map(|_| map(rng.gen_range(0..len))));
+    }
+}
+
+/// Preference bucket, lower first: same zone (0) before other zones (1), then seeds
+/// (0) before partial holders (1) before peers with nothing (2). An empty zone label
+/// means "no zone" and matches nobody.
+fn bucket(peer: &PeerInfo, zone: &str) -> u8 {
+    let far = u8::from(zone.is_empty() || peer.zone != zone);
+    let have = if peer.complete {
+        0
+    } else if peer.have > 0 {
+        1
+    } else {
+        2
+    };
+    far * 3 + have
+}
+
+/// What the tracker knows about one blob.
+#[derive(Debug, Default)]
+struct BlobEntry {
+    metainfo: Option<Metainfo>,
+    peers: PeerSet,
+}
+
+impl BlobEntry {
+    fn is_empty(&self) -> bool {
+        self.metainfo.is_none() && self.peers.len() == 0
+    }
+}
+
+/// The whole tracker state. Lives only in memory: after a restart it is rebuilt as
+/// peers re-announce (every `announce_interval`) and seeders re-register, which the
+/// peer agent does by itself.
+pub struct TrackerState {
+    config: TrackerConfig,
+    rng: StdRng,
+    blobs: BTreeMap<Digest, BlobEntry>,
+}
+
+impl std::fmt::Debug for TrackerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrackerState").field("config", &self.config).field("blobs", &self.blobs.len()).finish()
+    }
+}
+
+impl TrackerState {
+    /// An empty tracker whose peer shuffling is driven by `seed`.
+    pub fn new(config: TrackerConfig, seed: u64) -> Self {
+        Self { config, rng: StdRng::seed_from_u64(seed), blobs: BTreeMap::new() }
+    }
+
+    /// The tracker's configuration.
+    pub fn config(&self) -> &TrackerConfig {
+        &self.config
+    }
+
+    /// Answers one request: the single entry point of the server and the simulator.
+    pub fn handle(&mut self, req: TrackerRequest, observed: SocketAddr, now: Instant) -> TrackerResponse {
+        let result = match req {
+            TrackerRequest::Register { metainfo } => self.register(metainfo).map(|()| TrackerResponse::Registered),
+            TrackerRequest::GetMetainfo { blob } => match self.metainfo(&blob) {
+                Some(m) => Ok(TrackerResponse::Metainfo(m.clone())),
+                None => Err(TrackerError::UnknownBlob { blob }),
+            },
+            TrackerRequest::Announce(ann) => self.announce(&ann, observed, now).map(|(peers, interval)| {
+                let interval_secs = u32::try_from(interval.as_secs()).unwrap_or(u32::MAX).max(1);
+                TrackerResponse::Peers { peers, interval_secs }
+            }),
+            TrackerRequest::Leave { peer_id, blob } => {
+                self.leave(&peer_id, &blob);
+                Ok(TrackerResponse::Left)
+            }
+        };
+        result.unwrap_or_else(|e| TrackerResponse::Error { code: e.code(), message: e.to_string() })
+    }
+
+    /// Publishes a blob's metainfo. Idempotent; a different metainfo for a digest
+    /// that already has one is a [`TrackerError::Conflict`].
+    pub fn register(&mut self, metainfo: Metainfo) -> Result<(), TrackerError> {
+        let blob = metainfo.digest;
+        metainfo.validate().map_err(|source| TrackerError::InvalidMetainfo { blob, source })?;
+        let entry = self.blobs.entry(blob).or_default();
+        match &entry.metainfo {
+            Some(known) if *known == metainfo => Ok(()),
+            Some(_) => Err(TrackerError::Conflict { blob }),
+            None => {
+                entry.metainfo = Some(metainfo);
+                Ok(())
+            }
+        }
+    }
+
+    /// The registered metainfo of `blob`.
+    pub fn metainfo(&self, blob: &Digest) -> Option<&Metainfo> {
+        self.blobs.get(blob).and_then(|e| e.metainfo.as_ref())
+    }
+
+    /// Records that a peer holds or wants a blob (whether or not its metainfo is
+    /// registered yet) and returns peers for it plus the re-announce interval.
+    ///
+    /// The address handed to others is `ann.advertise` if given, else the observed
+    /// source IP with `ann.listen_port`.
+    pub fn announce(
+        &mut self,
+        ann: &Announce,
+        observed: SocketAddr,
+        now: Instant,
+    ) -> Result<(Vec<PeerInfo>, Duration), TrackerError> {
+        if ann.zone.len() > MAX_ZONE_LEN {
+            return Err(TrackerError::ZoneTooLong { len: ann.zone.len(), max: MAX_ZONE_LEN });
+        }
+        let addr = ann.advertise.unwrap_or_else(|| SocketAddr::new(canonical_ip(observed.ip()), ann.listen_port));
+        if addr.port() == 0 || addr.ip().is_unspecified() {
+            return Err(TrackerError::Unreachable { peer_id: ann.peer_id, addr });
+        }
+        let info =
+            PeerInfo { peer_id: ann.peer_id, addr, zone: ann.zone.clone(), have: ann.have, complete: ann.complete };
+        let entry = self.blobs.entry(ann.blob).or_default();
+        entry.peers.upsert(info, now);
+        let want = (ann.num_want as usize).min(self.config.max_peers_per_reply).min(MAX_PEERS_PER_REPLY as usize);
+        let peers = entry.peers.choose(&ann.peer_id, &ann.zone, want, now, self.config.peer_ttl, &mut self.rng);
+        Ok((peers, self.config.announce_interval))
+    }
+
+    /// Forgets that `peer_id` holds or wants `blob`. Unknown peers are ignored.
+    pub fn leave(&mut self, peer_id: &PeerId, blob: &Digest) {
+        if let Some(entry) = self.blobs.get_mut(blob) {
+            entry.peers.remove(peer_id);
+            if entry.is_empty() {
+                self.blobs.remove(blob);
+            }
+        }
+    }
+
+    /// Drops peers not seen for `peer_ttl`, then blobs with neither peers nor
+    /// metainfo. Returns the number of peers dropped.
+    pub fn expire(&mut self, now: Instant) -> usize {
+        let ttl = self.config.peer_ttl;
+        let dropped = self.blobs.values_mut().map(|e| e.peers.expire(now, ttl)).sum();
+        self.blobs.retain(|_, e| !e.is_empty());
+        dropped
+    }
+
+    /// Peers tracked for `blob`.
+    pub fn peer_count(&self, blob: &Digest) -> usize {
+        self.blobs.get(blob).map_or(0, |e| e.peers.len())
+    }
+
+    /// Whether `peer_id` is tracked for `blob` (the server logs first announces).
+    pub fn has_peer(&self, blob: &Digest, peer_id: &PeerId) -> bool {
+        self.blobs.get(blob).is_some_and(|e| e.peers.index.contains_key(peer_id))
+    }
+
+    /// Blobs with peers or metainfo.
+    pub fn blob_count(&self) -> usize {
+        self.blobs.len()
+    }
+
+    #[cfg(test)]
+    fn check(&self) {
+        for entry in self.blobs.values() {
+            entry.peers.check();
+        }
+    }
+}
+
+/// An IPv4 peer seen through a dual-stack socket shows up as `::ffff:a.b.c.d`; hand
+/// it out as plain IPv4 so IPv4-only peers can dial it.
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+impl TrackerError {
+    /// The wire code this error is reported with.
+    pub fn code(&self) -> TrackerErrorCode {
+        match self {
+            TrackerError::UnknownBlob { .. } => TrackerErrorCode::UnknownBlob,
+            TrackerError::Conflict { .. } => TrackerErrorCode::Conflict,
+            TrackerError::InvalidMetainfo { .. }
+            | TrackerError::ZoneTooLong { .. }
+            | TrackerError::Unreachable { .. }
+            | TrackerError::Net(_) => TrackerErrorCode::Invalid,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

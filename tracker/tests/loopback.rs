@@ -1,0 +1,275 @@
+//! The tracker over real QUIC on loopback: server, clients, wrong tokens, restarts,
+//! malformed requests.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use swarm_net::{ClusterToken, Endpoint, EndpointConfig, NetError, codes, read_msg, write_msg};
+use swarm_proto::msg::{Announce, TrackerErrorCode, TrackerRequest, TrackerResponse};
+use swarm_proto::{Digest, Metainfo, PeerId};
+use swarm_tracker::{TrackerClient, TrackerClientError, TrackerConfig, serve};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const PIECE: u32 = 256 * 1024;
+
+fn token(fill: u8) -> ClusterToken {
+    ClusterToken::new(vec![fill; 32]).expect("token")
+}
+
+fn bind(fill: u8, addr: SocketAddr) -> Endpoint {
+    Endpoint::bind(addr, token(fill), &EndpointConfig::default()).expect("bind")
+}
+
+fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+struct Tracker {
+    addr: SocketAddr,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Tracker {
+    fn start(fill: u8, addr: SocketAddr) -> Self {
+        // The previous tracker's socket may take a moment to be released.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let endpoint = loop {
+            match Endpoint::bind(addr, token(fill), &EndpointConfig::default()) {
+                Ok(ep) => break ep,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("rebinding {addr}: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("cannot bind the tracker: {e}"),
+            }
+        };
+        let addr = endpoint.local_addr().expect("addr");
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(serve(endpoint, TrackerConfig::default(), cancel.clone()));
+        let task = tokio::spawn(async move { task.await.expect("join").expect("serve") });
+        Self { addr, cancel, task }
+    }
+
+    async fn stop(self) {
+        self.cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task).await.expect("serve stops").expect("join");
+    }
+}
+
+fn client(fill: u8, tracker: SocketAddr) -> (TrackerClient, u16) {
+    let endpoint = bind(fill, loopback());
+    let port = endpoint.local_addr().expect("addr").port();
+    (TrackerClient::new(endpoint, tracker), port)
+}
+
+fn metainfo() -> Metainfo {
+    Metainfo {
+        digest: Digest::of(b"blob"),
+        length: 3 * u64::from(PIECE) - 5,
+        piece_length: PIECE,
+        piece_hashes: vec![[1; 32], [2; 32], [3; 32]],
+    }
+}
+
+fn announce(peer: u8, port: u16, have: u32, complete: bool) -> Announce {
+    Announce {
+        peer_id: PeerId([peer; 16]),
+        blob: metainfo().digest,
+        listen_port: port,
+        advertise: None,
+        zone: "rack-a".into(),
+        have,
+        complete,
+        num_want: 50,
+    }
+}
+
+#[tokio::test]
+async fn two_peers_find_each_other_through_the_tracker() {
+    let tracker = Tracker::start(1, loopback());
+    let (seeder, seeder_port) = client(1, tracker.addr);
+    let (leecher, leecher_port) = client(1, tracker.addr);
+    let m = metainfo();
+
+    assert_eq!(leecher.get_metainfo(m.digest).await.expect("get"), None, "nothing registered yet");
+    seeder.register(&m).await.expect("register");
+    seeder.register(&m).await.expect("register is idempotent");
+    assert_eq!(leecher.get_metainfo(m.digest).await.expect("get"), Some(m.clone()));
+
+    let mut conflicting = m.clone();
+    conflicting.piece_hashes[0] = [9; 32];
+    match leecher.register(&conflicting).await {
+        Err(TrackerClientError::Refused { code: TrackerErrorCode::Conflict, message }) => {
+            assert!(message.contains(&m.digest.to_string()), "{message}");
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+
+    let (peers, interval) = seeder.announce(&announce(1, seeder_port, 3, true)).await.expect("announce");
+    assert!(peers.is_empty(), "the seeder is alone: {peers:?}");
+    assert_eq!(interval, Duration::from_secs(30));
+
+    let (peers, _) = leecher.announce(&announce(2, leecher_port, 0, false)).await.expect("announce");
+    assert_eq!(peers.len(), 1);
+    assert_eq!(peers[0].peer_id, PeerId([1; 16]));
+    assert_eq!(peers[0].addr, SocketAddr::from(([127, 0, 0, 1], seeder_port)), "observed IP, listen port");
+    assert!(peers[0].complete);
+    assert_eq!(peers[0].zone, "rack-a");
+
+    // An advertised address is handed out as is.
+    let mut adv = announce(3, 1, 0, false);
+    adv.advertise = Some("198.18.0.9:7000".parse().expect("addr"));
+    leecher.announce(&adv).await.expect("announce");
+    let (peers, _) = seeder.announce(&announce(1, seeder_port, 3, true)).await.expect("announce");
+    let mut addrs: Vec<SocketAddr> = peers.iter().map(|p| p.addr).collect();
+    addrs.sort();
+    assert_eq!(
+        addrs,
+        vec![SocketAddr::from(([127, 0, 0, 1], leecher_port)), "198.18.0.9:7000".parse().expect("addr"),]
+    );
+
+    // Leaving takes a peer out of replies.
+    leecher.leave(PeerId([2; 16]), m.digest).await.expect("leave");
+    let (peers, _) = seeder.announce(&announce(1, seeder_port, 3, true)).await.expect("announce");
+    assert_eq!(peers.iter().map(|p| p.peer_id).collect::<Vec<_>>(), vec![PeerId([3; 16])]);
+
+    // Requests in parallel share the connection.
+    let results = futures_join(&leecher, m.digest).await;
+    assert!(results.iter().all(|r| r.as_ref().is_ok_and(|m| m.is_some())), "{results:?}");
+
+    tracker.stop().await;
+}
+
+async fn futures_join(client: &TrackerClient, blob: Digest) -> Vec<Result<Option<Metainfo>, TrackerClientError>> {
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let c = client.clone();
+        set.spawn(async move { c.get_metainfo(blob).await });
+    }
+    let mut out = Vec::new();
+    while let Some(r) = set.join_next().await {
+        out.push(r.expect("join"));
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_client_with_the_wrong_token_gets_a_clear_error() {
+    let tracker = Tracker::start(1, loopback());
+    let (intruder, _) = client(2, tracker.addr);
+    let err = intruder.get_metainfo(metainfo().digest).await.expect_err("must be refused");
+    assert!(err.is_auth_rejected(), "{err:?}");
+    assert!(
+        matches!(&err, TrackerClientError::Net { source: NetError::AuthRejected { addr }, .. } if *addr == tracker.addr),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(text.contains("cluster token mismatch") && text.contains(&tracker.addr.to_string()), "{text}");
+
+    // The tracker still serves the right token.
+    let (friend, _) = client(1, tracker.addr);
+    friend.register(&metainfo()).await.expect("register");
+    tracker.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_reconnects_after_a_graceful_tracker_restart() {
+    let first = Tracker::start(1, loopback());
+    let addr = first.addr;
+    let (peer, port) = client(1, addr);
+    peer.register(&metainfo()).await.expect("register");
+    peer.announce(&announce(1, port, 3, true)).await.expect("announce");
+    first.stop().await;
+
+    let second = Tracker::start(1, addr);
+    assert_eq!(second.addr, addr);
+    // The new tracker knows nothing; the peer re-registers, as the agent does.
+    let started = Instant::now();
+    assert_eq!(peer.get_metainfo(metainfo().digest).await.expect("after restart"), None);
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    peer.register(&metainfo()).await.expect("re-register");
+    let (other, other_port) = client(1, addr);
+    peer.announce(&announce(1, port, 3, true)).await.expect("re-announce");
+    let (peers, _) = other.announce(&announce(2, other_port, 0, false)).await.expect("announce");
+    assert_eq!(peers.len(), 1);
+    second.stop().await;
+}
+
+/// The tracker dies without closing anything (its runtime is dropped) and a new one
+/// starts on the same port: the client's stale connection is reset by the new
+/// tracker, and the request succeeds after one reconnect, well within its timeout.
+#[tokio::test]
+async fn a_client_recovers_at_once_from_a_tracker_crash() {
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (crash_tx, crash_rx) = std::sync::mpsc::channel::<()>();
+    let crashed = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+        rt.block_on(async {
+            let tracker = Tracker::start(1, loopback());
+            addr_tx.send(tracker.addr).expect("addr");
+            let _ = tokio::task::spawn_blocking(move || crash_rx.recv()).await;
+            drop(tracker); // never cancelled: it just dies with the runtime
+        });
+        drop(rt);
+    });
+    let addr = tokio::task::spawn_blocking(move || addr_rx.recv()).await.expect("join").expect("addr");
+    let (peer, _) = client(1, addr);
+    peer.register(&metainfo()).await.expect("register");
+
+    crash_tx.send(()).expect("crash");
+    tokio::task::spawn_blocking(move || crashed.join()).await.expect("join").expect("thread");
+
+    let second = Tracker::start(1, addr);
+    let started = Instant::now();
+    assert_eq!(peer.get_metainfo(metainfo().digest).await.expect("after crash"), None);
+    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_requests_are_refused_without_hurting_anyone() {
+    let tracker = Tracker::start(1, loopback());
+    let raw = bind(1, loopback());
+    let conn = raw.connect(tracker.addr).await.expect("connect");
+
+    // Garbage of the announced length.
+    let (mut send, mut recv) = conn.open_bi().await.expect("open");
+    send.write_all(&4u32.to_be_bytes()).await.expect("write");
+    send.write_all(&[0xff; 4]).await.expect("write");
+    let _ = send.finish();
+    let err = read_msg::<TrackerResponse>(&mut recv, 1 << 20).await.expect_err("refused");
+    assert_eq!(err.remote_code(), Some(codes::PROTOCOL_ERROR), "{err:?}");
+
+    // A length prefix over the limit.
+    let (mut send, mut recv) = conn.open_bi().await.expect("open");
+    send.write_all(&u32::MAX.to_be_bytes()).await.expect("write");
+    let err = read_msg::<TrackerResponse>(&mut recv, 1 << 20).await.expect_err("refused");
+    assert_eq!(err.remote_code(), Some(codes::PROTOCOL_ERROR), "{err:?}");
+
+    // The same connection still works for a proper request.
+    let (mut send, mut recv) = conn.open_bi().await.expect("open");
+    write_msg(&mut send, &TrackerRequest::GetMetainfo { blob: metainfo().digest }).await.expect("write");
+    let _ = send.finish();
+    let response: Option<TrackerResponse> = read_msg(&mut recv, 1 << 20).await.expect("read");
+    assert!(matches!(response, Some(TrackerResponse::Error { code: TrackerErrorCode::UnknownBlob, .. })));
+
+    // So does everyone else.
+    let (peer, _) = client(1, tracker.addr);
+    peer.register(&metainfo()).await.expect("register");
+    tracker.stop().await;
+}
+
+#[tokio::test]
+async fn requests_to_a_silent_address_time_out() {
+    // A UDP socket that never answers.
+    let silent = std::net::UdpSocket::bind(loopback()).expect("bind");
+    let addr = silent.local_addr().expect("addr");
+    let endpoint = bind(1, loopback());
+    let peer = TrackerClient::with_timeout(endpoint, addr, Duration::from_millis(500));
+    let started = Instant::now();
+    let err = peer.get_metainfo(metainfo().digest).await.expect_err("no tracker");
+    assert!(matches!(err, TrackerClientError::Timeout { tracker, .. } if tracker == addr), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
