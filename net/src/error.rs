@@ -29,6 +29,12 @@ pub enum NetError {
         #[source]
         source: std::io::Error,
     },
+    /// The cluster token file holds too short a token.
+    #[error(
+        "the cluster token in {path} is {len} bytes; at least {min} are required \
+         (regenerate it with `swarm token > {path}` and copy it to every node)"
+    )]
+    TokenFileTooShort { path: PathBuf, len: usize, min: usize },
     /// Binding the UDP socket failed (port in use, address not local, ...).
     #[error("cannot bind a QUIC endpoint to {addr}: {source}")]
     Bind {

@@ -405,3 +405,62 @@ async fn an_endpoint_with_another_token_cannot_reset_our_connections() {
     let (ended, _) = crash_and_restart(10, 11, Duration::from_secs(1)).await;
     assert!(ended.is_none(), "{ended:?}");
 }
+
+/// Loopback throughput of one connection, for tuning [`EndpointConfig`]. Run with
+/// `cargo test -p swarm-net -- --ignored --nocapture throughput` (about 5 Gbit/s on
+/// one stream in the dev profile, whose dependencies are optimised).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn throughput() {
+    const TOTAL: usize = 256 * 1024 * 1024;
+    for streams in [1usize, 8] {
+        let server = bind(12);
+        let client = bind(12);
+        let mut accepted = spawn_acceptor(&server);
+        let conn = client.connect(server.local_addr().expect("addr")).await.expect("connect");
+        let server_conn = accepted.recv().await.expect("accepted").expect("authenticated");
+        let reader = tokio::spawn(async move {
+            let mut readers = Vec::new();
+            for _ in 0..streams {
+                let (_send, mut recv) = server_conn.accept_bi().await.expect("accept");
+                readers.push(tokio::spawn(async move {
+                    let mut n = 0;
+                    while let Some(chunk) = recv.read_chunk(usize::MAX, true).await.expect("read") {
+                        n += chunk.bytes.len();
+                    }
+                    n
+                }));
+            }
+            let mut total = 0;
+            for r in readers {
+                total += r.await.expect("join");
+            }
+            total
+        });
+        let started = Instant::now();
+        let chunk = bytes_of(1024 * 1024);
+        let mut writers = Vec::new();
+        for _ in 0..streams {
+            let (mut send, _recv) = conn.open_bi().await.expect("open");
+            let chunk = chunk.clone();
+            writers.push(tokio::spawn(async move {
+                for _ in 0..TOTAL / streams / chunk.len() {
+                    send.write_all(&chunk).await.expect("write");
+                }
+                send.finish().expect("finish");
+                let _ = send.stopped().await;
+            }));
+        }
+        for w in writers {
+            w.await.expect("join");
+        }
+        let got = reader.await.expect("join");
+        let secs = started.elapsed().as_secs_f64();
+        eprintln!("{streams} stream(s): {got} bytes in {secs:.2} s = {:.0} Mbit/s", got as f64 * 8.0 / secs / 1e6);
+        assert_eq!(got, TOTAL);
+    }
+}
+
+fn bytes_of(n: usize) -> Vec<u8> {
+    (0..n).map(|i| i as u8).collect()
+}

@@ -50,10 +50,14 @@ impl ClusterToken {
     /// that is not UTF-8 is taken as raw secret bytes.
     pub fn from_file(path: &Path) -> Result<Self, NetError> {
         let raw = std::fs::read(path).map_err(|source| NetError::TokenFile { path: path.to_path_buf(), source })?;
-        match String::from_utf8(raw) {
+        let token = match String::from_utf8(raw) {
             Ok(text) => Self::from_text(&text),
             Err(e) => Self::new(e.into_bytes()),
-        }
+        };
+        token.map_err(|e| match e {
+            NetError::TokenTooShort { len, min } => NetError::TokenFileTooShort { path: path.to_path_buf(), len, min },
+            other => other,
+        })
     }
 
     /// A token from text (`SWARM_TOKEN`, a file's contents). Surrounding whitespace is
@@ -167,7 +171,9 @@ mod tests {
 
         let short = dir.path().join("short");
         std::fs::write(&short, "abcd\n").expect("write");
-        assert!(matches!(ClusterToken::from_file(&short), Err(NetError::TokenTooShort { len: 2, .. })));
+        let err = ClusterToken::from_file(&short).expect_err("too short");
+        assert!(matches!(&err, NetError::TokenFileTooShort { path, len: 2, min: 16 } if path == &short), "{err:?}");
+        assert!(err.to_string().contains(&short.display().to_string()), "{err}");
 
         let binary = dir.path().join("binary");
         let mut f = std::fs::File::create(&binary).expect("create");

@@ -103,8 +103,11 @@ impl TrackerClient {
         match tokio::time::timeout(self.inner.timeout, self.request_with_retry(req)).await {
             Ok(result) => result,
             Err(_) => {
-                // Maybe the tracker died without a trace; do not trust this connection again.
-                self.inner.conn.lock().await.take();
+                // Maybe the tracker died without a trace; do not trust this connection
+                // again. (If the lock is busy, another request is dialling afresh anyway.)
+                if let Ok(mut cached) = self.inner.conn.try_lock() {
+                    cached.take();
+                }
                 Err(TrackerClientError::Timeout { tracker, after: self.inner.timeout })
             }
         }
