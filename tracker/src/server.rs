@@ -4,7 +4,7 @@
 //! expiry task; each connection task owns a `JoinSet` with one task per request
 //! stream. Dropping a set aborts its tasks, so stopping `serve` tears everything
 //! down. The state sits behind a `std::sync::Mutex` locked only inside
-//! [`answer`], never across an `.await`.
+//! `answer`, never across an `.await`.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
