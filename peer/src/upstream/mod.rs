@@ -1,0 +1,730 @@
+//! The OCI registry client the agent uses to reach upstream registries.
+//!
+//! This module owns everything between the agent and a remote registry: mapping a
+//! registry name as containerd spells it in `?ns=` (`docker.io`, `ghcr.io`,
+//! `127.0.0.1:5000`) to an endpoint, authentication (the docker token flow with a
+//! per-`(registry, scope)` token cache, or HTTP basic), manifests (verified against
+//! their digest), blob lengths and blob byte streams (HTTP ranges, redirects to blob
+//! storage), and the timeouts that keep a dead registry from hanging a pull.
+//!
+//! - Endpoints: `docker.io` maps to `https://registry-1.docker.io`; any other registry
+//!   `R` to `https://R`, or `http://R` when listed in [`UpstreamConfig::plain_http`] or
+//!   configured with [`RegistryConfig::plain_http`]; [`RegistryConfig::endpoint`]
+//!   overrides both.
+//! - Auth: requests go out with whatever the registry asked for last time (cached
+//!   token, or basic credentials). On `401` the `WWW-Authenticate` challenge is parsed;
+//!   for `Bearer` a token is fetched from the realm (anonymously, or with the
+//!   configured basic credentials) and cached until shortly before `expires_in`; for
+//!   `Basic` the configured credentials are used. The request is retried once; a
+//!   second refusal is [`UpstreamError::Unauthorized`]. Basic credentials are never
+//!   sent to a plain-http token realm of an https registry.
+//! - Redirects (blob storage, CDNs) are followed up to [`MAX_REDIRECTS`] hops. reqwest
+//!   drops `Authorization` (and cookies) whenever a hop changes host or port, so the
+//!   registry's token never reaches the storage host; we also refuse https→http
+//!   downgrades and send no `Referer`.
+//! - Timeouts: a connect timeout and a *read* timeout (no byte for that long fails
+//!   the request or stream), never a total timeout on blobs, which may be gigabytes.
+//!   Small requests (manifests, HEADs, tokens) also get a total timeout.
+
+mod auth;
+pub mod names;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::stream::{BoxStream, StreamExt, TryStreamExt};
+use reqwest::header::{self, HeaderMap, HeaderValue};
+use reqwest::{Method, StatusCode, Url};
+use swarm_proto::Digest;
+use tracing::{debug, warn};
+
+use auth::{AuthCache, TokenResponse};
+pub use auth::{Challenge, parse_challenge};
+
+/// Most redirect hops followed for one request.
+pub const MAX_REDIRECTS: usize = 10;
+/// Largest manifest accepted (the limit distribution itself applies).
+pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
+/// Largest token response accepted.
+const MAX_TOKEN_RESPONSE_BYTES: usize = 1024 * 1024;
+/// Default connect timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default read timeout: a stream that delivers nothing for this long is failed.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default total timeout for small requests (manifests, HEADs, tokens).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The manifest media types asked for when the caller gives no `Accept`.
+pub const DEFAULT_MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+     application/vnd.oci.image.manifest.v1+json, \
+     application/vnd.docker.distribution.manifest.list.v2+json, \
+     application/vnd.docker.distribution.manifest.v2+json";
+
+/// How to reach one registry.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Base URL, e.g. `https://registry-1.docker.io` or `http://127.0.0.1:5000`.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Use `http://` instead of `https://` (ignored when `endpoint` is set).
+    #[serde(default)]
+    pub plain_http: bool,
+}
+
+/// Upstream registries the agent may talk to.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Per-registry settings, keyed by the registry host as containerd names it in
+    /// `?ns=` (e.g. `docker.io`, `127.0.0.1:5000`).
+    #[serde(default)]
+    pub registries: BTreeMap<String, RegistryConfig>,
+    /// Registries reached over plain http.
+    #[serde(default)]
+    pub plain_http: Vec<String>,
+    /// Connect timeout, e.g. `10s`.
+    #[serde(default = "default_connect_timeout", deserialize_with = "de_duration")]
+    pub connect_timeout: Duration,
+    /// Read timeout: a response or stream idle for this long fails, e.g. `30s`.
+    #[serde(default = "default_read_timeout", deserialize_with = "de_duration")]
+    pub read_timeout: Duration,
+    /// Total timeout for manifests, HEADs and token requests, e.g. `60s`.
+    #[serde(default = "default_request_timeout", deserialize_with = "de_duration")]
+    pub request_timeout: Duration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            registries: BTreeMap::new(),
+            plain_http: Vec::new(),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            read_timeout: DEFAULT_READ_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+        }
+    }
+}
+
+fn default_connect_timeout() -> Duration {
+    DEFAULT_CONNECT_TIMEOUT
+}
+fn default_read_timeout() -> Duration {
+    DEFAULT_READ_TIMEOUT
+}
+fn default_request_timeout() -> Duration {
+    DEFAULT_REQUEST_TIMEOUT
+}
+
+/// Deserializes a human duration (`30s`, `2m`, `1h 5m`).
+fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = <String as serde::Deserialize>::deserialize(d)?;
+    humantime::parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
+/// Errors talking to an upstream registry.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The registry says the manifest, blob or repository does not exist.
+    #[error("not found upstream: {url}")]
+    NotFound { url: String },
+    /// The registry refused our credentials, or wants credentials we do not have.
+    #[error("registry {registry} refused the request: credentials refused or missing")]
+    Unauthorized { registry: String },
+    /// No answer from the registry (connect failure, timeout, TLS, DNS).
+    #[error("registry {registry} unreachable: {source}")]
+    Unreachable {
+        registry: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// Any other unexpected HTTP status.
+    #[error("unexpected status {status} from {url}")]
+    Status { status: u16, url: String },
+    /// The registry answered something we cannot use (bad digest header, digest
+    /// mismatch, oversized manifest, bad Content-Range, ...).
+    #[error("invalid response from {url}: {reason}")]
+    Invalid { url: String, reason: String },
+    /// The response body failed midway (reset, read timeout).
+    #[error("reading the body of {url}: {source}")]
+    Body {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The request itself is not acceptable (bad repository name, tag, registry).
+    #[error("invalid request: {reason}")]
+    BadRequest { reason: String },
+    /// The configuration is unusable.
+    #[error("invalid upstream configuration: {reason}")]
+    Config { reason: String },
+}
+
+impl UpstreamError {
+    /// Whether the registry said the thing does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Self::NotFound { .. })
+    }
+}
+
+/// A manifest as the registry served it.
+#[derive(Clone, Debug)]
+pub struct Manifest {
+    pub bytes: Bytes,
+    pub media_type: String,
+    pub digest: Digest,
+}
+
+/// What a `HEAD` on a manifest tells.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManifestHead {
+    pub digest: Digest,
+    pub media_type: String,
+    pub length: u64,
+}
+
+/// A blob download in progress.
+pub struct UpstreamBlob {
+    /// The whole blob's length.
+    pub total_length: u64,
+    /// The bytes from the requested offset to the end.
+    pub stream: BoxStream<'static, Result<Bytes, UpstreamError>>,
+}
+
+impl std::fmt::Debug for UpstreamBlob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBlob").field("total_length", &self.total_length).finish_non_exhaustive()
+    }
+}
+
+/// The upstream registry client. Cheap to clone: state is shared.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    config: UpstreamConfig,
+    /// Never held across an `.await`.
+    auth: Mutex<AuthCache>,
+}
+
+impl std::fmt::Debug for UpstreamClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamClient").field("registries", &self.inner.config.registries.keys()).finish()
+    }
+}
+
+/// The endpoint and credentials for one request.
+struct Target {
+    registry: String,
+    base: Url,
+    credentials: Option<(String, String)>,
+}
+
+impl UpstreamClient {
+    /// A client for the registries in `config`. Fails if an endpoint override is not
+    /// an http(s) URL.
+    pub fn new(config: UpstreamConfig) -> Result<Self, UpstreamError> {
+        for (registry, rc) in &config.registries {
+            if let Some(endpoint) = &rc.endpoint {
+                let url = Url::parse(endpoint).map_err(|e| UpstreamError::Config {
+                    reason: format!("registry {registry}: endpoint {endpoint:?}: {e}"),
+                })?;
+                if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                    return Err(UpstreamError::Config {
+                        reason: format!("registry {registry}: endpoint {endpoint:?} is not an http(s) URL"),
+                    });
+                }
+            }
+            if rc.username.is_some() != rc.password.is_some() {
+                return Err(UpstreamError::Config {
+                    reason: format!("registry {registry}: username and password must be given together"),
+                });
+            }
+        }
+        let redirect = reqwest::redirect::Policy::custom(|attempt| {
+            if attempt.previous().len() > MAX_REDIRECTS {
+                attempt.error("too many redirects")
+            } else if attempt.url().scheme() == "http"
+                && attempt.previous().last().is_some_and(|prev| prev.scheme() == "https")
+            {
+                attempt.error("refusing a redirect from https to http")
+            } else {
+                attempt.follow()
+            }
+        });
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .read_timeout(config.read_timeout)
+            .redirect(redirect)
+            .referer(false)
+            .user_agent(concat!("swarm/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| UpstreamError::Config { reason: format!("building the HTTP client: {e}") })?;
+        Ok(Self { inner: Arc::new(Inner { http, config, auth: Mutex::new(AuthCache::default()) }) })
+    }
+
+    /// The base URL requests for `registry` go to.
+    pub fn endpoint(&self, registry: &str) -> Result<Url, UpstreamError> {
+        Ok(self.target(registry)?.base)
+    }
+
+    fn target(&self, registry: &str) -> Result<Target, UpstreamError> {
+        if !names::is_valid_registry(registry) {
+            return Err(UpstreamError::BadRequest { reason: format!("invalid registry {registry:?}") });
+        }
+        let config = &self.inner.config;
+        let rc = config.registries.get(registry);
+        let endpoint = match rc.and_then(|rc| rc.endpoint.clone()) {
+            Some(endpoint) => endpoint,
+            None => {
+                let plain = rc.is_some_and(|rc| rc.plain_http) || config.plain_http.iter().any(|r| r == registry);
+                let scheme = if plain { "http" } else { "https" };
+                let host = if registry == "docker.io" { "registry-1.docker.io" } else { registry };
+                format!("{scheme}://{host}")
+            }
+        };
+        let base = Url::parse(endpoint.trim_end_matches('/')).map_err(|e| UpstreamError::Config {
+            reason: format!("registry {registry}: endpoint {endpoint:?}: {e}"),
+        })?;
+        let credentials = rc.and_then(|rc| Some((rc.username.clone()?, rc.password.clone()?)));
+        Ok(Target { registry: registry.to_string(), base, credentials })
+    }
+
+    fn url(target: &Target, repository: &str, kind: &str, reference: &str) -> Result<Url, UpstreamError> {
+        if !names::is_valid_repository(repository) {
+            return Err(UpstreamError::BadRequest { reason: format!("invalid repository {repository:?}") });
+        }
+        if !names::is_valid_tag(reference) && reference.parse::<Digest>().is_err() {
+            return Err(UpstreamError::BadRequest { reason: format!("invalid reference {reference:?}") });
+        }
+        let base = target.base.as_str().trim_end_matches('/');
+        let text = format!("{base}/v2/{repository}/{kind}/{reference}");
+        Url::parse(&text).map_err(|e| UpstreamError::BadRequest { reason: format!("bad URL {text:?}: {e}") })
+    }
+
+    /// Fetches a manifest by tag or digest. A digest reference's bytes are checked
+    /// against the digest; a tag's digest is the sha256 of the bytes, which must agree
+    /// with `Docker-Content-Digest` when the registry sends one.
+    pub async fn manifest(
+        &self,
+        registry: &str,
+        repository: &str,
+        reference: &str,
+        accept: &str,
+    ) -> Result<Manifest, UpstreamError> {
+        let target = self.target(registry)?;
+        let url = Self::url(&target, repository, "manifests", reference)?;
+        let resp = self.send(&target, repository, Method::GET, url.clone(), accept_headers(accept)?, true).await?;
+        let header_digest = content_digest(resp.headers(), &url)?;
+        let media_type = media_type(resp.headers());
+        if let Some(len) = header_u64(resp.headers(), header::CONTENT_LENGTH).filter(|&l| l > MAX_MANIFEST_BYTES as u64)
+        {
+            return Err(invalid(&url, format!("manifest of {len} bytes exceeds {MAX_MANIFEST_BYTES}")));
+        }
+        let bytes = read_limited(resp, &url, MAX_MANIFEST_BYTES).await?;
+        let digest = Digest::of(&bytes);
+        if reference.parse::<Digest>().is_ok_and(|expected| expected != digest) {
+            return Err(invalid(&url, format!("manifest bytes hash to {digest}, not the requested digest")));
+        }
+        if let Some(header_digest) = header_digest.filter(|&h| h != digest) {
+            return Err(invalid(&url, format!("Docker-Content-Digest {header_digest} but the bytes hash to {digest}")));
+        }
+        debug!(registry, repository, reference, %digest, len = bytes.len(), "fetched manifest");
+        Ok(Manifest { bytes, media_type, digest })
+    }
+
+    /// `HEAD` on a manifest: its digest, media type and length. When the registry
+    /// sends no `Docker-Content-Digest` for a tag, falls back to a `GET`.
+    pub async fn head_manifest(
+        &self,
+        registry: &str,
+        repository: &str,
+        reference: &str,
+        accept: &str,
+    ) -> Result<ManifestHead, UpstreamError> {
+        let target = self.target(registry)?;
+        let url = Self::url(&target, repository, "manifests", reference)?;
+        let resp = self.send(&target, repository, Method::HEAD, url.clone(), accept_headers(accept)?, true).await?;
+        let media_type = media_type(resp.headers());
+        let length = header_u64(resp.headers(), header::CONTENT_LENGTH);
+        let header_digest = content_digest(resp.headers(), &url)?;
+        let by_digest = reference.parse::<Digest>().ok();
+        if let (Some(requested), Some(header_digest)) = (by_digest, header_digest) {
+            if requested != header_digest {
+                return Err(invalid(
+                    &url,
+                    format!("Docker-Content-Digest {header_digest} for a request of {requested}"),
+                ));
+            }
+        }
+        match (header_digest.or(by_digest), length) {
+            (Some(digest), Some(length)) => Ok(ManifestHead { digest, media_type, length }),
+            _ => {
+                debug!(registry, repository, reference, "HEAD lacks digest or length; fetching the manifest");
+                let m = self.manifest(registry, repository, reference, accept).await?;
+                Ok(ManifestHead { digest: m.digest, media_type: m.media_type, length: m.bytes.len() as u64 })
+            }
+        }
+    }
+
+    /// The length of a blob, from a `HEAD`.
+    pub async fn blob_length(&self, registry: &str, repository: &str, digest: &Digest) -> Result<u64, UpstreamError> {
+        let target = self.target(registry)?;
+        let url = Self::url(&target, repository, "blobs", &digest.to_string())?;
+        let resp = self.send(&target, repository, Method::HEAD, url.clone(), HeaderMap::new(), true).await?;
+        header_u64(resp.headers(), header::CONTENT_LENGTH)
+            .ok_or_else(|| invalid(&url, "HEAD of a blob without Content-Length".to_string()))
+    }
+
+    /// `GET` of a blob from `offset`: an HTTP range request when `offset > 0`
+    /// (answered with 206, or with 200 and then the first `offset` bytes are skipped
+    /// here). Returns the blob's total length and the bytes from `offset` on.
+    ///
+    /// The stream is not verified against the digest (the caller decides how); it
+    /// fails with [`UpstreamError::Body`] if the connection stalls for longer than
+    /// the read timeout or breaks.
+    pub async fn blob(
+        &self,
+        registry: &str,
+        repository: &str,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<UpstreamBlob, UpstreamError> {
+        let target = self.target(registry)?;
+        let url = Self::url(&target, repository, "blobs", &digest.to_string())?;
+        let mut headers = HeaderMap::new();
+        if offset > 0 {
+            let range = HeaderValue::from_str(&format!("bytes={offset}-"))
+                .map_err(|e| UpstreamError::BadRequest { reason: format!("range header: {e}") })?;
+            headers.insert(header::RANGE, range);
+        }
+        let resp = match self.send(&target, repository, Method::GET, url.clone(), headers, false).await {
+            Err(UpstreamError::Status { status: 416, .. }) => {
+                // Nothing left from `offset`: fine exactly at the end of the blob.
+                let total = self.blob_length(registry, repository, digest).await?;
+                if total == offset {
+                    return Ok(UpstreamBlob { total_length: total, stream: futures_util::stream::empty().boxed() });
+                }
+                return Err(invalid(&url, format!("range from {offset} refused for a blob of {total} bytes")));
+            }
+            other => other?,
+        };
+        let status = resp.status();
+        let content_length = header_u64(resp.headers(), header::CONTENT_LENGTH);
+        let (total_length, skip) = if status == StatusCode::PARTIAL_CONTENT {
+            let range = resp
+                .headers()
+                .get(header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| invalid(&url, "206 without Content-Range".to_string()))?;
+            let (start, _end, total) =
+                parse_content_range(range).ok_or_else(|| invalid(&url, format!("bad Content-Range {range:?}")))?;
+            if start != offset {
+                return Err(invalid(&url, format!("asked for bytes from {offset}, got Content-Range {range:?}")));
+            }
+            (total, 0)
+        } else {
+            let total =
+                content_length.ok_or_else(|| invalid(&url, "blob response without Content-Length".to_string()))?;
+            if offset > total {
+                return Err(invalid(&url, format!("offset {offset} is past the end of a {total}-byte blob")));
+            }
+            (total, offset)
+        };
+        debug!(registry, repository, %digest, offset, total_length, status = status.as_u16(), "blob stream opened");
+        let body_url = url.to_string();
+        let stream = resp.bytes_stream().map_err(move |source| UpstreamError::Body { url: body_url.clone(), source });
+        let stream = if skip > 0 { skip_bytes(stream, skip).boxed() } else { stream.boxed() };
+        Ok(UpstreamBlob { total_length, stream })
+    }
+
+    /// Sends a request, handling the auth challenge (one retry) and mapping statuses.
+    /// Returns only successful (2xx) responses.
+    async fn send(
+        &self,
+        target: &Target,
+        repository: &str,
+        method: Method,
+        url: Url,
+        headers: HeaderMap,
+        small: bool,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let scope = format!("repository:{repository}:pull");
+        let mut authorization = self.authorization(target, &scope, None).await?;
+        for attempt in 0..2 {
+            let mut req = self.inner.http.request(method.clone(), url.clone()).headers(headers.clone());
+            if small {
+                req = req.timeout(self.inner.config.request_timeout);
+            }
+            if let Some(value) = &authorization {
+                req = req.header(header::AUTHORIZATION, value.clone());
+            }
+            let resp = req.send().await.map_err(|source| UpstreamError::Unreachable {
+                registry: target.registry.clone(),
+                source: source.without_url(),
+            })?;
+            let status = resp.status();
+            if status.is_success() {
+                return Ok(resp);
+            }
+            match status {
+                StatusCode::UNAUTHORIZED if attempt == 0 => {
+                    let challenge = resp
+                        .headers()
+                        .get_all(header::WWW_AUTHENTICATE)
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .find_map(parse_challenge);
+                    let Some(challenge) = challenge else {
+                        warn!(registry = %target.registry, %url, "401 without a usable WWW-Authenticate challenge");
+                        return Err(UpstreamError::Unauthorized { registry: target.registry.clone() });
+                    };
+                    debug!(registry = %target.registry, ?challenge, "authentication challenge");
+                    if let Ok(mut cache) = self.inner.auth.lock() {
+                        cache.set_challenge(&target.registry, challenge.clone());
+                        cache.forget_token(&target.registry, &scope);
+                    }
+                    authorization = self.authorization(target, &scope, Some(challenge)).await?;
+                    if authorization.is_none() {
+                        return Err(UpstreamError::Unauthorized { registry: target.registry.clone() });
+                    }
+                }
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                    return Err(UpstreamError::Unauthorized { registry: target.registry.clone() });
+                }
+                StatusCode::NOT_FOUND => return Err(UpstreamError::NotFound { url: url.to_string() }),
+                status => return Err(UpstreamError::Status { status: status.as_u16(), url: url.to_string() }),
+            }
+        }
+        Err(UpstreamError::Unauthorized { registry: target.registry.clone() })
+    }
+
+    /// The `Authorization` header for a request to `target` with `scope`, from the
+    /// cache, or by answering `challenge` (or the last challenge the registry sent).
+    async fn authorization(
+        &self,
+        target: &Target,
+        scope: &str,
+        challenge: Option<Challenge>,
+    ) -> Result<Option<HeaderValue>, UpstreamError> {
+        let (challenge, cached) = {
+            let cache =
+                self.inner.auth.lock().map_err(|_| UpstreamError::Config { reason: "auth cache poisoned".into() })?;
+            let challenge = challenge.or_else(|| cache.challenge(&target.registry));
+            (challenge, cache.token(&target.registry, scope, Instant::now()))
+        };
+        match challenge {
+            None => Ok(None),
+            Some(Challenge::Basic) => match &target.credentials {
+                Some((user, pass)) => Ok(Some(basic_header(user, pass)?)),
+                None => Ok(None),
+            },
+            Some(Challenge::Bearer { realm, service, scope: challenge_scope }) => {
+                if let Some(token) = cached {
+                    return Ok(Some(bearer_header(&token)?));
+                }
+                // Ask for the scope the registry named if it is about this repository;
+                // our own pull scope otherwise (a stale challenge from another repo).
+                let want = match challenge_scope {
+                    Some(s) if s.split(' ').any(|one| one == scope) => s,
+                    _ => scope.to_string(),
+                };
+                let token = self.fetch_token(target, &realm, service.as_deref(), &want).await?;
+                Ok(Some(bearer_header(&token)?))
+            }
+        }
+    }
+
+    /// Gets a token from a realm and caches it under `(registry, scope)`.
+    async fn fetch_token(
+        &self,
+        target: &Target,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<String, UpstreamError> {
+        let mut url = Url::parse(realm).map_err(|e| invalid_text(realm, format!("token realm is not a URL: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(invalid_text(realm, "token realm is not http(s)".to_string()));
+        }
+        {
+            let mut query = url.query_pairs_mut();
+            if let Some(service) = service {
+                query.append_pair("service", service);
+            }
+            for one in scope.split(' ').filter(|s| !s.is_empty()) {
+                query.append_pair("scope", one);
+            }
+        }
+        let mut req = self.inner.http.get(url.clone()).timeout(self.inner.config.request_timeout);
+        if let Some((user, pass)) = &target.credentials {
+            if url.scheme() == "http" && target.base.scheme() == "https" {
+                return Err(invalid_text(realm, "refusing to send credentials to a plain-http token realm".into()));
+            }
+            req = req.basic_auth(user, Some(pass));
+        }
+        let resp = req.send().await.map_err(|source| UpstreamError::Unreachable {
+            registry: target.registry.clone(),
+            source: source.without_url(),
+        })?;
+        match resp.status() {
+            s if s.is_success() => {}
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                return Err(UpstreamError::Unauthorized { registry: target.registry.clone() });
+            }
+            s => return Err(UpstreamError::Status { status: s.as_u16(), url: realm.to_string() }),
+        }
+        let body = read_limited(resp, &url, MAX_TOKEN_RESPONSE_BYTES).await?;
+        let parsed: TokenResponse =
+            serde_json::from_slice(&body).map_err(|e| invalid_text(realm, format!("token response: {e}")))?;
+        let token = parsed.bearer().ok_or_else(|| invalid_text(realm, "token response has no token".into()))?;
+        debug!(registry = %target.registry, scope, lifetime = ?parsed.lifetime(), "got registry token");
+        if let Ok(mut cache) = self.inner.auth.lock() {
+            cache.set_token(&target.registry, scope, token.to_string(), parsed.lifetime(), Instant::now());
+            // Requests look tokens up by our own pull scope; make a broader grant
+            // findable under it too.
+            let pull_scope = format!("repository:{}:pull", scope_repository(scope).unwrap_or_default());
+            if pull_scope != scope && scope.split(' ').any(|s| s == pull_scope) {
+                cache.set_token(&target.registry, &pull_scope, token.to_string(), parsed.lifetime(), Instant::now());
+            }
+        }
+        Ok(token.to_string())
+    }
+}
+
+/// The repository named in the first `repository:<name>:<actions>` scope.
+fn scope_repository(scope: &str) -> Option<&str> {
+    let first = scope.split(' ').next()?;
+    let rest = first.strip_prefix("repository:")?;
+    Some(rest.rsplit_once(':')?.0)
+}
+
+fn basic_header(user: &str, pass: &str) -> Result<HeaderValue, UpstreamError> {
+    let encoded = base64_encode(format!("{user}:{pass}").as_bytes());
+    let mut value = HeaderValue::from_str(&format!("Basic {encoded}"))
+        .map_err(|e| UpstreamError::Config { reason: format!("credentials: {e}") })?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+fn bearer_header(token: &str) -> Result<HeaderValue, UpstreamError> {
+    let mut value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| UpstreamError::Invalid {
+        url: String::new(),
+        reason: format!("token is not a header value: {e}"),
+    })?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// Standard base64 with padding (RFC 4648), for basic credentials.
+fn base64_encode(input: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let b = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 0x3f) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn accept_headers(accept: &str) -> Result<HeaderMap, UpstreamError> {
+    let accept = if accept.trim().is_empty() { DEFAULT_MANIFEST_ACCEPT } else { accept };
+    let mut headers = HeaderMap::new();
+    let value = HeaderValue::from_str(accept)
+        .map_err(|e| UpstreamError::BadRequest { reason: format!("Accept header {accept:?}: {e}") })?;
+    headers.insert(header::ACCEPT, value);
+    Ok(headers)
+}
+
+fn header_u64(headers: &HeaderMap, name: header::HeaderName) -> Option<u64> {
+    headers.get(name)?.to_str().ok()?.trim().parse().ok()
+}
+
+/// `Content-Type` without parameters, or `application/octet-stream`.
+fn media_type(headers: &HeaderMap) -> String {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or(v).trim().to_string())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "application/octet-stream".to_string())
+}
+
+/// The `Docker-Content-Digest` header if it is a sha256 digest. Other algorithms are
+/// ignored (we hash with sha256 ourselves); a malformed sha256 value is an error.
+fn content_digest(headers: &HeaderMap, url: &Url) -> Result<Option<Digest>, UpstreamError> {
+    let Some(value) = headers.get("docker-content-digest") else {
+        return Ok(None);
+    };
+    let text = value.to_str().map_err(|_| invalid(url, "Docker-Content-Digest is not text".to_string()))?;
+    if !text.starts_with("sha256:") {
+        return Ok(None);
+    }
+    text.parse::<Digest>().map(Some).map_err(|e| invalid(url, format!("Docker-Content-Digest: {e}")))
+}
+
+/// Parses `bytes START-END/TOTAL`.
+fn parse_content_range(value: &str) -> Option<(u64, u64, u64)> {
+    let rest = value.trim().strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (start, end) = range.split_once('-')?;
+    let (start, end, total) = (start.trim().parse().ok()?, end.trim().parse().ok()?, total.trim().parse().ok()?);
+    (start <= end && end < total).then_some((start, end, total))
+}
+
+/// Reads a whole (small) body, refusing more than `limit` bytes.
+async fn read_limited(resp: reqwest::Response, url: &Url, limit: usize) -> Result<Bytes, UpstreamError> {
+    let mut stream = resp.bytes_stream();
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|source| UpstreamError::Body { url: url.to_string(), source })?;
+        if buf.len() + chunk.len() > limit {
+            return Err(invalid(url, format!("body exceeds {limit} bytes")));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+/// Drops the first `n` bytes of a stream.
+fn skip_bytes<S>(stream: S, n: u64) -> impl futures_util::Stream<Item = Result<Bytes, UpstreamError>> + Send
+where
+    S: futures_util::Stream<Item = Result<Bytes, UpstreamError>> + Send,
+{
+    let mut remaining = n;
+    stream.try_filter_map(move |mut chunk| {
+        if remaining > 0 {
+            let k = remaining.min(chunk.len() as u64);
+            chunk.advance(k as usize);
+            remaining -= k;
+        }
+        futures_util::future::ready(Ok((!chunk.is_empty()).then_some(chunk)))
+    })
+}
+
+fn invalid(url: &Url, reason: String) -> UpstreamError {
+    UpstreamError::Invalid { url: url.to_string(), reason }
+}
+
+fn invalid_text(url: &str, reason: String) -> UpstreamError {
+    UpstreamError::Invalid { url: url.to_string(), reason }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,500 @@
+//! Tests against small local registries (axum on 127.0.0.1) that emulate the token
+//! flow, basic auth, 404s, redirects to blob storage, ranges and stalls. The real
+//! `docker-registry` is exercised by the root `tests/mirror_*.rs`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use swarm_proto::Digest;
+
+use super::*;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AuthMode {
+    None,
+    Basic,
+    /// Bearer tokens; the token realm wants basic credentials if `creds_required`.
+    Bearer {
+        creds_required: bool,
+    },
+}
+
+#[derive(Default)]
+struct Counters {
+    token_requests: AtomicUsize,
+    requests: AtomicUsize,
+    storage_requests: AtomicUsize,
+}
+
+struct FakeState {
+    auth: AuthMode,
+    base: String,
+    manifests: HashMap<String, (String, Bytes)>,
+    /// Tag -> wrong Docker-Content-Digest to send.
+    bad_digest_header: HashMap<String, String>,
+    blobs: HashMap<String, Bytes>,
+    ranges: bool,
+    /// Base URL of a storage server to redirect blob GETs to.
+    redirect_to: Option<String>,
+    /// Serve this many bytes of blobs, then stall forever.
+    stall_after: Option<usize>,
+    token_lifetime: u64,
+    counters: Counters,
+    /// Authorization headers the storage server saw.
+    storage_auth: Mutex<Vec<Option<String>>>,
+}
+
+const USER: &str = "alice";
+const PASS: &str = "s3cret";
+const TOKEN: &str = "tok-123";
+
+fn basic_value(user: &str, pass: &str) -> String {
+    format!("Basic {}", base64_encode(format!("{user}:{pass}").as_bytes()))
+}
+
+fn oci_error(status: StatusCode, code: &str) -> Response {
+    (status, format!(r#"{{"errors":[{{"code":"{code}","message":"x"}}]}}"#)).into_response()
+}
+
+async fn fake_registry(State(st): State<Arc<FakeState>>, req: Request) -> Response {
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let auth = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
+    if path == "/token" {
+        st.counters.token_requests.fetch_add(1, Ordering::SeqCst);
+        if matches!(st.auth, AuthMode::Bearer { creds_required: true }) && auth != Some(basic_value(USER, PASS)) {
+            return StatusCode::UNAUTHORIZED.into_response();
+        }
+        assert!(query.contains("scope=repository%3Arepo%2Fx%3Apull"), "scope missing in {query}");
+        assert!(query.contains("service=fake"), "service missing in {query}");
+        let body = format!(r#"{{"token":"{TOKEN}","expires_in":{}}}"#, st.token_lifetime);
+        return (StatusCode::OK, body).into_response();
+    }
+    st.counters.requests.fetch_add(1, Ordering::SeqCst);
+    match st.auth {
+        AuthMode::None => {}
+        AuthMode::Basic => {
+            if auth != Some(basic_value(USER, PASS)) {
+                return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, r#"Basic realm="fake""#)], "")
+                    .into_response();
+            }
+        }
+        AuthMode::Bearer { .. } => {
+            if auth != Some(format!("Bearer {TOKEN}")) {
+                let challenge =
+                    format!(r#"Bearer realm="{}/token",service="fake",scope="repository:repo/x:pull""#, st.base);
+                return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, challenge)], "").into_response();
+            }
+        }
+    }
+    let Some(rest) = path.strip_prefix("/v2/repo/x/") else {
+        return oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN");
+    };
+    if let Some(reference) = rest.strip_prefix("manifests/") {
+        let Some((media_type, bytes)) = st.manifests.get(reference) else {
+            return oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
+        };
+        let digest = st.bad_digest_header.get(reference).cloned().unwrap_or_else(|| Digest::of(bytes).to_string());
+        let mut resp = Response::new(if req.method() == "HEAD" { Body::empty() } else { Body::from(bytes.clone()) });
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, media_type.parse().expect("media type"));
+        h.insert(header::CONTENT_LENGTH, bytes.len().into());
+        h.insert("docker-content-digest", digest.parse().expect("digest"));
+        return resp;
+    }
+    if let Some(digest) = rest.strip_prefix("blobs/") {
+        let Some(bytes) = st.blobs.get(digest) else {
+            return oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN");
+        };
+        if req.method() == "GET" {
+            if let Some(storage) = &st.redirect_to {
+                return (StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, format!("{storage}/data/{digest}"))])
+                    .into_response();
+            }
+        }
+        return serve_bytes(&st, req.method() == "HEAD", req.headers(), bytes.clone());
+    }
+    oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN")
+}
+
+fn serve_bytes(st: &FakeState, head: bool, headers: &HeaderMap, bytes: Bytes) -> Response {
+    let total = bytes.len();
+    let range_start = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("bytes="))
+        .and_then(|v| v.strip_suffix('-'))
+        .and_then(|v| v.parse::<usize>().ok());
+    let (status, body, content_range) = match range_start {
+        Some(start) if st.ranges => {
+            if start >= total {
+                return (StatusCode::RANGE_NOT_SATISFIABLE, [(header::CONTENT_RANGE, format!("bytes */{total}"))])
+                    .into_response();
+            }
+            (StatusCode::PARTIAL_CONTENT, bytes.slice(start..), Some(format!("bytes {start}-{}/{total}", total - 1)))
+        }
+        _ => (StatusCode::OK, bytes, None),
+    };
+    let len = body.len();
+    let body = if head {
+        Body::empty()
+    } else if let Some(n) = st.stall_after {
+        let first = body.slice(..n.min(len));
+        Body::from_stream(
+            futures_util::stream::once(async move { Ok::<_, std::io::Error>(first) })
+                .chain(futures_util::stream::pending()),
+        )
+    } else {
+        Body::from(body)
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_LENGTH, len.into());
+    if let Some(cr) = content_range {
+        resp.headers_mut().insert(header::CONTENT_RANGE, cr.parse().expect("content range"));
+    }
+    resp
+}
+
+async fn fake_storage(State(st): State<Arc<FakeState>>, req: Request) -> Response {
+    st.counters.storage_requests.fetch_add(1, Ordering::SeqCst);
+    let auth = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
+    st.storage_auth.lock().expect("lock").push(auth);
+    let Some(digest) = req.uri().path().strip_prefix("/data/") else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    match st.blobs.get(digest) {
+        Some(bytes) => serve_bytes(&st, false, req.headers(), bytes.clone()),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+struct Fake {
+    state: Arc<FakeState>,
+    addr: std::net::SocketAddr,
+}
+
+struct FakeOptions {
+    auth: AuthMode,
+    ranges: bool,
+    redirect: bool,
+    stall_after: Option<usize>,
+    token_lifetime: u64,
+}
+
+impl Default for FakeOptions {
+    fn default() -> Self {
+        Self { auth: AuthMode::None, ranges: true, redirect: false, stall_after: None, token_lifetime: 300 }
+    }
+}
+
+const MANIFEST: &[u8] = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#;
+const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+
+fn blob_bytes() -> Bytes {
+    Bytes::from((0..100_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect::<Vec<u8>>())
+}
+
+async fn start_fake(opts: FakeOptions) -> Fake {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    // The storage server shares the state but listens on another port (another "host").
+    let storage_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let storage_addr = storage_listener.local_addr().expect("addr");
+    let blob = blob_bytes();
+    let wrong = Bytes::from_static(b"these are not the bytes you are looking for");
+    let mut manifests = HashMap::new();
+    let manifest = Bytes::from_static(MANIFEST);
+    manifests.insert("v1".to_string(), (MANIFEST_TYPE.to_string(), manifest.clone()));
+    manifests.insert("badheader".to_string(), (MANIFEST_TYPE.to_string(), manifest.clone()));
+    manifests.insert(Digest::of(MANIFEST).to_string(), (MANIFEST_TYPE.to_string(), manifest));
+    // A digest reference whose bytes do not match.
+    manifests.insert(Digest::of(b"something else").to_string(), (MANIFEST_TYPE.to_string(), wrong));
+    let mut bad_digest_header = HashMap::new();
+    bad_digest_header.insert("badheader".to_string(), Digest::of(b"other").to_string());
+    let mut blobs = HashMap::new();
+    blobs.insert(Digest::of(&blob).to_string(), blob);
+    let state = Arc::new(FakeState {
+        auth: opts.auth,
+        base: format!("http://{addr}"),
+        manifests,
+        bad_digest_header,
+        blobs,
+        ranges: opts.ranges,
+        redirect_to: opts.redirect.then(|| format!("http://localhost:{}", storage_addr.port())),
+        stall_after: opts.stall_after,
+        token_lifetime: opts.token_lifetime,
+        counters: Counters::default(),
+        storage_auth: Mutex::new(Vec::new()),
+    });
+    let router = axum::Router::new().fallback(fake_registry).with_state(state.clone());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let storage = axum::Router::new().fallback(fake_storage).with_state(state.clone());
+    tokio::spawn(async move { axum::serve(storage_listener, storage).await });
+    Fake { state, addr }
+}
+
+fn client_for(fake: &Fake, creds: Option<(&str, &str)>) -> UpstreamClient {
+    let mut config = UpstreamConfig { read_timeout: Duration::from_secs(2), ..UpstreamConfig::default() };
+    config.registries.insert(
+        "fake.test".to_string(),
+        RegistryConfig {
+            endpoint: Some(format!("http://{}", fake.addr)),
+            username: creds.map(|c| c.0.to_string()),
+            password: creds.map(|c| c.1.to_string()),
+            plain_http: false,
+        },
+    );
+    UpstreamClient::new(config).expect("client")
+}
+
+async fn collect(blob: UpstreamBlob) -> Result<Vec<u8>, UpstreamError> {
+    let mut out = Vec::new();
+    let mut stream = blob.stream;
+    while let Some(chunk) = stream.next().await {
+        out.extend_from_slice(&chunk?);
+    }
+    Ok(out)
+}
+
+#[tokio::test]
+async fn anonymous_token_flow_fetches_one_token_and_reuses_it() {
+    let fake = start_fake(FakeOptions { auth: AuthMode::Bearer { creds_required: false }, ..Default::default() }).await;
+    let client = client_for(&fake, None);
+    let m = client.manifest("fake.test", "repo/x", "v1", "").await.expect("manifest");
+    assert_eq!(m.bytes.as_ref(), MANIFEST);
+    assert_eq!(m.digest, Digest::of(MANIFEST));
+    assert_eq!(m.media_type, MANIFEST_TYPE);
+    let blob = blob_bytes();
+    let d = Digest::of(&blob);
+    assert_eq!(client.blob_length("fake.test", "repo/x", &d).await.expect("len"), blob.len() as u64);
+    let got = collect(client.blob("fake.test", "repo/x", &d, 0).await.expect("blob")).await.expect("bytes");
+    assert_eq!(got, blob.as_ref());
+    assert_eq!(fake.state.counters.token_requests.load(Ordering::SeqCst), 1, "token must be cached");
+    // One 401 plus three authorised requests.
+    assert_eq!(fake.state.counters.requests.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test]
+async fn expired_tokens_are_refetched() {
+    // expires_in 1s: the margin makes it unusable almost at once.
+    let fake = start_fake(FakeOptions {
+        auth: AuthMode::Bearer { creds_required: false },
+        token_lifetime: 1,
+        ..Default::default()
+    })
+    .await;
+    let client = client_for(&fake, None);
+    client.manifest("fake.test", "repo/x", "v1", "").await.expect("manifest");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    client.manifest("fake.test", "repo/x", "v1", "").await.expect("manifest");
+    assert_eq!(fake.state.counters.token_requests.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn token_realm_with_credentials() {
+    let fake = start_fake(FakeOptions { auth: AuthMode::Bearer { creds_required: true }, ..Default::default() }).await;
+    let ok = client_for(&fake, Some((USER, PASS)));
+    ok.manifest("fake.test", "repo/x", "v1", "").await.expect("manifest with credentials");
+    let wrong = client_for(&fake, Some((USER, "nope")));
+    let err = wrong.manifest("fake.test", "repo/x", "v1", "").await.expect_err("wrong password");
+    assert!(matches!(err, UpstreamError::Unauthorized { ref registry } if registry == "fake.test"), "{err:?}");
+    let anonymous = client_for(&fake, None);
+    let err = anonymous.manifest("fake.test", "repo/x", "v1", "").await.expect_err("no credentials");
+    assert!(matches!(err, UpstreamError::Unauthorized { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn basic_auth() {
+    let fake = start_fake(FakeOptions { auth: AuthMode::Basic, ..Default::default() }).await;
+    let ok = client_for(&fake, Some((USER, PASS)));
+    ok.manifest("fake.test", "repo/x", "v1", "").await.expect("manifest");
+    // The challenge is remembered: the second request goes out with credentials.
+    let before = fake.state.counters.requests.load(Ordering::SeqCst);
+    ok.head_manifest("fake.test", "repo/x", "v1", "").await.expect("head");
+    assert_eq!(fake.state.counters.requests.load(Ordering::SeqCst), before + 1);
+    let err = client_for(&fake, None).manifest("fake.test", "repo/x", "v1", "").await.expect_err("no creds");
+    assert!(matches!(err, UpstreamError::Unauthorized { .. }), "{err:?}");
+    let err = client_for(&fake, Some((USER, "x"))).manifest("fake.test", "repo/x", "v1", "").await.expect_err("bad");
+    assert!(matches!(err, UpstreamError::Unauthorized { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn not_found_and_bad_requests() {
+    let fake = start_fake(FakeOptions::default()).await;
+    let client = client_for(&fake, None);
+    let err = client.manifest("fake.test", "repo/x", "nope", "").await.expect_err("404");
+    assert!(err.is_not_found(), "{err:?}");
+    let err = client.blob_length("fake.test", "repo/x", &Digest::of(b"missing")).await.expect_err("404");
+    assert!(err.is_not_found(), "{err:?}");
+    let err = client.blob("fake.test", "repo/x", &Digest::of(b"missing"), 0).await.expect_err("404");
+    assert!(err.is_not_found(), "{err:?}");
+    for (repo, reference) in [("../x", "v1"), ("repo/x", "../../v1"), ("Repo", "v1"), ("repo/x", "a/b")] {
+        let err = client.manifest("fake.test", repo, reference, "").await.expect_err("refused");
+        assert!(matches!(err, UpstreamError::BadRequest { .. }), "{repo} {reference}: {err:?}");
+    }
+    let err = client.manifest("not a host", "repo/x", "v1", "").await.expect_err("refused");
+    assert!(matches!(err, UpstreamError::BadRequest { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn manifests_are_checked_against_digests() {
+    let fake = start_fake(FakeOptions::default()).await;
+    let client = client_for(&fake, None);
+    let d = Digest::of(MANIFEST).to_string();
+    let m = client.manifest("fake.test", "repo/x", &d, "").await.expect("by digest");
+    assert_eq!(m.digest.to_string(), d);
+    let head = client.head_manifest("fake.test", "repo/x", "v1", "").await.expect("head");
+    assert_eq!(
+        head,
+        ManifestHead { digest: Digest::of(MANIFEST), media_type: MANIFEST_TYPE.into(), length: MANIFEST.len() as u64 }
+    );
+    // Bytes that do not hash to the requested digest.
+    let wrong = Digest::of(b"something else").to_string();
+    let err = client.manifest("fake.test", "repo/x", &wrong, "").await.expect_err("mismatch");
+    assert!(matches!(err, UpstreamError::Invalid { .. }), "{err:?}");
+    // A Docker-Content-Digest that disagrees with the bytes.
+    let err = client.manifest("fake.test", "repo/x", "badheader", "").await.expect_err("mismatch");
+    assert!(matches!(err, UpstreamError::Invalid { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn ranges_with_206_and_with_200() {
+    let blob = blob_bytes();
+    let d = Digest::of(&blob);
+    for ranges in [true, false] {
+        let fake = start_fake(FakeOptions { ranges, ..Default::default() }).await;
+        let client = client_for(&fake, None);
+        for offset in [0u64, 1, 65_536, 99_999, 100_000] {
+            let b = client.blob("fake.test", "repo/x", &d, offset).await.expect("blob");
+            assert_eq!(b.total_length, blob.len() as u64);
+            let got = collect(b).await.expect("bytes");
+            assert_eq!(got, &blob[offset as usize..], "ranges={ranges} offset={offset}");
+        }
+        let err = client.blob("fake.test", "repo/x", &d, 100_001).await.expect_err("past the end");
+        assert!(matches!(err, UpstreamError::Invalid { .. }), "{err:?}");
+    }
+}
+
+#[tokio::test]
+async fn redirects_do_not_leak_the_registry_token() {
+    let fake = start_fake(FakeOptions {
+        auth: AuthMode::Bearer { creds_required: false },
+        redirect: true,
+        ..Default::default()
+    })
+    .await;
+    let client = client_for(&fake, None);
+    let blob = blob_bytes();
+    let d = Digest::of(&blob);
+    let got = collect(client.blob("fake.test", "repo/x", &d, 0).await.expect("blob")).await.expect("bytes");
+    assert_eq!(got, blob.as_ref());
+    let b = client.blob("fake.test", "repo/x", &d, 500).await.expect("ranged blob through redirect");
+    assert_eq!(collect(b).await.expect("bytes"), &blob[500..]);
+    let seen = fake.state.storage_auth.lock().expect("lock").clone();
+    assert_eq!(seen.len(), 2, "both GETs reached storage");
+    assert!(seen.iter().all(Option::is_none), "Authorization leaked to storage: {seen:?}");
+}
+
+#[tokio::test]
+async fn stalled_streams_fail_after_the_read_timeout() {
+    let fake = start_fake(FakeOptions { stall_after: Some(1000), ..Default::default() }).await;
+    let client = client_for(&fake, None);
+    let d = Digest::of(&blob_bytes());
+    let started = std::time::Instant::now();
+    let blob = client.blob("fake.test", "repo/x", &d, 0).await.expect("headers arrive");
+    let err = tokio::time::timeout(Duration::from_secs(10), collect(blob)).await.expect("bounded").expect_err("stall");
+    assert!(matches!(err, UpstreamError::Body { .. }), "{err:?}");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(1900) && waited < Duration::from_secs(6), "{waited:?}");
+}
+
+#[tokio::test]
+async fn unreachable_registry() {
+    // Bind then drop a listener: nothing listens on that port any more.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let mut config = UpstreamConfig::default();
+    config.plain_http.push(format!("127.0.0.1:{port}"));
+    let client = UpstreamClient::new(config).expect("client");
+    let err = client.manifest(&format!("127.0.0.1:{port}"), "a", "v1", "").await.expect_err("refused");
+    assert!(matches!(err, UpstreamError::Unreachable { .. }), "{err:?}");
+    assert!(!err.is_not_found());
+}
+
+#[test]
+fn endpoint_mapping() {
+    let mut config = UpstreamConfig::default();
+    config.plain_http.push("127.0.0.1:5000".into());
+    config.registries.insert("ghcr.io".into(), RegistryConfig { plain_http: true, ..Default::default() });
+    config.registries.insert(
+        "mirror.local".into(),
+        RegistryConfig { endpoint: Some("http://10.0.0.1:8080/".into()), ..Default::default() },
+    );
+    let c = UpstreamClient::new(config).expect("client");
+    assert_eq!(c.endpoint("docker.io").expect("ok").as_str(), "https://registry-1.docker.io/");
+    assert_eq!(c.endpoint("quay.io").expect("ok").as_str(), "https://quay.io/");
+    assert_eq!(c.endpoint("127.0.0.1:5000").expect("ok").as_str(), "http://127.0.0.1:5000/");
+    assert_eq!(c.endpoint("127.0.0.1:5001").expect("ok").as_str(), "https://127.0.0.1:5001/");
+    assert_eq!(c.endpoint("ghcr.io").expect("ok").as_str(), "http://ghcr.io/");
+    assert_eq!(c.endpoint("mirror.local").expect("ok").as_str(), "http://10.0.0.1:8080/");
+    assert!(c.endpoint("bad host").is_err());
+}
+
+#[test]
+fn config_from_toml() {
+    let config: UpstreamConfig = toml::from_str(
+        r#"
+        plain_http = ["127.0.0.1:5000"]
+        read_timeout = "45s"
+        [registries."docker.io"]
+        username = "u"
+        password = "p"
+        "#,
+    )
+    .expect("valid config");
+    assert_eq!(config.read_timeout, Duration::from_secs(45));
+    assert_eq!(config.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+    assert_eq!(config.registries["docker.io"].username.as_deref(), Some("u"));
+    assert!(toml::from_str::<UpstreamConfig>("bogus = 1").is_err());
+    assert!(toml::from_str::<UpstreamConfig>("read_timeout = \"soon\"").is_err());
+    let half = r#"[registries."docker.io"]
+        username = "u""#;
+    let config: UpstreamConfig = toml::from_str(half).expect("parses");
+    assert!(matches!(UpstreamClient::new(config), Err(UpstreamError::Config { .. })));
+    let mut config = UpstreamConfig::default();
+    config.registries.insert("x".into(), RegistryConfig { endpoint: Some("ftp://x".into()), ..Default::default() });
+    assert!(matches!(UpstreamClient::new(config), Err(UpstreamError::Config { .. })));
+}
+
+#[test]
+fn content_range_and_base64() {
+    assert_eq!(parse_content_range("bytes 0-9/10"), Some((0, 9, 10)));
+    assert_eq!(parse_content_range("bytes 5-9/100"), Some((5, 9, 100)));
+    assert_eq!(parse_content_range("bytes 5-9/*"), None);
+    assert_eq!(parse_content_range("bytes 9-5/100"), None);
+    assert_eq!(parse_content_range("bytes 0-10/10"), None);
+    assert_eq!(parse_content_range("items 0-1/2"), None);
+    for (input, expected) in [
+        ("", ""),
+        ("f", "Zg=="),
+        ("fo", "Zm8="),
+        ("foo", "Zm9v"),
+        ("foob", "Zm9vYg=="),
+        ("alice:s3cret", "YWxpY2U6czNjcmV0"),
+    ] {
+        assert_eq!(base64_encode(input.as_bytes()), expected);
+    }
+    assert_eq!(scope_repository("repository:a/b:pull,push"), Some("a/b"));
+    assert_eq!(scope_repository("registry:catalog:*"), None);
+}
