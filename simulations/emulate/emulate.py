@@ -74,6 +74,7 @@ PEER_PORT = 7001
 MIRROR_PORT = 5001
 LT_PORT = 6881
 SCHEMA = "swarm-emulate/1"
+SETPRIV = shutil.which("setpriv") is not None
 
 
 def log(msg):
@@ -209,13 +210,17 @@ class Proc:
         self.exit_at = None
         self.rc = None
         self.cpu_s = None
+        self.cpu_at_t0 = 0.0
         self.killed = False
         self.stopped = False
         self.started_at = time.monotonic()
         self.cond = threading.Condition()
         self.log_path = os.path.join(workdir, "log-%s.txt" % name)
         logf = open(self.log_path, "ab")
-        full = ["ip", "netns", "exec", ns] + list(argv)
+        # setpriv (util-linux) keeps the pid (it execs) and makes the process die with
+        # this script even when the script is SIGKILLed and cannot clean up.
+        guard = ["setpriv", "--pdeathsig", "KILL", "--"] if SETPRIV else []
+        full = ["ip", "netns", "exec", ns] + guard + list(argv)
         self.argv = full
         self.p = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=logf,
                                   stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
@@ -309,7 +314,8 @@ class Proc:
 
     def summary(self):
         return {"name": self.name, "node": self.node, "side": self.side, "rc": self.rc,
-                "cpu_s": None if self.cpu_s is None else round(self.cpu_s, 4),
+                "cpu_s": None if self.cpu_s is None else round(self.cpu_s - self.cpu_at_t0, 4),
+                "cpu_setup_s": round(self.cpu_at_t0, 4),
                 "killed_by_churn": self.killed}
 
 
@@ -762,11 +768,15 @@ def run_system(sysobj, topo, args, blob, digest, size, registry, scenario, workd
         snap0 = topo.snapshot()
         reg0 = registry.cpu_s() or 0.0
         if churn:
-            k = args.churn_kill if args.churn_kill is not None else max(1, n_down // 4)
+            k = args.churn_kill if args.churn_kill is not None else max(1, math.ceil(n_down / 4))
             victims = ctx.downloaders[-k:]
             at = args.churn_at if args.churn_at is not None else 0.5 * tm
             churn_plan = {"victims": victims, "kill_at_s": at, "restart": not args.no_restart,
                           "restart_at_s": at + args.churn_down, "killed": False, "restarted_done": False}
+        # CPU spent before the start (hashing by a seed, interpreter start-up) is not
+        # part of the distribution: it is reported apart as cpu_setup_s.
+        for p in ctx.procs:
+            p.cpu_at_t0 = proc_cpu_s(p.pid) or 0.0
         t0 = time.monotonic()
         for i in ctx.downloaders:
             procs, dp, out = sysobj.launch(ctx, i)
@@ -848,8 +858,9 @@ def run_system(sysobj, topo, args, blob, digest, size, registry, scenario, workd
     times = [st["done_s"] for st in stayers if st["status"] == "done"]
     bad = [st for st in stayers + restarted if st["status"] != "done"]
     delivered = sum(1 for st in nodes.values() if st["status"] == "done") * size
-    cpu_cluster = sum(p.cpu_s or 0.0 for p in ctx.procs if p.side == "cluster")
-    cpu_up_sys = sum(p.cpu_s or 0.0 for p in ctx.procs if p.side == "upstream")
+    cpu_cluster = sum((p.cpu_s or 0.0) - p.cpu_at_t0 for p in ctx.procs if p.side == "cluster")
+    cpu_up_sys = sum((p.cpu_s or 0.0) - p.cpu_at_t0 for p in ctx.procs if p.side == "upstream")
+    cpu_setup = sum(p.cpu_at_t0 for p in ctx.procs)
     cpu_registry = max(0.0, reg1 - reg0)
     cpu_total = cpu_cluster + cpu_up_sys + cpu_registry
     uplink = up1 - up0
@@ -866,6 +877,7 @@ def run_system(sysobj, topo, args, blob, digest, size, registry, scenario, workd
         "cpu_s_cluster": round(cpu_cluster, 4),
         "cpu_s_upstream": round(cpu_up_sys + cpu_registry, 4),
         "cpu_s_registry": round(cpu_registry, 4),
+        "cpu_s_setup": round(cpu_setup, 4),
         "cpu_s_per_gb": round(cpu_total / (delivered / 1e9), 3) if delivered else None,
         "cpu_s_per_gb_cluster": round(cpu_cluster / (delivered / 1e9), 3) if delivered else None,
         "processes": [p.summary() for p in ctx.procs],
