@@ -65,7 +65,7 @@
 //!   the deadline is recomputed with the current `t` (requests sent before the first
 //!   measurement only had the floor) and re-armed if it moved later. On expiry:
 //!   `Cancel`, the piece goes back to needed (as an orphan) unless another copy is
-//!   outstanding, the peer avoids that piece while another peer has it, and the
+//!   outstanding, the peer avoids that piece (see bad pieces), and the
 //!   peer's depth and rate estimate are halved (per expired request, so a stalled
 //!   pipeline drops to `min_in_flight` at once).
 //! - **Busy** rejects put the peer in backoff for `busy_backoff` (no requests to it
@@ -84,8 +84,9 @@
 //!   this is off by default).
 //! - **Bad pieces.** A hash mismatch is a strike against the peer; the piece goes back
 //!   to needed (orphan) and that peer is not asked for it again while another
-//!   connected peer has it (a per-peer avoid list of at most 16 pieces, shared with
-//!   timeouts). At `max_strikes` the peer gets `DropPeer` and is forgotten
+//!   connected peer has it that does not avoid it too (a per-peer avoid list of at
+//!   most 16 pieces, shared with timeouts; when every holder avoids a piece, all may
+//!   be asked, so a piece never gets stuck). At `max_strikes` the peer gets `DropPeer` and is forgotten
 //!   as if removed (its later events are ignored).
 //!
 //! # Cost
@@ -332,15 +333,6 @@ impl PeerState {
     fn in_backoff(&self, now: Instant) -> bool {
         self.backoff_until.is_some_and(|t| t > now)
     }
-
-    fn avoid(&mut self, piece: u32) {
-        if !self.avoid.contains(&piece) {
-            if self.avoid.len() >= MAX_AVOID_PER_PEER {
-                self.avoid.remove(0);
-            }
-            self.avoid.push(piece);
-        }
-    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -353,6 +345,8 @@ struct PieceInfo {
     in_flight_pos: u32,
     /// When the piece last went from needed to in flight.
     since: Option<Instant>,
+    /// Connected peers with the piece on their avoid list.
+    avoiders: u32,
 }
 
 /// Needed pieces of one availability.
@@ -393,7 +387,10 @@ impl PieceTable {
             n,
             have,
             have_count,
-            info: vec![PieceInfo { avail: 0, copies: 0, in_flight_pos: NOT_IN_FLIGHT, since: None }; n as usize],
+            info: vec![
+                PieceInfo { avail: 0, copies: 0, in_flight_pos: NOT_IN_FLIGHT, since: None, avoiders: 0 };
+                n as usize
+            ],
             needed: level0.count,
             levels: vec![level0],
             orphans: Words::new(n),
@@ -527,9 +524,32 @@ impl PieceTable {
         self.have_count += 1;
     }
 
-    /// Pieces `peer` is to avoid that another connected peer can serve.
+    /// Puts `piece` on `peer`'s avoid list (bounded; the oldest entry falls off).
+    fn avoid(&mut self, peer: &mut PeerState, piece: u32) {
+        if peer.avoid.contains(&piece) {
+            return;
+        }
+        if peer.avoid.len() >= MAX_AVOID_PER_PEER {
+            let old = peer.avoid.remove(0);
+            self.info[old as usize].avoiders -= 1;
+        }
+        peer.avoid.push(piece);
+        self.info[piece as usize].avoiders += 1;
+    }
+
+    /// Pieces on `peer`'s avoid list that some other connected peer can serve without
+    /// avoiding them: more holders than avoiders. (When every holder avoids a piece,
+    /// nobody is excluded, so the piece cannot get stuck. Counting avoiders that
+    /// lost the bit only ever lifts an exclusion early.)
     fn excluded(&self, peer: &PeerState) -> Vec<u32> {
-        peer.avoid.iter().copied().filter(|&i| self.info[i as usize].avail > 1).collect()
+        peer.avoid
+            .iter()
+            .copied()
+            .filter(|&i| {
+                let info = self.info[i as usize];
+                info.avail > info.avoiders
+            })
+            .collect()
     }
 
     /// The needed piece to ask of `peer`: an orphan if it has one (rarest orphan,
@@ -647,6 +667,9 @@ struct Core {
     /// Pieces re-queued (or, in the endgame, left with fewer copies) during the
     /// current event: every peer that has one of them gets a refill.
     requeued: Vec<u32>,
+    /// Availability dropped during the current event, which may lift an avoid-list
+    /// exclusion: peers with an avoid list get a refill.
+    avail_dropped: bool,
 }
 
 /// `now + d`, saturating instead of panicking on overflow.
@@ -806,6 +829,7 @@ impl Scheduler {
                 stats: SchedulerStats::default(),
                 dirty: Vec::new(),
                 requeued: Vec::new(),
+                avail_dropped: false,
             },
             peers: BTreeMap::new(),
             piece_length,
@@ -849,6 +873,7 @@ impl Scheduler {
             }
             for b in BitIter(old_w & !new_w) {
                 core.pieces.dec_avail((w * 64) as u32 + b);
+                core.avail_dropped = true;
             }
         }
         p.bits = new;
@@ -909,7 +934,7 @@ impl Scheduler {
         core.end_request(peer, p, piece, true);
         p.strikes += 1;
         if !core.pieces.have.get(piece) {
-            p.avoid(piece);
+            core.pieces.avoid(p, piece);
         }
         if p.strikes >= core.config.max_strikes {
             core.stats.dropped_peers += 1;
@@ -940,6 +965,7 @@ impl Scheduler {
                 core.stats.missing += 1;
                 if p.bits.remove(piece) {
                     core.pieces.dec_avail(piece);
+                    core.avail_dropped = true;
                 }
             }
             RequestFailure::Error => core.stats.errors += 1,
@@ -986,7 +1012,7 @@ impl Scheduler {
                     core.actions.push_back(Action::Cancel { peer, piece });
                     core.penalize(p);
                     if !core.pieces.have.get(piece) {
-                        p.avoid(piece);
+                        core.pieces.avoid(p, piece);
                     }
                 }
                 Timer::Backoff { peer } => {
@@ -1096,6 +1122,10 @@ impl Scheduler {
         for i in p.bits.ones() {
             core.pieces.dec_avail(i);
         }
+        core.avail_dropped = true;
+        for &i in &p.avoid {
+            core.pieces.info[i as usize].avoiders -= 1;
+        }
         while let Some(r) = p.requests.first().map(|r| r.piece) {
             core.end_request(peer, &mut p, r, true);
         }
@@ -1120,6 +1150,13 @@ impl Scheduler {
                 }
                 core.requeued = requeued;
             }
+            if core.avail_dropped {
+                for (&key, p) in peers.iter_mut() {
+                    if !p.avoid.is_empty() {
+                        core.refill(key, p, now);
+                    }
+                }
+            }
             let dirty = std::mem::take(&mut core.dirty);
             for &key in &dirty {
                 if let Some(p) = peers.get_mut(&key) {
@@ -1136,6 +1173,7 @@ impl Scheduler {
         }
         core.dirty.clear();
         core.requeued.clear();
+        core.avail_dropped = false;
         self.endgame_seen = core.in_endgame();
         self.check_complete();
     }
@@ -1153,11 +1191,18 @@ impl Scheduler {
         let p = &self.core.pieces;
         let n = p.n;
         let mut avail = vec![0u32; n as usize];
+        let mut avoiders = vec![0u32; n as usize];
         let mut copies = vec![0u32; n as usize];
         let mut timers = 0usize;
         for (key, peer) in &self.peers {
             if peer.duplicates != peer.requests.iter().filter(|r| r.duplicate).count() {
                 return Err(format!("{key:?} duplicate counter wrong"));
+            }
+            for &i in &peer.avoid {
+                match avoiders.get_mut(i as usize) {
+                    Some(a) => *a += 1,
+                    None => return Err(format!("{key:?} avoids out-of-range piece {i}")),
+                }
             }
             for i in peer.bits.ones() {
                 if i >= n {
@@ -1201,6 +1246,9 @@ impl Scheduler {
             let info = p.info(i);
             if info.avail != avail[i as usize] {
                 return Err(format!("piece {i}: availability {} but {} peers have it", info.avail, avail[i as usize]));
+            }
+            if info.avoiders != avoiders[i as usize] {
+                return Err(format!("piece {i}: {} avoiders counted, {} lists", info.avoiders, avoiders[i as usize]));
             }
             if info.copies != copies[i as usize] {
                 return Err(format!("piece {i}: {} copies but {} requests", info.copies, copies[i as usize]));
