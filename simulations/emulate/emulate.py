@@ -561,7 +561,13 @@ class Direct(System):
 
 
 class Swarm(System):
+    """The real binary. Edge: an agent (registry mirror) on every node fetches from the
+    upstream registry; incluster: `swarm seed` on node 1, `swarm pull` on the others."""
     name = "swarm"
+    agent_mode = True
+
+    def via_agent(self, ctx):
+        return self.agent_mode and ctx.layout == "edge"
 
     def _bin(self, args):
         return os.path.abspath(args.swarm_bin)
@@ -577,13 +583,14 @@ class Swarm(System):
         return r.returncode == 0
 
     def _common(self, ctx, i):
+        addr = UP_IP if i == 0 else ctx.topo.ip(i)
         return ["--tracker", "%s:%d" % (ctx.topo.ip(1), TRACKER_PORT),
-                "--listen", "%s:%d" % (ctx.topo.ip(i), PEER_PORT),
+                "--listen", "%s:%d" % (addr, PEER_PORT),
                 "--token-file", self.token]
 
     def setup(self, ctx):
         b = self._bin(ctx.args)
-        if ctx.layout == "edge" and not self.agent_available(ctx.args):
+        if self.via_agent(ctx) and not self.agent_available(ctx.args):
             raise Unavailable("not available: swarm agent missing (`%s agent --help` failed)" % b)
         self.token = os.path.join(ctx.sysdir, "token")
         with open(self.token, "w") as f:
@@ -595,13 +602,17 @@ class Swarm(System):
                        ctx.workdir, node=1, env=self.env)
         wait_listen(ctx.topo.ns(1), "udp", TRACKER_PORT, proc=tr)
         self.agents = {}
-        if ctx.layout == "edge":
+        if self.via_agent(ctx):
             for i in ctx.downloaders:
                 self._start_agent(ctx, i)
         else:
-            seed = ctx.spawn("seed-n1", ctx.topo.ns(1),
-                             [b, "seed", ctx.blob, "--data-dir", os.path.join(ctx.sysdir, "n1", "store")]
-                             + self._common(ctx, 1), ctx.workdir, node=1, env=self.env)
+            # Incluster: node 1 seeds. swarm-seed on edge: the upstream host seeds
+            # (like libtorrent's edge seed), nodes pull.
+            src = 0 if ctx.layout == "edge" else 1
+            seed = ctx.spawn("seed-up" if src == 0 else "seed-n1", ctx.topo.up if src == 0 else ctx.topo.ns(1),
+                             [b, "seed", ctx.blob, "--data-dir", os.path.join(ctx.sysdir, "seed-store")]
+                             + self._common(ctx, src), ctx.workdir, node=src or None,
+                             side="upstream" if src == 0 else "cluster", env=self.env)
             line = seed.wait_line(lambda s: s.startswith("sha256:"), 120)
             if line.strip() != "sha256:" + ctx.digest:
                 raise Fail("swarm seed printed %s, expected sha256:%s" % (line.strip(), ctx.digest))
@@ -622,7 +633,7 @@ class Swarm(System):
         b = self._bin(ctx.args)
         out = os.path.join(ctx.sysdir, "n%d" % i, "blob")
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        if ctx.layout == "edge":
+        if self.via_agent(ctx):
             procs = []
             if restart:
                 procs.append(self._start_agent(ctx, i, restart=True))
@@ -640,6 +651,14 @@ class Swarm(System):
         p = ctx.spawn("pull-n%d%s" % (i, "-r" if restart else ""), ctx.topo.ns(i), argv, ctx.workdir, node=i,
                       env=self.env, done_on=lambda s: s.lstrip().startswith("{"))
         return [p], p, out
+
+
+class SwarmSeed(Swarm):
+    """`swarm seed` + `swarm pull` in every scenario: on edge the seed runs on the
+    upstream host, as libtorrent's does (no registry, no agent). Not the product's edge
+    path (that is the agent's mirror), but the like-for-like comparison with libtorrent."""
+    name = "swarm-seed"
+    agent_mode = False
 
 
 class Libtorrent(System):
@@ -707,7 +726,7 @@ class Unavailable(Exception):
     pass
 
 
-SYSTEMS = {"direct": Direct, "swarm": Swarm, "libtorrent": Libtorrent}
+SYSTEMS = {"direct": Direct, "swarm": Swarm, "swarm-seed": SwarmSeed, "libtorrent": Libtorrent}
 
 
 # ---------------------------------------------------------------- one system, one scenario
@@ -864,6 +883,8 @@ def run_system(sysobj, topo, args, blob, digest, size, registry, scenario, workd
     cpu_registry = max(0.0, reg1 - reg0)
     cpu_total = cpu_cluster + cpu_up_sys + cpu_registry
     uplink = up1 - up0
+    done_nodes = [st for st in nodes.values() if st["status"] == "done"]
+    rx_ratio = (sum(st["rx_bytes"] for st in done_nodes) / (len(done_nodes) * size)) if done_nodes else None
     res.update({
         "nodes": [nodes[i] for i in sorted(nodes)],
         "wall_s": round(wall, 4),
@@ -881,6 +902,12 @@ def run_system(sysobj, topo, args, blob, digest, size, registry, scenario, workd
         "cpu_s_per_gb": round(cpu_total / (delivered / 1e9), 3) if delivered else None,
         "cpu_s_per_gb_cluster": round(cpu_cluster / (delivered / 1e9), 3) if delivered else None,
         "processes": [p.summary() for p in ctx.procs],
+        # Frame bytes each finished node received / F: 1.0x plus headers is ideal,
+        # more means duplicate or wasted transfers.
+        "node_rx_ratio": round(rx_ratio, 4) if rx_ratio is not None else None,
+        # All the system's CPU spread over every core: below this no run can finish
+        # on this machine, whatever the network. Close to last_s = CPU-bound here.
+        "cpu_floor_s": round(cpu_total / (os.cpu_count() or 1), 4),
     })
     res["ratio"] = round(res["last_s"] / tm, 4) if res["last_s"] is not None else None
     if restarted:
@@ -1036,8 +1063,9 @@ def print_table(doc, out=sys.stdout):
     out.write("\nswarm netns benchmark: %d nodes, blob %s, uplink %s, nodes %s up / %s down\n" % (
         p["nodes"], human_size(p["size_bytes"]), human_rate(p["uplink_bps"]), human_rate(p["node_rate_bps"]),
         human_rate(p["node_down_bps"]) if p["node_down_bps"] else "unshaped"))
-    hdr = ("%-10s %-10s %-6s %8s %8s %8s %7s %8s %8s %9s  %s" %
-           ("scenario", "system", "nodes", "last s", "median", "p90", "T_min", "xT_min", "uplinkxF", "CPU s/GB", "status"))
+    hdr = ("%-10s %-10s %-6s %8s %8s %8s %7s %7s %9s %7s %9s  %s" %
+           ("scenario", "system", "nodes", "last s", "median", "p90", "T_min", "xT_min", "uplink xF", "rx xF",
+            "CPU s/GB", "status"))
     out.write(hdr + "\n" + "-" * len(hdr) + "\n")
     for r in doc["results"]:
         nodes = r.get("nodes") or []
@@ -1047,12 +1075,14 @@ def print_table(doc, out=sys.stdout):
             if r["status"] != "unavailable" else r["reason"]
         if r.get("restarted_last_s") is not None:
             status += " (restarted nodes last %.2f s)" % r["restarted_last_s"]
-        out.write("%-10s %-10s %-6s %8s %8s %8s %7s %8s %8s %9s  %s\n" % (
+        out.write("%-10s %-10s %-6s %8s %8s %8s %7s %7s %9s %7s %9s  %s\n" % (
             r["scenario"], r["system"], "%d/%d" % (ok, stay) if nodes else "-",
             fmt(r.get("last_s")), fmt(r.get("median_s")), fmt(r.get("p90_s")), fmt(r.get("t_min_s")),
-            fmt(r.get("ratio")), fmt(r.get("uplink_ratio")), fmt(r.get("cpu_s_per_gb"), "%.1f"), status))
-    out.write("(T_min = max(F/u_s, F/d_min, N*F/(u_s+sum u_i)); uplink = upstream eth0 tx bytes incl. headers / F; "
-              "CPU = user+sys of all the system's processes incl. the registry / GB delivered)\n")
+            fmt(r.get("ratio")), fmt(r.get("uplink_ratio")), fmt(r.get("node_rx_ratio")),
+            fmt(r.get("cpu_s_per_gb"), "%.1f"), status))
+    out.write("T_min = max(F/u_s, F/d_min, N*F/(u_s+sum u_i)) from the tbf rates. uplink xF = upstream eth0 tx bytes\n"
+              "(frames, headers included) / F. rx xF = mean bytes received per finished node / F. CPU s/GB = user+sys\n"
+              "of all the system's processes from the start (registry included) per 10^9 bytes delivered.\n")
 
 
 # ---------------------------------------------------------------- cleanup and selftest
