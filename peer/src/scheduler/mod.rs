@@ -101,6 +101,12 @@
 //! `BTreeSet` (O(log n) per request), peers in a `BTreeMap` (deterministic order).
 //! The endgame scans the in-flight list, which is small by then.
 //!
+//! After an event only the peers it can concern are refilled: the peer it came
+//! from, peers whose requests ended or were cancelled, peers that have a piece that
+//! went back to needed (a bit test per peer), peers with an avoid list when some
+//! availability dropped, and every peer once when the endgame starts. A full peer
+//! or one in backoff costs one comparison.
+//!
 //! # Events for unknown peers and bad indices
 //!
 //! Out-of-range pieces and unknown peers are ignored without panicking, with one

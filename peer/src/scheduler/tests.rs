@@ -1412,6 +1412,10 @@ enum Msg {
     Timer {
         node: usize,
     },
+    /// Node 0 has fetched `piece` from the upstream registry.
+    Upstream {
+        piece: u32,
+    },
 }
 
 struct SwarmNode {
@@ -1438,11 +1442,20 @@ struct Swarm {
 }
 
 impl Swarm {
-    fn new(n: u32, size: usize, cfg: &SchedulerConfig, max_queue: usize, seed: u64) -> Self {
+    /// Node 0 starts with every piece, or, with `upstream`, fetches one piece per
+    /// `upstream` period from outside the swarm (`local_piece`), in a random order.
+    fn new(
+        n: u32,
+        size: usize,
+        cfg: &SchedulerConfig,
+        max_queue: usize,
+        seed: u64,
+        upstream: Option<Duration>,
+    ) -> Self {
         let start = Instant::now();
         let nodes = (0..size)
             .map(|i| {
-                let have = if i == 0 { Bitfield::full(n) } else { Bitfield::new(n) };
+                let have = if i == 0 && upstream.is_none() { Bitfield::full(n) } else { Bitfield::new(n) };
                 SwarmNode {
                     c: Checked::new(cfg.clone(), have, seed * 100 + i as u64),
                     queue: Default::default(),
@@ -1455,6 +1468,13 @@ impl Swarm {
             })
             .collect();
         let mut s = Self { nodes, q: BinaryHeap::new(), seq: 0, now: start, start, max_queue };
+        if let Some(period) = upstream {
+            let mut order: Vec<u32> = (0..n).collect();
+            rand::seq::SliceRandom::shuffle(&mut order[..], &mut StdRng::seed_from_u64(seed));
+            for (j, piece) in order.into_iter().enumerate() {
+                s.push(start + period * (j as u32 + 1), Msg::Upstream { piece });
+            }
+        }
         // Everyone connects to everyone and sends its bitfield.
         for i in 0..size {
             for j in (0..size).filter(|&j| j != i) {
@@ -1568,6 +1588,10 @@ impl Swarm {
                 let acts = self.nodes[to].c.peer_have(k(from as u64), piece, now);
                 self.send(to, acts);
             }
+            Msg::Upstream { piece } => {
+                let acts = self.nodes[0].c.local(piece, now);
+                self.send(0, acts);
+            }
             Msg::Timer { node } => {
                 if self.nodes[node].armed == Some(t) {
                     self.nodes[node].armed = None;
@@ -1587,22 +1611,29 @@ struct SwarmResult {
     seed_uploads: u64,
 }
 
-fn run_swarm(n: u32, size: usize, cfg: &SchedulerConfig, max_queue: usize, seed: u64) -> SwarmResult {
-    let mut swarm = Swarm::new(n, size, cfg, max_queue, seed);
+fn run_swarm(
+    n: u32,
+    size: usize,
+    cfg: &SchedulerConfig,
+    max_queue: usize,
+    seed: u64,
+    upstream: Option<Duration>,
+) -> SwarmResult {
+    let mut swarm = Swarm::new(n, size, cfg, max_queue, seed, upstream);
     let mut events = 0u64;
     while !swarm.nodes.iter().all(|nd| nd.c.s.is_complete()) {
         assert!(swarm.step(), "swarm stuck");
         events += 1;
         assert!(events < 2_000_000);
     }
-    for nd in &swarm.nodes[1..] {
+    for nd in &swarm.nodes {
         assert_eq!(nd.c.completes, 1);
         assert!(nd.c.outstanding.is_empty());
         if let Err(e) = nd.c.s.check_invariants() {
             panic!("{e}");
         }
     }
-    let t_min = SWARM_PIECE_TIME * n;
+    let t_min = upstream.unwrap_or(Duration::ZERO).max(SWARM_PIECE_TIME) * n;
     let last = swarm.nodes.iter().filter_map(|nd| nd.done_at).max().expect("leechers finished");
     let r = SwarmResult {
         ratio: last.as_secs_f64() / t_min.as_secs_f64(),
@@ -1610,7 +1641,7 @@ fn run_swarm(n: u32, size: usize, cfg: &SchedulerConfig, max_queue: usize, seed:
         seed_uploads: swarm.nodes[0].uploaded,
     };
     println!(
-        "swarm of {size}, queue {max_queue}, busy backoff {:?}, seed {seed}: last done at {:.2} x T_min, {} uploads for {} pieces needed, seed uploaded {}",
+        "swarm of {size}, queue {max_queue}, busy backoff {:?}, upstream {upstream:?}, seed {seed}: last done at {:.2} x T_min, {} uploads for {} pieces needed, seed uploaded {}",
         cfg.busy_backoff,
         r.ratio,
         r.uploads,
@@ -1630,7 +1661,7 @@ fn simulated_swarm_of_nine_completes() {
     let n: u32 = 128;
     let wanted = 8 * u64::from(n);
     for seed in 0..3 {
-        let r = run_swarm(n, 9, &SchedulerConfig::default(), 16, seed);
+        let r = run_swarm(n, 9, &SchedulerConfig::default(), 16, seed, None);
         // The seed's upload is the bottleneck; what is lost is the seed sending a
         // piece twice when two leechers pick the same seed-only piece while their
         // requests wait in its queue. A scheduler that did not trade (8 x T_min) or
@@ -1649,7 +1680,23 @@ fn simulated_swarm_with_short_queues_nears_the_bound() {
     let n: u32 = 128;
     let cfg = SchedulerConfig { busy_backoff: ms(50), ..SchedulerConfig::default() };
     for seed in 0..3 {
-        let r = run_swarm(n, 9, &cfg, 4, seed);
+        let r = run_swarm(n, 9, &cfg, 4, seed, None);
         assert!(r.ratio < 1.3, "{} x T_min", r.ratio);
+    }
+}
+
+/// Cut-through: node 0 fetches the blob from upstream at half its upload rate and
+/// the pieces flow on while the rest is still arriving.
+#[test]
+fn simulated_swarm_from_upstream_cuts_through() {
+    let n: u32 = 128;
+    let upstream = Some(SWARM_PIECE_TIME * 2);
+    for (cfg, queue) in
+        [(SchedulerConfig::default(), 16), (SchedulerConfig { busy_backoff: ms(50), ..SchedulerConfig::default() }, 4)]
+    {
+        for seed in 0..3 {
+            let r = run_swarm(n, 9, &cfg, queue, seed, upstream);
+            assert!(r.ratio < 1.2, "{} x T_min", r.ratio);
+        }
     }
 }
