@@ -441,6 +441,57 @@ def wait_listen(ns, proto, port, timeout=15.0, proc=None):
                                                                  "; log: " + proc.tail() if proc else ""))
 
 
+# ---------------------------------------------------------------- fabric calibration
+
+def calibrate(topo, seconds=2.0):
+    """What the emulated network itself delivers, with iperf3 (TCP, cheap on CPU):
+    every node sending to the next one at once (all uplinks and downlinks busy), then
+    upstream to node 1 alone. Goodput in bit/s and as a fraction of the tbf rate."""
+    if not shutil.which("iperf3"):
+        return {"status": "unavailable", "reason": "iperf3 not installed (apt-get install iperf3)"}
+    port = 5201
+
+    def servers(hosts):
+        ps = [subprocess.Popen(["ip", "netns", "exec", ns, "iperf3", "-s", "-1", "-B", addr, "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for ns, addr in hosts]
+        for ns, _ in hosts:
+            wait_listen(ns, "tcp", port, timeout=10)
+        return ps
+
+    def clients(pairs):
+        cs = [subprocess.Popen(["ip", "netns", "exec", ns, "iperf3", "-c", dst, "-p", str(port), "-t", str(seconds),
+                                "-J"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) for ns, dst in pairs]
+        got = []
+        for c in cs:
+            try:
+                out = json.loads(c.communicate(timeout=seconds + 20)[0] or b"{}")
+                got.append(out["end"]["sum_received"]["bits_per_second"])
+            except (subprocess.TimeoutExpired, KeyError, ValueError):
+                c.kill()
+                got.append(None)
+        return got
+
+    n = topo.n
+    srv = servers([(topo.ns(i), topo.ip(i)) for i in range(1, n + 1)])
+    ring = clients([(topo.ns(i), topo.ip(i % n + 1)) for i in range(1, n + 1)])
+    for p in srv:
+        p.kill()
+        p.wait()
+    srv = servers([(topo.ns(1), topo.ip(1))])
+    up = clients([(topo.up, topo.ip(1))])[0]
+    for p in srv:
+        p.kill()
+        p.wait()
+    ok = [g for g in ring if g]
+    return {
+        "status": "ok", "tool": "iperf3 TCP, %g s" % seconds,
+        "ring_bps": ring,
+        "ring_min_fraction": round(min(ok) / topo.node_bps, 4) if ok else None,
+        "uplink_bps": up,
+        "uplink_fraction": round(up / topo.uplink_bps, 4) if up else None,
+    }
+
+
 # ---------------------------------------------------------------- the upstream registry
 
 class Registry:
@@ -989,6 +1040,7 @@ def run(args):
     started = time.time()
     results = []
     registry = None
+    calib = None
     try:
         log("topology %s: %d nodes, uplink %s, nodes %s up / %s down" % (
             tag, args.nodes, human_rate(args.uplink), human_rate(args.node_rate),
@@ -1001,6 +1053,9 @@ def run(args):
         registry.start(workdir)
         topo.check_reachability()
         push_blob(topo.up, "http://%s:%d" % (UP_IP, REG_PORT), blob, "sha256:" + digest)
+        if args.calibrate:
+            calib = calibrate(topo)
+            log("calibration: %s" % json.dumps(calib))
         for sc in scenarios:
             for name in systems:
                 log("running %s / %s" % (name, sc))
@@ -1035,6 +1090,7 @@ def run(args):
         "host": {"kernel": platform.release(), "cpus": os.cpu_count(), "hostname": socket.gethostname(),
                  "loadavg_at_end": os.getloadavg(),
                  "note": "shared 2-core machine; other jobs (Rust builds) run concurrently, timings are noisy"},
+        "calibration": calib,
         "results": results,
     }
     return doc
@@ -1063,6 +1119,10 @@ def print_table(doc, out=sys.stdout):
     out.write("\nswarm netns benchmark: %d nodes, blob %s, uplink %s, nodes %s up / %s down\n" % (
         p["nodes"], human_size(p["size_bytes"]), human_rate(p["uplink_bps"]), human_rate(p["node_rate_bps"]),
         human_rate(p["node_down_bps"]) if p["node_down_bps"] else "unshaped"))
+    cal = doc.get("calibration")
+    if cal and cal.get("status") == "ok":
+        out.write("fabric (iperf3 TCP): all nodes sending at once >= %.0f%% of the node rate each, uplink %.0f%% of its rate\n"
+                  % (100 * (cal["ring_min_fraction"] or 0), 100 * (cal["uplink_fraction"] or 0)))
     hdr = ("%-10s %-10s %-6s %8s %8s %8s %7s %7s %9s %7s %9s  %s" %
            ("scenario", "system", "nodes", "last s", "median", "p90", "T_min", "xT_min", "uplink xF", "rx xF",
             "CPU s/GB", "status"))
@@ -1194,6 +1254,8 @@ def build_parser():
         p.add_argument("--workdir", default="/tmp", help="parent of the run's scratch directory")
         p.add_argument("--keep", action="store_true", help="keep the scratch directory (logs)")
         p.add_argument("--json", metavar="OUT.json", help="write every raw figure here")
+        p.add_argument("--calibrate", action="store_true",
+                       help="first measure the emulated fabric with iperf3 (ring of nodes, uplink): ~5 s")
 
     r = sub.add_parser("run", help="run the benchmark")
     r.add_argument("--nodes", type=int, default=8)
