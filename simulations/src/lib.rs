@@ -1,0 +1,51 @@
+//! `swarm-sim`: a discrete-event, flow-level network simulator that runs the **real**
+//! swarm policy — `swarm_peer::scheduler::Scheduler` on every node,
+//! `swarm_peer::scheduler::choose_peers` for connection choice and
+//! `swarm_tracker::state::TrackerState` as the tracker — through their sans-IO
+//! interfaces, with virtual time.
+//!
+//! # What is modelled
+//!
+//! - **Bandwidth, at flow level** ([`model`]): each node has an upload and a download
+//!   capacity; the upstream registry has an egress rate `u_s`; with `--zones K` each
+//!   site has one shared link (each direction) that inter-site and upstream traffic
+//!   crosses. A piece transfer is a flow over sender-up → (site links) →
+//!   receiver-down; rates are an incremental max-min fair allocation that never
+//!   exceeds any capacity (see [`model`] for the exact rule and its error).
+//! - **Latency**: a fixed one-way delay of RTT/2 for every message (request, reply,
+//!   cancel, `Have`), a dial costs 2 RTTs, a tracker round trip 1 RTT, and the upstream
+//!   GET starts one WAN RTT after the lease holder starts.
+//! - **The real node's driver** ([`node`]): receive budget (32 MiB, FIFO), 16 upload
+//!   slots with a 500 ms wait and `Busy`, `Missing` rejects, cancels, `Have` to every
+//!   connected peer, `max_peers` = 32 with `choose_peers` over the tracker's list,
+//!   inbound connections always accepted, announces every 2 s while short of peers
+//!   and every tracker interval otherwise, re-announce on completion.
+//! - **Scenarios** ([`scenario`]): edge upgrade (one lease holder streams the blob
+//!   from upstream; each piece is shared as soon as it arrived), in-cluster (a seed),
+//!   churn (graceful leaves and joins at random times), and the direct baseline.
+//!
+//! # What is not modelled
+//!
+//! Packet-level effects (TCP/QUIC congestion control, slow start, loss, queueing
+//! delay, head-of-line blocking): a flow gets its fair share instantly. CPU and disk:
+//! hashing, writes and the final whole-blob check take no time. Control traffic
+//! (handshakes, bitfields, `Have`s, tracker messages) uses no bandwidth. Bad pieces,
+//! stalled peers, dial failures other than to departed nodes, tracker restarts and
+//! crashes (every leave is graceful). The upstream lease is given to node 0 by the
+//! simulator (the tracker's lease protocol is not exercised). Only one blob at a time.
+//!
+//! # Determinism
+//!
+//! A run is a pure function of its parameters and `--seed`: integer virtual time,
+//! FIFO among simultaneous events, every map ordered (`BTreeMap`), every random draw
+//! from seeded generators. Only the reported wall time differs between runs.
+
+pub mod model;
+pub mod node;
+pub mod report;
+pub mod scenario;
+pub mod units;
+pub mod world;
+
+pub use report::Report;
+pub use scenario::{Params, Rates, Scenario, run};

@@ -1,0 +1,796 @@
+//! The driver of one simulated node: the mirror of `peer/src/node.rs` around the real
+//! [`Scheduler`].
+//!
+//! This module owns everything a node keeps besides its scheduler — connections
+//! ([`SimNode::links`]), connection attempts, the announce cycle, the receive budget,
+//! upload slots and their wait queue — and the reactions to the scheduler's actions.
+//! It mirrors the real driver step by step:
+//!
+//! | real node (`peer/src/node.rs`)                               | here                                                     |
+//! |--------------------------------------------------------------|----------------------------------------------------------|
+//! | `Request`: fetch task takes receive budget (KiB permits, FIFO), opens a stream, sends the request | [`World::request`]: same budget in KiB, FIFO; request reaches the sender after RTT/2 |
+//! | sender: `Missing` if the piece is not held; else an upload slot (try, then wait ≤ 500 ms FIFO, else `Busy`) | [`World::on_request_arrive`], [`World::on_queue_timeout`] |
+//! | sender streams the piece; receiver verifies and stores it     | a flow sender up → receiver down; the reply reaches the receiver RTT/2 after the last byte left; hashing and disk take no time |
+//! | `Cancel`: abort the fetch task (budget freed at once; the sender stops when STOP_SENDING arrives) | budget freed at once; flow or queue entry dropped RTT/2 later |
+//! | `Have`: sent to every connected peer                          | every peer connected when it arrives (RTT/2 later) gets `peer_have` |
+//! | `Complete`: whole-blob check, then announce at once            | announce at once (the check is not modelled)             |
+//! | announce every 2 s while < `max_peers/2` peers and incomplete, else every tracker interval | same ([`World::on_tracker_reply`]) |
+//! | `connect_to`: drop self, connected, connecting, failed < 5 s; `choose_peers(…, max_peers − peers − connecting)`; seeds never dial | same ([`World::connect_to`]); a dial takes 2 RTTs (QUIC handshake + the blob handshake) |
+//! | inbound connections always accepted; duplicate connections collapse to one | same; the bitfields are exchanged when the link is up |
+//! | `DropPeer`: close the connection                               | unlink both sides (never happens: no bad pieces are simulated) |
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use swarm_peer::scheduler::{Action, Candidate, PeerKey, RequestFailure, Scheduler, SchedulerConfig, choose_peers};
+use swarm_proto::PeerId;
+use swarm_proto::msg::{Announce, PeerInfo, TrackerRequest, TrackerResponse};
+
+use crate::model::{FlowId, Nanos, ResId};
+use crate::world::{Ev, FlowTag, World};
+
+/// First address of the simulated nodes (RFC 2544 benchmarking range).
+const BASE_ADDR: u32 = u32::from_be_bytes([198, 18, 0, 0]);
+/// The port every simulated node listens on.
+pub const LISTEN_PORT: u16 = 7001;
+
+/// The address of node `i`.
+pub fn node_addr(i: u32) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::from(BASE_ADDR + 1 + i)), LISTEN_PORT)
+}
+
+/// The node an address belongs to.
+pub fn addr_node(a: &SocketAddr) -> Option<u32> {
+    match a.ip() {
+        IpAddr::V4(ip) => u32::from(ip).checked_sub(BASE_ADDR + 1),
+        IpAddr::V6(_) => None,
+    }
+}
+
+/// What a node is in the scenario.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Downloads through the swarm.
+    Leecher,
+    /// Downloads from upstream (the edge lease holder) and serves the swarm.
+    Holder,
+    /// Starts with the whole blob (in-cluster seed).
+    Seed,
+}
+
+/// One connection as seen from one side.
+#[derive(Clone, Copy, Debug)]
+pub struct Link {
+    /// The node at the other end.
+    pub remote: u32,
+    /// The key the other end uses for us.
+    pub remote_key: PeerKey,
+}
+
+/// A simulated node: the scheduler plus the driver state of `peer/src/node.rs`.
+pub struct SimNode {
+    pub peer_id: PeerId,
+    pub zone: u32,
+    pub role: Role,
+    pub up: ResId,
+    pub down: ResId,
+    pub alive: bool,
+    /// Whether the run waits for this node to complete.
+    pub counted: bool,
+    pub joined_at: Nanos,
+    pub left_at: Option<Nanos>,
+    pub completed_at: Option<Nanos>,
+    pub sched: Scheduler,
+    /// Randomness of peer choice (the real node uses the thread RNG).
+    pub rng: StdRng,
+    pub links: BTreeMap<PeerKey, Link>,
+    pub by_node: BTreeMap<u32, PeerKey>,
+    pub next_key: u64,
+    pub connecting: BTreeSet<u32>,
+    /// Nodes whose dial failed, and when.
+    pub failed: BTreeMap<u32, Nanos>,
+    pub announcing: bool,
+    pub next_announce: Nanos,
+    /// The earliest scheduler wake-up already in the event queue.
+    pub timer_at: Option<Nanos>,
+    /// Our fetches by (peer, piece).
+    pub outstanding: BTreeMap<(PeerKey, u32), FetchId>,
+    /// Free receive budget in KiB, and fetches waiting for it (FIFO by sequence).
+    pub budget_free: u32,
+    pub budget_queue: BTreeMap<u64, FetchId>,
+    /// Free upload slots, and requests waiting for one (FIFO by sequence).
+    pub slots_free: u32,
+    pub upload_queue: BTreeMap<u64, FetchId>,
+    /// Piece bytes verified from peers or upstream.
+    pub downloaded: u64,
+    /// Piece bytes fully sent to peers.
+    pub uploaded: u64,
+}
+
+impl SimNode {
+    /// A node that holds `sched`'s pieces.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        peer_id: PeerId,
+        zone: u32,
+        role: Role,
+        up: ResId,
+        down: ResId,
+        sched: Scheduler,
+        rng: StdRng,
+        budget_kib: u32,
+        slots: u32,
+    ) -> Self {
+        Self {
+            peer_id,
+            zone,
+            role,
+            up,
+            down,
+            alive: false,
+            counted: false,
+            joined_at: 0,
+            left_at: None,
+            completed_at: None,
+            sched,
+            rng,
+            links: BTreeMap::new(),
+            by_node: BTreeMap::new(),
+            next_key: 0,
+            connecting: BTreeSet::new(),
+            failed: BTreeMap::new(),
+            announcing: false,
+            next_announce: 0,
+            timer_at: None,
+            outstanding: BTreeMap::new(),
+            budget_free: budget_kib,
+            budget_queue: BTreeMap::new(),
+            slots_free: slots,
+            upload_queue: BTreeMap::new(),
+            downloaded: 0,
+            uploaded: 0,
+        }
+    }
+}
+
+/// The real node's settings and constants that shape its behaviour in the swarm.
+#[derive(Clone, Debug)]
+pub struct DriverConfig {
+    /// Peers to keep connected (`NodeConfig::max_peers`).
+    pub max_peers: usize,
+    /// Concurrent uploads (`NodeConfig::upload_slots`).
+    pub upload_slots: usize,
+    /// Bytes of piece buffers in flight (`NodeConfig::receive_budget`).
+    pub receive_budget: usize,
+    /// How long a request waits for an upload slot before `Busy` (`serve_one`).
+    pub slot_wait: Duration,
+    /// Re-announce period while short of peers (`EAGER_ANNOUNCE`).
+    pub eager_announce: Duration,
+    /// No re-dial of a failed address for this long (`CONNECT_BACKOFF`).
+    pub connect_backoff: Duration,
+    /// The piece-picking policy.
+    pub scheduler: SchedulerConfig,
+}
+
+impl Default for DriverConfig {
+    /// The values of `NodeConfig::new` and the constants of `peer/src/node.rs`.
+    fn default() -> Self {
+        Self {
+            max_peers: 32,
+            upload_slots: 16,
+            receive_budget: 32 << 20,
+            slot_wait: Duration::from_millis(500),
+            eager_announce: Duration::from_secs(2),
+            connect_backoff: Duration::from_secs(5),
+            scheduler: SchedulerConfig::default(),
+        }
+    }
+}
+
+/// A fetch: one piece request from `receiver` to `sender`, from the `Request` action
+/// to its reply (or abort).
+#[derive(Clone, Copy, Debug)]
+pub struct Fetch {
+    pub receiver: u32,
+    pub sender: u32,
+    /// The receiver's key for the sender.
+    pub key: PeerKey,
+    pub piece: u32,
+    pub len: u32,
+    pub state: FetchState,
+    /// The receiver aborted it; a `CancelArrive` event is on its way to the sender.
+    pub cancelled: bool,
+    /// KiB of receive budget held.
+    pub budget: u32,
+}
+
+/// Where a fetch stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FetchState {
+    /// Waiting for receive budget (sequence in the receiver's queue).
+    WaitBudget(u64),
+    /// The request is on its way to the sender.
+    ToSender,
+    /// Waiting for an upload slot (sequence in the sender's queue).
+    Queued(u64),
+    /// Bytes flowing.
+    Flowing(FlowId),
+    /// The reply is on its way back.
+    ToReceiver(Reply),
+}
+
+/// How the sender answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reply {
+    Piece,
+    Busy,
+    Missing,
+}
+
+/// A fetch handle: slot index plus generation, so stale events are recognised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FetchId {
+    idx: u32,
+    generation: u32,
+}
+
+/// Storage of live fetches with O(1) insert, lookup and removal.
+#[derive(Default)]
+pub struct Fetches {
+    slots: Vec<(u32, Option<Fetch>)>,
+    free: Vec<u32>,
+    live: usize,
+}
+
+impl Fetches {
+    pub fn insert(&mut self, f: Fetch) -> FetchId {
+        self.live += 1;
+        match self.free.pop() {
+            Some(idx) => {
+                let slot = &mut self.slots[idx as usize];
+                slot.0 = slot.0.wrapping_add(1);
+                slot.1 = Some(f);
+                FetchId { idx, generation: slot.0 }
+            }
+            None => {
+                self.slots.push((0, Some(f)));
+                FetchId { idx: (self.slots.len() - 1) as u32, generation: 0 }
+            }
+        }
+    }
+
+    pub fn get(&self, id: FetchId) -> Option<&Fetch> {
+        match self.slots.get(id.idx as usize) {
+            Some((g, Some(f))) if *g == id.generation => Some(f),
+            _ => None,
+        }
+    }
+
+    pub fn get_mut(&mut self, id: FetchId) -> Option<&mut Fetch> {
+        match self.slots.get_mut(id.idx as usize) {
+            Some((g, Some(f))) if *g == id.generation => Some(f),
+            _ => None,
+        }
+    }
+
+    pub fn remove(&mut self, id: FetchId) -> Option<Fetch> {
+        let slot = self.slots.get_mut(id.idx as usize)?;
+        if slot.0 != id.generation {
+            return None;
+        }
+        let f = slot.1.take()?;
+        self.free.push(id.idx);
+        self.live -= 1;
+        Some(f)
+    }
+
+    /// Fetches alive.
+    pub fn len(&self) -> usize {
+        self.live
+    }
+
+    /// Whether no fetch is alive.
+    pub fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+}
+
+impl World {
+    /// Executes every pending action of node `n`'s scheduler, then re-arms its timer.
+    pub(crate) fn drain(&mut self, n: u32) {
+        while let Some(action) = self.nodes[n as usize].sched.poll_action() {
+            match action {
+                Action::Request { peer, piece } => self.request(n, peer, piece),
+                Action::Cancel { peer, piece } => self.cancel(n, peer, piece),
+                Action::Have { piece } => {
+                    let t = self.now + self.half_rtt;
+                    self.events.push(t, Ev::Have { node: n, piece });
+                }
+                Action::DropPeer { peer, .. } => self.unlink(n, peer, false),
+                Action::Complete => self.on_complete(n),
+            }
+        }
+        self.arm_timer(n);
+    }
+
+    /// Makes sure a `Timer` event is queued no later than the scheduler's deadline.
+    pub(crate) fn arm_timer(&mut self, n: u32) {
+        let node = &mut self.nodes[n as usize];
+        let Some(deadline) = node.sched.poll_timeout() else { return };
+        let t = self.clock.nanos(deadline).max(self.now);
+        if node.timer_at.is_none_or(|a| t < a) {
+            node.timer_at = Some(t);
+            self.events.push(t, Ev::Timer { node: n });
+        }
+    }
+
+    pub(crate) fn on_timer(&mut self, n: u32) {
+        let now = self.now;
+        let at = self.clock.at(now);
+        let node = &mut self.nodes[n as usize];
+        if !node.alive {
+            return;
+        }
+        if node.timer_at == Some(now) {
+            node.timer_at = None;
+        }
+        if node.sched.poll_timeout().is_some_and(|d| d <= at) {
+            node.sched.handle_timeout(at);
+            self.drain(n);
+        } else {
+            self.arm_timer(n);
+        }
+    }
+
+    fn on_complete(&mut self, n: u32) {
+        let now = self.now;
+        let node = &mut self.nodes[n as usize];
+        if node.completed_at.is_some() {
+            return;
+        }
+        node.completed_at = Some(now);
+        if node.counted && node.alive {
+            self.pending_nodes -= 1;
+        }
+        // `Finished` sets the next announce to now: tell the tracker we are a seed.
+        if node.alive {
+            node.next_announce = now;
+            if !node.announcing {
+                self.events.push(now, Ev::Announce { node: n });
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ downloads
+
+    fn request(&mut self, n: u32, key: PeerKey, piece: u32) {
+        let node = &self.nodes[n as usize];
+        let Some(link) = node.links.get(&key).copied() else { return };
+        let len = self.piece_len(piece);
+        let need = len.div_ceil(1024).max(1).min(self.budget_kib);
+        let fetch = Fetch {
+            receiver: n,
+            sender: link.remote,
+            key,
+            piece,
+            len,
+            state: FetchState::ToSender,
+            cancelled: false,
+            budget: 0,
+        };
+        let id = self.fetches.insert(fetch);
+        if let Some(old) = self.nodes[n as usize].outstanding.insert((key, piece), id) {
+            self.abort(old);
+        }
+        let node = &mut self.nodes[n as usize];
+        if node.budget_queue.is_empty() && node.budget_free >= need {
+            node.budget_free -= need;
+            self.send_request(id, need);
+        } else {
+            self.seq += 1;
+            node.budget_queue.insert(self.seq, id);
+            if let Some(f) = self.fetches.get_mut(id) {
+                f.state = FetchState::WaitBudget(self.seq);
+            }
+        }
+    }
+
+    fn send_request(&mut self, id: FetchId, budget: u32) {
+        if let Some(f) = self.fetches.get_mut(id) {
+            f.budget = budget;
+            f.state = FetchState::ToSender;
+            self.events.push(self.now + self.half_rtt, Ev::RequestArrive(id));
+        }
+    }
+
+    /// Returns budget to node `n` and starts the fetches at the head of its queue.
+    fn release_budget(&mut self, n: u32, kib: u32) {
+        let node = &mut self.nodes[n as usize];
+        node.budget_free += kib;
+        if !node.alive {
+            return;
+        }
+        loop {
+            let node = &mut self.nodes[n as usize];
+            let Some((&seq, &id)) = node.budget_queue.first_key_value() else { break };
+            let Some(f) = self.fetches.get(id) else {
+                node.budget_queue.remove(&seq);
+                continue;
+            };
+            let need = f.len.div_ceil(1024).max(1).min(self.budget_kib);
+            if node.budget_free < need {
+                break;
+            }
+            node.budget_free -= need;
+            node.budget_queue.remove(&seq);
+            self.send_request(id, need);
+        }
+    }
+
+    /// `Cancel`: the fetch task is aborted. Its budget is free at once; the sender
+    /// hears of it RTT/2 later.
+    fn cancel(&mut self, n: u32, key: PeerKey, piece: u32) {
+        let Some(id) = self.nodes[n as usize].outstanding.remove(&(key, piece)) else { return };
+        self.abort(id);
+    }
+
+    /// Aborts a fetch from the receiver's side (cancel, or a replaced request).
+    fn abort(&mut self, id: FetchId) {
+        let Some(f) = self.fetches.get_mut(id) else { return };
+        let (receiver, budget, state) = (f.receiver, f.budget, f.state);
+        if let FetchState::WaitBudget(seq) = state {
+            self.nodes[receiver as usize].budget_queue.remove(&seq);
+            self.fetches.remove(id);
+            return;
+        }
+        f.cancelled = true;
+        f.budget = 0;
+        self.events.push(self.now + self.half_rtt, Ev::CancelArrive(id));
+        if budget > 0 {
+            self.release_budget(receiver, budget);
+        }
+    }
+
+    /// The sender learns that a fetch was cancelled: drop its queue entry or flow.
+    pub(crate) fn on_cancel_arrive(&mut self, id: FetchId) {
+        let Some(f) = self.fetches.remove(id) else { return };
+        self.stop_at_sender(&f);
+    }
+
+    /// Removes a fetch from the sender's queue or stops its flow.
+    fn stop_at_sender(&mut self, f: &Fetch) {
+        match f.state {
+            FetchState::Queued(seq) => {
+                self.nodes[f.sender as usize].upload_queue.remove(&seq);
+            }
+            FetchState::Flowing(flow) => {
+                if let Some((_, _, moved)) = self.net.end(flow, self.now) {
+                    self.wasted_bytes += moved;
+                }
+                self.release_slot(f.sender);
+            }
+            _ => {}
+        }
+    }
+
+    /// Aborts every fetch of node `n` whose peer is `key` (the connection is gone):
+    /// no scheduler call, the caller removes the peer from the scheduler.
+    fn abort_all_with(&mut self, n: u32, key: PeerKey) {
+        let ids: Vec<FetchId> =
+            self.nodes[n as usize].outstanding.range((key, 0)..=(key, u32::MAX)).map(|(_, &id)| id).collect();
+        for id in ids {
+            let Some(f) = self.fetches.get(id).copied() else { continue };
+            self.nodes[n as usize].outstanding.remove(&(key, f.piece));
+            if let FetchState::WaitBudget(seq) = f.state {
+                self.nodes[n as usize].budget_queue.remove(&seq);
+            }
+            self.fetches.remove(id);
+            if f.budget > 0 {
+                self.release_budget(n, f.budget);
+            }
+            if self.nodes[f.sender as usize].alive {
+                self.stop_at_sender(&f);
+            } else if let FetchState::Flowing(flow) = f.state
+                && let Some((_, _, moved)) = self.net.end(flow, self.now)
+            {
+                self.wasted_bytes += moved;
+            }
+        }
+    }
+
+    // -------------------------------------------------------------------- uploads
+
+    /// A request reaches its sender.
+    pub(crate) fn on_request_arrive(&mut self, id: FetchId) {
+        let Some(f) = self.fetches.get(id).copied() else { return };
+        if !self.nodes[f.receiver as usize].alive {
+            self.fetches.remove(id);
+            return;
+        }
+        let sender = &mut self.nodes[f.sender as usize];
+        if !sender.alive {
+            return;
+        }
+        if !sender.sched.have().get(f.piece) {
+            self.reply(id, Reply::Missing);
+            return;
+        }
+        if sender.slots_free > 0 && sender.upload_queue.is_empty() {
+            self.start_upload(id);
+        } else {
+            self.seq += 1;
+            sender.upload_queue.insert(self.seq, id);
+            if let Some(f) = self.fetches.get_mut(id) {
+                f.state = FetchState::Queued(self.seq);
+            }
+            self.events.push(self.now + self.slot_wait, Ev::QueueTimeout(id));
+        }
+    }
+
+    /// A queued request waited too long for an upload slot: `Busy`.
+    pub(crate) fn on_queue_timeout(&mut self, id: FetchId) {
+        let Some(f) = self.fetches.get(id).copied() else { return };
+        if let FetchState::Queued(seq) = f.state {
+            self.nodes[f.sender as usize].upload_queue.remove(&seq);
+            self.reply(id, Reply::Busy);
+        }
+    }
+
+    fn start_upload(&mut self, id: FetchId) {
+        let Some(f) = self.fetches.get(id).copied() else { return };
+        let (s, r) = (&self.nodes[f.sender as usize], &self.nodes[f.receiver as usize]);
+        let mut path = [s.up; 4];
+        let mut hops = 1;
+        if s.zone != r.zone
+            && let (Some(&(out, _)), Some(&(_, inn))) =
+                (self.zone_links.get(s.zone as usize), self.zone_links.get(r.zone as usize))
+        {
+            path[1] = out;
+            path[2] = inn;
+            hops = 3;
+        }
+        path[hops] = r.down;
+        hops += 1;
+        self.nodes[f.sender as usize].slots_free -= 1;
+        let flow = self.net.start(self.now, u64::from(f.len), &path[..hops], FlowTag::Fetch(id));
+        if let Some(f) = self.fetches.get_mut(id) {
+            f.state = FetchState::Flowing(flow);
+        }
+    }
+
+    /// Frees an upload slot of `s` and starts the next queued request.
+    fn release_slot(&mut self, s: u32) {
+        let node = &mut self.nodes[s as usize];
+        node.slots_free += 1;
+        if !node.alive {
+            return;
+        }
+        while self.nodes[s as usize].slots_free > 0 {
+            let Some((_, id)) = self.nodes[s as usize].upload_queue.pop_first() else { break };
+            if self.fetches.get(id).is_some() {
+                self.start_upload(id);
+            }
+        }
+    }
+
+    /// The last byte of a piece left its sender.
+    pub(crate) fn on_upload_done(&mut self, id: FetchId) {
+        let Some(f) = self.fetches.get(id).copied() else { return };
+        self.nodes[f.sender as usize].uploaded += u64::from(f.len);
+        self.uploaded_bytes += u64::from(f.len);
+        self.reply(id, Reply::Piece);
+        self.release_slot(f.sender);
+    }
+
+    fn reply(&mut self, id: FetchId, r: Reply) {
+        if let Some(f) = self.fetches.get_mut(id) {
+            f.state = FetchState::ToReceiver(r);
+            self.events.push(self.now + self.half_rtt, Ev::Reply(id));
+        }
+    }
+
+    /// A reply reaches the receiver: the fetch task ends and tells the scheduler.
+    pub(crate) fn on_reply(&mut self, id: FetchId) {
+        let Some(f) = self.fetches.get(id).copied() else { return };
+        if f.cancelled {
+            // The task was aborted: nobody listens. The CancelArrive event frees it.
+            return;
+        }
+        let FetchState::ToReceiver(reply) = f.state else { return };
+        self.fetches.remove(id);
+        let n = f.receiver;
+        let node = &mut self.nodes[n as usize];
+        if node.outstanding.get(&(f.key, f.piece)) == Some(&id) {
+            node.outstanding.remove(&(f.key, f.piece));
+        }
+        if f.budget > 0 {
+            self.release_budget(n, f.budget);
+        }
+        let at = self.clock.at(self.now);
+        let node = &mut self.nodes[n as usize];
+        match reply {
+            Reply::Piece => {
+                node.downloaded += u64::from(f.len);
+                self.received_bytes += u64::from(f.len);
+                node.sched.piece_verified(f.key, f.piece, at);
+            }
+            Reply::Busy => node.sched.request_failed(f.key, f.piece, RequestFailure::Busy, at),
+            Reply::Missing => node.sched.request_failed(f.key, f.piece, RequestFailure::Missing, at),
+        }
+        self.drain(n);
+    }
+
+    /// A `Have` reaches every peer `n` is connected to now.
+    pub(crate) fn on_have(&mut self, n: u32, piece: u32) {
+        let mut peers = std::mem::take(&mut self.scratch_links);
+        peers.clear();
+        peers.extend(self.nodes[n as usize].links.values().copied());
+        let at = self.clock.at(self.now);
+        for l in &peers {
+            self.nodes[l.remote as usize].sched.peer_have(l.remote_key, piece, at);
+            self.drain(l.remote);
+        }
+        self.scratch_links = peers;
+    }
+
+    // ---------------------------------------------------------------- connections
+
+    /// Announces to the tracker; the reply comes back one RTT later.
+    pub(crate) fn on_announce(&mut self, n: u32) {
+        let now = self.now;
+        let node = &mut self.nodes[n as usize];
+        if !node.alive || node.announcing || node.next_announce != now {
+            return;
+        }
+        node.announcing = true;
+        let ann = Announce {
+            peer_id: node.peer_id,
+            blob: self.digest,
+            listen_port: LISTEN_PORT,
+            advertise: None,
+            zone: zone_name(node.zone),
+            have: node.sched.have().count(),
+            complete: node.completed_at.is_some(),
+            num_want: self.driver.max_peers as u32,
+        };
+        let response = self.tracker.handle(TrackerRequest::Announce(ann), node_addr(n), self.clock.at(now));
+        let ev = match response {
+            TrackerResponse::Peers { peers, interval_secs } => Ev::TrackerReply {
+                node: n,
+                peers: peers.into_boxed_slice(),
+                interval: u64::from(interval_secs.max(1)) * 1_000_000_000,
+            },
+            other => {
+                tracing::warn!(node = n, ?other, "announce refused");
+                Ev::TrackerReply { node: n, peers: Box::new([]), interval: 0 }
+            }
+        };
+        self.events.push(now + 2 * self.half_rtt, ev);
+    }
+
+    /// The tracker's reply: schedule the next announce and dial some of the peers.
+    pub(crate) fn on_tracker_reply(&mut self, n: u32, peers: &[PeerInfo], interval: Nanos) {
+        let now = self.now;
+        let eager_after = crate::model::nanos(self.driver.eager_announce);
+        let node = &mut self.nodes[n as usize];
+        if !node.alive {
+            return;
+        }
+        node.announcing = false;
+        let next = if interval == 0 {
+            // Failed: retry after the eager period.
+            eager_after
+        } else if node.links.len() < self.driver.max_peers / 2 && !node.sched.is_complete() {
+            eager_after.min(interval)
+        } else {
+            interval
+        };
+        node.next_announce = now + next;
+        self.events.push(now + next, Ev::Announce { node: n });
+        self.connect_to(n, peers);
+    }
+
+    /// Dials up to `max_peers − peers − connecting` of the offered peers.
+    fn connect_to(&mut self, n: u32, peers: &[PeerInfo]) {
+        let now = self.now;
+        let backoff = crate::model::nanos(self.driver.connect_backoff);
+        let max_peers = self.driver.max_peers;
+        let node = &mut self.nodes[n as usize];
+        node.failed.retain(|_, t| now.saturating_sub(*t) < backoff);
+        let my_zone = zone_name(node.zone);
+        let fresh: Vec<(u32, Candidate)> = peers
+            .iter()
+            .filter_map(|p| {
+                let i = addr_node(&p.addr)?;
+                let ok = i != n
+                    && p.peer_id != node.peer_id
+                    && !node.by_node.contains_key(&i)
+                    && !node.connecting.contains(&i)
+                    && !node.failed.contains_key(&i);
+                ok.then(|| (i, Candidate { same_zone: p.zone == my_zone, have: p.have, complete: p.complete }))
+            })
+            .collect();
+        let wanted = max_peers.saturating_sub(node.links.len() + node.connecting.len());
+        if fresh.is_empty() || wanted == 0 || node.sched.is_complete() {
+            return;
+        }
+        let candidates: Vec<Candidate> = fresh.iter().map(|&(_, c)| c).collect();
+        let chosen = choose_peers(&candidates, wanted, &mut node.rng);
+        let t = now + 4 * self.half_rtt;
+        for i in chosen {
+            let Some(&(to, _)) = fresh.get(i) else { continue };
+            self.nodes[n as usize].connecting.insert(to);
+            self.events.push(t, Ev::ConnectDone { from: n, to });
+        }
+    }
+
+    /// A dial finished: link the two nodes unless one is gone or they already are.
+    pub(crate) fn on_connect_done(&mut self, from: u32, to: u32) {
+        let now = self.now;
+        let a = &mut self.nodes[from as usize];
+        a.connecting.remove(&to);
+        if !a.alive || a.by_node.contains_key(&to) {
+            return;
+        }
+        if !self.nodes[to as usize].alive {
+            self.nodes[from as usize].failed.insert(to, now);
+            return;
+        }
+        self.link(from, to);
+    }
+
+    fn link(&mut self, a: u32, b: u32) {
+        let at = self.clock.at(self.now);
+        let ka = PeerKey(self.nodes[a as usize].next_key);
+        let kb = PeerKey(self.nodes[b as usize].next_key);
+        self.nodes[a as usize].next_key += 1;
+        self.nodes[b as usize].next_key += 1;
+        self.nodes[a as usize].links.insert(ka, Link { remote: b, remote_key: kb });
+        self.nodes[a as usize].by_node.insert(b, ka);
+        self.nodes[b as usize].links.insert(kb, Link { remote: a, remote_key: ka });
+        self.nodes[b as usize].by_node.insert(a, kb);
+        let bits_a = self.nodes[a as usize].sched.have().clone();
+        let bits_b = self.nodes[b as usize].sched.have().clone();
+        let na = &mut self.nodes[a as usize].sched;
+        na.add_peer(ka, at);
+        na.peer_bitfield(ka, &bits_b, at);
+        let nb = &mut self.nodes[b as usize].sched;
+        nb.add_peer(kb, at);
+        nb.peer_bitfield(kb, &bits_a, at);
+        self.drain(a);
+        self.drain(b);
+    }
+
+    /// Closes the connection `n` knows as `key`, on both sides. With `remove_here`,
+    /// `n`'s scheduler is told too (it already forgot the peer after `DropPeer`).
+    pub(crate) fn unlink(&mut self, n: u32, key: PeerKey, remove_here: bool) {
+        let Some(link) = self.nodes[n as usize].links.remove(&key) else { return };
+        self.nodes[n as usize].by_node.remove(&link.remote);
+        let r = link.remote;
+        self.nodes[r as usize].links.remove(&link.remote_key);
+        self.nodes[r as usize].by_node.remove(&n);
+        self.abort_all_with(n, key);
+        self.abort_all_with(r, link.remote_key);
+        let at = self.clock.at(self.now);
+        if remove_here {
+            self.nodes[n as usize].sched.remove_peer(key, at);
+        }
+        self.nodes[r as usize].sched.remove_peer(link.remote_key, at);
+        self.drain(r);
+        if remove_here {
+            self.drain(n);
+        }
+    }
+
+    fn piece_len(&self, piece: u32) -> u32 {
+        let start = u64::from(piece) * u64::from(self.piece_length);
+        (self.blob_len.saturating_sub(start)).min(u64::from(self.piece_length)) as u32
+    }
+}
+
+/// The zone label node `z` announces.
+pub fn zone_name(z: u32) -> String {
+    format!("site-{z}")
+}

@@ -1,0 +1,494 @@
+//! The simulated cluster: every node, the tracker, the flow network and the event
+//! loop that ties them together.
+//!
+//! This module owns the event types, the main loop (earliest of the next event and
+//! the next flow completion, flows first on ties), the tracker core (called in
+//! process, its reply delivered one RTT later), the upstream registry (the lease
+//! holder's single streamed GET, cut into pieces as they arrive) and churn (a node
+//! leaves: the tracker is told, its connections close, every transfer to or from it
+//! stops; a new node joins and announces). The per-node reactions live in
+//! [`crate::node`].
+
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use swarm_peer::scheduler::{Scheduler, SchedulerStats};
+use swarm_proto::msg::{PeerInfo, TrackerRequest, TrackerResponse};
+use swarm_proto::{Bitfield, Digest, Metainfo, PeerId};
+use swarm_tracker::state::{TrackerConfig, TrackerState};
+
+use crate::model::{Clock, EventQueue, FlowNet, Nanos, NetStats, ResId, nanos};
+use crate::node::{DriverConfig, FetchId, Fetches, Link, Role, SimNode, node_addr};
+
+/// Something that happens at an instant.
+#[derive(Debug)]
+pub(crate) enum Ev {
+    /// The node's announce timer.
+    Announce {
+        node: u32,
+    },
+    /// The tracker's answer reaches the node (`interval` 0: the announce failed).
+    TrackerReply {
+        node: u32,
+        peers: Box<[PeerInfo]>,
+        interval: Nanos,
+    },
+    /// A dial from `from` to `to` completed (or failed, if `to` is gone).
+    ConnectDone {
+        from: u32,
+        to: u32,
+    },
+    /// The node's scheduler may have a deadline due.
+    Timer {
+        node: u32,
+    },
+    RequestArrive(FetchId),
+    QueueTimeout(FetchId),
+    Reply(FetchId),
+    CancelArrive(FetchId),
+    /// A `Have` from `node` reaches its peers.
+    Have {
+        node: u32,
+        piece: u32,
+    },
+    Leave {
+        node: u32,
+    },
+    Join {
+        node: u32,
+    },
+    /// The upstream registry starts answering the lease holder's GET.
+    UpstreamOpen {
+        node: u32,
+    },
+    /// Log a progress line (with `--progress`).
+    Progress,
+}
+
+/// What a flow carries.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum FlowTag {
+    /// A piece between two nodes.
+    Fetch(FetchId),
+    /// Piece `piece` of the upstream stream to the lease holder.
+    Upstream { node: u32, piece: u32 },
+}
+
+/// One node of a scenario.
+#[derive(Clone, Debug)]
+pub struct NodeSpec {
+    pub role: Role,
+    pub zone: u32,
+    /// Upload capacity, bytes per second.
+    pub up: f64,
+    /// Download capacity, bytes per second.
+    pub down: f64,
+    /// When the node starts (`None`: at time zero).
+    pub join_at: Option<Nanos>,
+    /// When the node leaves (`None`: never).
+    pub leave_at: Option<Nanos>,
+}
+
+/// Everything a run needs.
+#[derive(Clone, Debug)]
+pub struct Setup {
+    pub seed: u64,
+    pub blob_len: u64,
+    pub piece_length: u32,
+    pub nodes: Vec<NodeSpec>,
+    /// The upstream registry's egress, bytes per second.
+    pub upstream: f64,
+    /// Sites; with more than one, each has a shared link of `zone_link` each way.
+    pub zones: u32,
+    pub zone_link: f64,
+    pub rtt: Duration,
+    pub wan_rtt: Duration,
+    pub driver: DriverConfig,
+    pub tracker: TrackerConfig,
+    /// Give up at this virtual time.
+    pub max_time: Duration,
+    /// Log progress (pieces held, active flows) this often, at info level.
+    pub progress: Option<Duration>,
+}
+
+/// The outcome of one node.
+#[derive(Clone, Debug)]
+pub struct NodeOutcome {
+    pub role: Role,
+    pub counted: bool,
+    pub up: f64,
+    pub down: f64,
+    pub joined_at: Nanos,
+    pub left_at: Option<Nanos>,
+    pub completed_at: Option<Nanos>,
+    pub downloaded: u64,
+    pub uploaded: u64,
+}
+
+/// The raw outcome of a run.
+#[derive(Clone, Debug)]
+pub struct RunOutcome {
+    pub nodes: Vec<NodeOutcome>,
+    /// Virtual time when the run ended.
+    pub end: Nanos,
+    /// Whether it ended because `max_time` passed.
+    pub timed_out: bool,
+    pub events: u64,
+    pub uplink_bytes: u64,
+    pub received_bytes: u64,
+    pub uploaded_bytes: u64,
+    pub wasted_bytes: f64,
+    pub net: NetStats,
+    pub sched: SchedulerStats,
+}
+
+/// The simulated cluster. See the module docs.
+pub struct World {
+    pub(crate) clock: Clock,
+    pub(crate) now: Nanos,
+    pub(crate) events: EventQueue<Ev>,
+    pub(crate) net: FlowNet<FlowTag>,
+    pub(crate) nodes: Vec<SimNode>,
+    pub(crate) fetches: Fetches,
+    pub(crate) tracker: TrackerState,
+    pub(crate) digest: Digest,
+    pub(crate) blob_len: u64,
+    pub(crate) piece_length: u32,
+    pub(crate) pieces: u32,
+    pub(crate) budget_kib: u32,
+    pub(crate) half_rtt: Nanos,
+    pub(crate) slot_wait: Nanos,
+    pub(crate) driver: DriverConfig,
+    /// Per site: (outbound, inbound) link; empty with one site.
+    pub(crate) zone_links: Vec<(ResId, ResId)>,
+    upstream: ResId,
+    wan_rtt: Nanos,
+    max_time: Nanos,
+    specs: Vec<NodeSpec>,
+    progress: Option<Nanos>,
+    /// Sequence numbers for FIFO queues.
+    pub(crate) seq: u64,
+    /// Counted nodes alive and not complete.
+    pub(crate) pending_nodes: usize,
+    /// Joins and leaves still to happen.
+    pending_churn: usize,
+    pub(crate) received_bytes: u64,
+    pub(crate) uploaded_bytes: u64,
+    pub(crate) wasted_bytes: f64,
+    uplink_bytes: u64,
+    pub(crate) scratch_links: Vec<Link>,
+}
+
+impl World {
+    /// Builds the cluster of `setup`; nothing runs until [`World::run`].
+    pub fn new(setup: Setup) -> anyhow::Result<Self> {
+        let Setup {
+            seed,
+            blob_len,
+            piece_length,
+            nodes: specs,
+            upstream,
+            zones,
+            zone_link,
+            rtt,
+            wan_rtt,
+            driver,
+            tracker,
+            max_time,
+            progress,
+        } = setup;
+        anyhow::ensure!(blob_len > 0 && piece_length > 0, "empty blob");
+        anyhow::ensure!(specs.len() < 100_000, "at most 99,999 nodes (one 198.18.0.0/15 address each)");
+        let pieces = u32::try_from(blob_len.div_ceil(u64::from(piece_length)))?;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let digest = Digest(rng.r#gen());
+        let metainfo =
+            Metainfo { digest, length: blob_len, piece_length, piece_hashes: vec![[0u8; 32]; pieces as usize] };
+        let clock = Clock::new(std::time::Instant::now());
+        let mut tracker = TrackerState::new(tracker, rng.r#gen());
+        match tracker.handle(TrackerRequest::Register { metainfo }, node_addr(0), clock.at(0)) {
+            TrackerResponse::Registered => {}
+            other => anyhow::bail!("the tracker refused the blob: {other:?}"),
+        }
+        let mut net = FlowNet::default();
+        let upstream = net.add_resource(upstream);
+        let zone_links = if zones > 1 {
+            (0..zones).map(|_| (net.add_resource(zone_link), net.add_resource(zone_link))).collect()
+        } else {
+            Vec::new()
+        };
+        let budget_kib = u32::try_from(driver.receive_budget / 1024).unwrap_or(u32::MAX).max(1);
+        let slots = u32::try_from(driver.upload_slots).unwrap_or(u32::MAX).max(1);
+        let mut nodes = Vec::with_capacity(specs.len());
+        for spec in &specs {
+            let up = net.add_resource(spec.up);
+            let down = net.add_resource(spec.down);
+            let have = if spec.role == Role::Seed { Bitfield::full(pieces) } else { Bitfield::new(pieces) };
+            let sched = Scheduler::new(driver.scheduler.clone(), piece_length, have, rng.r#gen());
+            let node_rng = StdRng::seed_from_u64(rng.r#gen());
+            let peer_id = PeerId(rng.r#gen());
+            nodes.push(SimNode::new(peer_id, spec.zone, spec.role, up, down, sched, node_rng, budget_kib, slots));
+        }
+        Ok(Self {
+            clock,
+            now: 0,
+            events: EventQueue::default(),
+            net,
+            nodes,
+            fetches: Fetches::default(),
+            tracker,
+            digest,
+            blob_len,
+            piece_length,
+            pieces,
+            budget_kib,
+            half_rtt: nanos(rtt) / 2,
+            slot_wait: nanos(driver.slot_wait),
+            driver,
+            zone_links,
+            upstream,
+            wan_rtt: nanos(wan_rtt),
+            max_time: nanos(max_time),
+            specs,
+            progress: progress.map(nanos).filter(|&p| p > 0),
+            seq: 0,
+            pending_nodes: 0,
+            pending_churn: 0,
+            received_bytes: 0,
+            uploaded_bytes: 0,
+            wasted_bytes: 0.0,
+            uplink_bytes: 0,
+            scratch_links: Vec::new(),
+        })
+    }
+
+    /// Runs until every counted node that stays has the blob (or `max_time`).
+    pub fn run(mut self) -> RunOutcome {
+        for i in 0..self.nodes.len() as u32 {
+            let spec = &self.specs[i as usize];
+            let (join, leave) = (spec.join_at, spec.leave_at);
+            match join {
+                None => self.start_node(i),
+                Some(t) => {
+                    self.pending_churn += 1;
+                    self.events.push(t, Ev::Join { node: i });
+                }
+            }
+            if let Some(t) = leave {
+                self.pending_churn += 1;
+                self.events.push(t, Ev::Leave { node: i });
+            }
+        }
+        if self.progress.is_some() {
+            self.events.push(0, Ev::Progress);
+        }
+        let mut processed = 0u64;
+        let mut timed_out = false;
+        loop {
+            if self.pending_nodes == 0 && self.pending_churn == 0 {
+                break;
+            }
+            let next_flow = self.net.next_finish();
+            let next_event = self.events.peek_time();
+            let flow_first = match (next_flow, next_event) {
+                (Some((tf, _)), Some(te)) => tf <= te,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (None, None) => break,
+            };
+            let t =
+                if flow_first { next_flow.map_or(Nanos::MAX, |(t, _)| t) } else { next_event.unwrap_or(Nanos::MAX) };
+            if t > self.max_time {
+                timed_out = true;
+                break;
+            }
+            self.now = t;
+            processed += 1;
+            if flow_first {
+                if let Some((_, id)) = next_flow
+                    && let Some((tag, bytes, _)) = self.net.end(id, t)
+                {
+                    self.on_flow_done(tag, bytes);
+                }
+            } else if let Some((_, ev)) = self.events.pop() {
+                self.dispatch(ev);
+            }
+        }
+        let mut sched = SchedulerStats::default();
+        for n in &self.nodes {
+            add_stats(&mut sched, &n.sched.stats());
+        }
+        RunOutcome {
+            nodes: self
+                .nodes
+                .iter()
+                .zip(&self.specs)
+                .map(|(n, s)| NodeOutcome {
+                    role: n.role,
+                    counted: n.counted,
+                    up: s.up,
+                    down: s.down,
+                    joined_at: n.joined_at,
+                    left_at: n.left_at,
+                    completed_at: n.completed_at,
+                    downloaded: n.downloaded,
+                    uploaded: n.uploaded,
+                })
+                .collect(),
+            end: self.now,
+            timed_out,
+            events: processed,
+            uplink_bytes: self.uplink_bytes,
+            received_bytes: self.received_bytes,
+            uploaded_bytes: self.uploaded_bytes,
+            wasted_bytes: self.wasted_bytes,
+            net: self.net.stats(),
+            sched,
+        }
+    }
+
+    fn start_node(&mut self, i: u32) {
+        let now = self.now;
+        let node = &mut self.nodes[i as usize];
+        node.alive = true;
+        node.joined_at = now;
+        node.counted = node.role != Role::Seed;
+        if node.counted && !node.sched.is_complete() {
+            self.pending_nodes += 1;
+        }
+        node.next_announce = now;
+        self.events.push(now, Ev::Announce { node: i });
+        if node.role == Role::Holder {
+            self.events.push(now + self.wan_rtt, Ev::UpstreamOpen { node: i });
+        }
+        self.drain(i);
+    }
+
+    fn dispatch(&mut self, ev: Ev) {
+        match ev {
+            Ev::Announce { node } => self.on_announce(node),
+            Ev::TrackerReply { node, peers, interval } => self.on_tracker_reply(node, &peers, interval),
+            Ev::ConnectDone { from, to } => self.on_connect_done(from, to),
+            Ev::Timer { node } => self.on_timer(node),
+            Ev::RequestArrive(id) => self.on_request_arrive(id),
+            Ev::QueueTimeout(id) => self.on_queue_timeout(id),
+            Ev::Reply(id) => self.on_reply(id),
+            Ev::CancelArrive(id) => self.on_cancel_arrive(id),
+            Ev::Have { node, piece } => self.on_have(node, piece),
+            Ev::Leave { node } => {
+                self.pending_churn -= 1;
+                self.leave(node);
+            }
+            Ev::Join { node } => {
+                self.pending_churn -= 1;
+                self.start_node(node);
+            }
+            Ev::UpstreamOpen { node } => self.start_upstream_piece(node, 0),
+            Ev::Progress => self.log_progress(),
+        }
+    }
+
+    fn on_flow_done(&mut self, tag: FlowTag, bytes: u64) {
+        match tag {
+            FlowTag::Fetch(id) => self.on_upload_done(id),
+            FlowTag::Upstream { node, piece } => {
+                self.uplink_bytes += bytes;
+                self.received_bytes += bytes;
+                let at = self.clock.at(self.now);
+                let n = &mut self.nodes[node as usize];
+                n.downloaded += bytes;
+                n.sched.local_piece(piece, at);
+                self.drain(node);
+                // The GET streams on: the next piece's bytes follow at once.
+                if piece + 1 < self.pieces {
+                    self.start_upstream_piece(node, piece + 1);
+                }
+            }
+        }
+    }
+
+    /// Streams piece `piece` from the upstream registry to `node`.
+    fn start_upstream_piece(&mut self, node: u32, piece: u32) {
+        let n = &self.nodes[node as usize];
+        if !n.alive {
+            return;
+        }
+        let mut path = vec![self.upstream];
+        if let Some(&(_, inbound)) = self.zone_links.get(n.zone as usize) {
+            path.push(inbound);
+        }
+        path.push(n.down);
+        let start = u64::from(piece) * u64::from(self.piece_length);
+        let len = self.blob_len.saturating_sub(start).min(u64::from(self.piece_length));
+        self.net.start(self.now, len, &path, FlowTag::Upstream { node, piece });
+    }
+
+    fn log_progress(&mut self) {
+        let alive: Vec<&SimNode> = self.nodes.iter().filter(|n| n.alive && n.counted).collect();
+        let haves: Vec<u32> = alive.iter().map(|n| n.sched.have().count()).collect();
+        let min = haves.iter().copied().min().unwrap_or(0);
+        let max = haves.iter().copied().max().unwrap_or(0);
+        let mean = haves.iter().map(|&h| f64::from(h)).sum::<f64>() / haves.len().max(1) as f64;
+        let links = alive.iter().map(|n| n.links.len()).sum::<usize>() as f64 / alive.len().max(1) as f64;
+        let in_flight: usize = alive.iter().map(|n| n.outstanding.len()).sum();
+        let queued: usize = self.nodes.iter().map(|n| n.upload_queue.len()).sum();
+        let budget_wait: usize = self.nodes.iter().map(|n| n.budget_queue.len()).sum();
+        let busy_up = self.nodes.iter().filter(|n| n.alive && self.net.load(n.up) > 0).count();
+        let up_used: f64 = self.nodes.iter().filter(|n| n.alive).map(|n| self.net.used(n.up)).sum();
+        let up_cap: f64 = self.nodes.iter().filter(|n| n.alive).map(|n| self.net.capacity(n.up)).sum();
+        tracing::info!(
+            t = format!("{:.2}", crate::model::secs(self.now)),
+            pieces_min = min,
+            pieces_mean = format!("{mean:.1}"),
+            pieces_max = max,
+            pending = self.pending_nodes,
+            links = format!("{links:.1}"),
+            flows = self.net.active(),
+            fetches = in_flight,
+            upload_queued = queued,
+            budget_wait,
+            uploading = busy_up,
+            up_util = format!("{:.3}", up_used / up_cap.max(1.0)),
+            "progress"
+        );
+        if let Some(p) = self.progress {
+            self.events.push(self.now + p, Ev::Progress);
+        }
+    }
+
+    /// Node `n` shuts down: tells the tracker, closes every connection.
+    fn leave(&mut self, n: u32) {
+        let now = self.now;
+        let node = &mut self.nodes[n as usize];
+        if !node.alive {
+            return;
+        }
+        node.alive = false;
+        node.left_at = Some(now);
+        if node.counted && node.completed_at.is_none() {
+            self.pending_nodes -= 1;
+        }
+        let leave = TrackerRequest::Leave { peer_id: node.peer_id, blob: self.digest };
+        let _ = self.tracker.handle(leave, node_addr(n), self.clock.at(now));
+        let keys: Vec<_> = node.links.keys().copied().collect();
+        for key in keys {
+            self.unlink(n, key, false);
+        }
+    }
+}
+
+fn add_stats(sum: &mut SchedulerStats, s: &SchedulerStats) {
+    sum.requests += s.requests;
+    sum.cancels += s.cancels;
+    sum.timeouts += s.timeouts;
+    sum.endgame_duplicates += s.endgame_duplicates;
+    sum.failed_pieces += s.failed_pieces;
+    sum.verified += s.verified;
+    sum.redundant += s.redundant;
+    sum.local += s.local;
+    sum.busy += s.busy;
+    sum.missing += s.missing;
+    sum.errors += s.errors;
+    sum.dropped_peers += s.dropped_peers;
+}
