@@ -1,0 +1,50 @@
+//! Shared harness for end-to-end tests: real processes on 127.0.0.1 with free ports,
+//! killed on drop, every wait bounded, errors that say what went wrong.
+//!
+//! - [`Registry`]: Debian's `docker-registry`, with its access log
+//!   ([`Registry::blob_get_count`]).
+//! - [`build_image`]: an image of random layers built offline with `umoci`, pushed
+//!   with `skopeo`.
+//! - [`Containerd`]: containerd 1.6 under a temp dir, pulled through with `ctr`
+//!   ([`Containerd::pull`], [`Containerd::image_check`]); [`write_hosts_toml`] points
+//!   it at a mirror.
+//! - [`Mirror`]: the swarm mirror in-process.
+//! - [`http`]: a raw HTTP client (no URL normalisation, detects truncated bodies) and
+//!   a static server.
+//! - [`require_tool`]: fail (never skip) with the package to install.
+//!
+//! Use it with `mod support;` from a file in `tests/`. Each test should take its own
+//! [`test_dir`]; nothing here uses fixed ports or shared paths, so tests can run in
+//! parallel.
+
+#![allow(dead_code, unused_imports)]
+
+pub mod containerd;
+pub mod http;
+pub mod image;
+pub mod mirror;
+pub mod process;
+pub mod registry;
+
+pub use containerd::{Containerd, ImageCheck, write_direct_hosts_toml, write_hosts_toml};
+pub use image::{ImageInfo, build_image};
+pub use mirror::{Mirror, plain_http_upstream, redirected_upstream};
+pub use process::{ChildGuard, free_port, require_tool};
+pub use registry::Registry;
+
+/// A fresh temp dir with a short path (containerd's socket lives in it), removed on
+/// drop.
+pub fn test_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("sw-{name}-")).tempdir_in("/tmp").expect("creating a temp dir in /tmp")
+}
+
+/// Initialises tracing output for a test (once per process; `RUST_LOG` filters).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}

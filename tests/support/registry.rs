@@ -1,0 +1,147 @@
+//! A real registry: Debian's `docker-registry` (CNCF distribution 2.8) on
+//! 127.0.0.1 with filesystem storage in a temp dir.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+
+use super::process::{ChildGuard, free_port, require_tool, tcp_open, wait_until};
+
+/// The registry binary Debian installs.
+pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
+
+/// A running `docker-registry`, killed on drop.
+pub struct Registry {
+    addr: SocketAddr,
+    dir: PathBuf,
+    child: ChildGuard,
+}
+
+/// One line of the registry's access log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccessLine {
+    pub method: String,
+    /// The request target as sent (path and query).
+    pub target: String,
+    pub status: u16,
+}
+
+impl Registry {
+    /// Starts a registry with its storage, config and logs under `dir`. The access log
+    /// (Apache combined format, one line per completed request) is the process's
+    /// stdout, `<dir>/docker-registry.out`.
+    pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        require_tool(REGISTRY_BIN, "docker-registry");
+        let mut last_error = None;
+        // The port is picked before the registry binds it: retry if someone took it.
+        for _ in 0..3 {
+            match Self::try_start(dir) {
+                Ok(registry) => return Ok(registry),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        match last_error {
+            Some(e) => Err(e),
+            None => bail!("registry did not start"),
+        }
+    }
+
+    fn try_start(dir: &Path) -> anyhow::Result<Self> {
+        let port = free_port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        std::fs::create_dir_all(dir.join("storage"))?;
+        let config = dir.join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\n\
+                 log:\n  level: warn\n  formatter: text\n\
+                 storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n\
+                 http:\n  addr: {addr}\n  secret: swarm-test-secret\n",
+                storage = dir.join("storage").display()
+            ),
+        )?;
+        let mut cmd = Command::new(REGISTRY_BIN);
+        cmd.arg("serve").arg(&config);
+        let mut child = ChildGuard::spawn("docker-registry", cmd, dir)?;
+        wait_until(&format!("docker-registry on {addr}"), Duration::from_secs(15), &mut child, || tcp_open(addr))?;
+        Ok(Self { addr, dir: dir.to_path_buf(), child })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `127.0.0.1:PORT`: the registry's name in image references and in `?ns=`.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Every request in the access log so far.
+    pub fn access_log(&self) -> Vec<AccessLine> {
+        let text = std::fs::read_to_string(self.child.stdout_path()).unwrap_or_default();
+        text.lines().filter_map(parse_access_line).collect()
+    }
+
+    /// How many `GET`s of the blob `digest` (`sha256:...`) the registry has answered,
+    /// whatever their status and whichever repository they named. The log is read
+    /// until it stops changing (up to 1 s), since a line is written just after its
+    /// response completes.
+    pub fn blob_get_count(&self, digest: &impl std::fmt::Display) -> usize {
+        let suffix = format!("/blobs/{digest}");
+        let count = || {
+            self.access_log()
+                .iter()
+                .filter(|l| l.method == "GET" && l.target.split('?').next().unwrap_or_default().ends_with(&suffix))
+                .count()
+        };
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let mut last = count();
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = count();
+            if now == last || Instant::now() >= deadline {
+                return now;
+            }
+            last = now;
+        }
+    }
+
+    /// The registry's log tail, for assertion messages.
+    pub fn logs_tail(&self) -> String {
+        self.child.logs_tail()
+    }
+}
+
+/// Parses `127.0.0.1 - - [date] "GET /v2/... HTTP/1.1" 200 123 "" "agent"`.
+fn parse_access_line(line: &str) -> Option<AccessLine> {
+    let start = line.find('"')? + 1;
+    let end = start + line[start..].find('"')?;
+    let mut request = line[start..end].split(' ');
+    let method = request.next()?.to_string();
+    let target = request.next()?.to_string();
+    let status = line[end + 1..].split_whitespace().next()?.parse().ok()?;
+    Some(AccessLine { method, target, status })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_combined_log_lines() {
+        let line = r#"127.0.0.1 - - [24/Nov/2026:06:03:17 +0000] "GET /v2/test/img/blobs/sha256:ab?ns=x HTTP/1.1" 200 157 "" "skopeo/1.9.3""#;
+        assert_eq!(
+            parse_access_line(line),
+            Some(AccessLine { method: "GET".into(), target: "/v2/test/img/blobs/sha256:ab?ns=x".into(), status: 200 })
+        );
+        assert_eq!(parse_access_line("time=... level=info msg=x"), None);
+    }
+}
