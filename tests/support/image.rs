@@ -71,7 +71,14 @@ pub fn build_image(registry: &Registry, name: &str, tag: &str, layers: &[usize])
         std::fs::remove_file(&file)?;
     }
     let dest = format!("docker://{}/{name}:{tag}", registry.host());
-    run(cmd("skopeo", &["copy", "--dest-tls-verify=false", &format!("oci:{image}"), &dest]), timeout)?;
+    let source = format!("oci:{image}");
+    let mut args = vec!["copy", "--dest-tls-verify=false"];
+    let creds = registry.credentials().map(|(u, p)| format!("{u}:{p}"));
+    if let Some(creds) = &creds {
+        args.extend(["--dest-creds", creds.as_str()]);
+    }
+    args.extend([source.as_str(), dest.as_str()]);
+    run(cmd("skopeo", &args), timeout)?;
 
     // Read back what the layout holds for the tag.
     let index: serde_json::Value = serde_json::from_slice(&std::fs::read(layout.join("index.json"))?)?;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
-use super::process::{ChildGuard, free_port, require_tool, tcp_open, wait_until};
+use super::process::{ChildGuard, free_port, require_tool, run, tcp_open, wait_until};
 
 /// The registry binary Debian installs.
 pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
@@ -17,6 +17,7 @@ pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
 pub struct Registry {
     addr: SocketAddr,
     dir: PathBuf,
+    credentials: Option<(String, String)>,
     child: ChildGuard,
 }
 
@@ -34,11 +35,37 @@ impl Registry {
     /// (Apache combined format, one line per completed request) is the process's
     /// stdout, `<dir>/docker-registry.out`.
     pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        Self::start_inner(dir, None)
+    }
+
+    /// Like [`Registry::start`], but every request needs HTTP basic credentials
+    /// (`htpasswd` auth; the registry answers `401` with `WWW-Authenticate: Basic`).
+    /// The bcrypt hash is made with python3's `crypt` module.
+    pub fn start_with_basic_auth(dir: &Path, username: &str, password: &str) -> anyhow::Result<Self> {
+        require_tool("python3", "python3");
+        std::fs::create_dir_all(dir)?;
+        let script =
+            "import crypt, sys; print(crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16)))";
+        let mut cmd = Command::new("python3");
+        cmd.args(["-W", "ignore", "-c", script, password]);
+        let out = run(cmd, Duration::from_secs(30))?;
+        let hash = String::from_utf8(out.stdout)?.trim().to_string();
+        if !hash.starts_with("$2") {
+            bail!("python3 crypt did not produce a bcrypt hash: {hash:?}");
+        }
+        let htpasswd = dir.join("htpasswd");
+        std::fs::write(&htpasswd, format!("{username}:{hash}\n"))?;
+        let mut registry = Self::start_inner(dir, Some(htpasswd))?;
+        registry.credentials = Some((username.to_string(), password.to_string()));
+        Ok(registry)
+    }
+
+    fn start_inner(dir: &Path, htpasswd: Option<PathBuf>) -> anyhow::Result<Self> {
         require_tool(REGISTRY_BIN, "docker-registry");
         let mut last_error = None;
         // The port is picked before the registry binds it: retry if someone took it.
         for _ in 0..3 {
-            match Self::try_start(dir) {
+            match Self::try_start(dir, htpasswd.as_deref()) {
                 Ok(registry) => return Ok(registry),
                 Err(e) => last_error = Some(e),
             }
@@ -49,7 +76,7 @@ impl Registry {
         }
     }
 
-    fn try_start(dir: &Path) -> anyhow::Result<Self> {
+    fn try_start(dir: &Path, htpasswd: Option<&Path>) -> anyhow::Result<Self> {
         let port = free_port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         std::fs::create_dir_all(dir.join("storage"))?;
@@ -60,15 +87,19 @@ impl Registry {
                 "version: 0.1\n\
                  log:\n  level: warn\n  formatter: text\n\
                  storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n\
-                 http:\n  addr: {addr}\n  secret: swarm-test-secret\n",
-                storage = dir.join("storage").display()
+                 http:\n  addr: {addr}\n  secret: swarm-test-secret\n{auth}",
+                storage = dir.join("storage").display(),
+                auth = match htpasswd {
+                    Some(path) => format!("auth:\n  htpasswd:\n    realm: swarm-test\n    path: {}\n", path.display()),
+                    None => String::new(),
+                }
             ),
         )?;
         let mut cmd = Command::new(REGISTRY_BIN);
         cmd.arg("serve").arg(&config);
         let mut child = ChildGuard::spawn("docker-registry", cmd, dir)?;
         wait_until(&format!("docker-registry on {addr}"), Duration::from_secs(15), &mut child, || tcp_open(addr))?;
-        Ok(Self { addr, dir: dir.to_path_buf(), child })
+        Ok(Self { addr, dir: dir.to_path_buf(), credentials: None, child })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -82,6 +113,11 @@ impl Registry {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The `(username, password)` the registry wants, if it was started with auth.
+    pub fn credentials(&self) -> Option<(&str, &str)> {
+        self.credentials.as_ref().map(|(u, p)| (u.as_str(), p.as_str()))
     }
 
     /// Every request in the access log so far.

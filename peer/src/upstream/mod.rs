@@ -197,6 +197,13 @@ pub struct UpstreamBlob {
     pub stream: BoxStream<'static, Result<Bytes, UpstreamError>>,
 }
 
+impl UpstreamBlob {
+    /// The next chunk of the stream, `None` at its end.
+    pub async fn next_chunk(&mut self) -> Option<Result<Bytes, UpstreamError>> {
+        self.stream.next().await
+    }
+}
+
 impl std::fmt::Debug for UpstreamBlob {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamBlob").field("total_length", &self.total_length).finish_non_exhaustive()
