@@ -673,7 +673,7 @@ class Swarm(System):
         data = os.path.join(ctx.sysdir, "n%d" % i, "agent")
         os.makedirs(data, exist_ok=True)
         argv = [b, "agent", "--mirror", "127.0.0.1:%d" % MIRROR_PORT, "--data-dir", data,
-                "--plain-http", "%s:%d" % (UP_IP, REG_PORT)] + self._common(ctx, i)
+                "--plain-http", "%s:%d" % (UP_IP, REG_PORT)] + self._common(ctx, i) + list(ctx.args.agent_arg or [])
         p = ctx.spawn("agent-n%d%s" % (i, "-r" if restart else ""), ctx.topo.ns(i), argv, ctx.workdir, node=i,
                       env=self.env)
         wait_listen(ctx.topo.ns(i), "tcp", MIRROR_PORT, proc=p)
@@ -807,18 +807,18 @@ def default_timeout(topo, size, layout):
     return max(30.0, 1.5 * direct + 15.0)
 
 
-def run_system(sysobj, topo, args, blob, digest, size, registry, scenario, workdir):
+def run_system(sysobj, topo, args, blob, digest, size, registry, scenario, workdir, repeat=0):
     layout, churn = scenario_layout(scenario)
     tm, terms, n_down = scenario_tmin(topo, size, layout)
     timeout = args.timeout or default_timeout(topo, size, layout)
-    res = {"system": sysobj.name, "scenario": scenario, "layout": layout, "status": "ok", "reason": "",
+    res = {"system": sysobj.name, "scenario": scenario, "repeat": repeat, "layout": layout, "status": "ok", "reason": "",
            "t_min_s": round(tm, 4), "t_min_terms": {k: round(v, 4) for k, v in terms.items()},
            "n_downloaders": n_down, "size_bytes": size, "timeout_s": timeout}
     ok, why = sysobj.available(args)
     if not ok:
         res.update(status="unavailable", reason="not available: " + why)
         return res
-    sysdir = os.path.join(workdir, "%s-%s" % (sysobj.name, scenario))
+    sysdir = os.path.join(workdir, "%s-%s-%d" % (sysobj.name, scenario, repeat))
     os.makedirs(sysdir)
     ctx = Ctx(topo, args, blob, digest, size, workdir, layout, timeout)
     ctx.sysdir = sysdir
@@ -851,6 +851,7 @@ def run_system(sysobj, topo, args, blob, digest, size, registry, scenario, workd
         for i in ctx.downloaders:
             procs, dp, out = sysobj.launch(ctx, i)
             node_procs[i], done_proc[i], outputs[i] = procs, dp, out
+            nodes[i]["launched_s"] = round(time.monotonic() - t0, 4)
         log("%s/%s: started %d downloads" % (sysobj.name, scenario, len(ctx.downloaders)))
         while True:
             now = time.monotonic() - t0
@@ -1034,7 +1035,7 @@ def run(args):
     _active_topos.append(topo)
     old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     budget = args.max_runtime or (sum(
-        (args.timeout or default_timeout(topo, size, scenario_layout(sc)[0])) + 40 for sc in scenarios) * len(systems) + 60)
+        (args.timeout or default_timeout(topo, size, scenario_layout(sc)[0])) + 40 for sc in scenarios) * len(systems) * args.repeat + 60)
     signal.signal(signal.SIGALRM, _on_alarm)
     signal.alarm(int(budget))
     started = time.time()
@@ -1057,13 +1058,14 @@ def run(args):
             calib = calibrate(topo)
             log("calibration: %s" % json.dumps(calib))
         for sc in scenarios:
-            for name in systems:
-                log("running %s / %s" % (name, sc))
-                r = run_system(SYSTEMS[name](), topo, args, blob, digest, size, registry, sc, workdir)
-                results.append(r)
-                log("%s / %s: %s %s" % (name, sc, r["status"], r.get("reason", "")[:300]))
-                if r.get("last_s") is not None:
-                    log("  last %.2f s (%.2fx T_min), uplink %.2fx F" % (r["last_s"], r["ratio"], r["uplink_ratio"]))
+            for k in range(args.repeat):
+                for name in systems:
+                    log("running %s / %s%s" % (name, sc, " (repeat %d)" % (k + 1) if args.repeat > 1 else ""))
+                    r = run_system(SYSTEMS[name](), topo, args, blob, digest, size, registry, sc, workdir, k)
+                    results.append(r)
+                    log("%s / %s: %s %s" % (name, sc, r["status"], r.get("reason", "")[:300]))
+                    if r.get("last_s") is not None:
+                        log("  last %.2f s (%.2fx T_min), uplink %.2fx F" % (r["last_s"], r["ratio"], r["uplink_ratio"]))
     finally:
         signal.alarm(0)
         if registry:
@@ -1188,7 +1190,7 @@ def selftest(args):
     except Fail as e:
         log("selftest skipped: %s" % e)
         return 77
-    args.nodes, args.size, args.scenario = 3, 4 << 20, "incluster"
+    args.nodes, args.size, args.scenario, args.repeat = 3, 4 << 20, "incluster", 1
     systems = ["direct", "swarm"]
     if Libtorrent().available(args)[0]:
         systems.append("libtorrent")
@@ -1249,6 +1251,8 @@ def build_parser():
         p.add_argument("--churn-at", type=float, default=None, help="churn: kill time in s (default: T_min/2)")
         p.add_argument("--churn-down", type=float, default=1.0, help="churn: seconds before the restart")
         p.add_argument("--no-restart", action="store_true", help="churn: killed nodes stay down")
+        p.add_argument("--agent-arg", action="append", metavar="ARG",
+                       help="extra argument for `swarm agent` (repeatable), e.g. --agent-arg=--log=info")
         p.add_argument("--lt-piece-size", type=int, default=0, help="libtorrent piece size (0: libtorrent's choice)")
         p.add_argument("--lt-utp", action="store_true", help="let libtorrent use uTP (default TCP only)")
         p.add_argument("--workdir", default="/tmp", help="parent of the run's scratch directory")
@@ -1261,7 +1265,9 @@ def build_parser():
     r.add_argument("--nodes", type=int, default=8)
     r.add_argument("--size", type=parse_size, default=parse_size("64MiB"))
     r.add_argument("--scenario", default="edge", help="edge, incluster, churn, edge-churn (comma-separated list ok)")
-    r.add_argument("--systems", default="direct,swarm,libtorrent")
+    r.add_argument("--systems", default="direct,swarm,libtorrent",
+                   help="comma-separated: direct, swarm, swarm-seed, libtorrent")
+    r.add_argument("--repeat", type=int, default=1, help="run every system this many times per scenario")
     common(r)
     s = sub.add_parser("selftest", help="quick check for CI: N=3, 4 MiB, incluster")
     common(s)
