@@ -34,10 +34,10 @@ seconds later unless --no-restart; figures are over the nodes that stay, the res
 ones are reported apart). edge-churn is the same churn on the edge layout.
 
 Figures per system and scenario (field names match swarm-sim's): per-node completion
-time from the common start, last_s / median_s / p90_s (p90 by linear interpolation
-between order statistics), t_min_s (Kumar & Ross), ratio = last_s / t_min_s, uplink
+time from the common start, last_s / median_s / p90_s (nearest rank, as swarm-sim),
+t_min_s (Kumar & Ross), ratio = last_over_t_min = last_s / t_min_s, uplink
 bytes (upstream eth0 tx_bytes delta, frames incl. Ethernet/IP/TCP-or-UDP headers)
-and uplink_ratio = uplink bytes / blob size, cpu_s_per_gb = user+sys CPU seconds of
+and uplink_ratio = uplink_over_f = uplink bytes / blob size, cpu_s_per_gb = user+sys CPU seconds of
 every process of the system (rusage from wait4 of each process, plus the registry's
 /proc/PID/stat delta over the system's run) per 10^9 bytes delivered to nodes. Every
 node's copy is checked by sha256; a wrong copy fails the run.
@@ -52,7 +52,6 @@ import platform
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -135,22 +134,23 @@ def human_size(n):
 # ---------------------------------------------------------------- statistics
 
 def percentile(xs, p):
-    """Linear interpolation between order statistics (numpy's default)."""
+    """Nearest rank (the smallest value with at least p % of the values at or below
+    it), as swarm-sim's report computes it, so the two compare exactly."""
     xs = sorted(xs)
     if not xs:
         return None
-    k = (len(xs) - 1) * p / 100.0
-    lo, hi = math.floor(k), math.ceil(k)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+    rank = min(max(math.ceil(p / 100.0 * len(xs)), 1), len(xs))
+    return xs[rank - 1]
 
 
 def t_min(size, n_down, u_s_bps, u_nodes_bps, d_min_bps):
     """Kumar & Ross: max(F/u_s, F/d_min, N*F/(u_s + sum u_i)), rates in bit/s."""
     f = size * 8.0
-    terms = {
+    terms = {  # swarm-sim's TMin field names
         "source_s": f / u_s_bps,
         "download_s": f / d_min_bps if d_min_bps else 0.0,
-        "aggregate_s": n_down * f / (u_s_bps + sum(u_nodes_bps)),
+        "swarm_s": n_down * f / (u_s_bps + sum(u_nodes_bps)),
+        "zone_s": 0.0,
     }
     return max(terms.values()), terms
 
@@ -812,7 +812,9 @@ def run_system(sysobj, topo, args, blob, digest, size, registry, scenario, workd
     tm, terms, n_down = scenario_tmin(topo, size, layout)
     timeout = args.timeout or default_timeout(topo, size, layout)
     res = {"system": sysobj.name, "scenario": scenario, "repeat": repeat, "layout": layout, "status": "ok", "reason": "",
-           "t_min_s": round(tm, 4), "t_min_terms": {k: round(v, 4) for k, v in terms.items()},
+           "sim_scenario": {"edge": "edge", "incluster": "in-cluster"}.get(scenario, "churn"),
+           "t_min_s": round(tm, 4),
+           "t_min": dict({k: round(v, 4) for k, v in terms.items()}, t_min_s=round(tm, 4)),
            "n_downloaders": n_down, "size_bytes": size, "timeout_s": timeout}
     ok, why = sysobj.available(args)
     if not ok:
@@ -941,7 +943,7 @@ def run_system(sysobj, topo, args, blob, digest, size, registry, scenario, workd
         "nodes": [nodes[i] for i in sorted(nodes)],
         "wall_s": round(wall, 4),
         "last_s": max(times) if times else None,
-        "median_s": round(statistics.median(times), 4) if times else None,
+        "median_s": round(percentile(times, 50), 4) if times else None,
         "p90_s": round(percentile(times, 90), 4) if times else None,
         "uplink_bytes": uplink,
         "uplink_ratio": round(uplink / size, 4),
@@ -962,6 +964,13 @@ def run_system(sysobj, topo, args, blob, digest, size, registry, scenario, workd
         "cpu_floor_s": round(cpu_total / (os.cpu_count() or 1), 4),
     })
     res["ratio"] = round(res["last_s"] / tm, 4) if res["last_s"] is not None else None
+    # swarm-sim's names for the same figures.
+    res["last_over_t_min"] = res["ratio"]
+    res["median_over_t_min"] = round(res["median_s"] / tm, 4) if times else None
+    res["p90_over_t_min"] = round(res["p90_s"] / tm, 4) if times else None
+    res["uplink_over_f"] = res["uplink_ratio"]
+    counted = [st for st in nodes.values() if not st["killed"] or st["restarted"]]
+    res["received_over_nf"] = round(sum(st["rx_bytes"] for st in counted) / (size * len(counted)), 4) if counted else None
     if restarted:
         rt = [st["done_s"] for st in restarted if st["status"] == "done"]
         res["restarted_last_s"] = max(rt) if rt else None
