@@ -8,12 +8,15 @@
 mod support;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use futures_util::StreamExt;
 
 use support::http::{Canned, StaticServer};
 use support::{Containerd, ImageInfo, Mirror, Registry, build_image, plain_http_upstream, test_dir, write_hosts_toml};
-use swarm_peer::mirror::{BlobBody, BlobProvider, BlobRequest, ProviderError};
+use swarm_peer::mirror::{BlobBody, BlobProvider, BlobRequest, ProviderError, UpstreamOnly};
 use swarm_peer::upstream::UpstreamClient;
+use swarm_proto::Digest;
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;
@@ -119,6 +122,96 @@ async fn containerd_falls_back_per_blob() {
     for d in image.blob_digests() {
         assert_eq!(registry.blob_get_count(&d), 1);
     }
+}
+
+/// Serves blobs from upstream, except that one blob's stream breaks after
+/// `fail_after` bytes and any later read of it from an offset is unavailable: a
+/// swarm node whose peers vanished mid-blob while upstream refuses it.
+struct FailsMidway {
+    inner: UpstreamOnly,
+    target: Digest,
+    fail_after: u64,
+    offsets: Mutex<Vec<u64>>,
+}
+
+impl BlobProvider for FailsMidway {
+    async fn blob_length(&self, req: &BlobRequest) -> Result<u64, ProviderError> {
+        self.inner.blob_length(req).await
+    }
+
+    async fn open_blob(&self, req: &BlobRequest, offset: u64) -> Result<BlobBody, ProviderError> {
+        if req.digest != self.target {
+            return self.inner.open_blob(req, offset).await;
+        }
+        self.offsets.lock().expect("lock").push(offset);
+        if offset > 0 {
+            return Err(ProviderError::Unavailable("peers gone, upstream refused".into()));
+        }
+        let body = self.inner.open_blob(req, 0).await?;
+        let stream =
+            futures_util::stream::unfold((body.stream, self.fail_after, false), |(mut s, left, done)| async move {
+                if done {
+                    return None;
+                }
+                if left == 0 {
+                    return Some((Err(std::io::Error::other("peers vanished")), (s, 0, true)));
+                }
+                match s.next().await {
+                    Some(Ok(mut chunk)) => {
+                        chunk.truncate(chunk.len().min(left as usize));
+                        let left = left - chunk.len() as u64;
+                        Some((Ok(chunk), (s, left, false)))
+                    }
+                    Some(Err(e)) => Some((Err(e), (s, 0, true))),
+                    None => None,
+                }
+            });
+        Ok(BlobBody { length: body.length, stream: stream.boxed() })
+    }
+}
+
+/// A blob response that breaks midway is resumed by containerd with a `Range`
+/// request, which tries the mirror first; the mirror answers the fallback status and
+/// containerd fetches only the rest of the blob from the registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_resumes_a_broken_blob_from_the_registry() {
+    support::init_tracing();
+    let dir = test_dir("ctd-resume");
+    let registry = Registry::start(&dir.path().join("registry")).expect("registry");
+    let image = build_image(&registry, "edge/os", "v1", &[4 * MIB, 100 * KIB]).expect("image");
+    let host = registry.host();
+    let upstream = UpstreamClient::new(plain_http_upstream(&[&host])).expect("upstream client");
+    let target = image.layer_digests[0];
+    let provider = Arc::new(FailsMidway {
+        inner: UpstreamOnly::new(upstream.clone()),
+        target,
+        fail_after: MIB as u64,
+        offsets: Mutex::new(Vec::new()),
+    });
+    let mirror = Mirror::start(provider.clone(), upstream, &dir.path().join("cache")).await.expect("mirror");
+    let containerd = Containerd::start(&dir.path().join("containerd")).expect("containerd");
+    let hosts = dir.path().join("hosts");
+    write_hosts_toml(&hosts, &host, &mirror.url()).expect("hosts.toml");
+
+    containerd.pull(&image.reference, &hosts).await.expect("pull resumes from the registry");
+    assert_unpacked(&containerd, &image);
+    let offsets = provider.offsets.lock().expect("lock").clone();
+    assert_eq!(offsets.len(), 2, "one full read, one resume: {offsets:?}");
+    assert_eq!(offsets[0], 0);
+    assert!(offsets[1] > 0 && offsets[1] <= MIB as u64, "resumed at {}", offsets[1]);
+    let metrics = mirror.metrics();
+    assert_eq!((metrics.streams_aborted, metrics.requests_fallback), (1, 1), "{metrics:?}");
+    // The registry saw the mirror's GET and containerd's ranged GET for the rest
+    // (in either order: the abandoned GET is logged when the registry notices).
+    assert_eq!(registry.blob_get_count(&target), 2);
+    let mut gets: Vec<_> = registry
+        .access_log()
+        .into_iter()
+        .filter(|l| l.method == "GET" && l.target.contains(&target.to_string()))
+        .map(|l| l.status)
+        .collect();
+    gets.sort_unstable();
+    assert_eq!(gets, vec![200, 206], "registry GETs of the broken blob");
 }
 
 /// The mirror's upstream serves one layer with a flipped byte in the middle. The

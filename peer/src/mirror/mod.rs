@@ -19,7 +19,20 @@
 //!
 //! If the provider's stream fails midway, the response body is aborted (the
 //! connection is closed before `Content-Length` bytes were sent), so the client sees a
-//! truncated transfer, never a clean end; containerd then refuses the content.
+//! truncated transfer, never a clean end.
+//!
+//! # What containerd 1.6.20 does with that (measured, `tests/mirror_containerd.rs`)
+//!
+//! - A truncated blob response is *resumed*: containerd sends `GET .../blobs/<d>` with
+//!   `Range: bytes=<received>-`, trying the hosts in order again (mirror first). If
+//!   the mirror then answers [`FALLBACK_STATUS`], containerd fetches just the rest
+//!   from the registry and the pull succeeds.
+//! - Bytes that went out are never taken back. If the assembled blob does not match
+//!   its digest, the pull fails with "unexpected commit digest" and the blob is not
+//!   committed, but the refused ingest stays in
+//!   `<root>/io.containerd.content.v1.content/ingest/` and every later pull of that
+//!   blob fails the same way, without fetching, until the ingest directory is removed.
+//!   Hence the contract on [`BlobProvider`]: yield only verified bytes.
 //!
 //! # Fallback
 //!
@@ -33,7 +46,7 @@
 //! (the tag `HEAD`, the manifest `GET` and every blob `GET`) makes containerd try the
 //! next host for each request at once, without retrying the mirror and without delay;
 //! the pull succeeds straight from the registry (`tests/mirror_containerd.rs` checks
-//! it for 503 on every request, and for blobs only). We pick 503 over 404 so that the
+//! it for 503 on every request, for blobs only, and for a resumed range). We pick 503 over 404 so that the
 //! logs and metrics of both sides keep "does not exist" (404) apart from "not here, go
 //! upstream" (503). Statuses to avoid: 401 (containerd starts its auth flow against the
 //! mirror), 408 and 429 (containerd retries the same host).

@@ -55,6 +55,12 @@ pub enum ProviderError {
 }
 
 /// A source of blob bytes for the mirror.
+///
+/// Contract: every byte a [`BlobBody`] stream yields must already be verified (for the
+/// swarm: its piece hash checked). On any failure, end the stream with an `Err` rather
+/// than yield doubtful bytes: an aborted response is resumed cleanly by containerd,
+/// while a wrong byte poisons its ingest for that blob (see the [module
+/// docs](super)). `open_blob` is called with `offset > 0` when containerd resumes.
 pub trait BlobProvider: Send + Sync + 'static {
     /// The length of the blob.
     fn blob_length(&self, req: &BlobRequest) -> impl Future<Output = Result<u64, ProviderError>> + Send;
@@ -79,6 +85,11 @@ pub fn provider_error(err: UpstreamError) -> ProviderError {
 /// blob. Reads from an offset > 0 cannot be checked against a whole-blob digest and are
 /// passed through with only their length checked (containerd verifies the digest of
 /// what it assembles).
+///
+/// Without piece hashes this cannot meet the [`BlobProvider`] contract in full: when
+/// upstream serves wrong bytes, all but the last chunk have reached containerd before
+/// the mismatch shows. That is exactly what containerd pulling from that registry
+/// directly would have received; `UpstreamOnly` adds no risk, but it removes none.
 #[derive(Clone, Debug)]
 pub struct UpstreamOnly {
     upstream: UpstreamClient,
