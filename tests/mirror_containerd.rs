@@ -86,6 +86,33 @@ async fn containerd_falls_back_to_the_registry_when_the_mirror_cannot_serve() {
     }
 }
 
+/// The measurement behind `swarm_peer::mirror::FALLBACK_STATUS`: a mirror host that
+/// answers 404, 500, 502 or 503 to every request (tag HEAD, manifest GET, each blob
+/// GET) is skipped per request, and the pull succeeds from the registry. Each of
+/// those requests reaches the mirror exactly once (no retries against it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_skips_a_mirror_answering_404_500_502_or_503() {
+    support::init_tracing();
+    let dir = test_dir("ctd-status");
+    let registry = Registry::start(&dir.path().join("registry")).expect("registry");
+    let image = build_image(&registry, "edge/os", "v1", &[300 * KIB, 20 * KIB]).expect("image");
+    let host = registry.host();
+    for status in [404u16, 500, 502, 503] {
+        let body = r#"{"errors":[{"code":"UNAVAILABLE","message":"test"}]}"#;
+        let always = Canned::new(status, body).header("Content-Type", "application/json");
+        let fake = StaticServer::start_with_default(HashMap::new(), always).await.expect("static mirror");
+        let containerd = Containerd::start(&dir.path().join(format!("containerd-{status}"))).expect("containerd");
+        let hosts = dir.path().join(format!("hosts-{status}"));
+        write_hosts_toml(&hosts, &host, &format!("http://{}", fake.addr())).expect("hosts.toml");
+        let started = std::time::Instant::now();
+        containerd.pull(&image.reference, &hosts).await.unwrap_or_else(|e| panic!("status {status}: {e:#}"));
+        assert_unpacked(&containerd, &image);
+        let expected = 2 + image.blob_digests().len();
+        assert_eq!(fake.total_hits(), expected, "status {status}: one request per resolve/fetch, no retries");
+        assert!(started.elapsed() < std::time::Duration::from_secs(20), "status {status}: no back-off");
+    }
+}
+
 /// Never has a blob: what a swarm node says when upstream refuses it and no peer has
 /// the blob.
 struct NoBlobs;

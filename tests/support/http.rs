@@ -139,8 +139,9 @@ impl Canned {
     }
 }
 
-/// Answers `GET`/`HEAD` for the paths (query ignored) in its table, 404 for anything
-/// else; counts requests per path. Stops when dropped.
+/// Answers `GET`/`HEAD` for the paths (query ignored) in its table, and a default
+/// answer (404 unless given) for anything else; counts requests per path. Stops when
+/// dropped.
 pub struct StaticServer {
     addr: SocketAddr,
     hits: Arc<std::sync::Mutex<HashMap<String, usize>>>,
@@ -150,9 +151,16 @@ pub struct StaticServer {
 
 impl StaticServer {
     pub async fn start(routes: HashMap<String, Canned>) -> anyhow::Result<Self> {
+        let not_found = Canned::new(404, r#"{"errors":[{"code":"NOT_FOUND","message":"no such path"}]}"#)
+            .header("Content-Type", "application/json");
+        Self::start_with_default(routes, not_found).await
+    }
+
+    /// Answers `default` to every request not in `routes`.
+    pub async fn start_with_default(routes: HashMap<String, Canned>, default: Canned) -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await.context("binding the static server")?;
         let addr = listener.local_addr()?;
-        let routes = Arc::new(routes);
+        let routes = Arc::new((routes, default));
         let hits = Arc::new(std::sync::Mutex::new(HashMap::new()));
         let total = Arc::new(AtomicUsize::new(0));
         let (h, t) = (hits.clone(), total.clone());
@@ -160,7 +168,7 @@ impl StaticServer {
             while let Ok((stream, _)) = listener.accept().await {
                 let (routes, hits, total) = (routes.clone(), h.clone(), t.clone());
                 tokio::spawn(async move {
-                    let _ = serve_one(stream, &routes, &hits, &total).await;
+                    let _ = serve_one(stream, &routes.0, &routes.1, &hits, &total).await;
                 });
             }
         });
@@ -194,6 +202,7 @@ impl Drop for StaticServer {
 async fn serve_one(
     mut stream: TcpStream,
     routes: &HashMap<String, Canned>,
+    default: &Canned,
     hits: &std::sync::Mutex<HashMap<String, usize>>,
     total: &AtomicUsize,
 ) -> anyhow::Result<()> {
@@ -218,10 +227,7 @@ async fn serve_one(
     if let Ok(mut h) = hits.lock() {
         *h.entry(path.clone()).or_default() += 1;
     }
-    let canned = routes.get(&path).cloned().unwrap_or_else(|| {
-        Canned::new(404, r#"{"errors":[{"code":"NOT_FOUND","message":"no such path"}]}"#)
-            .header("Content-Type", "application/json")
-    });
+    let canned = routes.get(&path).unwrap_or(default);
     let mut head =
         format!("HTTP/1.1 {} X\r\nConnection: close\r\nContent-Length: {}\r\n", canned.status, canned.body.len());
     for (k, v) in &canned.headers {

@@ -46,7 +46,8 @@
 //! (the tag `HEAD`, the manifest `GET` and every blob `GET`) makes containerd try the
 //! next host for each request at once, without retrying the mirror and without delay;
 //! the pull succeeds straight from the registry (`tests/mirror_containerd.rs` checks
-//! it for 503 on every request, for blobs only, and for a resumed range). We pick 503 over 404 so that the
+//! it for 404/500/502/503 on every request, for 503 on blobs only, and for a resumed
+//! range). We pick 503 over 404 so that the
 //! logs and metrics of both sides keep "does not exist" (404) apart from "not here, go
 //! upstream" (503). Statuses to avoid: 401 (containerd starts its auth flow against the
 //! mirror), 408 and 429 (containerd retries the same host).
