@@ -45,12 +45,14 @@
 //! registry as `server`): a mirror answering 404, 500, 502 or 503 to *everything*
 //! (the tag `HEAD`, the manifest `GET` and every blob `GET`) makes containerd try the
 //! next host for each request at once, without retrying the mirror and without delay;
-//! the pull succeeds straight from the registry (`tests/mirror_containerd.rs` checks
-//! it for 404/500/502/503 on every request, for 503 on blobs only, and for a resumed
-//! range). We pick 503 over 404 so that the
-//! logs and metrics of both sides keep "does not exist" (404) apart from "not here, go
-//! upstream" (503). Statuses to avoid: 401 (containerd starts its auth flow against the
-//! mirror), 408 and 429 (containerd retries the same host).
+//! the pull succeeds straight from the registry. `tests/mirror_containerd.rs` checks
+//! this for 404/500/502/503 on every request, for 503 on blobs only, and for a resumed
+//! range. We pick 503 over 404 so that the logs and metrics of both sides keep "does
+//! not exist" (404) apart from "not here, go upstream" (503). Other statuses, probed
+//! the same way: 401 (without a challenge) and 403 also fall through at once, but a 401
+//! with a challenge starts containerd's auth flow against the mirror; 405 on a `HEAD`
+//! is retried as a `GET`; 408 and 429 are retried against the mirror several times
+//! (24 mirror requests instead of 4 for a one-layer image) before containerd moves on.
 
 mod api;
 mod cache;
