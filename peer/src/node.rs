@@ -381,6 +381,7 @@ impl Node {
             next_key: 0,
             connecting: HashSet::new(),
             failed: HashMap::new(),
+            banned: HashSet::new(),
             progress: progress_tx,
             next_announce: tokio::time::Instant::now(),
             announcing: false,
@@ -494,6 +495,8 @@ struct SwarmActor {
     next_key: u64,
     connecting: HashSet<SocketAddr>,
     failed: HashMap<SocketAddr, Instant>,
+    /// Peers dropped for sending bad pieces: never reconnected for this blob.
+    banned: HashSet<PeerId>,
     progress: watch::Sender<Progress>,
     next_announce: tokio::time::Instant,
     announcing: bool,
@@ -614,6 +617,10 @@ impl SwarmActor {
             conn.close(codes::PROTOCOL_ERROR.into(), b"connected to self");
             return;
         }
+        if self.banned.contains(&peer_id) {
+            conn.close(codes::BAD_PIECES.into(), b"banned for bad pieces");
+            return;
+        }
         if let Some(&existing) = self.by_id.get(&peer_id) {
             // Simultaneous connections: keep the one opened by the smaller peer id.
             let existing_opener = if self.peers[&existing].outbound { self.node.inner.peer_id } else { peer_id };
@@ -698,6 +705,7 @@ impl SwarmActor {
                 Action::DropPeer { peer, reason } => {
                     if let Some(p) = self.peers.get(&peer) {
                         warn!(peer = %p.peer_id.short(), ?reason, "dropping peer");
+                        self.banned.insert(p.peer_id);
                         p.conn.close(codes::BAD_PIECES.into(), b"too many bad pieces");
                     }
                     self.remove_peer(peer, Instant::now());
@@ -804,6 +812,7 @@ impl SwarmActor {
             .into_iter()
             .filter(|p| {
                 p.peer_id != me
+                    && !self.banned.contains(&p.peer_id)
                     && !self.by_id.contains_key(&p.peer_id)
                     && !self.connecting.contains(&p.addr)
                     && !self.failed.contains_key(&p.addr)
