@@ -65,7 +65,7 @@ impl ClusterToken {
     /// UTF-8 bytes.
     pub fn from_text(text: &str) -> Result<Self, NetError> {
         let text = text.trim();
-        let is_hex = !text.is_empty() && text.len() % 2 == 0 && text.bytes().all(|b| b.is_ascii_hexdigit());
+        let is_hex = !text.is_empty() && text.len().is_multiple_of(2) && text.bytes().all(|b| b.is_ascii_hexdigit());
         match is_hex.then(|| hex::decode(text).ok()).flatten() {
             Some(bytes) => Self::new(bytes),
             None => Self::new(text.as_bytes().to_vec()),

@@ -42,10 +42,10 @@ pub async fn serve(endpoint: Endpoint, config: TrackerConfig, cancel: Cancellati
             biased;
             () = cancel.cancelled() => break,
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                if let Err(e) = done {
-                    if e.is_panic() {
-                        warn!(error = %e, "tracker task panicked");
-                    }
+                if let Err(e) = done
+                    && e.is_panic()
+                {
+                    warn!(error = %e, "tracker task panicked");
                 }
             }
             incoming = endpoint.accept() => match incoming {

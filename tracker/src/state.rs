@@ -192,10 +192,10 @@ impl PeerSet {
             (0..self.entries.len()).collect()
         } else {
             let mut picked = Vec::with_capacity(2 * pool);
-            if !zone.is_empty() {
-                if let Some(local) = self.zones.get(zone) {
-                    sample_into(&mut picked, local.len(), pool, rng, |k| local[k]);
-                }
+            if !zone.is_empty()
+                && let Some(local) = self.zones.get(zone)
+            {
+                sample_into(&mut picked, local.len(), pool, rng, |k| local[k]);
             }
             sample_into(&mut picked, self.entries.len(), pool, rng, |k| k);
             picked.sort_unstable();

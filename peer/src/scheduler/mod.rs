@@ -441,10 +441,10 @@ impl PieceTable {
     }
 
     fn level_remove(&mut self, a: u32, i: u32) {
-        if let Some(level) = self.levels.get_mut(a as usize) {
-            if level.bits.remove(i) {
-                level.count -= 1;
-            }
+        if let Some(level) = self.levels.get_mut(a as usize)
+            && level.bits.remove(i)
+        {
+            level.count -= 1;
         }
     }
 

@@ -109,10 +109,10 @@ impl Checked {
             }
             assert_eq!(self.s.is_complete(), self.completes == 1);
         }
-        if self.full_checks {
-            if let Err(e) = self.s.check_invariants() {
-                panic!("invariant broken: {e}");
-            }
+        if self.full_checks
+            && let Err(e) = self.s.check_invariants()
+        {
+            panic!("invariant broken: {e}");
         }
         self.log.extend(got.iter().cloned());
         got
@@ -183,10 +183,10 @@ impl Checked {
     }
 
     fn peer_have(&mut self, peer: PeerKey, piece: u32, now: Instant) -> Vec<Action> {
-        if let Some(b) = self.bits.get_mut(&peer) {
-            if let Some(slot) = b.get_mut(piece as usize) {
-                *slot = true;
-            }
+        if let Some(b) = self.bits.get_mut(&peer)
+            && let Some(slot) = b.get_mut(piece as usize)
+        {
+            *slot = true;
         }
         self.s.peer_have(peer, piece, now);
         self.drain(now)
@@ -194,10 +194,10 @@ impl Checked {
 
     fn verified(&mut self, peer: PeerKey, piece: u32, now: Instant) -> Vec<Action> {
         self.outstanding.remove(&(peer, piece));
-        if let Some(b) = self.bits.get_mut(&peer) {
-            if let Some(slot) = b.get_mut(piece as usize) {
-                *slot = true;
-            }
+        if let Some(b) = self.bits.get_mut(&peer)
+            && let Some(slot) = b.get_mut(piece as usize)
+        {
+            *slot = true;
         }
         self.s.piece_verified(peer, piece, now);
         self.drain(now)
@@ -1216,13 +1216,14 @@ impl Drive {
         };
         self.apply(acts);
         self.steps += 1;
-        if self.p.churn_every > 0 && self.steps % self.p.churn_every == 0 {
+        if self.p.churn_every > 0 && self.steps.is_multiple_of(self.p.churn_every) {
             self.churn();
         }
-        if self.p.full_check_every > 0 && self.steps % self.p.full_check_every == 0 {
-            if let Err(e) = self.c.s.check_invariants() {
-                panic!("step {}: {e}", self.steps);
-            }
+        if self.p.full_check_every > 0
+            && self.steps.is_multiple_of(self.p.full_check_every)
+            && let Err(e) = self.c.s.check_invariants()
+        {
+            panic!("step {}: {e}", self.steps);
         }
         true
     }
@@ -1532,13 +1533,13 @@ impl Swarm {
 
     fn start_upload(&mut self, node: usize) {
         let up = &mut self.nodes[node];
-        if up.uploading.is_none() {
-            if let Some(job) = up.queue.pop_front() {
-                up.uploading = Some(job);
-                up.upload_cancelled = false;
-                let at = self.now + SWARM_PIECE_TIME;
-                self.push(at, Msg::UploadDone { from: node });
-            }
+        if up.uploading.is_none()
+            && let Some(job) = up.queue.pop_front()
+        {
+            up.uploading = Some(job);
+            up.upload_cancelled = false;
+            let at = self.now + SWARM_PIECE_TIME;
+            self.push(at, Msg::UploadDone { from: node });
         }
     }
 

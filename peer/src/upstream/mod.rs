@@ -365,13 +365,10 @@ impl UpstreamClient {
         let length = header_u64(resp.headers(), header::CONTENT_LENGTH);
         let header_digest = content_digest(resp.headers(), &url)?;
         let by_digest = reference.parse::<Digest>().ok();
-        if let (Some(requested), Some(header_digest)) = (by_digest, header_digest) {
-            if requested != header_digest {
-                return Err(invalid(
-                    &url,
-                    format!("Docker-Content-Digest {header_digest} for a request of {requested}"),
-                ));
-            }
+        if let (Some(requested), Some(header_digest)) = (by_digest, header_digest)
+            && requested != header_digest
+        {
+            return Err(invalid(&url, format!("Docker-Content-Digest {header_digest} for a request of {requested}")));
         }
         match (header_digest.or(by_digest), length) {
             (Some(digest), Some(length)) => Ok(ManifestHead { digest, media_type, length }),

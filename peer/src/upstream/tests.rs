@@ -114,11 +114,11 @@ async fn fake_registry(State(st): State<Arc<FakeState>>, req: Request) -> Respon
         let Some(bytes) = st.blobs.get(digest) else {
             return oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN");
         };
-        if req.method() == "GET" {
-            if let Some(storage) = &st.redirect_to {
-                return (StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, format!("{storage}/data/{digest}"))])
-                    .into_response();
-            }
+        if req.method() == "GET"
+            && let Some(storage) = &st.redirect_to
+        {
+            return (StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, format!("{storage}/data/{digest}"))])
+                .into_response();
         }
         return serve_bytes(&st, req.method() == "HEAD", req.headers(), bytes.clone());
     }
