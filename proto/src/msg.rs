@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use bincode::{Decode, Encode};
 
-use crate::{Bitfield, Digest, Metainfo, PeerId};
+use crate::{Bitfield, Digest, Layout, Metainfo, PeerId};
 
 /// Longest zone label accepted.
 pub const MAX_ZONE_LEN: usize = 64;
@@ -27,6 +27,20 @@ pub enum TrackerRequest {
     Announce(Announce),
     /// "I no longer serve or want this blob."
     Leave { peer_id: PeerId, blob: Digest },
+    /// Ask to become the one node of the cluster that fetches `blob` from the upstream
+    /// registry. Answered with [`TrackerResponse::Lease`].
+    AcquireLease { peer_id: PeerId, blob: Digest },
+    /// From the lease holder only: the blob's layout and the hashes of pieces
+    /// `first..first + hashes.len()`, as the upstream bytes arrive. Also renews the
+    /// lease (an empty `hashes` renews without progress). Answered with `Registered`.
+    PublishHashes { peer_id: PeerId, layout: Layout, first: u32, hashes: Vec<[u8; 32]> },
+    /// From the lease holder only: the upstream fetch is over. `failed` says why it
+    /// failed (the partial hashes are then dropped); `None` means the whole blob
+    /// matched its digest. Answered with `Left`.
+    ReleaseLease { peer_id: PeerId, blob: Digest, failed: Option<String> },
+    /// Ask for the layout and the hashes known so far, from piece `first` on.
+    /// Answered with [`TrackerResponse::Hashes`] or `Error { UnknownBlob }`.
+    GetHashes { blob: Digest, first: u32 },
 }
 
 /// The body of [`TrackerRequest::Announce`].
@@ -54,9 +68,40 @@ pub struct Announce {
 pub enum TrackerResponse {
     Registered,
     Metainfo(Metainfo),
-    Peers { peers: Vec<PeerInfo>, interval_secs: u32 },
+    Peers {
+        peers: Vec<PeerInfo>,
+        interval_secs: u32,
+    },
     Left,
-    Error { code: TrackerErrorCode, message: String },
+    Error {
+        code: TrackerErrorCode,
+        message: String,
+    },
+    Lease(LeaseReply),
+    /// Hashes of pieces `first..first + hashes.len()`; `complete` once every piece's
+    /// hash is known (the full metainfo is registered).
+    Hashes {
+        layout: Layout,
+        first: u32,
+        hashes: Vec<[u8; 32]>,
+        complete: bool,
+    },
+}
+
+/// The answer to [`TrackerRequest::AcquireLease`].
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum LeaseReply {
+    /// You hold the lease: fetch from upstream starting at piece `resume_from` (the
+    /// pieces before it are already hashed and in the swarm), publish hashes at least
+    /// every `ttl_secs / 3` seconds, release when done.
+    Granted { ttl_secs: u32, resume_from: u32 },
+    /// Another node is fetching it: swarm on the pieces it publishes.
+    HeldBy { holder: PeerId },
+    /// The whole blob is already known to the swarm: just swarm.
+    NotNeeded,
+    /// The last upstream fetch failed recently (the reason is the holder's words):
+    /// fall back to the upstream rather than retry at once.
+    Failed { reason: String },
 }
 
 /// One entry of a peer list.
