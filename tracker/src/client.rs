@@ -223,6 +223,8 @@ fn unexpected(request: &'static str, response: TrackerResponse) -> TrackerClient
         TrackerResponse::Metainfo(_) => "Metainfo",
         TrackerResponse::Peers { .. } => "Peers",
         TrackerResponse::Left => "Left",
+        TrackerResponse::Lease(_) => "Lease",
+        TrackerResponse::Hashes { .. } => "Hashes",
     };
     TrackerClientError::UnexpectedResponse { request, response }
 }

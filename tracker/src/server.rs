@@ -181,7 +181,10 @@ fn answer(state: &Shared, req: TrackerRequest, remote: SocketAddr) -> TrackerRes
                 info!(%remote, %peer, blob = %blob.short(), handed_out = peers.len(), "peer joined");
             }
         }
-        TrackerResponse::Metainfo(_) | TrackerResponse::Left => {}
+        TrackerResponse::Metainfo(_)
+        | TrackerResponse::Left
+        | TrackerResponse::Lease(_)
+        | TrackerResponse::Hashes { .. } => {}
     }
     response
 }
@@ -192,5 +195,9 @@ fn describe(req: &TrackerRequest) -> &'static str {
         TrackerRequest::GetMetainfo { .. } => "get-metainfo",
         TrackerRequest::Announce(_) => "announce",
         TrackerRequest::Leave { .. } => "leave",
+        TrackerRequest::AcquireLease { .. } => "acquire-lease",
+        TrackerRequest::PublishHashes { .. } => "publish-hashes",
+        TrackerRequest::ReleaseLease { .. } => "release-lease",
+        TrackerRequest::GetHashes { .. } => "get-hashes",
     }
 }

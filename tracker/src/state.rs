@@ -295,6 +295,15 @@ impl TrackerState {
                 self.leave(&peer_id, &blob);
                 Ok(TrackerResponse::Left)
             }
+            TrackerRequest::AcquireLease { .. }
+            | TrackerRequest::PublishHashes { .. }
+            | TrackerRequest::ReleaseLease { .. }
+            | TrackerRequest::GetHashes { .. } => {
+                return TrackerResponse::Error {
+                    code: TrackerErrorCode::Invalid,
+                    message: "upstream leases are not implemented yet".into(),
+                };
+            }
         };
         result.unwrap_or_else(|e| TrackerResponse::Error { code: e.code(), message: e.to_string() })
     }
