@@ -14,6 +14,10 @@
 //! The candidates are shuffled, then ordered by bucket: same zone before other
 //! zones, and within that seeds, then partial holders, then peers with nothing. So
 //! the reply is random but biased towards close peers that can upload.
+//!
+//! Upstream leases and the piece hashes published while a blob streams in from the
+//! upstream registry live in the [`lease`] submodule (its docs state the rules);
+//! [`TrackerState::handle`] routes their requests there.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -27,7 +31,11 @@ use swarm_proto::msg::{
 };
 use swarm_proto::{Digest, Metainfo, PeerId};
 
+use self::lease::Upstream;
+pub use self::lease::{LeaseState, LeaseStatus, MAX_FAILURE_REASON_LEN, MAX_HASHES_PER_REPLY};
 use crate::TrackerError;
+
+pub mod lease;
 
 /// Tracker tuning.
 #[derive(Clone, Debug)]
@@ -38,12 +46,30 @@ pub struct TrackerConfig {
     pub peer_ttl: Duration,
     /// Most peers in one reply (also capped by [`MAX_PEERS_PER_REPLY`]).
     pub max_peers_per_reply: usize,
+    /// An upstream lease not renewed (by `AcquireLease` or `PublishHashes`) for this
+    /// long is free for the next node that asks. Sent to the holder in whole seconds
+    /// (rounded down, at least 1), who renews every third of it.
+    pub lease_ttl: Duration,
+    /// A lease whose holder publishes no new piece hash for this long is stalled:
+    /// renewing does not keep it, and the next node that asks takes over.
+    pub stall_timeout: Duration,
+    /// After a holder reports a failed upstream fetch, lease requests are answered
+    /// `Failed` for this long (the nodes fall back to the upstream themselves).
+    pub failure_memory: Duration,
 }
 
 impl Default for TrackerConfig {
-    /// Re-announce every 30 s, forget after three missed announces, 50 peers a reply.
+    /// Re-announce every 30 s, forget after three missed announces, 50 peers a reply;
+    /// leases of 10 s, lost after 30 s without progress; failures remembered 10 s.
     fn default() -> Self {
-        Self { announce_interval: Duration::from_secs(30), peer_ttl: Duration::from_secs(90), max_peers_per_reply: 50 }
+        Self {
+            announce_interval: Duration::from_secs(30),
+            peer_ttl: Duration::from_secs(90),
+            max_peers_per_reply: 50,
+            lease_ttl: Duration::from_secs(10),
+            stall_timeout: Duration::from_secs(30),
+            failure_memory: Duration::from_secs(10),
+        }
     }
 }
 
@@ -245,11 +271,12 @@ fn bucket(peer: &PeerInfo, zone: &str) -> u8 {
 struct BlobEntry {
     metainfo: Option<Metainfo>,
     peers: PeerSet,
+    upstream: Upstream,
 }
 
 impl BlobEntry {
     fn is_empty(&self) -> bool {
-        self.metainfo.is_none() && self.peers.len() == 0
+        self.metainfo.is_none() && self.peers.len() == 0 && self.upstream.is_empty()
     }
 }
 
@@ -295,30 +322,47 @@ impl TrackerState {
                 self.leave(&peer_id, &blob);
                 Ok(TrackerResponse::Left)
             }
-            TrackerRequest::AcquireLease { .. }
-            | TrackerRequest::PublishHashes { .. }
-            | TrackerRequest::ReleaseLease { .. }
-            | TrackerRequest::GetHashes { .. } => {
-                return TrackerResponse::Error {
-                    code: TrackerErrorCode::Invalid,
-                    message: "upstream leases are not implemented yet".into(),
-                };
+            TrackerRequest::AcquireLease { peer_id, blob } => {
+                Ok(TrackerResponse::Lease(self.acquire_lease(peer_id, blob, now)))
             }
+            TrackerRequest::PublishHashes { peer_id, layout, first, hashes } => {
+                self.publish_hashes(peer_id, layout, first, &hashes, now).map(|()| TrackerResponse::Registered)
+            }
+            TrackerRequest::ReleaseLease { peer_id, blob, failed } => {
+                self.release_lease(peer_id, blob, failed, now).map(|()| TrackerResponse::Left)
+            }
+            TrackerRequest::GetHashes { blob, first } => match self.hashes(&blob) {
+                Some((layout, known, complete)) => {
+                    let start = (first as usize).min(known.len());
+                    let end = known.len().min(start + MAX_HASHES_PER_REPLY as usize);
+                    Ok(TrackerResponse::Hashes { layout, first, hashes: known[start..end].to_vec(), complete })
+                }
+                None => Err(TrackerError::NoHashes { blob }),
+            },
         };
         result.unwrap_or_else(|e| TrackerResponse::Error { code: e.code(), message: e.to_string() })
     }
 
     /// Publishes a blob's metainfo. Idempotent; a different metainfo for a digest
-    /// that already has one is a [`TrackerError::Conflict`].
+    /// that already has one is a [`TrackerError::Conflict`], and one contradicting
+    /// the piece hashes published so far by an upstream lease holder is a
+    /// [`TrackerError::LayoutConflict`] or [`TrackerError::HashConflict`].
+    /// Registering also vouches for a metainfo completed from published hashes: a
+    /// failed upstream release no longer withdraws it.
     pub fn register(&mut self, metainfo: Metainfo) -> Result<(), TrackerError> {
         let blob = metainfo.digest;
         metainfo.validate().map_err(|source| TrackerError::InvalidMetainfo { blob, source })?;
         let entry = self.blobs.entry(blob).or_default();
         match &entry.metainfo {
-            Some(known) if *known == metainfo => Ok(()),
+            Some(known) if *known == metainfo => {
+                entry.upstream.registered();
+                Ok(())
+            }
             Some(_) => Err(TrackerError::Conflict { blob }),
             None => {
+                entry.upstream.check_register(&metainfo)?;
                 entry.metainfo = Some(metainfo);
+                entry.upstream.registered();
                 Ok(())
             }
         }
@@ -366,11 +410,17 @@ impl TrackerState {
         }
     }
 
-    /// Drops peers not seen for `peer_ttl`, then blobs with neither peers nor
-    /// metainfo. Returns the number of peers dropped.
+    /// Drops peers not seen for `peer_ttl`; failures older than `failure_memory`;
+    /// leases no longer live whose blob has metainfo or no peers left to take them
+    /// over; partial hashes with neither a lease nor peers; then blobs with nothing
+    /// left. Returns the number of peers dropped.
     pub fn expire(&mut self, now: Instant) -> usize {
         let ttl = self.config.peer_ttl;
-        let dropped = self.blobs.values_mut().map(|e| e.peers.expire(now, ttl)).sum();
+        let mut dropped = 0;
+        for e in self.blobs.values_mut() {
+            dropped += e.peers.expire(now, ttl);
+            e.upstream.expire(now, &self.config, e.peers.len() > 0, e.metainfo.is_some());
+        }
         self.blobs.retain(|_, e| !e.is_empty());
         dropped
     }
@@ -385,7 +435,7 @@ impl TrackerState {
         self.blobs.get(blob).is_some_and(|e| e.peers.index.contains_key(peer_id))
     }
 
-    /// Blobs with peers or metainfo.
+    /// Blobs with peers, metainfo or upstream state (hashes, a lease, a failure).
     pub fn blob_count(&self) -> usize {
         self.blobs.len()
     }
@@ -413,7 +463,14 @@ impl TrackerError {
         match self {
             TrackerError::UnknownBlob { .. } => TrackerErrorCode::UnknownBlob,
             TrackerError::Conflict { .. } => TrackerErrorCode::Conflict,
+            TrackerError::NoHashes { .. } => TrackerErrorCode::UnknownBlob,
+            TrackerError::LayoutConflict { .. } | TrackerError::HashConflict { .. } | TrackerError::HashGap { .. } => {
+                TrackerErrorCode::Conflict
+            }
             TrackerError::InvalidMetainfo { .. }
+            | TrackerError::InvalidLayout { .. }
+            | TrackerError::HashesPastEnd { .. }
+            | TrackerError::NotLeaseHolder { .. }
             | TrackerError::ZoneTooLong { .. }
             | TrackerError::Unreachable { .. }
             | TrackerError::Net(_) => TrackerErrorCode::Invalid,
