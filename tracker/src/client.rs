@@ -1,7 +1,9 @@
 //! [`TrackerClient`]: how peers talk to the tracker. One cached, authenticated QUIC
 //! connection; each request on its own bidirectional stream; every request bounded
 //! in time; one reconnect and retry when the cached connection turns out dead (the
-//! tracker restarted). All tracker requests are idempotent, so the retry is safe.
+//! tracker restarted). All tracker requests are idempotent, so the retry is safe:
+//! re-published hashes must equal the known ones, re-acquiring renews one's own
+//! lease, and releasing a lease already released is a no-op.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,8 +11,8 @@ use std::time::Duration;
 
 use swarm_net::{Endpoint, NetError, codes, read_msg, write_msg};
 use swarm_proto::codec::MAX_FRAME_LEN;
-use swarm_proto::msg::{Announce, PeerInfo, TrackerErrorCode, TrackerRequest, TrackerResponse};
-use swarm_proto::{Digest, Metainfo, PeerId, ProtoError};
+use swarm_proto::msg::{Announce, LeaseReply, PeerInfo, TrackerErrorCode, TrackerRequest, TrackerResponse};
+use swarm_proto::{Digest, Layout, Metainfo, PeerId, ProtoError};
 use tracing::debug;
 
 /// Default bound on one request, reconnecting included.
@@ -52,12 +54,36 @@ pub enum TrackerClientError {
     /// The tracker sent the metainfo of another blob.
     #[error("asked the tracker for {requested} but got the metainfo of {got}")]
     WrongMetainfo { requested: Digest, got: Digest },
+    /// The layout the tracker sent with piece hashes breaks the protocol's rules.
+    #[error("tracker sent an invalid layout for {blob}: {source}")]
+    InvalidLayout {
+        blob: Digest,
+        #[source]
+        source: ProtoError,
+    },
+    /// The tracker sent the piece hashes of another blob.
+    #[error("asked the tracker for the hashes of {requested} but got those of {got}")]
+    WrongHashes { requested: Digest, got: Digest },
+    /// The tracker sent hashes for other pieces than asked, or past the last piece.
+    #[error(
+        "asked the tracker for the hashes of {blob} from piece {requested} but got {count} from piece {first} \
+         of {pieces}"
+    )]
+    HashWindow { blob: Digest, requested: u32, first: u32, count: usize, pieces: u32 },
 }
 
 impl TrackerClientError {
     /// Whether the tracker refused our cluster token.
     pub fn is_auth_rejected(&self) -> bool {
         matches!(self, TrackerClientError::Net { source: NetError::AuthRejected { .. }, .. })
+    }
+
+    /// Whether the tracker refused a `publish_hashes` or `release_lease` because the
+    /// caller does not hold the blob's upstream lease (any more): it expired, stalled
+    /// or moved to another node, and the caller should stop its upstream fetch.
+    pub fn is_not_lease_holder(&self) -> bool {
+        matches!(self, TrackerClientError::Refused { code: TrackerErrorCode::Invalid, message }
+            if message.contains("is not the lease holder"))
     }
 }
 
@@ -201,6 +227,99 @@ impl TrackerClient {
             TrackerResponse::Left => Ok(()),
             other => Err(unexpected("leave", other)),
         }
+    }
+
+    /// Asks to be the node that fetches `blob` from the upstream registry (or, as the
+    /// holder, renews the lease). See [`LeaseReply`] for what each answer asks of
+    /// the caller.
+    pub async fn acquire_lease(&self, peer_id: PeerId, blob: Digest) -> Result<LeaseReply, TrackerClientError> {
+        match self.request(&TrackerRequest::AcquireLease { peer_id, blob }).await? {
+            TrackerResponse::Lease(reply) => Ok(reply),
+            other => Err(unexpected("acquire-lease", other)),
+        }
+    }
+
+    /// As the lease holder of `layout.digest`: publishes the hashes of pieces
+    /// `first..first + hashes.len()` and renews the lease (empty `hashes` only
+    /// renews). Re-sending known hashes is harmless. A refusal because the lease was
+    /// lost shows as [`TrackerClientError::is_not_lease_holder`].
+    pub async fn publish_hashes(
+        &self,
+        peer_id: PeerId,
+        layout: Layout,
+        first: u32,
+        hashes: &[[u8; 32]],
+    ) -> Result<(), TrackerClientError> {
+        let req = TrackerRequest::PublishHashes { peer_id, layout, first, hashes: hashes.to_vec() };
+        match self.request(&req).await? {
+            TrackerResponse::Registered => Ok(()),
+            other => Err(unexpected("publish-hashes", other)),
+        }
+    }
+
+    /// As the lease holder: ends the upstream fetch of `blob`. `failed` says why it
+    /// failed (the published hashes are then dropped); `None` means the whole blob
+    /// matched its digest. Releasing a lease the tracker no longer records is a no-op.
+    pub async fn release_lease(
+        &self,
+        peer_id: PeerId,
+        blob: Digest,
+        failed: Option<String>,
+    ) -> Result<(), TrackerClientError> {
+        match self.request(&TrackerRequest::ReleaseLease { peer_id, blob, failed }).await? {
+            TrackerResponse::Left => Ok(()),
+            other => Err(unexpected("release-lease", other)),
+        }
+    }
+
+    /// The layout of `blob` and the piece hashes the tracker knows from piece `first`
+    /// on (at most [`MAX_HASHES_PER_REPLY`] per call: ask again from where the reply
+    /// ends). `None` for an unknown blob. The reply is checked (valid layout, really
+    /// for `blob`, starting at `first`, within the blob) before it is returned.
+    ///
+    /// [`MAX_HASHES_PER_REPLY`]: crate::state::MAX_HASHES_PER_REPLY
+    pub async fn get_hashes(&self, blob: Digest, first: u32) -> Result<Option<HashesReply>, TrackerClientError> {
+        match self.request(&TrackerRequest::GetHashes { blob, first }).await? {
+            TrackerResponse::Hashes { layout, first: got_first, hashes, complete } => {
+                if layout.digest != blob {
+                    return Err(TrackerClientError::WrongHashes { requested: blob, got: layout.digest });
+                }
+                layout.validate().map_err(|source| TrackerClientError::InvalidLayout { blob, source })?;
+                let pieces = layout.piece_count();
+                let past_end = u64::from(got_first) + hashes.len() as u64 > u64::from(pieces);
+                if got_first != first || (past_end && !hashes.is_empty()) {
+                    return Err(TrackerClientError::HashWindow {
+                        blob,
+                        requested: first,
+                        first: got_first,
+                        count: hashes.len(),
+                        pieces,
+                    });
+                }
+                Ok(Some(HashesReply { layout, first, hashes, complete }))
+            }
+            TrackerResponse::Error { code: TrackerErrorCode::UnknownBlob, .. } => Ok(None),
+            other => Err(unexpected("get-hashes", other)),
+        }
+    }
+}
+
+/// The answer to [`TrackerClient::get_hashes`]: the hashes of pieces
+/// `first..first + hashes.len()` of the blob laid out as `layout`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HashesReply {
+    pub layout: Layout,
+    pub first: u32,
+    pub hashes: Vec<[u8; 32]>,
+    /// Every piece's hash is known (the full metainfo is registered): no need to ask
+    /// again. While `false`, the upstream fetch is still running.
+    pub complete: bool,
+}
+
+impl HashesReply {
+    /// Piece index just past the hashes of this reply: where to ask next.
+    pub fn end(&self) -> u32 {
+        self.first.saturating_add(self.hashes.len() as u32)
     }
 }
 

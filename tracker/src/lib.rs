@@ -30,7 +30,7 @@ pub mod client;
 pub mod server;
 pub mod state;
 
-pub use client::{TrackerClient, TrackerClientError};
+pub use client::{HashesReply, TrackerClient, TrackerClientError};
 pub use server::serve;
 pub use state::{LeaseState, LeaseStatus, TrackerConfig, TrackerState};
 

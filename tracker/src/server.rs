@@ -12,12 +12,13 @@ use std::time::{Duration, Instant};
 
 use swarm_net::{Endpoint, Incoming, NetError, codes, read_msg, write_msg};
 use swarm_proto::codec::MAX_FRAME_LEN;
-use swarm_proto::msg::{TrackerRequest, TrackerResponse};
+use swarm_proto::msg::{LeaseReply, TrackerErrorCode, TrackerRequest, TrackerResponse};
+use swarm_proto::{Digest, PeerId};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::{TrackerConfig, TrackerError, TrackerState};
+use crate::{LeaseState, LeaseStatus, TrackerConfig, TrackerError, TrackerState};
 
 /// How long a peer may take to send its request once it opened a stream.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -150,43 +151,123 @@ async fn request(mut send: quinn::SendStream, mut recv: quinn::RecvStream, remot
     let _ = send.finish();
 }
 
+/// What the state looked like, before a request, where the log line about it
+/// needs the difference.
+enum Before {
+    Nothing,
+    /// An announce from a peer not yet tracked for the blob.
+    FirstAnnounce {
+        peer: PeerId,
+        blob: Digest,
+    },
+    /// A register (`published: false`) or a publish of hashes for a blob without
+    /// metainfo.
+    NoMetainfo {
+        blob: Digest,
+        published: bool,
+    },
+    /// A lease request, and the lease as it stood.
+    Acquire {
+        peer: PeerId,
+        blob: Digest,
+        was: Option<LeaseStatus>,
+    },
+    /// A lease release, and the lease as it stood.
+    Release {
+        peer: PeerId,
+        blob: Digest,
+        was: Option<LeaseStatus>,
+        failed: Option<String>,
+    },
+}
+
 /// Applies one request to the state and logs what deserves it. The lock is held only
 /// here, never across an `.await`.
 fn answer(state: &Shared, req: TrackerRequest, remote: SocketAddr) -> TrackerResponse {
     let what = describe(&req);
-    let (response, first_announce, new_blob) = {
+    let (response, before, completed) = {
         let mut st = lock(state);
-        let first_announce = match &req {
-            TrackerRequest::Announce(a) => (!st.has_peer(&a.blob, &a.peer_id)).then_some((a.peer_id, a.blob)),
-            _ => None,
+        let now = Instant::now();
+        let before = match &req {
+            TrackerRequest::Announce(a) if !st.has_peer(&a.blob, &a.peer_id) => {
+                Before::FirstAnnounce { peer: a.peer_id, blob: a.blob }
+            }
+            TrackerRequest::Register { metainfo } if st.metainfo(&metainfo.digest).is_none() => {
+                Before::NoMetainfo { blob: metainfo.digest, published: false }
+            }
+            TrackerRequest::PublishHashes { layout, .. } if st.metainfo(&layout.digest).is_none() => {
+                Before::NoMetainfo { blob: layout.digest, published: true }
+            }
+            TrackerRequest::AcquireLease { peer_id, blob } => {
+                Before::Acquire { peer: *peer_id, blob: *blob, was: st.lease_status(blob, now) }
+            }
+            TrackerRequest::ReleaseLease { peer_id, blob, failed } => {
+                Before::Release { peer: *peer_id, blob: *blob, was: st.lease_status(blob, now), failed: failed.clone() }
+            }
+            _ => Before::Nothing,
         };
-        let new_blob = match &req {
-            TrackerRequest::Register { metainfo } => st.metainfo(&metainfo.digest).is_none().then_some(metainfo.digest),
-            _ => None,
+        let response = st.handle(req, remote, now);
+        let completed = match &before {
+            Before::NoMetainfo { blob, .. } => st.metainfo(blob).is_some(),
+            _ => false,
         };
-        (st.handle(req, remote, Instant::now()), first_announce, new_blob)
+        (response, before, completed)
     };
-    match &response {
-        TrackerResponse::Error { code, message } => match code {
-            swarm_proto::msg::TrackerErrorCode::UnknownBlob => debug!(%remote, request = what, "{message}"),
+    match (&response, before) {
+        (TrackerResponse::Error { code, message }, _) => match code {
+            TrackerErrorCode::UnknownBlob => debug!(%remote, request = what, "{message}"),
             _ => warn!(%remote, request = what, ?code, "refused: {message}"),
         },
-        TrackerResponse::Registered => {
-            if let Some(blob) = new_blob {
-                info!(%remote, %blob, "registered blob");
-            }
+        (TrackerResponse::Registered, Before::NoMetainfo { blob, published }) if completed => match published {
+            false => info!(%remote, %blob, "registered blob"),
+            true => info!(%remote, %blob, "every piece hash published: registered blob"),
+        },
+        (TrackerResponse::Peers { peers, .. }, Before::FirstAnnounce { peer, blob }) => {
+            info!(%remote, %peer, blob = %blob.short(), handed_out = peers.len(), "peer joined");
         }
-        TrackerResponse::Peers { peers, .. } => {
-            if let Some((peer, blob)) = first_announce {
-                info!(%remote, %peer, blob = %blob.short(), handed_out = peers.len(), "peer joined");
-            }
+        (TrackerResponse::Lease(reply), Before::Acquire { peer, blob, was }) => {
+            log_lease(remote, peer, blob, was, reply)
         }
-        TrackerResponse::Metainfo(_)
-        | TrackerResponse::Left
-        | TrackerResponse::Lease(_)
-        | TrackerResponse::Hashes { .. } => {}
+        // Accepted (a refusal is an `Error`), and there was a lease to end.
+        (TrackerResponse::Left, Before::Release { peer, blob, was: Some(was), failed }) => match failed {
+            None => info!(%remote, %peer, blob = %blob.short(), known = was.known, "upstream lease released"),
+            Some(reason) => warn!(
+                %remote, %peer, blob = %blob.short(), known = was.known,
+                "upstream fetch failed; published hashes dropped, lease requests refused for a while: {reason}"
+            ),
+        },
+        _ => {}
     }
     response
+}
+
+/// Logs grants, renewals, moves and refusals of upstream leases.
+fn log_lease(remote: SocketAddr, peer: PeerId, blob: Digest, was: Option<LeaseStatus>, reply: &LeaseReply) {
+    let blob = blob.short();
+    match (reply, was) {
+        (LeaseReply::Granted { .. }, Some(was)) if was.holder == peer && was.state == LeaseState::Live => {
+            debug!(%remote, %peer, %blob, "upstream lease renewed");
+        }
+        (LeaseReply::Granted { resume_from, .. }, Some(was)) if was.holder != peer => {
+            let why = match was.state {
+                LeaseState::Live => "live", // cannot happen: a live lease is not handed on
+                LeaseState::Expired => "went silent",
+                LeaseState::Stalled => "stalled",
+            };
+            let old_holder = was.holder;
+            info!(%remote, %peer, %blob, resume_from, %old_holder, "upstream lease moved: the old holder {why}");
+        }
+        (LeaseReply::Granted { resume_from, .. }, _) => {
+            info!(%remote, %peer, %blob, resume_from, "upstream lease granted");
+        }
+        (LeaseReply::Failed { reason }, Some(was)) if was.holder == peer && was.state == LeaseState::Stalled => {
+            let known = was.known;
+            info!(%remote, %peer, %blob, known, "upstream lease withdrawn from its stalled holder: {reason}");
+        }
+        (LeaseReply::Failed { reason }, _) => debug!(%remote, %peer, %blob, "upstream lease refused: {reason}"),
+        (LeaseReply::HeldBy { holder }, _) => debug!(%remote, %peer, %blob, %holder, "upstream lease held"),
+        (LeaseReply::NotNeeded, _) => debug!(%remote, %peer, %blob, "upstream lease not needed"),
+    }
 }
 
 fn describe(req: &TrackerRequest) -> &'static str {

@@ -1,13 +1,13 @@
 //! The tracker over real QUIC on loopback: server, clients, wrong tokens, restarts,
-//! malformed requests.
+//! malformed requests, upstream leases and incremental hashes.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use swarm_net::{ClusterToken, Endpoint, EndpointConfig, NetError, codes, read_msg, write_msg};
-use swarm_proto::msg::{Announce, TrackerErrorCode, TrackerRequest, TrackerResponse};
-use swarm_proto::{Digest, Metainfo, PeerId};
-use swarm_tracker::{TrackerClient, TrackerClientError, TrackerConfig, serve};
+use swarm_proto::msg::{Announce, LeaseReply, TrackerErrorCode, TrackerRequest, TrackerResponse};
+use swarm_proto::{Digest, Layout, Metainfo, PeerId};
+use swarm_tracker::{HashesReply, TrackerClient, TrackerClientError, TrackerConfig, serve};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -33,6 +33,10 @@ struct Tracker {
 
 impl Tracker {
     fn start(fill: u8, addr: SocketAddr) -> Self {
+        Self::start_with(fill, addr, TrackerConfig::default())
+    }
+
+    fn start_with(fill: u8, addr: SocketAddr, config: TrackerConfig) -> Self {
         // The previous tracker's socket may take a moment to be released.
         let deadline = Instant::now() + Duration::from_secs(5);
         let endpoint = loop {
@@ -47,7 +51,7 @@ impl Tracker {
         };
         let addr = endpoint.local_addr().expect("addr");
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(serve(endpoint, TrackerConfig::default(), cancel.clone()));
+        let task = tokio::spawn(serve(endpoint, config, cancel.clone()));
         let task = tokio::spawn(async move { task.await.expect("join").expect("serve") });
         Self { addr, cancel, task }
     }
@@ -272,4 +276,105 @@ async fn requests_to_a_silent_address_time_out() {
     let err = peer.get_metainfo(metainfo().digest).await.expect_err("no tracker");
     assert!(matches!(err, TrackerClientError::Timeout { tracker, .. } if tracker == addr), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+fn upstream_layout(name: &[u8], pieces: u32) -> Layout {
+    Layout { digest: Digest::of(name), length: u64::from(pieces) * u64::from(PIECE) - 3, piece_length: PIECE }
+}
+
+fn piece_hashes(pieces: u8) -> Vec<[u8; 32]> {
+    (1..=pieces).map(|i| [i; 32]).collect()
+}
+
+/// One node fetches from upstream and publishes hashes in two batches; another is
+/// told who holds the lease and reads the hashes as they come, then the metainfo.
+#[tokio::test]
+async fn one_node_fetches_upstream_while_another_reads_its_hashes() {
+    let tracker = Tracker::start(1, loopback());
+    let (holder, _) = client(1, tracker.addr);
+    let (other, _) = client(1, tracker.addr);
+    let (a, b) = (PeerId([1; 16]), PeerId([2; 16]));
+    let layout = upstream_layout(b"upstream", 5);
+    let blob = layout.digest;
+    let hashes = piece_hashes(5);
+
+    assert_eq!(other.get_hashes(blob, 0).await.expect("get"), None, "nothing known yet");
+    assert_eq!(
+        holder.acquire_lease(a, blob).await.expect("acquire"),
+        LeaseReply::Granted { ttl_secs: 10, resume_from: 0 }
+    );
+    assert_eq!(other.acquire_lease(b, blob).await.expect("acquire"), LeaseReply::HeldBy { holder: a });
+    assert_eq!(other.get_hashes(blob, 0).await.expect("get"), None, "a lease but no hashes yet");
+
+    holder.publish_hashes(a, layout, 0, &hashes[..2]).await.expect("first batch");
+    let first = other.get_hashes(blob, 0).await.expect("get").expect("known");
+    assert_eq!(first, HashesReply { layout, first: 0, hashes: hashes[..2].to_vec(), complete: false });
+    let nothing_new = other.get_hashes(blob, first.end()).await.expect("get").expect("known");
+    assert_eq!((nothing_new.first, nothing_new.hashes.len(), nothing_new.complete), (2, 0, false));
+
+    // Only the holder publishes.
+    let err = other.publish_hashes(b, layout, 2, &hashes[2..3]).await.expect_err("not the holder");
+    assert!(err.is_not_lease_holder(), "{err:?}");
+    // A contradicting batch is a conflict.
+    let err = holder.publish_hashes(a, layout, 1, &[[9; 32]]).await.expect_err("conflict");
+    assert!(matches!(&err, TrackerClientError::Refused { code: TrackerErrorCode::Conflict, .. }), "{err:?}");
+    assert!(!err.is_not_lease_holder());
+
+    holder.publish_hashes(a, layout, 2, &hashes[2..]).await.expect("second batch");
+    let rest = other.get_hashes(blob, first.end()).await.expect("get").expect("known");
+    assert_eq!(rest, HashesReply { layout, first: 2, hashes: hashes[2..].to_vec(), complete: true });
+    let metainfo = Metainfo { digest: blob, length: layout.length, piece_length: PIECE, piece_hashes: hashes };
+    assert_eq!(other.get_metainfo(blob).await.expect("get"), Some(metainfo.clone()));
+    assert_eq!(other.acquire_lease(b, blob).await.expect("acquire"), LeaseReply::NotNeeded);
+
+    let err = other.release_lease(b, blob, None).await.expect_err("not the holder");
+    assert!(err.is_not_lease_holder(), "{err:?}");
+    holder.release_lease(a, blob, None).await.expect("release");
+    holder.release_lease(a, blob, None).await.expect("releasing twice is a no-op");
+    assert_eq!(other.get_metainfo(blob).await.expect("get"), Some(metainfo.clone()), "the metainfo stays");
+    holder.register(&metainfo).await.expect("registering the same metainfo is idempotent");
+
+    // A failed fetch of another blob: the others are told so for a while.
+    let broken = upstream_layout(b"broken", 3);
+    assert!(matches!(holder.acquire_lease(a, broken.digest).await.expect("acquire"), LeaseReply::Granted { .. }));
+    holder.publish_hashes(a, broken, 0, &piece_hashes(1)).await.expect("publish");
+    holder.release_lease(a, broken.digest, Some("upstream answered 503".into())).await.expect("release");
+    assert_eq!(
+        other.acquire_lease(b, broken.digest).await.expect("acquire"),
+        LeaseReply::Failed { reason: "upstream answered 503".into() }
+    );
+    assert_eq!(other.get_hashes(broken.digest, 0).await.expect("get"), None, "the partial hashes were dropped");
+    tracker.stop().await;
+}
+
+/// A holder that goes silent loses the lease after its ttl; the next node resumes
+/// where the hashes stop, and the old holder learns it lost the lease.
+#[tokio::test]
+async fn a_lease_moves_when_its_holder_goes_silent() {
+    let config = TrackerConfig { lease_ttl: Duration::from_secs(1), ..TrackerConfig::default() };
+    let tracker = Tracker::start_with(1, loopback(), config);
+    let (holder, _) = client(1, tracker.addr);
+    let (other, _) = client(1, tracker.addr);
+    let (a, b) = (PeerId([1; 16]), PeerId([2; 16]));
+    let layout = upstream_layout(b"slow upstream", 4);
+    let hashes = piece_hashes(4);
+
+    assert_eq!(
+        holder.acquire_lease(a, layout.digest).await.expect("acquire"),
+        LeaseReply::Granted { ttl_secs: 1, resume_from: 0 }
+    );
+    holder.publish_hashes(a, layout, 0, &hashes[..2]).await.expect("publish");
+    assert_eq!(other.acquire_lease(b, layout.digest).await.expect("acquire"), LeaseReply::HeldBy { holder: a });
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        other.acquire_lease(b, layout.digest).await.expect("acquire"),
+        LeaseReply::Granted { ttl_secs: 1, resume_from: 2 }
+    );
+    let err = holder.publish_hashes(a, layout, 2, &hashes[2..3]).await.expect_err("lost the lease");
+    assert!(err.is_not_lease_holder(), "{err:?}");
+    other.publish_hashes(b, layout, 2, &hashes[2..]).await.expect("the new holder resumes");
+    let all = holder.get_hashes(layout.digest, 0).await.expect("get").expect("known");
+    assert_eq!(all, HashesReply { layout, first: 0, hashes, complete: true });
+    other.release_lease(b, layout.digest, None).await.expect("release");
+    tracker.stop().await;
 }

@@ -1,7 +1,7 @@
 //! Upstream leases and incremental piece hashes: which one node fetches a blob from
 //! the upstream registry, and the piece hashes it publishes as the bytes arrive.
 //!
-//! Per blob the tracker keeps, next to its peers and metainfo, an [`Upstream`]:
+//! Per blob the tracker keeps, next to its peers and metainfo, an `Upstream`:
 //!
 //! - `partial`: the layout and the known prefix of piece hashes, while the blob is
 //!   still streaming in. Once the prefix covers every piece it becomes the blob's
