@@ -240,8 +240,9 @@ impl TrackerClient {
     }
 
     /// As the lease holder of `layout.digest`: publishes the hashes of pieces
-    /// `first..first + hashes.len()` and renews the lease (empty `hashes` only
-    /// renews). Re-sending known hashes is harmless. A refusal because the lease was
+    /// `first..first + hashes.len()` and renews the lease. Empty `hashes` renew
+    /// without progress; the first publish may be empty, to make the layout known.
+    /// Re-sending known hashes is harmless. A refusal because the lease was
     /// lost shows as [`TrackerClientError::is_not_lease_holder`].
     pub async fn publish_hashes(
         &self,
@@ -259,7 +260,9 @@ impl TrackerClient {
 
     /// As the lease holder: ends the upstream fetch of `blob`. `failed` says why it
     /// failed (the published hashes are then dropped); `None` means the whole blob
-    /// matched its digest. Releasing a lease the tracker no longer records is a no-op.
+    /// matched its digest. Releasing a lease the tracker no longer records is a no-op;
+    /// once the lease lapsed or moved, the release is refused
+    /// ([`TrackerClientError::is_not_lease_holder`]) and the failure not recorded.
     pub async fn release_lease(
         &self,
         peer_id: PeerId,

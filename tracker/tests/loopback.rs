@@ -305,6 +305,9 @@ async fn one_node_fetches_upstream_while_another_reads_its_hashes() {
     );
     assert_eq!(other.acquire_lease(b, blob).await.expect("acquire"), LeaseReply::HeldBy { holder: a });
     assert_eq!(other.get_hashes(blob, 0).await.expect("get"), None, "a lease but no hashes yet");
+    holder.publish_hashes(a, layout, 0, &[]).await.expect("the layout alone");
+    let empty = other.get_hashes(blob, 0).await.expect("get").expect("layout known");
+    assert_eq!(empty, HashesReply { layout, first: 0, hashes: vec![], complete: false });
 
     holder.publish_hashes(a, layout, 0, &hashes[..2]).await.expect("first batch");
     let first = other.get_hashes(blob, 0).await.expect("get").expect("known");

@@ -3,8 +3,8 @@
 //!
 //! Per blob the tracker keeps, next to its peers and metainfo, an `Upstream`:
 //!
-//! - `partial`: the layout and the known prefix of piece hashes, while the blob is
-//!   still streaming in. Once the prefix covers every piece it becomes the blob's
+//! - `partial`: the layout and the known prefix of piece hashes (possibly empty),
+//!   while the blob is still streaming in. Once the prefix covers every piece it becomes the blob's
 //!   [`Metainfo`] (so `GetMetainfo` and `Register` behave as for a seeded blob) and
 //!   `partial` is dropped: at most one of the two is set.
 //! - `lease`: the holder, when the lease runs out (`expires`, pushed back by every
@@ -32,9 +32,12 @@
 //!
 //! `PublishHashes` is accepted only from the live holder; the hashes must continue
 //! the known prefix without a gap and agree where they overlap, under the same
-//! layout. `ReleaseLease` is accepted from the recorded holder, live or not (a
-//! lapsed holder may still report why its fetch failed), and is a no-op when no
-//! lease is recorded at all, so a retried release is harmless.
+//! layout. The first publish may carry no hash at all: it records the layout, so
+//! the other nodes can prepare their copy (`GetHashes` answers it with an empty
+//! list). `ReleaseLease` too is accepted only from the live holder: a holder whose
+//! lease lapsed typically learns it from a refused renewal and reports that as a
+//! failure, which must not wipe the hashes the next holder resumes from. A release
+//! when no lease is recorded at all is a no-op, so a retried release is harmless.
 //!
 //! Nothing here reads a clock: every entry point takes `now`, and none uses the RNG.
 
@@ -305,7 +308,9 @@ impl TrackerState {
             }
         };
         let new = hashes.get(known - first as usize..).unwrap_or_default();
-        if !new.is_empty() {
+        if entry.metainfo.is_none() {
+            // Even an empty first publish records the layout: the other nodes can set
+            // up their copy before the first piece is hashed.
             let partial = entry.upstream.partial.get_or_insert_with(|| Partial { layout, hashes: Vec::new() });
             partial.hashes.extend_from_slice(new);
             if partial.hashes.len() as u64 == u64::from(layout.piece_count())
@@ -332,7 +337,7 @@ impl TrackerState {
     /// Ends `peer_id`'s lease on `blob`. With `failed`, the hashes published under
     /// leases (partial, or a metainfo completed from them) are dropped and the
     /// failure is remembered for `failure_memory`. A release when no lease is
-    /// recorded is a no-op; one from another peer than the recorded holder is refused.
+    /// recorded is a no-op; one from anybody but the live holder is refused.
     pub fn release_lease(
         &mut self,
         peer_id: PeerId,
@@ -343,7 +348,11 @@ impl TrackerState {
         let Some(entry) = self.blobs.get_mut(&blob) else { return Ok(()) };
         match &entry.upstream.lease {
             None => return Ok(()),
-            Some(lease) if lease.holder != peer_id => return Err(TrackerError::NotLeaseHolder { peer_id, blob }),
+            Some(lease)
+                if lease.holder != peer_id || lease.state(now, self.config.stall_timeout) != LeaseState::Live =>
+            {
+                return Err(TrackerError::NotLeaseHolder { peer_id, blob });
+            }
             Some(_) => entry.upstream.lease = None,
         }
         if let Some(reason) = failed {

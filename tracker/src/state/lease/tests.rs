@@ -136,6 +136,12 @@ fn the_first_asker_gets_the_lease_and_the_others_are_told_who() {
     assert_eq!(f.s.peer_count(&blob()), 0);
     // Nothing is published yet: no hashes to hand out.
     assert_refused(f.get_hashes(0, 0.3), TrackerErrorCode::UnknownBlob, "no piece hashes");
+    // The holder's first publish may be just the layout, before any piece is hashed.
+    assert_eq!(f.publish(1, 4, 0, vec![], 0.4), TrackerResponse::Registered);
+    assert_eq!(f.get_hashes(0, 0.4), hashes_reply(4, 0, 0..0, false));
+    assert_eq!(f.get_hashes(u32::MAX, 0.4), hashes_reply(4, u32::MAX, 0..0, false), "the layout alone");
+    assert_refused(f.publish(1, 5, 0, vec![], 0.5), TrackerErrorCode::Conflict, "is recorded as");
+    assert_eq!(f.acquire(1, 0.6), granted(0), "recording the layout is no progress to resume from");
 }
 
 #[test]
@@ -179,6 +185,10 @@ fn an_expired_holder_nobody_replaced_may_take_the_lease_again() {
     assert_eq!(f.acquire(1, 0.0), granted(0));
     assert_eq!(f.publish(1, 4, 0, hashes(0..2), 1.0), TrackerResponse::Registered);
     assert_refused(f.publish(1, 4, 2, hashes(2..3), 11.0), TrackerErrorCode::Invalid, "not the lease holder");
+    // Its lapsed lease is not its to release, failed or not: the hashes stay.
+    assert_refused(f.release(1, Some("lease lost"), 11.5), TrackerErrorCode::Invalid, "not the lease holder");
+    assert_refused(f.release(1, None, 11.5), TrackerErrorCode::Invalid, "not the lease holder");
+    assert_eq!(f.s.failure(&blob()), None);
     assert_eq!(f.acquire(1, 12.0), granted(2), "a fresh lease, resuming after what it published");
     assert_eq!(f.publish(1, 4, 2, hashes(2..3), 12.5), TrackerResponse::Registered);
 }
@@ -201,6 +211,9 @@ fn a_holder_that_renews_without_progress_stalls_and_loses_the_lease() {
     assert_eq!(f.acquire(2, 34.9), LeaseReply::HeldBy { holder: pid(1) });
     assert_eq!(f.holder(35.0), Some((pid(1), LeaseState::Stalled)), "30 s after the last new hash");
     assert_refused(f.publish(1, 8, 2, vec![], 35.0), TrackerErrorCode::Invalid, "not the lease holder");
+    // Told so, the stalled holder reports a failure: refused, the hashes stay.
+    assert_refused(f.release(1, Some("tracker refused"), 35.1), TrackerErrorCode::Invalid, "not the lease holder");
+    assert_eq!(f.s.failure(&blob()), None);
     assert_eq!(f.acquire(2, 35.5), granted(2), "the next asker resumes at piece 2");
 
     // Progress keeps a lease that is renewed: no stall while hashes keep coming.
