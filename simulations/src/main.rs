@@ -85,7 +85,7 @@ struct Args {
     /// Seed of every random choice.
     #[arg(long, default_value_t = 1, env = "SWARM_SIM_SEED")]
     seed: u64,
-    /// Stop after this much simulated time (default: 20·T_min + 60 s).
+    /// Stop after this much simulated time (default: 20·T_min + 60 s; direct: none).
     #[arg(long, value_parser = humantime::parse_duration, env = "SWARM_SIM_MAX_TIME")]
     max_time: Option<Duration>,
     /// Peers each node keeps connected (NodeConfig::max_peers).

@@ -42,7 +42,10 @@
 //!   rates), run two levels deep from each change instead of to convergence. What it
 //!   misses is picked up at the next change of the resources concerned; a node's
 //!   upload and download change every time one of their transfers starts or ends.
-//!   With a single shared resource (the direct baseline) it is exact.
+//!   On random swarm-like loads (30 nodes, ~120 flows, flows coming and going) the
+//!   total throughput is 98.7 % of exact max-min's on average, 95 % at worst (the
+//!   test `close_to_exact_max_min_on_swarm_like_loads`). With a single shared
+//!   resource (the direct baseline) it is exact.
 //! - **Cheap.** A refill costs `O(k log k)` for the `k` flows at that resource (at most
 //!   the upload slots at a sender, the receive budget at a receiver), plus one
 //!   indexed-heap update per flow whose rate changed. Site links carry many flows and
@@ -670,6 +673,87 @@ mod tests {
                 assert!(net.used(r) <= net.capacity(r) * (1.0 + 1e-9), "step {step}");
             }
         }
+    }
+
+    /// Exact max-min fair rates by progressive filling (the reference).
+    fn exact_max_min(caps: &[f64], paths: &[Vec<usize>]) -> Vec<f64> {
+        let mut rate = vec![0.0; paths.len()];
+        let mut frozen = vec![false; paths.len()];
+        let mut left = caps.to_vec();
+        while frozen.iter().any(|f| !f) {
+            // The resource whose equal share among its unfrozen flows is smallest.
+            let mut best: Option<(f64, usize)> = None;
+            for (r, &cap_left) in left.iter().enumerate() {
+                let n = paths.iter().zip(&frozen).filter(|(p, f)| !**f && p.contains(&r)).count();
+                if n > 0 {
+                    let share = cap_left / n as f64;
+                    if best.is_none_or(|(b, _)| share < b) {
+                        best = Some((share, r));
+                    }
+                }
+            }
+            let Some((share, r)) = best else { break };
+            for (i, p) in paths.iter().enumerate() {
+                if !frozen[i] {
+                    rate[i] += share;
+                    for &q in p {
+                        left[q] -= share;
+                    }
+                }
+            }
+            for (i, p) in paths.iter().enumerate() {
+                if !frozen[i] && p.contains(&r) {
+                    frozen[i] = true;
+                }
+            }
+        }
+        rate
+    }
+
+    #[test]
+    fn close_to_exact_max_min_on_swarm_like_loads() {
+        use rand::{Rng, SeedableRng};
+        let (mut worst, mut sum, mut samples) = (f64::INFINITY, 0.0, 0);
+        for seed in 0..20 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let nodes = 30;
+            let mut caps = Vec::new();
+            let mut net = FlowNet::default();
+            let mut ups = Vec::new();
+            let mut downs = Vec::new();
+            for _ in 0..nodes {
+                let (u, d) = (rng.gen_range(10.0..30.0) * MB, rng.gen_range(15.0..40.0) * MB);
+                ups.push(net.add_resource(u));
+                caps.push(u);
+                downs.push(net.add_resource(d));
+                caps.push(d);
+            }
+            // Flows arrive and leave as in a swarm; compare after each of the last 50 changes.
+            let mut live: Vec<(FlowId, Vec<usize>)> = Vec::new();
+            for step in 0..400u32 {
+                if live.len() < 120 || rng.gen_bool(0.5) {
+                    let s = rng.gen_range(0..nodes);
+                    let r = (s + rng.gen_range(1..nodes)) % nodes;
+                    let id = net.start(0, 1 << 40, &[ups[s], downs[r]], step);
+                    live.push((id, vec![2 * s, 2 * r + 1]));
+                } else {
+                    let (id, _) = live.swap_remove(rng.gen_range(0..live.len()));
+                    net.end(id, 0);
+                }
+                if step >= 350 {
+                    let paths: Vec<Vec<usize>> = live.iter().map(|(_, p)| p.clone()).collect();
+                    let exact: f64 = exact_max_min(&caps, &paths).iter().sum();
+                    let model: f64 = live.iter().map(|(id, _)| net.rate(*id).unwrap_or(0.0)).sum();
+                    worst = worst.min(model / exact);
+                    sum += model / exact;
+                    samples += 1;
+                }
+            }
+        }
+        // The incremental allocation keeps nearly all of the max-min throughput.
+        let mean = sum / f64::from(samples);
+        println!("throughput vs exact max-min: mean {mean:.4}, worst {worst:.4}");
+        assert!(worst > 0.9 && mean > 0.97, "throughput vs exact max-min: mean {mean}, worst {worst}");
     }
 
     #[test]

@@ -5,15 +5,17 @@
 //! (the edge lease holder included, the in-cluster seed excluded) that did not leave;
 //! churn joiners are counted too. Percentiles are nearest-rank.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::model::secs;
+use crate::node::Role;
 use crate::scenario::{Params, TMin};
 use crate::units::fmt_rate;
-use crate::world::RunOutcome;
+use crate::world::{EVENT_KINDS, RunOutcome};
 
 /// Scheduler counters summed over every node.
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
@@ -57,6 +59,15 @@ pub struct Report {
     pub last_over_t_min: f64,
     pub median_over_t_min: f64,
     pub p90_over_t_min: f64,
+    /// Upload rate of the seed (in-cluster) or lease holder (edge), bits/s.
+    pub source_up_bps: Option<f64>,
+    /// Bytes the seed or lease holder uploaded to peers, over `F` (1 is the ideal:
+    /// every piece once; more is duplicate copies of the source's scarce upload).
+    pub source_uploaded_over_f: Option<f64>,
+    /// When every piece had left the seed or lease holder at least once.
+    pub all_pieces_out_s: Option<f64>,
+    /// When the lease holder had the last upstream byte (edge).
+    pub upstream_done_s: Option<f64>,
     /// Bytes the upstream registry sent.
     pub uplink_bytes: u64,
     pub uplink_over_f: f64,
@@ -70,6 +81,8 @@ pub struct Report {
     pub swarm_upload_utilisation: f64,
     pub scheduler: SchedulerTotals,
     pub events: u64,
+    /// Events processed by kind (`flow_done`: flow completions).
+    pub events_by_kind: BTreeMap<&'static str, u64>,
     pub flows: u64,
     pub rate_changes: u64,
     pub timed_out: bool,
@@ -101,6 +114,7 @@ impl Report {
         let t = tmin.t_min_s;
         let pieces = p.blob.div_ceil(u64::from(p.piece_length().max(1))) as u32;
         let sched = &outcome.sched;
+        let source = outcome.nodes.iter().find(|n| matches!(n.role, Role::Seed | Role::Holder));
         Self {
             scenario: p.scenario.name(),
             seed: p.seed,
@@ -128,6 +142,10 @@ impl Report {
             last_over_t_min: last / t,
             median_over_t_min: median / t,
             p90_over_t_min: p90 / t,
+            source_up_bps: source.map(|n| n.up * 8.0),
+            source_uploaded_over_f: source.map(|n| n.uploaded as f64 / f),
+            all_pieces_out_s: outcome.all_out_at.map(secs),
+            upstream_done_s: outcome.upstream_done_at.map(secs),
             uplink_bytes: outcome.uplink_bytes,
             uplink_over_f: outcome.uplink_bytes as f64 / f,
             received_bytes: outcome.received_bytes,
@@ -143,6 +161,7 @@ impl Report {
                 redundant: sched.redundant,
             },
             events: outcome.events,
+            events_by_kind: EVENT_KINDS.iter().copied().zip(outcome.events_by_kind).filter(|&(_, n)| n > 0).collect(),
             flows: outcome.net.flows,
             rate_changes: outcome.net.rate_changes,
             timed_out: outcome.timed_out,
@@ -175,7 +194,7 @@ pub fn table(reports: &[Report]) -> String {
     }
     let _ = writeln!(
         s,
-        "{:<11} {:>6} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>7} {:>12} {:>8}",
+        "{:<11} {:>11} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>7} {:>12} {:>8}",
         "scenario",
         "done",
         "last s",
@@ -192,7 +211,7 @@ pub fn table(reports: &[Report]) -> String {
     for r in reports {
         let _ = writeln!(
             s,
-            "{:<11} {:>6} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8.3} {:>8.3} {:>9.3} {:>7.3} {:>12} {:>8.2}",
+            "{:<11} {:>11} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8.3} {:>8.3} {:>9.3} {:>7.3} {:>12} {:>8.2}",
             r.scenario,
             format!("{}/{}", r.completed, r.downloaders),
             r.last_s,
@@ -212,13 +231,14 @@ pub fn table(reports: &[Report]) -> String {
         let c = &r.scheduler;
         let _ = writeln!(
             s,
-            "{}: T_min terms F/u_s {:.2} s, F/d_min {:.2} s, nF/(u_s+Σu) {:.2} s{}; received {:.4}·N·F, wasted {:.3}·F; \
+            "{}: T_min terms F/u_s {:.2} s, F/d_min {:.2} s, nF/(u_s+Σu) {:.2} s{}; {}received {:.4}·N·F, wasted {:.3}·F; \
              requests {}, busy {}, timeouts {}, cancels {}, endgame dups {}; flows {}, rate changes {}{}{}",
             r.scenario,
             t.source_s,
             t.download_s,
             t.swarm_s,
             if t.zone_s > 0.0 { format!(", F/zone {:.2} s", t.zone_s) } else { String::new() },
+            source_line(r),
             r.received_over_nf,
             r.wasted_over_f,
             c.requests,
@@ -231,6 +251,24 @@ pub fn table(reports: &[Report]) -> String {
             if r.left + r.joined > 0 { format!("; {} left, {} joined", r.left, r.joined) } else { String::new() },
             if r.timed_out { "; TIMED OUT" } else { "" },
         );
+    }
+    s
+}
+
+/// "source up …, uploaded …·F, all pieces out at … s, upstream done at … s; " when known.
+fn source_line(r: &Report) -> String {
+    let mut s = String::new();
+    if let (Some(up), Some(sent)) = (r.source_up_bps, r.source_uploaded_over_f) {
+        let _ = write!(s, "source up {}, uploaded {sent:.2}·F", fmt_rate(up / 8.0));
+    }
+    if let Some(t) = r.all_pieces_out_s {
+        let _ = write!(s, ", all pieces out at {t:.2} s");
+    }
+    if let Some(t) = r.upstream_done_s {
+        let _ = write!(s, ", upstream done at {t:.2} s");
+    }
+    if !s.is_empty() {
+        s.push_str("; ");
     }
     s
 }

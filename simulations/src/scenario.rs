@@ -97,7 +97,8 @@ pub struct Params {
     /// Leaves and joins happen uniformly in `[0, window]` (default: `T_min`).
     pub churn_window: Option<Duration>,
     pub seed: u64,
-    /// Give up after this much virtual time (default: `20·T_min + 60 s`).
+    /// Give up after this much virtual time (default: `20·T_min + 60 s`; none for the
+    /// direct baseline, which always ends).
     pub max_time: Option<Duration>,
     pub driver: DriverConfig,
     pub tracker: TrackerConfig,
@@ -227,15 +228,16 @@ pub fn run(p: &Params) -> anyhow::Result<Report> {
     let wall = std::time::Instant::now();
     let mut rng = StdRng::seed_from_u64(p.seed ^ 0x5157_4152_4d53_494d);
     let (mut specs, tmin) = base_nodes(p, &mut rng);
-    let max_time = p.max_time.unwrap_or_else(|| Duration::from_secs_f64(tmin.t_min_s * 20.0 + 60.0));
     if p.scenario == Scenario::Direct {
-        let outcome = run_direct(p, &specs, max_time);
+        // Always finishes (every flow has a positive rate): no default time limit.
+        let outcome = run_direct(p, &specs, p.max_time.unwrap_or(Duration::MAX));
         return Ok(Report::new(p, tmin, &outcome, wall.elapsed()));
     }
     let (leave, join) = match p.scenario {
         Scenario::Churn if p.churn_leave == 0.0 && p.churn_join == 0.0 => (0.1, 0.1),
         _ => (p.churn_leave, p.churn_join),
     };
+    let max_time = p.max_time.unwrap_or_else(|| Duration::from_secs_f64(tmin.t_min_s * 20.0 + 60.0));
     let window = nanos(p.churn_window.unwrap_or_else(|| Duration::from_secs_f64(tmin.t_min_s)));
     add_churn(&mut specs, p, leave, join, window, &mut rng);
     let setup = Setup {
@@ -342,7 +344,14 @@ fn run_direct(p: &Params, specs: &[NodeSpec], max_time: Duration) -> RunOutcome 
             .collect(),
         end: now,
         timed_out,
+        all_out_at: None,
+        upstream_done_at: None,
         events,
+        events_by_kind: {
+            let mut k = [0; crate::world::EVENT_KINDS.len()];
+            k[crate::world::EVENT_KINDS.len() - 1] = events;
+            k
+        },
         uplink_bytes: uplink,
         received_bytes: uplink,
         uploaded_bytes: 0,

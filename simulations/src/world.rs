@@ -66,6 +66,42 @@ pub(crate) enum Ev {
     Progress,
 }
 
+impl Ev {
+    /// Index into [`EVENT_KINDS`].
+    fn kind(&self) -> usize {
+        match self {
+            Ev::Announce { .. } => 0,
+            Ev::TrackerReply { .. } => 1,
+            Ev::ConnectDone { .. } => 2,
+            Ev::Timer { .. } => 3,
+            Ev::RequestArrive(_) => 4,
+            Ev::QueueTimeout(_) => 5,
+            Ev::Reply(_) => 6,
+            Ev::CancelArrive(_) => 7,
+            Ev::Have { .. } => 8,
+            Ev::Leave { .. } | Ev::Join { .. } => 9,
+            Ev::UpstreamOpen { .. } | Ev::Progress => 10,
+        }
+    }
+}
+
+/// Names of the event kinds counted in [`RunOutcome::events_by_kind`]; the last is
+/// flow completions.
+pub const EVENT_KINDS: [&str; 12] = [
+    "announce",
+    "tracker_reply",
+    "connect",
+    "timer",
+    "request",
+    "queue_timeout",
+    "reply",
+    "cancel",
+    "have",
+    "churn",
+    "other",
+    "flow_done",
+];
+
 /// What a flow carries.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum FlowTag {
@@ -134,7 +170,14 @@ pub struct RunOutcome {
     pub end: Nanos,
     /// Whether it ended because `max_time` passed.
     pub timed_out: bool,
+    /// When every piece had reached some node through the swarm at least once (left
+    /// the seed or lease holder).
+    pub all_out_at: Option<Nanos>,
+    /// When the lease holder had the last upstream byte.
+    pub upstream_done_at: Option<Nanos>,
     pub events: u64,
+    /// Events by kind, in the order of [`EVENT_KINDS`].
+    pub events_by_kind: [u64; EVENT_KINDS.len()],
     pub uplink_bytes: u64,
     pub received_bytes: u64,
     pub uploaded_bytes: u64,
@@ -177,6 +220,11 @@ pub struct World {
     pub(crate) uploaded_bytes: u64,
     pub(crate) wasted_bytes: f64,
     uplink_bytes: u64,
+    /// Per piece: copies verified from peers so far.
+    copies: Vec<u32>,
+    pieces_out: u32,
+    all_out_at: Option<Nanos>,
+    upstream_done_at: Option<Nanos>,
     pub(crate) scratch_links: Vec<Link>,
 }
 
@@ -259,6 +307,10 @@ impl World {
             uploaded_bytes: 0,
             wasted_bytes: 0.0,
             uplink_bytes: 0,
+            copies: vec![0; pieces as usize],
+            pieces_out: 0,
+            all_out_at: None,
+            upstream_done_at: None,
             scratch_links: Vec::new(),
         })
     }
@@ -284,6 +336,7 @@ impl World {
             self.events.push(0, Ev::Progress);
         }
         let mut processed = 0u64;
+        let mut by_kind = [0u64; EVENT_KINDS.len()];
         let mut timed_out = false;
         loop {
             if self.pending_nodes == 0 && self.pending_churn == 0 {
@@ -306,12 +359,14 @@ impl World {
             self.now = t;
             processed += 1;
             if flow_first {
+                by_kind[EVENT_KINDS.len() - 1] += 1;
                 if let Some((_, id)) = next_flow
                     && let Some((tag, bytes, _)) = self.net.end(id, t)
                 {
                     self.on_flow_done(tag, bytes);
                 }
             } else if let Some((_, ev)) = self.events.pop() {
+                by_kind[ev.kind()] += 1;
                 self.dispatch(ev);
             }
         }
@@ -338,7 +393,10 @@ impl World {
                 .collect(),
             end: self.now,
             timed_out,
+            all_out_at: self.all_out_at,
+            upstream_done_at: self.upstream_done_at,
             events: processed,
+            events_by_kind: by_kind,
             uplink_bytes: self.uplink_bytes,
             received_bytes: self.received_bytes,
             uploaded_bytes: self.uploaded_bytes,
@@ -403,8 +461,23 @@ impl World {
                 // The GET streams on: the next piece's bytes follow at once.
                 if piece + 1 < self.pieces {
                     self.start_upstream_piece(node, piece + 1);
+                } else {
+                    self.upstream_done_at = Some(self.now);
                 }
             }
+        }
+    }
+
+    /// Counts a copy of `piece` verified from a peer.
+    pub(crate) fn note_copy(&mut self, piece: u32) {
+        if let Some(c) = self.copies.get_mut(piece as usize) {
+            if *c == 0 {
+                self.pieces_out += 1;
+                if self.pieces_out == self.pieces {
+                    self.all_out_at = Some(self.now);
+                }
+            }
+            *c += 1;
         }
     }
 
