@@ -30,6 +30,8 @@ enum Command {
     Demo(cmd::demo::Args),
     /// Print a new random cluster token.
     Token(cmd::token::Args),
+    /// Write containerd hosts.toml files (or print k3s registries.yaml) that pull through the agent.
+    ContainerdConfig(cmd::containerd_config::Args),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +53,7 @@ fn main() -> ExitCode {
             Command::Pull(a) => cmd::pull::run(a).await,
             Command::Demo(a) => cmd::demo::run(a).await,
             Command::Token(a) => cmd::token::run(a),
+            Command::ContainerdConfig(a) => cmd::containerd_config::run(a),
         }
     });
     match result {

@@ -1,6 +1,7 @@
 //! One module per subcommand, plus the options and helpers they share.
 
 pub mod common;
+pub mod containerd_config;
 pub mod demo;
 pub mod pull;
 pub mod seed;
