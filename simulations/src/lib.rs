@@ -19,10 +19,14 @@
 //!   slots with a 500 ms wait and `Busy`, `Missing` rejects, cancels, `Have` to every
 //!   connected peer, `max_peers` = 32 with `choose_peers` over the tracker's list,
 //!   inbound connections always accepted, announces every 2 s while short of peers
-//!   and every tracker interval otherwise, re-announce on completion.
-//! - **Scenarios** ([`scenario`]): edge upgrade (one lease holder streams the blob
-//!   from upstream; each piece is shared as soon as it arrived), in-cluster (a seed),
-//!   churn (graceful leaves and joins at random times), and the direct baseline.
+//!   and every tracker interval otherwise, re-announce on completion; in the edge
+//!   upgrade also the upstream lease (`AcquireLease` to the real tracker core), the
+//!   holder's per-piece `PublishHashes` before announcing, and the other nodes'
+//!   150 ms hash sync with `Have`s deferred until the piece's hash is known.
+//! - **Scenarios** ([`scenario`]): edge upgrade (the lease holder streams the blob
+//!   from upstream; each piece is shared as soon as it arrived and its hash is
+//!   published), in-cluster (a seed), churn (graceful leaves and joins at random
+//!   times), and the direct baseline.
 //!
 //! # What is not modelled
 //!
@@ -31,8 +35,11 @@
 //! hashing, writes and the final whole-blob check take no time. Control traffic
 //! (handshakes, bitfields, `Have`s, tracker messages) uses no bandwidth. Bad pieces,
 //! stalled peers, dial failures other than to departed nodes, tracker restarts and
-//! crashes (every leave is graceful). The upstream lease is given to node 0 by the
-//! simulator (the tracker's lease protocol is not exercised). Only one blob at a time.
+//! crashes (every leave is graceful), the lease holder failing or leaving (so no
+//! lease takeover), the holder's HTTP body pausing (it is buffered: the upstream
+//! streams at full rate while pieces are hashed and published), the mirror and
+//! containerd. Tracker requests are handled when sent; the answer arrives one RTT
+//! later. Only one blob at a time.
 //!
 //! # Determinism
 //!

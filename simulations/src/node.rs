@@ -8,16 +8,30 @@
 //!
 //! | real node (`peer/src/node.rs`)                               | here                                                     |
 //! |--------------------------------------------------------------|----------------------------------------------------------|
-//! | `Request`: fetch task takes receive budget (KiB permits, FIFO), opens a stream, sends the request | [`World::request`]: same budget in KiB, FIFO; request reaches the sender after RTT/2 |
-//! | sender: `Missing` if the piece is not held; else an upload slot (try, then wait ≤ 500 ms FIFO, else `Busy`) | [`World::on_request_arrive`], [`World::on_queue_timeout`] |
+//! | `Request`: fetch task takes receive budget (KiB permits, FIFO), opens a stream, sends the request | `World::request`: same budget in KiB, FIFO; request reaches the sender after RTT/2 |
+//! | sender: `Missing` if the piece is not held; else an upload slot (try, then wait ≤ 500 ms FIFO, else `Busy`) | `World::on_request_arrive`, `World::on_queue_timeout` |
 //! | sender streams the piece; receiver verifies and stores it     | a flow sender up → receiver down; the reply reaches the receiver RTT/2 after the last byte left; hashing and disk take no time |
 //! | `Cancel`: abort the fetch task (budget freed at once; the sender stops when STOP_SENDING arrives) | budget freed at once; flow or queue entry dropped RTT/2 later |
 //! | `Have`: sent to every connected peer                          | every peer connected when it arrives (RTT/2 later) gets `peer_have` |
 //! | `Complete`: whole-blob check, then announce at once            | announce at once (the check is not modelled)             |
-//! | announce every 2 s while < `max_peers/2` peers and incomplete, else every tracker interval | same ([`World::on_tracker_reply`]) |
-//! | `connect_to`: drop self, connected, connecting, failed < 5 s; `choose_peers(…, max_peers − peers − connecting)`; seeds never dial | same ([`World::connect_to`]); a dial takes 2 RTTs (QUIC handshake + the blob handshake) |
+//! | announce every 2 s while < `max_peers/2` peers and incomplete, else every tracker interval | same (`World::on_tracker_reply`) |
+//! | `connect_to`: drop self, connected, connecting, failed < 5 s; `choose_peers(…, max_peers − peers − connecting)`; seeds never dial | same (`World::connect_to`); a dial takes 2 RTTs (QUIC handshake + the blob handshake) |
 //! | inbound connections always accepted; duplicate connections collapse to one | same; the bitfields are exchanged when the link is up |
 //! | `DropPeer`: close the connection                               | unlink both sides (never happens: no bad pieces are simulated) |
+//!
+//! And the edge-upgrade start-up of `peer/src/agent.rs` (`SwarmProvider::start`,
+//! `lead`, `feed`) with the hash sync of `node.rs`:
+//!
+//! | real node                                                     | here                                                     |
+//! |--------------------------------------------------------------|----------------------------------------------------------|
+//! | `GetHashes(0)`; if nothing is published, `AcquireLease`; `HeldBy` → sleep 100 ms, again | `World::on_startup`, `World::on_lease_reply`: the real tracker core answers; two RTTs per round |
+//! | `Granted` → open the upstream GET, publish the layout, `fetch_partial`, start the feed | after one WAN RTT the body starts streaming; the swarm starts one RTT later |
+//! | feed: per piece, hash, store, `PublishHashes` (awaited, one at a time), then `upstream_piece` (`local_piece`) | the body keeps streaming; each piece is published (1 RTT, in order) and then handed to `local_piece` |
+//! | others: `GetHashes(known)` every 150 ms after the previous answer while hashes are missing; `Have`s and bitfield bits of pieces without a known hash wait and are replayed when it arrives | `World::on_hash_sync`, `World::on_hashes_reply` |
+//! | the holder releases the lease when complete                  | same                                                     |
+//!
+//! Not mirrored: lease expiry and takeover (the holder never fails or leaves), the
+//! 30 s layout wait and the fall back to upstream.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -25,8 +39,8 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use swarm_peer::scheduler::{Action, Candidate, PeerKey, RequestFailure, Scheduler, SchedulerConfig, choose_peers};
-use swarm_proto::PeerId;
-use swarm_proto::msg::{Announce, PeerInfo, TrackerRequest, TrackerResponse};
+use swarm_proto::msg::{Announce, LeaseReply, PeerInfo, TrackerRequest, TrackerResponse};
+use swarm_proto::{Layout, PeerId};
 
 use crate::model::{FlowId, Nanos, ResId};
 use crate::world::{Ev, FlowTag, World};
@@ -103,6 +117,21 @@ pub struct SimNode {
     /// Free upload slots, and requests waiting for one (FIFO by sequence).
     pub slots_free: u32,
     pub upload_queue: BTreeMap<u64, FetchId>,
+    /// Whether the swarm (scheduler, announces) runs: from the start in-cluster; in
+    /// the edge upgrade once the layout is known (`fetch_partial` in `agent.rs`).
+    pub swarming: bool,
+    /// Piece hashes known; `Have`s and bitfield bits at or past it are deferred.
+    pub known: u32,
+    /// `(peer, piece)` announcements waiting for the piece's hash.
+    pub deferred: Vec<(PeerKey, u32)>,
+    /// A `GetHashes` is under way.
+    pub syncing: bool,
+    /// When the next `GetHashes` may go out.
+    pub next_sync: Nanos,
+    /// This node holds the upstream lease.
+    pub lease_holder: bool,
+    /// The holder's publishes are sequential: when the current one is answered.
+    pub publish_free_at: Nanos,
     /// Piece bytes verified from peers or upstream.
     pub downloaded: u64,
     /// Piece bytes fully sent to peers.
@@ -149,6 +178,13 @@ impl SimNode {
             budget_queue: BTreeMap::new(),
             slots_free: slots,
             upload_queue: BTreeMap::new(),
+            swarming: false,
+            known: 0,
+            deferred: Vec::new(),
+            syncing: false,
+            next_sync: 0,
+            lease_holder: false,
+            publish_free_at: 0,
             downloaded: 0,
             uploaded: 0,
         }
@@ -170,6 +206,10 @@ pub struct DriverConfig {
     pub eager_announce: Duration,
     /// No re-dial of a failed address for this long (`CONNECT_BACKOFF`).
     pub connect_backoff: Duration,
+    /// Pause between `HashSync` requests for new piece hashes (`HASH_SYNC`).
+    pub hash_sync: Duration,
+    /// Pause before asking again for a layout nobody published yet (`agent.rs`).
+    pub layout_retry: Duration,
     /// The piece-picking policy.
     pub scheduler: SchedulerConfig,
 }
@@ -184,6 +224,8 @@ impl Default for DriverConfig {
             slot_wait: Duration::from_millis(500),
             eager_announce: Duration::from_secs(2),
             connect_backoff: Duration::from_secs(5),
+            hash_sync: Duration::from_millis(150),
+            layout_retry: Duration::from_millis(100),
             scheduler: SchedulerConfig::default(),
         }
     }
@@ -362,6 +404,13 @@ impl World {
         if node.counted && node.alive {
             self.pending_nodes -= 1;
         }
+        if node.lease_holder {
+            // `Finished` on the lease holder gives the lease back.
+            node.lease_holder = false;
+            let release = TrackerRequest::ReleaseLease { peer_id: node.peer_id, blob: self.digest, failed: None };
+            let _ = self.tracker.handle(release, node_addr(n), self.clock.at(now));
+        }
+        let node = &mut self.nodes[n as usize];
         // `Finished` sets the next announce to now: tell the tracker we are a seed.
         if node.alive {
             node.next_announce = now;
@@ -642,7 +691,12 @@ impl World {
         // `DropPeer`, which needs bad pieces, never simulated), and the independent
         // scheduler updates back to back let the CPU overlap their cache misses.
         for l in &peers {
-            self.nodes[l.remote as usize].sched.peer_have(l.remote_key, piece, at);
+            let r = &mut self.nodes[l.remote as usize];
+            if piece >= r.known {
+                r.deferred.push((l.remote_key, piece));
+            } else {
+                r.sched.peer_have(l.remote_key, piece, at);
+            }
         }
         for l in &peers {
             // `peer_have` adds a scheduler deadline only with a `Request`: a peer that
@@ -773,12 +827,17 @@ impl World {
         self.nodes[b as usize].by_node.insert(a, kb);
         let bits_a = self.nodes[a as usize].sched.have().clone();
         let bits_b = self.nodes[b as usize].sched.have().clone();
-        let na = &mut self.nodes[a as usize].sched;
-        na.add_peer(ka, at);
-        na.peer_bitfield(ka, &bits_b, at);
-        let nb = &mut self.nodes[b as usize].sched;
-        nb.add_peer(kb, at);
-        nb.peer_bitfield(kb, &bits_a, at);
+        for (n, key, mut bits) in [(a, ka, bits_b), (b, kb, bits_a)] {
+            let node = &mut self.nodes[n as usize];
+            // Bits of pieces whose hash is not known yet wait (`control` in node.rs).
+            let unknown: Vec<u32> = bits.ones().filter(|&p| p >= node.known).collect();
+            for p in unknown {
+                bits.set(p, false);
+                node.deferred.push((key, p));
+            }
+            node.sched.add_peer(key, at);
+            node.sched.peer_bitfield(key, &bits, at);
+        }
         self.drain(a);
         self.drain(b);
     }
@@ -802,6 +861,179 @@ impl World {
         if remove_here {
             self.drain(n);
         }
+    }
+
+    // ------------------------------------------------- upstream lease and hashes
+
+    /// Edge upgrade start-up (`SwarmProvider::start` in `agent.rs`): ask the tracker
+    /// for the layout and hashes; if nobody published any, ask for the upstream lease;
+    /// if someone else holds it, ask again after a pause.
+    pub(crate) fn on_startup(&mut self, n: u32) {
+        let now = self.now;
+        let node = &self.nodes[n as usize];
+        if !node.alive || node.swarming {
+            return;
+        }
+        let at = self.clock.at(now);
+        let get = TrackerRequest::GetHashes { blob: self.digest, first: 0 };
+        if let TrackerResponse::Hashes { first, hashes, .. } = self.tracker.handle(get, node_addr(n), at) {
+            let known = first.saturating_add(hashes.len() as u32);
+            self.events.push(now + 2 * self.half_rtt, Ev::SwarmStart { node: n, known });
+            return;
+        }
+        let acquire = TrackerRequest::AcquireLease { peer_id: node.peer_id, blob: self.digest };
+        let granted = match self.tracker.handle(acquire, node_addr(n), at) {
+            TrackerResponse::Lease(LeaseReply::Granted { .. }) => true,
+            TrackerResponse::Lease(LeaseReply::HeldBy { .. } | LeaseReply::NotNeeded) => false,
+            other => {
+                tracing::warn!(node = n, ?other, "lease request refused");
+                false
+            }
+        };
+        // Two round trips: GetHashes, then AcquireLease.
+        self.events.push(now + 4 * self.half_rtt, Ev::LeaseReply { node: n, granted });
+    }
+
+    pub(crate) fn on_lease_reply(&mut self, n: u32, granted: bool) {
+        let now = self.now;
+        if !granted {
+            let retry = crate::model::nanos(self.driver.layout_retry);
+            self.events.push(now + retry, Ev::Startup { node: n });
+            return;
+        }
+        let node = &mut self.nodes[n as usize];
+        if node.role != Role::Holder {
+            tracing::warn!(node = n, "the upstream lease went to a node not planned as the holder");
+            node.role = Role::Holder;
+        }
+        node.lease_holder = true;
+        // `lead`: open the upstream blob (one WAN round trip), publish the layout.
+        self.events.push(now + self.wan_rtt, Ev::UpstreamOpen { node: n });
+    }
+
+    /// The upstream answered the holder's GET: publish the layout, start the swarm;
+    /// the body streams in from now on.
+    pub(crate) fn on_upstream_open(&mut self, n: u32) {
+        let now = self.now;
+        let publish = TrackerRequest::PublishHashes {
+            peer_id: self.nodes[n as usize].peer_id,
+            layout: self.layout(),
+            first: 0,
+            hashes: Vec::new(),
+        };
+        let reply = self.tracker.handle(publish, node_addr(n), self.clock.at(now));
+        if !matches!(reply, TrackerResponse::Registered) {
+            tracing::warn!(node = n, ?reply, "layout publish refused");
+        }
+        self.nodes[n as usize].publish_free_at = now + 2 * self.half_rtt;
+        self.events.push(now + 2 * self.half_rtt, Ev::SwarmStart { node: n, known: 0 });
+        self.start_upstream(n);
+    }
+
+    /// The swarm of node `n` starts (`fetch_partial`): announce, sync hashes.
+    pub(crate) fn on_swarm_start(&mut self, n: u32, known: u32) {
+        let now = self.now;
+        let node = &mut self.nodes[n as usize];
+        if !node.alive || node.swarming {
+            return;
+        }
+        node.swarming = true;
+        node.known = node.known.max(known);
+        node.next_announce = now;
+        node.next_sync = now;
+        self.events.push(now, Ev::Announce { node: n });
+        self.schedule_sync(n);
+        self.drain(n);
+    }
+
+    fn needs_hashes(&self, n: u32) -> bool {
+        let node = &self.nodes[n as usize];
+        node.alive && node.swarming && !node.syncing && !node.lease_holder && node.known < self.pieces
+    }
+
+    fn schedule_sync(&mut self, n: u32) {
+        if self.needs_hashes(n) {
+            let at = self.nodes[n as usize].next_sync.max(self.now);
+            self.events.push(at, Ev::HashSync { node: n });
+        }
+    }
+
+    /// Asks the tracker for the hashes published since the last ask.
+    pub(crate) fn on_hash_sync(&mut self, n: u32) {
+        if !self.needs_hashes(n) || self.nodes[n as usize].next_sync > self.now {
+            return;
+        }
+        let node = &mut self.nodes[n as usize];
+        node.syncing = true;
+        let get = TrackerRequest::GetHashes { blob: self.digest, first: node.known };
+        let known = match self.tracker.handle(get, node_addr(n), self.clock.at(self.now)) {
+            TrackerResponse::Hashes { first, hashes, .. } => first.saturating_add(hashes.len() as u32),
+            _ => node.known,
+        };
+        self.events.push(self.now + 2 * self.half_rtt, Ev::HashesReply { node: n, known });
+    }
+
+    /// New hashes arrived: replay the announcements that waited for them.
+    pub(crate) fn on_hashes_reply(&mut self, n: u32, known: u32) {
+        let now = self.now;
+        let at = self.clock.at(now);
+        let sync = crate::model::nanos(self.driver.hash_sync);
+        let node = &mut self.nodes[n as usize];
+        if !node.alive {
+            return;
+        }
+        node.syncing = false;
+        node.next_sync = now + sync;
+        if known > node.known {
+            node.known = known;
+            let (ready, wait): (Vec<_>, Vec<_>) = node.deferred.drain(..).partition(|&(_, p)| p < known);
+            node.deferred = wait;
+            for (key, piece) in ready {
+                node.sched.peer_have(key, piece, at);
+            }
+            self.drain(n);
+        }
+        self.schedule_sync(n);
+    }
+
+    /// The holder stored a piece from upstream: publish its hash (a tracker round trip,
+    /// one publish at a time), then announce it.
+    pub(crate) fn on_upstream_piece(&mut self, n: u32, piece: u32) {
+        let node = &mut self.nodes[n as usize];
+        node.known = node.known.max(piece + 1);
+        let done = node.publish_free_at.max(self.now) + 2 * self.half_rtt;
+        node.publish_free_at = done;
+        self.events.push(done, Ev::Published { node: n, piece });
+    }
+
+    pub(crate) fn on_published(&mut self, n: u32, piece: u32) {
+        let publish = TrackerRequest::PublishHashes {
+            peer_id: self.nodes[n as usize].peer_id,
+            layout: self.layout(),
+            first: piece,
+            hashes: vec![self.piece_hash(piece)],
+        };
+        let reply = self.tracker.handle(publish, node_addr(n), self.clock.at(self.now));
+        if !matches!(reply, TrackerResponse::Registered) {
+            tracing::warn!(node = n, piece, ?reply, "hash publish refused");
+        }
+        let at = self.clock.at(self.now);
+        self.nodes[n as usize].sched.local_piece(piece, at);
+        self.drain(n);
+    }
+
+    /// The blob's layout as the lease holder publishes it.
+    fn layout(&self) -> Layout {
+        Layout { digest: self.digest, length: self.blob_len, piece_length: self.piece_length }
+    }
+
+    /// A stand-in for piece `piece`'s sha256 (nothing is verified in the simulator).
+    pub(crate) fn piece_hash(&self, piece: u32) -> [u8; 32] {
+        let mut h = self.digest.0;
+        for (b, p) in h.iter_mut().zip(piece.to_le_bytes()) {
+            *b ^= p;
+        }
+        h
     }
 
     fn piece_len(&self, piece: u32) -> u32 {

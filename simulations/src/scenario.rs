@@ -4,10 +4,12 @@
 //! swarm scenarios and the direct baseline, churn schedules, and the Kumar–Ross
 //! minimum distribution time computed from the rates actually drawn.
 //!
-//! - **Edge upgrade** ([`Scenario::Edge`]): `N` nodes, the blob only upstream. Node 0
-//!   holds the upstream lease: one streamed GET (after one WAN RTT), each piece handed
-//!   to its scheduler with `local_piece` the moment its last byte arrives
-//!   (cut-through), so the uplink carries exactly `F`. Everyone swarms.
+//! - **Edge upgrade** ([`Scenario::Edge`]): `N` nodes, the blob only upstream and not
+//!   registered. Every node asks the tracker for the layout, then for the upstream
+//!   lease; node 0 asks first and gets it. It streams the blob in one GET (after one
+//!   WAN RTT), and each piece goes to its scheduler with `local_piece` as soon as its
+//!   last byte arrived and its hash is published (cut-through), so the uplink carries
+//!   exactly `F`. Everyone swarms, learning hashes as they are published.
 //! - **In-cluster** ([`Scenario::InCluster`]): node 0 starts with the whole blob; the
 //!   other `N − 1` pull.
 //! - **Churn** ([`Scenario::Churn`]): the edge upgrade while a fraction of the nodes
@@ -254,6 +256,7 @@ pub fn run(p: &Params) -> anyhow::Result<Report> {
         tracker: p.tracker.clone(),
         max_time,
         progress: p.progress,
+        lease: matches!(p.scenario, Scenario::Edge | Scenario::Churn),
     };
     let outcome = World::new(setup)?.run();
     Ok(Report::new(p, tmin, &outcome, wall.elapsed()))

@@ -62,6 +62,34 @@ pub(crate) enum Ev {
     UpstreamOpen {
         node: u32,
     },
+    /// Edge start-up: look for the layout, else ask for the lease.
+    Startup {
+        node: u32,
+    },
+    /// The answer to the node's `AcquireLease`.
+    LeaseReply {
+        node: u32,
+        granted: bool,
+    },
+    /// The layout (and `known` hashes) are known: the node's swarm starts.
+    SwarmStart {
+        node: u32,
+        known: u32,
+    },
+    /// Time for the node to ask for new piece hashes.
+    HashSync {
+        node: u32,
+    },
+    /// The tracker's hashes reach the node: it now knows `known` of them.
+    HashesReply {
+        node: u32,
+        known: u32,
+    },
+    /// The tracker acknowledged the holder's publish of `piece`'s hash.
+    Published {
+        node: u32,
+        piece: u32,
+    },
     /// Log a progress line (with `--progress`).
     Progress,
 }
@@ -80,14 +108,20 @@ impl Ev {
             Ev::CancelArrive(_) => 7,
             Ev::Have { .. } => 8,
             Ev::Leave { .. } | Ev::Join { .. } => 9,
-            Ev::UpstreamOpen { .. } | Ev::Progress => 10,
+            Ev::UpstreamOpen { .. }
+            | Ev::Progress
+            | Ev::Startup { .. }
+            | Ev::LeaseReply { .. }
+            | Ev::SwarmStart { .. }
+            | Ev::Published { .. } => 10,
+            Ev::HashSync { .. } | Ev::HashesReply { .. } => 11,
         }
     }
 }
 
 /// Names of the event kinds counted in [`RunOutcome::events_by_kind`]; the last is
 /// flow completions.
-pub const EVENT_KINDS: [&str; 12] = [
+pub const EVENT_KINDS: [&str; 13] = [
     "announce",
     "tracker_reply",
     "connect",
@@ -99,6 +133,7 @@ pub const EVENT_KINDS: [&str; 12] = [
     "have",
     "churn",
     "other",
+    "hash_sync",
     "flow_done",
 ];
 
@@ -146,6 +181,10 @@ pub struct Setup {
     pub max_time: Duration,
     /// Log progress (pieces held, active flows) this often, at info level.
     pub progress: Option<Duration>,
+    /// Edge upgrade: the blob is not registered; nodes go through the upstream lease
+    /// and incremental hashes (`agent.rs`). Otherwise the seed has registered the
+    /// metainfo before the run and every node knows every hash.
+    pub lease: bool,
 }
 
 /// The outcome of one node.
@@ -206,10 +245,11 @@ pub struct World {
     /// Per site: (outbound, inbound) link; empty with one site.
     pub(crate) zone_links: Vec<(ResId, ResId)>,
     upstream: ResId,
-    wan_rtt: Nanos,
+    pub(crate) wan_rtt: Nanos,
     max_time: Nanos,
     specs: Vec<NodeSpec>,
     progress: Option<Nanos>,
+    lease: bool,
     /// Sequence numbers for FIFO queues.
     pub(crate) seq: u64,
     /// Counted nodes alive and not complete.
@@ -245,6 +285,7 @@ impl World {
             tracker,
             max_time,
             progress,
+            lease,
         } = setup;
         anyhow::ensure!(blob_len > 0 && piece_length > 0, "empty blob");
         anyhow::ensure!(specs.len() < 100_000, "at most 99,999 nodes (one 198.18.0.0/15 address each)");
@@ -255,9 +296,11 @@ impl World {
             Metainfo { digest, length: blob_len, piece_length, piece_hashes: vec![[0u8; 32]; pieces as usize] };
         let clock = Clock::new(std::time::Instant::now());
         let mut tracker = TrackerState::new(tracker, rng.r#gen());
-        match tracker.handle(TrackerRequest::Register { metainfo }, node_addr(0), clock.at(0)) {
-            TrackerResponse::Registered => {}
-            other => anyhow::bail!("the tracker refused the blob: {other:?}"),
+        if !lease {
+            match tracker.handle(TrackerRequest::Register { metainfo }, node_addr(0), clock.at(0)) {
+                TrackerResponse::Registered => {}
+                other => anyhow::bail!("the tracker refused the blob: {other:?}"),
+            }
         }
         let mut net = FlowNet::default();
         let upstream = net.add_resource(upstream);
@@ -276,7 +319,11 @@ impl World {
             let sched = Scheduler::new(driver.scheduler.clone(), piece_length, have, rng.r#gen());
             let node_rng = StdRng::seed_from_u64(rng.r#gen());
             let peer_id = PeerId(rng.r#gen());
-            nodes.push(SimNode::new(peer_id, spec.zone, spec.role, up, down, sched, node_rng, budget_kib, slots));
+            let mut node = SimNode::new(peer_id, spec.zone, spec.role, up, down, sched, node_rng, budget_kib, slots);
+            if !lease {
+                node.known = pieces;
+            }
+            nodes.push(node);
         }
         Ok(Self {
             clock,
@@ -300,6 +347,7 @@ impl World {
             max_time: nanos(max_time),
             specs,
             progress: progress.map(nanos).filter(|&p| p > 0),
+            lease,
             seq: 0,
             pending_nodes: 0,
             pending_churn: 0,
@@ -415,12 +463,14 @@ impl World {
         if node.counted && !node.sched.is_complete() {
             self.pending_nodes += 1;
         }
-        node.next_announce = now;
-        self.events.push(now, Ev::Announce { node: i });
-        if node.role == Role::Holder {
-            self.events.push(now + self.wan_rtt, Ev::UpstreamOpen { node: i });
+        if self.lease {
+            self.events.push(now, Ev::Startup { node: i });
+        } else {
+            node.swarming = true;
+            node.next_announce = now;
+            self.events.push(now, Ev::Announce { node: i });
+            self.drain(i);
         }
-        self.drain(i);
     }
 
     fn dispatch(&mut self, ev: Ev) {
@@ -442,7 +492,13 @@ impl World {
                 self.pending_churn -= 1;
                 self.start_node(node);
             }
-            Ev::UpstreamOpen { node } => self.start_upstream_piece(node, 0),
+            Ev::UpstreamOpen { node } => self.on_upstream_open(node),
+            Ev::Startup { node } => self.on_startup(node),
+            Ev::LeaseReply { node, granted } => self.on_lease_reply(node, granted),
+            Ev::SwarmStart { node, known } => self.on_swarm_start(node, known),
+            Ev::HashSync { node } => self.on_hash_sync(node),
+            Ev::HashesReply { node, known } => self.on_hashes_reply(node, known),
+            Ev::Published { node, piece } => self.on_published(node, piece),
             Ev::Progress => self.log_progress(),
         }
     }
@@ -453,11 +509,8 @@ impl World {
             FlowTag::Upstream { node, piece } => {
                 self.uplink_bytes += bytes;
                 self.received_bytes += bytes;
-                let at = self.clock.at(self.now);
-                let n = &mut self.nodes[node as usize];
-                n.downloaded += bytes;
-                n.sched.local_piece(piece, at);
-                self.drain(node);
+                self.nodes[node as usize].downloaded += bytes;
+                self.on_upstream_piece(node, piece);
                 // The GET streams on: the next piece's bytes follow at once.
                 if piece + 1 < self.pieces {
                     self.start_upstream_piece(node, piece + 1);
@@ -479,6 +532,11 @@ impl World {
             }
             *c += 1;
         }
+    }
+
+    /// Starts the holder's upstream body at piece 0.
+    pub(crate) fn start_upstream(&mut self, node: u32) {
+        self.start_upstream_piece(node, 0);
     }
 
     /// Streams piece `piece` from the upstream registry to `node`.
