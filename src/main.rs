@@ -20,6 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the per-node agent: peer, piece store and containerd registry mirror.
+    Agent(cmd::agent::Args),
     /// Run the tracker (on the master node).
     Tracker(cmd::tracker::Args),
     /// Share a file with the swarm until interrupted.
@@ -48,6 +50,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Agent(a) => cmd::agent::run(a).await,
             Command::Tracker(a) => cmd::tracker::run(a).await,
             Command::Seed(a) => cmd::seed::run(a).await,
             Command::Pull(a) => cmd::pull::run(a).await,

@@ -6,7 +6,9 @@
 //!   tracker.
 //! - [`upstream`]: the OCI registry client (token flow, ranges, redirects).
 //! - [`mirror`]: the HTTP registry mirror containerd talks to.
+//! - [`agent`]: the mirror's blob source backed by the swarm, with upstream leases.
 
+pub mod agent;
 pub mod mirror;
 pub mod node;
 pub mod scheduler;

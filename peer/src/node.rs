@@ -37,7 +37,7 @@ use swarm_net::{Endpoint, NetError, codes, read_msg, write_msg};
 use swarm_proto::codec::MAX_PEER_FRAME_LEN;
 use swarm_proto::msg::{Announce, PeerInfo, PeerMessage, RejectReason};
 use swarm_proto::{Digest, Layout, Metainfo, PROTOCOL_VERSION, PeerId};
-use swarm_tracker::client::{TrackerClient, TrackerClientError};
+use swarm_tracker::client::{HashesReply, TrackerClient, TrackerClientError};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
@@ -50,6 +50,8 @@ use crate::store::{BlobFile, Store, StoreError};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Re-announce this often while the swarm has fewer peers than wanted.
 const EAGER_ANNOUNCE: Duration = Duration::from_secs(2);
+/// How often a swarm asks the tracker for new piece hashes while they stream in.
+const HASH_SYNC: Duration = Duration::from_millis(150);
 /// Do not retry a peer address that failed for this long.
 const CONNECT_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -124,6 +126,8 @@ pub struct NodeStats {
     pub uploaded: u64,
     /// Pieces that failed verification.
     pub bad_pieces: u64,
+    /// Blob bytes this node fetched from upstream registries (as lease holder).
+    pub from_upstream: u64,
 }
 
 impl NodeStats {
@@ -138,6 +142,7 @@ struct Counters {
     downloaded_from: Mutex<HashMap<PeerId, u64>>,
     uploaded: AtomicU64,
     bad_pieces: AtomicU64,
+    from_upstream: AtomicU64,
 }
 
 /// Where a download stands.
@@ -179,6 +184,11 @@ impl Download {
     /// Where the blob's bytes are stored.
     pub fn data_path(&self) -> &Path {
         self.blob.data_path()
+    }
+
+    /// The stored blob (its bytes, hashes and verified pieces).
+    pub fn blob(&self) -> &Arc<BlobFile> {
+        &self.blob
     }
 
     /// A receiver of progress snapshots.
@@ -281,6 +291,7 @@ impl Node {
             downloaded_from: c.downloaded_from.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             uploaded: c.uploaded.load(Ordering::Relaxed),
             bad_pieces: c.bad_pieces.load(Ordering::Relaxed),
+            from_upstream: c.from_upstream.load(Ordering::Relaxed),
         }
     }
 
@@ -313,6 +324,73 @@ impl Node {
         let blob = Arc::new(blob);
         let h = self.start_swarm(blob);
         Ok(Download { digest, blob: h.blob, progress: h.progress })
+    }
+
+    /// Starts fetching a blob whose piece hashes are still arriving (an upstream fetch
+    /// by the lease holder is in progress). `hashes` are those of pieces
+    /// `first..`; the swarm keeps asking the tracker for the rest and only trades a
+    /// piece once its hash is known. If the node already has the blob, that is used.
+    pub async fn fetch_partial(
+        &self,
+        layout: Layout,
+        first: u32,
+        hashes: Vec<[u8; 32]>,
+    ) -> Result<Download, NodeError> {
+        let digest = layout.digest;
+        if let Some(h) = self.swarm(&digest) {
+            return Ok(Download { digest, blob: h.blob, progress: h.progress });
+        }
+        let store = self.inner.store.clone();
+        let blob = tokio::task::spawn_blocking(move || {
+            let blob = store.open_layout(layout)?;
+            blob.add_hashes(first, &hashes)?;
+            Ok::<_, StoreError>(blob)
+        })
+        .await
+        .map_err(|e| NodeError::DownloadFailed { digest, reason: e.to_string() })??;
+        let h = self.start_swarm(Arc::new(blob));
+        Ok(Download { digest, blob: h.blob, progress: h.progress })
+    }
+
+    /// Whether the node is already serving or fetching `digest`.
+    pub fn download(&self, digest: &Digest) -> Option<Download> {
+        self.swarm(digest).map(|h| Download { digest: *digest, blob: h.blob, progress: h.progress })
+    }
+
+    /// Blobs whose download is still running.
+    pub fn active_downloads(&self) -> usize {
+        let swarms = self.inner.swarms.lock().unwrap_or_else(|e| e.into_inner());
+        swarms.values().filter(|h| h.progress.borrow().state == DownloadState::Running).count()
+    }
+
+    /// The node's tracker client.
+    pub fn tracker(&self) -> &TrackerClient {
+        &self.inner.tracker
+    }
+
+    /// Tells `digest`'s swarm that a piece was stored from outside the swarm (the
+    /// upstream registry); it is announced to every peer at once.
+    pub fn upstream_piece(&self, digest: &Digest, piece: u32) {
+        if let Some(h) = self.swarm(digest) {
+            let _ = h.inbox.send(Event::UpstreamPiece(piece));
+        }
+    }
+
+    /// Marks this node as the holder of `digest`'s upstream lease: when the blob is
+    /// complete (or fails its final check) the swarm releases the lease.
+    pub fn hold_lease(&self, digest: &Digest) {
+        if let Some(h) = self.swarm(digest) {
+            let _ = h.inbox.send(Event::LeaseHeld);
+        }
+    }
+
+    /// Abandons the download of `digest` (its upstream fetch failed): waiters see the
+    /// reason, the swarm stops and the next request starts afresh.
+    pub fn abandon(&self, digest: &Digest, reason: String) {
+        let h = self.inner.swarms.lock().unwrap_or_else(|e| e.into_inner()).remove(digest);
+        if let Some(h) = h {
+            let _ = h.inbox.send(Event::Abandon(reason));
+        }
     }
 
     async fn wait_metainfo(&self, digest: Digest) -> Result<Metainfo, NodeError> {
@@ -386,6 +464,10 @@ impl Node {
             next_announce: tokio::time::Instant::now(),
             announcing: false,
             finishing: false,
+            deferred: Vec::new(),
+            syncing: false,
+            next_sync: tokio::time::Instant::now(),
+            lease_holder: false,
         };
         let span = info_span!("swarm", peer = %self.inner.peer_id.short(), blob = %digest.short());
         tokio::spawn(actor.run().instrument(span));
@@ -467,12 +549,32 @@ enum Outcome {
 enum Event {
     Connected(Box<NewPeer>),
     ConnectFailed(SocketAddr),
-    Control { key: PeerKey, msg: PeerMessage },
-    Closed { key: PeerKey },
-    Piece { key: PeerKey, piece: u32, outcome: Outcome },
-    TrackerPeers { peers: Vec<PeerInfo>, interval: Duration },
+    Control {
+        key: PeerKey,
+        msg: PeerMessage,
+    },
+    Closed {
+        key: PeerKey,
+    },
+    Piece {
+        key: PeerKey,
+        piece: u32,
+        outcome: Outcome,
+    },
+    TrackerPeers {
+        peers: Vec<PeerInfo>,
+        interval: Duration,
+    },
     TrackerFailed(String),
     Finished(Result<(), String>),
+    /// A piece stored from the upstream registry by this node (the lease holder).
+    UpstreamPiece(u32),
+    /// This node holds the blob's upstream lease.
+    LeaseHeld,
+    /// Piece hashes learned from the tracker (`None`: the tracker forgot the blob).
+    Hashes(Option<HashesReply>),
+    HashSyncFailed,
+    Abandon(String),
 }
 
 struct PeerState {
@@ -501,6 +603,12 @@ struct SwarmActor {
     next_announce: tokio::time::Instant,
     announcing: bool,
     finishing: bool,
+    /// Haves of pieces whose hash is not known yet, replayed when it is.
+    deferred: Vec<(PeerKey, u32)>,
+    /// A GetHashes request is under way.
+    syncing: bool,
+    next_sync: tokio::time::Instant,
+    lease_holder: bool,
 }
 
 impl SwarmActor {
@@ -530,6 +638,7 @@ impl SwarmActor {
                 },
                 _ = sched_sleep => self.scheduler.handle_timeout(Instant::now()),
                 _ = tokio::time::sleep_until(self.next_announce), if !self.announcing => self.announce(),
+                _ = tokio::time::sleep_until(self.next_sync), if self.needs_hashes() => self.sync_hashes(),
             }
             self.drain_actions();
         }
@@ -544,6 +653,31 @@ impl SwarmActor {
     fn handle(&mut self, ev: Event) {
         let now = Instant::now();
         match ev {
+            Event::UpstreamPiece(piece) => {
+                let len = u64::from(self.blob.layout().piece_len(piece));
+                self.node.inner.counters.from_upstream.fetch_add(len, Ordering::Relaxed);
+                self.scheduler.local_piece(piece, now);
+            }
+            Event::LeaseHeld => self.lease_holder = true,
+            Event::Hashes(reply) => {
+                self.syncing = false;
+                self.next_sync = tokio::time::Instant::now() + HASH_SYNC;
+                match reply {
+                    Some(r) => match self.blob.add_hashes(r.first, &r.hashes) {
+                        Ok(_) => self.replay_deferred(now),
+                        Err(e) => warn!(error = %e, "tracker hashes conflict with ours"),
+                    },
+                    None if !self.lease_holder => {
+                        self.abandon("the upstream fetch of this blob failed (the tracker dropped it)".into());
+                    }
+                    None => {}
+                }
+            }
+            Event::HashSyncFailed => {
+                self.syncing = false;
+                self.next_sync = tokio::time::Instant::now() + HASH_SYNC;
+            }
+            Event::Abandon(reason) => self.abandon(reason),
             Event::Connected(p) => self.add_peer(*p, now),
             Event::ConnectFailed(addr) => {
                 self.connecting.remove(&addr);
@@ -575,6 +709,11 @@ impl SwarmActor {
                     Outcome::Failed(reason) => {
                         debug!(piece, %reason, "request failed");
                         self.scheduler.request_failed(key, piece, RequestFailure::Error, now);
+                        // A dead connection fails every request at once: drop the peer
+                        // now rather than re-asking it until its close event arrives.
+                        if self.peers.get(&key).is_some_and(|p| p.conn.close_reason().is_some()) {
+                            self.remove_peer(key, now);
+                        }
                     }
                 }
             }
@@ -591,6 +730,20 @@ impl SwarmActor {
                 self.next_announce = tokio::time::Instant::now() + EAGER_ANNOUNCE;
             }
             Event::Finished(result) => {
+                if self.lease_holder {
+                    self.lease_holder = false;
+                    let failed = result.as_ref().err().cloned();
+                    let node = self.node.clone();
+                    let digest = self.digest();
+                    tokio::spawn(
+                        async move {
+                            if let Err(e) = node.inner.tracker.release_lease(node.inner.peer_id, digest, failed).await {
+                                warn!(error = %e, "releasing the upstream lease failed");
+                            }
+                        }
+                        .in_current_span(),
+                    );
+                }
                 let state = match result {
                     Ok(()) => {
                         info!("blob complete and verified");
@@ -606,6 +759,61 @@ impl SwarmActor {
                 self.progress.send_modify(|p| p.state = state);
             }
         }
+    }
+
+    fn needs_hashes(&self) -> bool {
+        !self.syncing && !self.lease_holder && self.blob.known_hashes() < self.blob.layout().piece_count()
+    }
+
+    /// Asks the tracker for the piece hashes the lease holder published since the last ask.
+    fn sync_hashes(&mut self) {
+        self.syncing = true;
+        let node = self.node.clone();
+        let inbox = self.inbox_tx.clone();
+        let (digest, first) = (self.digest(), self.blob.known_hashes());
+        tokio::spawn(
+            async move {
+                let ev = match node.inner.tracker.get_hashes(digest, first).await {
+                    Ok(reply) => Event::Hashes(reply),
+                    Err(e) => {
+                        debug!(error = %e, "hash sync failed");
+                        Event::HashSyncFailed
+                    }
+                };
+                let _ = inbox.send(ev);
+            }
+            .in_current_span(),
+        );
+    }
+
+    fn replay_deferred(&mut self, now: Instant) {
+        let known = self.blob.known_hashes();
+        let (ready, wait): (Vec<_>, Vec<_>) = self.deferred.drain(..).partition(|&(_, p)| p < known);
+        self.deferred = wait;
+        for (key, piece) in ready {
+            self.scheduler.peer_have(key, piece, now);
+        }
+    }
+
+    fn abandon(&mut self, reason: String) {
+        warn!(%reason, "abandoning the download");
+        self.progress.send_modify(|p| {
+            if p.state == DownloadState::Running {
+                p.state = DownloadState::Failed(reason.clone());
+            }
+        });
+        let digest = self.digest();
+        {
+            let mut swarms = self.node.inner.swarms.lock().unwrap_or_else(|e| e.into_inner());
+            if swarms.get(&digest).is_some_and(|h| Arc::ptr_eq(&h.blob, &self.blob)) {
+                swarms.remove(&digest);
+            }
+        }
+        // The partial copy (and its hashes) must not seed the next attempt.
+        if let Err(e) = self.node.inner.store.remove(&digest) {
+            warn!(error = %e, "cannot remove the abandoned copy");
+        }
+        self.inbox.close();
     }
 
     fn add_peer(&mut self, p: NewPeer, now: Instant) {
@@ -676,7 +884,15 @@ impl SwarmActor {
 
     fn control(&mut self, key: PeerKey, msg: PeerMessage, now: Instant) {
         match msg {
-            PeerMessage::Bitfield(bits) => self.scheduler.peer_bitfield(key, &bits, now),
+            PeerMessage::Bitfield(mut bits) => {
+                let known = self.blob.known_hashes();
+                for piece in bits.ones().filter(|&p| p >= known).collect::<Vec<_>>() {
+                    bits.set(piece, false);
+                    self.deferred.push((key, piece));
+                }
+                self.scheduler.peer_bitfield(key, &bits, now)
+            }
+            PeerMessage::Have { piece } if piece >= self.blob.known_hashes() => self.deferred.push((key, piece)),
             PeerMessage::Have { piece } => self.scheduler.peer_have(key, piece, now),
             other => {
                 debug!(?other, "unexpected message on the control stream");

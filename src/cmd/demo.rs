@@ -4,18 +4,24 @@
 //! completion compares with the minimum distribution time (GUIDE.md section 5) for
 //! the upload caps in force.
 
+use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use rand::{RngCore, SeedableRng};
 use swarm_net::{ClusterToken, Endpoint, EndpointConfig};
-use swarm_peer::node::{Node, NodeConfig};
-use swarm_proto::PeerId;
+use swarm_peer::agent::SwarmProvider;
+use swarm_peer::mirror::{self, MirrorConfig, MirrorMetrics};
+use swarm_peer::node::{Node, NodeConfig, NodeStats};
+use swarm_peer::upstream::{UpstreamClient, UpstreamConfig};
+use swarm_proto::{Digest, PeerId};
 use swarm_tracker::state::TrackerConfig;
 use tokio_util::sync::CancellationToken;
 
 use super::common::{human_bytes, mb_per_s, parse_rate, parse_size};
+use super::demo_upstream;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -158,11 +164,129 @@ pub async fn run(args: Args) -> Result<()> {
         );
     }
 
+    mirror_phase(&args, &pullers, dir.path(), &cancel).await?;
+
     for n in pullers.iter().chain(std::iter::once(&seed)) {
         n.shutdown().await;
     }
     cancel.cancel();
     let _ = tracker.await;
+    Ok(())
+}
+
+/// The containerd path: an in-process upstream registry with a generated image, and
+/// every peer pulling it through its own registry mirror at the same moment.
+async fn mirror_phase(args: &Args, pullers: &[Node], dir: &Path, cancel: &CancellationToken) -> Result<()> {
+    let half = (args.size / 2).max(1);
+    let quarter = (args.size / 4).max(1);
+    let image = Arc::new(demo_upstream::Image::generate("demo/os", "v1", &[half, quarter, quarter]));
+    let rate = if args.unlimited { None } else { Some(args.seed_rate) };
+    let upstream = demo_upstream::start(image.clone(), rate, cancel.clone()).await?;
+    let ns = upstream.addr.to_string();
+    let config = UpstreamConfig { plain_http: vec![ns.clone()], ..UpstreamConfig::default() };
+    let mut mirrors = Vec::new();
+    for (i, node) in pullers.iter().enumerate() {
+        let client = UpstreamClient::new(config.clone())?;
+        let provider = Arc::new(SwarmProvider::new(node.clone(), client.clone()));
+        let metrics = Arc::new(MirrorMetrics::default());
+        let router = mirror::router(provider, client, MirrorConfig::new(dir.join(format!("manifests-{i}"))), metrics);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        mirrors.push(listener.local_addr()?);
+        tokio::spawn(mirror::serve(listener, router, cancel.clone()));
+    }
+    println!();
+    println!(
+        "containerd path: an upstream registry (capped at {}) serves image {}/{}:{} ({} in {} blobs);",
+        rate.map(rate_text).unwrap_or_else(|| "no cap".into()),
+        ns,
+        image.name,
+        image.tag,
+        human_bytes(image.blob_bytes()),
+        image.blobs.len()
+    );
+    println!("every peer pulls it through its own registry mirror at the same moment");
+    let before: Vec<NodeStats> = pullers.iter().map(Node::stats).collect();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for addr in &mirrors {
+        let (addr, image, ns) = (*addr, image.clone(), ns.clone());
+        tasks.push(tokio::spawn(async move {
+            pull_through_mirror(addr, &image, &ns).await?;
+            Ok::<_, anyhow::Error>(started.elapsed())
+        }));
+    }
+    let mut elapsed = Vec::new();
+    for t in tasks {
+        elapsed.push(t.await.context("mirror pull task")??);
+    }
+    println!();
+    println!("{:<10} {:>9} {:>14} {:>12} {:>12}", "peer", "time (s)", "from upstream", "from peers", "uploaded");
+    for ((n, b), e) in pullers.iter().zip(&before).zip(&elapsed) {
+        let s = n.stats();
+        println!(
+            "{:<10} {:>9.2} {:>14} {:>12} {:>12}",
+            n.peer_id().short(),
+            e.as_secs_f64(),
+            human_bytes(s.from_upstream - b.from_upstream),
+            human_bytes(s.downloaded() - b.downloaded()),
+            human_bytes(s.uploaded - b.uploaded)
+        );
+    }
+    let f = image.blob_bytes() as f64;
+    let sent = upstream.sent.load(std::sync::atomic::Ordering::Relaxed);
+    let last = elapsed.iter().max().copied().unwrap_or_default();
+    println!();
+    println!(
+        "the upstream registry sent {} = {:.2}x the image's blobs (direct pulls would send {}x); every blob matched its digest",
+        human_bytes(sent),
+        sent as f64 / f,
+        pullers.len()
+    );
+    if let Some(us) = rate {
+        let n = pullers.len() as f64;
+        let t_min = (f / us as f64).max(n * f / (us as f64 + n * args.peer_rate as f64));
+        println!(
+            "last peer finished after {:.2} s; minimum distribution time {:.2} s; ratio {:.2}",
+            last.as_secs_f64(),
+            t_min,
+            last.as_secs_f64() / t_min
+        );
+    } else {
+        println!("last peer finished after {:.2} s", last.as_secs_f64());
+    }
+    Ok(())
+}
+
+/// What containerd does, reduced: resolve the tag, fetch the manifest, fetch every
+/// blob it names, and check each against its digest.
+async fn pull_through_mirror(mirror: SocketAddr, image: &demo_upstream::Image, ns: &str) -> Result<()> {
+    let client = reqwest::Client::new();
+    let base = format!("http://{mirror}/v2/{}", image.name);
+    let manifest = client
+        .get(format!("{base}/manifests/{}?ns={ns}", image.tag))
+        .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await?
+        .error_for_status()?
+        .bytes()
+        .await?;
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).context("manifest JSON")?;
+    let mut digests = vec![manifest["config"]["digest"].as_str().unwrap_or_default().to_string()];
+    if let Some(layers) = manifest["layers"].as_array() {
+        digests.extend(layers.iter().map(|l| l["digest"].as_str().unwrap_or_default().to_string()));
+    }
+    let fetches = digests.into_iter().map(|d| {
+        let (client, url) = (client.clone(), format!("{base}/blobs/{d}?ns={ns}"));
+        async move {
+            let expected: Digest = d.parse().context("digest in the manifest")?;
+            let body = client.get(url).send().await?.error_for_status()?.bytes().await?;
+            anyhow::ensure!(Digest::of(&body) == expected, "blob {expected} came back with other content");
+            Ok(())
+        }
+    });
+    for r in futures_util::future::join_all(fetches).await {
+        r?;
+    }
     Ok(())
 }
 

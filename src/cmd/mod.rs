@@ -1,8 +1,11 @@
 //! One module per subcommand, plus the options and helpers they share.
 
+pub mod agent;
 pub mod common;
 pub mod containerd_config;
 pub mod demo;
+pub mod demo_upstream;
+pub mod metrics;
 pub mod pull;
 pub mod seed;
 pub mod token;

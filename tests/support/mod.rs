@@ -19,6 +19,7 @@
 
 #![allow(dead_code, unused_imports)]
 
+pub mod agents;
 pub mod containerd;
 pub mod http;
 pub mod image;

@@ -60,6 +60,12 @@ impl ChildGuard {
         Ok(Self { name: name.to_string(), child, stdout, stderr })
     }
 
+    /// Kills the process now (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -1,0 +1,376 @@
+//! The mirror's blob source on a node: [`SwarmProvider`], which serves containerd
+//! from the swarm and makes the cluster fetch each blob from upstream once.
+//!
+//! For a blob request it, in order:
+//!
+//! 1. joins a download this node already runs or holds (concurrent requests for one
+//!    blob inside one agent share it);
+//! 2. else asks the tracker for the blob's layout and piece hashes: if any node
+//!    registered or is publishing them, swarms on them;
+//! 3. else asks the tracker for the blob's **upstream lease**. The tracker grants it
+//!    to one node of the cluster. That node opens the upstream blob (from the piece the
+//!    swarm has not hashed yet, with an HTTP Range when resuming a lease that moved),
+//!    and as each piece arrives it hashes it, publishes the hash to the tracker,
+//!    stores it and announces it to its peers: everybody else swarms on those pieces
+//!    while the upstream fetch is still running (cut-through). Nodes that were not
+//!    granted the lease wait for the layout to appear (step 2).
+//!
+//! The holder renews the lease by publishing (at least every [`RENEW`]); if it dies or
+//! stalls, the tracker lets the lease go and the next node whose swarm stops making
+//! progress takes it over, resuming from the pieces the swarm already has.
+//!
+//! The HTTP body streams the blob in order, each piece as soon as it is verified
+//! against its hash; the last piece is held back until the whole blob matched its
+//! digest, so containerd never receives a complete blob with wrong content, and never
+//! a byte that was not verified (see the contract of [`BlobProvider`]). When the
+//! upstream refuses or cannot be reached, the provider says `Unavailable` and the
+//! mirror answers so that containerd falls back to the upstream itself.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::stream::{self, StreamExt};
+use swarm_proto::msg::LeaseReply;
+use swarm_proto::{Digest, Layout, piece_length_for};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::mirror::{BlobBody, BlobProvider, BlobRequest, ProviderError, provider_error};
+use crate::node::{Download, DownloadState, Node};
+use crate::upstream::{UpstreamBlob, UpstreamClient};
+
+/// How often the lease holder publishes at the latest (it renews the lease).
+pub const RENEW: Duration = Duration::from_secs(2);
+/// How long a node waits for the lease holder to publish the layout.
+const LAYOUT_WAIT: Duration = Duration::from_secs(30);
+/// A waiting swarm with no new piece for this long tries to take the lease over.
+const TAKEOVER_AFTER: Duration = Duration::from_secs(12);
+/// A mirror response with no new piece for this long is aborted (containerd resumes).
+const STREAM_STALL: Duration = Duration::from_secs(120);
+
+/// The [`BlobProvider`] backed by the swarm. See the module docs.
+pub struct SwarmProvider {
+    node: Node,
+    upstream: UpstreamClient,
+    /// One start-up at a time per blob, so concurrent requests join one download.
+    starting: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl SwarmProvider {
+    pub fn new(node: Node, upstream: UpstreamClient) -> Self {
+        Self { node, upstream, starting: Mutex::new(HashMap::new()) }
+    }
+
+    /// The download serving `req`, started if needed.
+    async fn download(&self, req: &BlobRequest) -> Result<Download, ProviderError> {
+        if let Some(d) = self.live(&req.digest) {
+            return Ok(d);
+        }
+        let gate = {
+            let mut starting = self.starting.lock().unwrap_or_else(|e| e.into_inner());
+            starting.entry(req.digest).or_default().clone()
+        };
+        let _guard = gate.lock().await;
+        if let Some(d) = self.live(&req.digest) {
+            return Ok(d);
+        }
+        let d = self.start(req).await;
+        self.starting.lock().unwrap_or_else(|e| e.into_inner()).remove(&req.digest);
+        d
+    }
+
+    /// A download of `digest` that has not failed.
+    fn live(&self, digest: &Digest) -> Option<Download> {
+        self.node.download(digest).filter(|d| !matches!(d.progress().borrow().state, DownloadState::Failed(_)))
+    }
+
+    async fn start(&self, req: &BlobRequest) -> Result<Download, ProviderError> {
+        let digest = req.digest;
+        let other = |e: &dyn std::fmt::Display| ProviderError::Other(e.to_string());
+        // A complete copy in the store, or one the cluster already knows.
+        if let Ok(Some(_)) = self.node.store().metainfo(&digest) {
+            return self.node.fetch(digest).await.map_err(|e| other(&e));
+        }
+        let waited = Instant::now();
+        loop {
+            if let Some(h) = self.node.tracker().get_hashes(digest, 0).await.map_err(|e| other(&e))? {
+                let d = self.node.fetch_partial(h.layout, h.first, h.hashes).await.map_err(|e| other(&e))?;
+                if !h.complete {
+                    self.watch_for_takeover(req.clone(), &d);
+                }
+                return Ok(d);
+            }
+            match self.node.tracker().acquire_lease(self.node.peer_id(), digest).await.map_err(|e| other(&e))? {
+                LeaseReply::Granted { resume_from, .. } => return self.lead(req, resume_from).await,
+                LeaseReply::Failed { reason } => return Err(ProviderError::Unavailable(reason)),
+                LeaseReply::NotNeeded | LeaseReply::HeldBy { .. } => {}
+            }
+            if waited.elapsed() > LAYOUT_WAIT {
+                return Err(ProviderError::Unavailable(format!(
+                    "no layout for {digest} published within {LAYOUT_WAIT:?} by the node fetching it"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// This node holds the lease and nobody published anything yet: open the
+    /// upstream blob, publish its layout, start the swarm and the upstream feed.
+    async fn lead(&self, req: &BlobRequest, resume_from: u32) -> Result<Download, ProviderError> {
+        let digest = req.digest;
+        let tracker = self.node.tracker();
+        let me = self.node.peer_id();
+        let blob = match self.upstream.blob(&req.registry, &req.repository, &digest, 0).await {
+            Ok(b) => b,
+            Err(e) => {
+                let reason = format!("upstream: {e}");
+                let _ = tracker.release_lease(me, digest, Some(reason)).await;
+                return Err(provider_error(e));
+            }
+        };
+        if blob.total_length == 0 {
+            let _ = tracker.release_lease(me, digest, Some("upstream blob is empty".into())).await;
+            return Err(ProviderError::Unavailable("upstream blob is empty".into()));
+        }
+        let layout = Layout { digest, length: blob.total_length, piece_length: piece_length_for(blob.total_length) };
+        tracker
+            .publish_hashes(me, layout, 0, &[])
+            .await
+            .map_err(|e| ProviderError::Unavailable(format!("cannot publish to the tracker: {e}")))?;
+        let d =
+            self.node.fetch_partial(layout, 0, Vec::new()).await.map_err(|e| ProviderError::Other(e.to_string()))?;
+        info!(%digest, length = layout.length, resume_from, "fetching from upstream as the lease holder");
+        self.node.hold_lease(&digest);
+        spawn_feed(self.node.clone(), self.upstream.clone(), req.clone(), d.blob().clone(), Some(blob), resume_from);
+        Ok(d)
+    }
+
+    /// While a swarm waits on another node's upstream fetch, watches its progress; if
+    /// nothing new arrives for [`TAKEOVER_AFTER`], asks for the lease and, when granted,
+    /// continues the upstream fetch from where the swarm is.
+    fn watch_for_takeover(&self, req: BlobRequest, d: &Download) {
+        let node = self.node.clone();
+        let upstream = self.upstream.clone();
+        let blob = d.blob().clone();
+        let mut progress = d.progress();
+        let span = info_span!("takeover", blob = %req.digest.short());
+        tokio::spawn(
+            async move {
+                let mut last = (blob.known_hashes(), progress.borrow().pieces);
+                let mut since = Instant::now();
+                loop {
+                    let changed = tokio::time::timeout(Duration::from_secs(1), progress.changed()).await;
+                    if matches!(changed, Ok(Err(_))) || progress.borrow().state != DownloadState::Running {
+                        return;
+                    }
+                    let now = (blob.known_hashes(), progress.borrow().pieces);
+                    if now != last {
+                        last = now;
+                        since = Instant::now();
+                        continue;
+                    }
+                    if since.elapsed() < TAKEOVER_AFTER || blob.known_hashes() == blob.layout().piece_count() {
+                        continue;
+                    }
+                    since = Instant::now();
+                    match node.tracker().acquire_lease(node.peer_id(), req.digest).await {
+                        Ok(LeaseReply::Granted { resume_from, .. }) => {
+                            // Pieces before `resume_from` that only the old holder had
+                            // are gone with it: start at our first missing piece.
+                            let resume_from = blob.have().zeros().next().unwrap_or(resume_from).min(resume_from);
+                            warn!(resume_from, "upstream fetch stalled elsewhere; taking over the lease");
+                            node.hold_lease(&req.digest);
+                            spawn_feed(node.clone(), upstream.clone(), req.clone(), blob.clone(), None, resume_from);
+                            return;
+                        }
+                        Ok(other) => debug!(?other, "lease not taken over"),
+                        Err(e) => debug!(error = %e, "lease request failed"),
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Runs the upstream feed of a lease holder; on failure abandons the download and
+/// gives the lease back with the reason.
+fn spawn_feed(
+    node: Node,
+    upstream: UpstreamClient,
+    req: BlobRequest,
+    blob: Arc<crate::store::BlobFile>,
+    opened: Option<UpstreamBlob>,
+    resume_from: u32,
+) {
+    let span = info_span!("upstream", blob = %req.digest.short(), registry = %req.registry);
+    tokio::spawn(
+        async move {
+            if let Err(reason) = feed(&node, &upstream, &req, &blob, opened, resume_from).await {
+                warn!(%reason, "upstream fetch failed");
+                let _ = node.tracker().release_lease(node.peer_id(), req.digest, Some(reason.clone())).await;
+                node.abandon(&req.digest, reason);
+            }
+        }
+        .instrument(span),
+    );
+}
+
+/// Streams the blob from upstream starting at piece `from`, turning bytes into
+/// verified, published, announced pieces.
+async fn feed(
+    node: &Node,
+    upstream: &UpstreamClient,
+    req: &BlobRequest,
+    blob: &Arc<crate::store::BlobFile>,
+    opened: Option<UpstreamBlob>,
+    from: u32,
+) -> Result<(), String> {
+    let layout = *blob.layout();
+    let count = layout.piece_count();
+    let start = layout.piece_offset(from);
+    let mut body = match opened {
+        Some(b) if start == 0 => b,
+        _ => upstream.blob(&req.registry, &req.repository, &req.digest, start).await.map_err(|e| e.to_string())?,
+    };
+    if body.total_length != layout.length {
+        return Err(format!("upstream length {} differs from the published {}", body.total_length, layout.length));
+    }
+    let tracker = node.tracker();
+    let me = node.peer_id();
+    let mut piece = from;
+    let mut buf: Vec<u8> = Vec::with_capacity(layout.piece_length as usize);
+    let mut unpublished: Vec<[u8; 32]> = Vec::new();
+    let mut first_unpublished = from;
+    let mut last_publish = Instant::now();
+    while piece < count {
+        let want = layout.piece_len(piece) as usize;
+        while buf.len() < want {
+            match tokio::time::timeout(RENEW, body.next_chunk()).await {
+                Ok(Some(Ok(bytes))) => buf.extend_from_slice(&bytes),
+                Ok(Some(Err(e))) => return Err(format!("upstream stream: {e}")),
+                Ok(None) => {
+                    return Err(format!("upstream ended {} bytes early", layout.length - layout.piece_offset(piece)));
+                }
+                Err(_) => {}
+            }
+            if last_publish.elapsed() >= RENEW {
+                // Slow upstream: renew the lease even without a whole new piece.
+                tracker.publish_hashes(me, layout, first_unpublished, &unpublished).await.map_err(|e| e.to_string())?;
+                first_unpublished += unpublished.len() as u32;
+                unpublished.clear();
+                last_publish = Instant::now();
+            }
+        }
+        let rest = buf.split_off(want);
+        let data = std::mem::replace(&mut buf, rest);
+        let hash: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&data).into();
+        let b = blob.clone();
+        let stored = tokio::task::spawn_blocking(move || {
+            b.add_hashes(piece, &[hash])?;
+            b.write_piece(piece, &data)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        unpublished.push(hash);
+        // Publish before announcing, so peers can verify the piece when they get it.
+        tracker.publish_hashes(me, layout, first_unpublished, &unpublished).await.map_err(|e| e.to_string())?;
+        first_unpublished += unpublished.len() as u32;
+        unpublished.clear();
+        last_publish = Instant::now();
+        if stored {
+            node.upstream_piece(&req.digest, piece);
+        }
+        piece += 1;
+    }
+    debug!(pieces = count - from, "upstream fetch done");
+    Ok(())
+}
+
+impl BlobProvider for SwarmProvider {
+    async fn blob_length(&self, req: &BlobRequest) -> Result<u64, ProviderError> {
+        if let Some(d) = self.node.download(&req.digest) {
+            return Ok(d.layout().length);
+        }
+        if let Ok(Some(layout)) = self.node.store().layout(&req.digest) {
+            return Ok(layout.length);
+        }
+        if let Ok(Some(h)) = self.node.tracker().get_hashes(req.digest, u32::MAX).await {
+            return Ok(h.layout.length);
+        }
+        self.upstream.blob_length(&req.registry, &req.repository, &req.digest).await.map_err(provider_error)
+    }
+
+    async fn open_blob(&self, req: &BlobRequest, offset: u64) -> Result<BlobBody, ProviderError> {
+        let d = self.download(req).await?;
+        let layout = *d.layout();
+        if offset > layout.length {
+            return Err(ProviderError::Other(format!("offset {offset} past the end ({})", layout.length)));
+        }
+        Ok(BlobBody { length: layout.length, stream: verified_stream(d, offset) })
+    }
+}
+
+/// The blob's bytes from `offset`, each piece released once verified, the last one
+/// once the whole blob matched its digest.
+fn verified_stream(
+    d: Download,
+    offset: u64,
+) -> futures_util::stream::BoxStream<'static, Result<Bytes, std::io::Error>> {
+    let layout = *d.layout();
+    let first = layout.piece_at(offset);
+    let count = layout.piece_count();
+    let state = (d, first, offset);
+    stream::unfold(state, move |(d, piece, offset)| async move {
+        if piece >= count || offset >= layout.length {
+            return None;
+        }
+        let last = piece + 1 == count;
+        let mut progress = d.progress();
+        let ready = tokio::time::timeout(STREAM_STALL, async {
+            loop {
+                let state = progress.borrow_and_update().state.clone();
+                if let DownloadState::Failed(reason) = state {
+                    return Err(reason);
+                }
+                let ok = if last { state == DownloadState::Complete } else { d.blob().has_piece(piece) };
+                if ok {
+                    return Ok(());
+                }
+                if progress.changed().await.is_err() {
+                    return Err("the download stopped".to_string());
+                }
+            }
+        })
+        .await;
+        let err = |m: String| std::io::Error::other(m);
+        match ready {
+            Ok(Ok(())) => {}
+            Ok(Err(reason)) => return Some((Err(err(reason)), (d, count, offset))),
+            Err(_) => {
+                return Some((
+                    Err(err(format!("no progress on piece {piece} for {STREAM_STALL:?}"))),
+                    (d, count, offset),
+                ));
+            }
+        }
+        let blob = d.blob().clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let mut buf = Vec::new();
+            blob.read_piece_into(piece, &mut buf).map(|()| buf)
+        })
+        .await;
+        let data = match read {
+            Ok(Ok(data)) => data,
+            Ok(Err(e)) => return Some((Err(err(e.to_string())), (d, count, offset))),
+            Err(e) => return Some((Err(err(e.to_string())), (d, count, offset))),
+        };
+        let skip = (offset - layout.piece_offset(piece)) as usize;
+        let bytes = Bytes::from(data).slice(skip..);
+        let next_offset = layout.piece_offset(piece + 1);
+        Some((Ok(bytes), (d, piece + 1, next_offset)))
+    })
+    .boxed()
+}

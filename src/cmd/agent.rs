@@ -1,0 +1,230 @@
+//! `swarm agent`: the per-node daemon. One process holds the QUIC peer, the piece
+//! store and the HTTP registry mirror containerd talks to, plus an optional
+//! Prometheus endpoint. Settings come from flags, `SWARM_*` variables and an optional
+//! TOML file (`--config`); a flag wins over the file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+use swarm_net::{Endpoint, EndpointConfig};
+use swarm_peer::agent::SwarmProvider;
+use swarm_peer::mirror::{self, MirrorConfig, MirrorMetrics};
+use swarm_peer::node::{Node, NodeConfig};
+use swarm_peer::upstream::{UpstreamClient, UpstreamConfig};
+use tokio_util::sync::CancellationToken;
+
+use super::common::{TokenArgs, parse_rate, resolve, shutdown_signal};
+
+const DEFAULT_LISTEN: &str = "0.0.0.0:7001";
+const DEFAULT_MIRROR: &str = "127.0.0.1:5001";
+const DEFAULT_DATA_DIR: &str = "/var/lib/swarm";
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// TOML file with any of the settings below, plus per-registry credentials and
+    /// endpoints under [upstream].
+    #[arg(long, env = "SWARM_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Tracker address.
+    #[arg(long, env = "SWARM_TRACKER", value_name = "HOST:PORT")]
+    tracker: Option<String>,
+    /// UDP address of the QUIC peer [default: 0.0.0.0:7001].
+    #[arg(long, env = "SWARM_LISTEN", value_name = "ADDR:PORT")]
+    listen: Option<String>,
+    /// HTTP address of the registry mirror; keep it on loopback, only the local
+    /// containerd should reach it [default: 127.0.0.1:5001].
+    #[arg(long, env = "SWARM_MIRROR", value_name = "ADDR:PORT")]
+    mirror: Option<String>,
+    /// Piece store directory [default: /var/lib/swarm].
+    #[arg(long, env = "SWARM_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Locality label (rack, site): peers in the same zone are preferred.
+    #[arg(long, env = "SWARM_ZONE")]
+    zone: Option<String>,
+    /// A registry reached over plain HTTP (repeatable), as containerd's --plain-http.
+    #[arg(long = "plain-http", env = "SWARM_PLAIN_HTTP", value_name = "REGISTRY", value_delimiter = ',')]
+    plain_http: Vec<String>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics.
+    #[arg(long, env = "SWARM_METRICS", value_name = "ADDR:PORT")]
+    metrics: Option<String>,
+    /// Address other peers should use to reach this node.
+    #[arg(long, env = "SWARM_ADVERTISE", value_name = "ADDR:PORT")]
+    advertise: Option<SocketAddr>,
+    /// Cap on this node's upload rate to peers, e.g. 200Mbit/s.
+    #[arg(long, env = "SWARM_UPLOAD_RATE", value_name = "RATE")]
+    upload_rate: Option<String>,
+    #[command(flatten)]
+    token: TokenArgs,
+}
+
+/// The `--config` file. Every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub tracker: Option<String>,
+    pub listen: Option<String>,
+    pub mirror: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub token_file: Option<PathBuf>,
+    pub zone: Option<String>,
+    pub metrics: Option<String>,
+    pub advertise: Option<SocketAddr>,
+    pub upload_rate: Option<String>,
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("invalid agent configuration {}", path.display()))
+    }
+}
+
+/// Flags merged over the file, defaults filled in, values checked.
+struct Settings {
+    tracker: String,
+    listen: String,
+    mirror: String,
+    data_dir: PathBuf,
+    token: TokenArgs,
+    zone: String,
+    metrics: Option<String>,
+    advertise: Option<SocketAddr>,
+    upload_rate: Option<u64>,
+    upstream: UpstreamConfig,
+}
+
+fn settings(args: Args) -> Result<Settings> {
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let Some(tracker) = args.tracker.or(file.tracker) else {
+        bail!("no tracker: pass --tracker HOST:PORT, set SWARM_TRACKER, or put `tracker = \"HOST:PORT\"` in --config");
+    };
+    let mut upstream = file.upstream;
+    upstream.plain_http.extend(args.plain_http);
+    let upload_rate = match args.upload_rate.or(file.upload_rate) {
+        Some(r) => Some(parse_rate(&r).map_err(anyhow::Error::msg).context("upload_rate")?),
+        None => None,
+    };
+    Ok(Settings {
+        tracker,
+        listen: args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.into()),
+        mirror: args.mirror.or(file.mirror).unwrap_or_else(|| DEFAULT_MIRROR.into()),
+        data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+        token: TokenArgs { token_file: args.token.token_file.or(file.token_file) },
+        zone: args.zone.or(file.zone).unwrap_or_default(),
+        metrics: args.metrics.or(file.metrics),
+        advertise: args.advertise.or(file.advertise),
+        upload_rate,
+        upstream,
+    })
+}
+
+pub async fn run(args: Args) -> Result<()> {
+    let s = settings(args)?;
+    let token = s.token.load()?;
+    let upstream = UpstreamClient::new(s.upstream).context("upstream registry settings")?;
+    let tracker = resolve("tracker", &s.tracker).await?;
+    let listen = resolve("listen", &s.listen).await?;
+    let mirror_addr = resolve("mirror", &s.mirror).await?;
+    let endpoint = Endpoint::bind(listen, token, &EndpointConfig::default())
+        .with_context(|| format!("cannot listen on {listen} (UDP)"))?;
+    let mut config = NodeConfig::new(s.data_dir.clone());
+    config.zone = s.zone;
+    config.advertise = s.advertise;
+    config.upload_rate = s.upload_rate;
+    let node = Node::start(endpoint, tracker, config).context("starting the peer")?;
+
+    let cancel = CancellationToken::new();
+    let metrics = Arc::new(MirrorMetrics::default());
+    let provider = Arc::new(SwarmProvider::new(node.clone(), upstream.clone()));
+    let router = mirror::router(provider, upstream, MirrorConfig::new(s.data_dir.join("manifests")), metrics.clone());
+    let listener = tokio::net::TcpListener::bind(mirror_addr)
+        .await
+        .with_context(|| format!("cannot listen on {mirror_addr} for the mirror (TCP)"))?;
+    let mirror_task = tokio::spawn(mirror::serve(listener, router, cancel.clone()));
+    let metrics_task = match &s.metrics {
+        Some(addr) => {
+            let addr = resolve("metrics", addr).await?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for metrics"))?;
+            let router = super::metrics::router(node.clone(), metrics.clone());
+            let cancel = cancel.clone();
+            Some(tokio::spawn(async move {
+                axum::serve(listener, router).with_graceful_shutdown(cancel.cancelled_owned()).await
+            }))
+        }
+        None => None,
+    };
+    eprintln!(
+        "swarm agent: peer {} on {} (QUIC), mirror on http://{}, tracker {}, data in {}",
+        node.peer_id().short(),
+        node.local_addr()?,
+        mirror_addr,
+        tracker,
+        s.data_dir.display()
+    );
+    shutdown_signal().await;
+    eprintln!("swarm agent stopping");
+    cancel.cancel();
+    node.shutdown().await;
+    mirror_task.await.context("mirror task")?.context("mirror")?;
+    if let Some(t) = metrics_task {
+        t.await.context("metrics task")?.context("metrics")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_config_file_is_strict_and_flags_win() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            r#"
+tracker = "master:7000"
+zone = "rack-1"
+upload_rate = "200Mbit/s"
+[upstream]
+plain_http = ["registry.local:5000"]
+[upstream.registries."docker.io"]
+username = "u"
+password = "p"
+"#,
+        )
+        .expect("write");
+        let args = |extra: &[&str]| {
+            use clap::Parser;
+            #[derive(clap::Parser)]
+            struct W {
+                #[command(flatten)]
+                a: Args,
+            }
+            let mut v = vec!["agent", "--config", path.to_str().expect("utf8")];
+            v.extend_from_slice(extra);
+            W::parse_from(v).a
+        };
+        let s = settings(args(&["--zone", "rack-2", "--plain-http", "127.0.0.1:5000"])).expect("settings");
+        assert_eq!(s.tracker, "master:7000");
+        assert_eq!(s.zone, "rack-2");
+        assert_eq!(s.mirror, DEFAULT_MIRROR);
+        assert_eq!(s.upload_rate, Some(25_000_000));
+        assert_eq!(s.upstream.plain_http, vec!["registry.local:5000".to_string(), "127.0.0.1:5000".to_string()]);
+        assert!(s.upstream.registries.contains_key("docker.io"));
+
+        std::fs::write(&path, "tracker = \"m:1\"\nbogus = 1\n").expect("write");
+        let err = settings(args(&[])).err().expect("unknown keys are refused");
+        assert!(format!("{err:#}").contains("bogus"), "{err:#}");
+    }
+}

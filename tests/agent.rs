@@ -1,0 +1,147 @@
+//! `swarm agent` end to end: real agent processes, a real `docker-registry` upstream,
+//! real containerd pulling through the agents' mirrors.
+//!
+//! Needs: containerd, docker-registry, umoci, skopeo, and root (containerd).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use support::agents::Cluster;
+use support::{Containerd, Registry, build_image, test_dir, write_hosts_toml};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const MIB: usize = 1024 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_containerds_pull_through_three_agents_and_the_registry_serves_each_blob_once() {
+    let dir = test_dir("agents-ctd");
+    let registry = Registry::start(&dir.path().join("registry")).expect("registry");
+    let image = build_image(&registry, "edge/os", "v2", &[24 * MIB, 8 * MIB, 512 * 1024]).expect("image");
+    let host = registry.host();
+    let cluster = Cluster::start(&dir.path().join("swarm"), 3, &[&host]).expect("cluster");
+    let mut pulls = Vec::new();
+    let mut containerds = Vec::new();
+    for (i, agent) in cluster.agents.iter().enumerate() {
+        let containerd = Arc::new(Containerd::start(&dir.path().join(format!("ctd{i}"))).expect("containerd"));
+        let hosts = dir.path().join(format!("hosts{i}"));
+        write_hosts_toml(&hosts, &host, &agent.mirror_url()).expect("hosts.toml");
+        containerds.push(containerd.clone());
+        let reference = image.reference.clone();
+        pulls.push(tokio::spawn(async move { containerd.pull(&reference, &hosts).await }));
+    }
+    for (i, p) in pulls.into_iter().enumerate() {
+        let took = p.await.expect("join").unwrap_or_else(|e| panic!("pull {i} failed: {e:#}\n{}", cluster.logs()));
+        eprintln!("containerd {i} pulled in {took:?}");
+    }
+    for (i, c) in containerds.iter().enumerate() {
+        let check = c.image_check(&image.reference).expect("check");
+        assert!(check.complete && check.unpacked, "containerd {i}: {}", check.line);
+    }
+    let mut served = 0;
+    for a in &cluster.agents {
+        served += a.metric("swarm_mirror_sent_bytes_total").await.expect("metric");
+        assert_eq!(
+            a.metric("swarm_mirror_requests_total{outcome=\"fallback\"}").await.expect("metric"),
+            0,
+            "{}",
+            cluster.logs()
+        );
+    }
+    assert_eq!(served, 3 * image.total_bytes, "every blob byte went through the agents");
+    let mut upstream = 0;
+    for a in &cluster.agents {
+        upstream += a.metric("swarm_upstream_bytes_total").await.expect("metric");
+    }
+    assert_eq!(upstream, image.total_bytes, "the agents fetched the image from upstream exactly once");
+    for d in image.blob_digests() {
+        assert_eq!(registry.blob_get_count(&d), 1, "registry GETs of {d}\n{}", cluster.logs());
+    }
+}
+
+/// Relays TCP to `target`, sending at most `rate` bytes per second towards the
+/// client, and counts the bytes relayed: a slow WAN link in front of the registry.
+async fn throttled_proxy(target: SocketAddr, rate: u64, sent: Arc<AtomicU64>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let sent = sent.clone();
+            tokio::spawn(async move {
+                let Ok(mut server) = TcpStream::connect(target).await else { return };
+                let (mut cr, mut cw) = client.split();
+                let (mut sr, mut sw) = server.split();
+                let up = tokio::io::copy(&mut cr, &mut sw);
+                let down = async {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = sr.read(&mut buf).await?;
+                        if n == 0 {
+                            break;
+                        }
+                        cw.write_all(&buf[..n]).await?;
+                        sent.fetch_add(n as u64, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate as f64)).await;
+                    }
+                    cw.shutdown().await
+                };
+                let _ = tokio::join!(up, down);
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn when_the_lease_holder_dies_mid_fetch_another_agent_resumes_and_all_finish() {
+    let dir = test_dir("agents-failover");
+    let registry = Registry::start(&dir.path().join("registry")).expect("registry");
+    let image = build_image(&registry, "edge/big", "v1", &[16 * MIB]).expect("image");
+    let layer = image.layer_digests[0];
+    let want = image.read_blob(&layer).expect("layer bytes");
+    let sent = Arc::new(AtomicU64::new(0));
+    // 4 MB/s: the 16 MiB layer takes about 4 s from upstream.
+    let proxy = throttled_proxy(registry.addr(), 4_000_000, sent.clone()).await;
+    let ns = proxy.to_string();
+    let mut cluster = Cluster::start(&dir.path().join("swarm"), 3, &[&ns]).expect("cluster");
+    let target = format!("/v2/{}/blobs/{layer}?ns={ns}", image.name);
+    let mut gets = Vec::new();
+    for a in &cluster.agents {
+        let (addr, target) = (a.mirror, target.clone());
+        gets.push(tokio::spawn(async move { support::http::request(addr, "GET", &target, &[]).await }));
+    }
+    // Find the lease holder once it has fetched about a third of the layer, and kill it.
+    let started = Instant::now();
+    let holder = loop {
+        assert!(started.elapsed() < Duration::from_secs(30), "no agent fetched from upstream\n{}", cluster.logs());
+        let mut found = None;
+        for (i, a) in cluster.agents.iter().enumerate() {
+            if a.metric("swarm_upstream_bytes_total").await.unwrap_or(0) >= want.len() as u64 / 3 {
+                found = Some(i);
+            }
+        }
+        if let Some(i) = found {
+            break i;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    cluster.agents[holder].child.kill();
+    eprintln!("killed the lease holder, agent {holder}, after {:?}", started.elapsed());
+    for (i, g) in gets.into_iter().enumerate() {
+        let r = g.await.expect("join");
+        if i == holder {
+            continue;
+        }
+        let r = r.unwrap_or_else(|e| panic!("agent {i}: {e:#}\n{}", cluster.logs()));
+        assert_eq!(r.status, 200, "agent {i}");
+        assert!(r.complete, "agent {i}: truncated\n{}", cluster.logs());
+        assert!(r.body == want, "agent {i} served wrong bytes");
+    }
+    let uplink = sent.load(Ordering::Relaxed) as f64 / want.len() as f64;
+    eprintln!("the uplink carried {uplink:.2} copies of the layer; total {:?}", started.elapsed());
+    assert!(uplink < 1.5, "the uplink carried {uplink:.2} copies: the new lease holder refetched too much");
+}
