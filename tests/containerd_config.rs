@@ -175,3 +175,24 @@ async fn a_host_port_underscore_directory_shadows_the_file() {
     containerd.pull(&image.reference, Path::new(&hosts)).await.expect("pull straight from the registry");
     assert_eq!(mirror.total_hits(), 0, "containerd read {ip}_{port}_, not {host}");
 }
+
+/// `_default` with the real mirror: containerd still sends `?ns=<registry>` (which the
+/// mirror needs to know the upstream), so every blob comes through the mirror.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_file_pulls_through_a_working_mirror() {
+    support::init_tracing();
+    let dir = test_dir("cc-defok");
+    let registry = Registry::start(&dir.path().join("registry")).expect("registry");
+    let image = build_image(&registry, "edge/os", "v1", &[512 * KIB, 20 * KIB]).expect("image");
+    let host = registry.host();
+    let mirror = Mirror::upstream_only(plain_http_upstream(&[&host]), &dir.path().join("cache")).await.expect("mirror");
+    let hosts = hosts_dir(dir.path());
+    containerd_config(&["--mirror", &mirror.url(), "--dir", &hosts]);
+
+    let containerd = Containerd::start(&dir.path().join("containerd")).expect("containerd");
+    containerd.pull(&image.reference, Path::new(&hosts)).await.expect("pull through the mirror");
+    assert_unpacked(&containerd, &image);
+    let m = mirror.metrics();
+    assert_eq!(m.requests_rejected, 0, "containerd sent ?ns= for a _default host: {m:?}");
+    assert_eq!(m.bytes_served, image.total_bytes, "every blob byte came through the mirror: {m:?}");
+}
