@@ -59,6 +59,26 @@ impl fmt::Debug for Endpoint {
     }
 }
 
+/// Socket buffer size asked for (the kernel caps it at `net.core.rmem_max` /
+/// `wmem_max`). The default (about 200 KiB) overflows when a peer sends a burst of
+/// GSO batches: the kernel drops datagrams, QUIC reads them as congestion and backs
+/// off, and a loopback transfer crawls at a fraction of the link.
+pub const SOCKET_BUFFER: usize = 8 << 20;
+
+/// A UDP socket bound to `addr` with large send and receive buffers.
+fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket =
+        socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    if let Err(e) = socket.set_recv_buffer_size(SOCKET_BUFFER) {
+        debug!(error = %e, "cannot enlarge the UDP receive buffer");
+    }
+    if let Err(e) = socket.set_send_buffer_size(SOCKET_BUFFER) {
+        debug!(error = %e, "cannot enlarge the UDP send buffer");
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 impl Endpoint {
     /// Binds a UDP socket to `addr` and sets up a QUIC endpoint on it with a fresh
     /// self-signed certificate. Must be called inside a tokio runtime.
@@ -71,7 +91,7 @@ impl Endpoint {
         let mut client = quinn::ClientConfig::new(Arc::new(tls::client_crypto()?));
         client.transport_config(transport);
 
-        let socket = std::net::UdpSocket::bind(addr).map_err(|source| NetError::Bind { addr, source })?;
+        let socket = bind_udp(addr).map_err(|source| NetError::Bind { addr, source })?;
         let port = socket.local_addr().map_err(|source| NetError::Bind { addr, source })?.port();
         let reset_key = Arc::new(tls::ResetKey::derive(&token, port));
         let mut endpoint_config = quinn::EndpointConfig::new(reset_key);
