@@ -55,6 +55,10 @@ const HASH_SYNC: Duration = Duration::from_millis(150);
 /// Do not retry a peer address that failed for this long.
 const CONNECT_BACKOFF: Duration = Duration::from_secs(5);
 
+/// How long a source (a seed or the upstream lease holder) keeps a piece it has just
+/// uploaded to one peer from going to others, so that they fetch it from that peer.
+const FRESH_HOLD: Duration = Duration::from_millis(400);
+
 /// Uploads are paced in chunks of this many bytes when a rate cap is set.
 const PACING_CHUNK: usize = 64 * 1024;
 
@@ -468,6 +472,7 @@ impl Node {
             syncing: false,
             next_sync: tokio::time::Instant::now(),
             lease_holder: false,
+            ledger: Arc::new(UploadLedger::new(blob.layout().piece_count(), blob.is_complete())),
         };
         let span = info_span!("swarm", peer = %self.inner.peer_id.short(), blob = %digest.short());
         tokio::spawn(actor.run().instrument(span));
@@ -609,6 +614,8 @@ struct SwarmActor {
     syncing: bool,
     next_sync: tokio::time::Instant,
     lease_holder: bool,
+    /// First-upload times, for spreading fresh pieces (see [`UploadLedger`]).
+    ledger: Arc<UploadLedger>,
 }
 
 impl SwarmActor {
@@ -658,7 +665,10 @@ impl SwarmActor {
                 self.node.inner.counters.from_upstream.fetch_add(len, Ordering::Relaxed);
                 self.scheduler.local_piece(piece, now);
             }
-            Event::LeaseHeld => self.lease_holder = true,
+            Event::LeaseHeld => {
+                self.lease_holder = true;
+                self.ledger.enabled.store(true, Ordering::Relaxed);
+            }
             Event::Hashes(reply) => {
                 self.syncing = false;
                 self.next_sync = tokio::time::Instant::now() + HASH_SYNC;
@@ -848,7 +858,7 @@ impl SwarmActor {
             control_reader(key, recv, self.inbox_tx.clone(), self.blob.layout().piece_count()).in_current_span(),
         );
         tokio::spawn(
-            serve_requests(conn.clone(), self.blob.clone(), self.node.clone())
+            serve_requests(conn.clone(), self.blob.clone(), self.node.clone(), self.ledger.clone(), control_tx.clone())
                 .instrument(info_span!("uploads", to = %peer_id.short())),
         );
         let watcher = conn.clone();
@@ -1162,7 +1172,13 @@ async fn fetch_piece(conn: quinn::Connection, blob: Arc<BlobFile>, piece: u32, b
 }
 
 /// Answers the piece requests a peer sends on this connection.
-async fn serve_requests(conn: quinn::Connection, blob: Arc<BlobFile>, node: Node) {
+async fn serve_requests(
+    conn: quinn::Connection,
+    blob: Arc<BlobFile>,
+    node: Node,
+    ledger: Arc<UploadLedger>,
+    control: mpsc::UnboundedSender<PeerMessage>,
+) {
     loop {
         let (send, recv) = match conn.accept_bi().await {
             Ok(s) => s,
@@ -1170,9 +1186,10 @@ async fn serve_requests(conn: quinn::Connection, blob: Arc<BlobFile>, node: Node
         };
         let blob = blob.clone();
         let node = node.clone();
+        let (ledger, control) = (ledger.clone(), control.clone());
         tokio::spawn(
             async move {
-                if let Err(e) = serve_one(send, recv, blob, node).await {
+                if let Err(e) = serve_one(send, recv, blob, node, ledger, control).await {
                     debug!(error = %e, "upload failed");
                 }
             }
@@ -1186,6 +1203,8 @@ async fn serve_one(
     mut recv: quinn::RecvStream,
     blob: Arc<BlobFile>,
     node: Node,
+    ledger: Arc<UploadLedger>,
+    control: mpsc::UnboundedSender<PeerMessage>,
 ) -> Result<(), NodeError> {
     let Some(PeerMessage::Request { piece }) = read_msg::<PeerMessage>(&mut recv, MAX_PEER_FRAME_LEN).await? else {
         return Err(NodeError::Protocol("expected a piece request".into()));
@@ -1193,6 +1212,18 @@ async fn serve_one(
     if !blob.has_piece(piece) {
         write_msg(&mut send, &PeerMessage::Reject { piece, reason: RejectReason::Missing }).await?;
         let _ = send.finish();
+        return Ok(());
+    }
+    if !ledger.may_send(piece) {
+        // Someone just got this piece from us: get it from them. Our bit for it is
+        // cleared at the requester; re-announce it once the hold is over, in case
+        // the first recipient never passes it on.
+        write_msg(&mut send, &PeerMessage::Reject { piece, reason: RejectReason::Missing }).await?;
+        let _ = send.finish();
+        tokio::spawn(async move {
+            tokio::time::sleep(FRESH_HOLD).await;
+            let _ = control.send(PeerMessage::Have { piece });
+        });
         return Ok(());
     }
     let slots = &node.inner.upload_slots;
@@ -1251,5 +1282,43 @@ impl RateLimiter {
             start
         };
         tokio::time::sleep_until(start).await;
+    }
+}
+
+/// Spreads fresh pieces from a source. A seed or an upstream lease holder is the only
+/// node with a piece when it appears, and every peer wants the rarest piece, so
+/// without care it uploads the same piece to everybody and its link becomes the
+/// bottleneck. With the ledger enabled, the first request for a piece is served and
+/// further requests within [`FRESH_HOLD`] are refused as `Missing`: the requesters
+/// fetch the piece from its first recipient (which announces it as soon as it is
+/// verified), and the source's upload goes to the next fresh piece. After the hold
+/// the source serves the piece to anyone, and re-announces it to the peers it refused.
+struct UploadLedger {
+    enabled: std::sync::atomic::AtomicBool,
+    epoch: Instant,
+    /// Milliseconds after `epoch` (plus one) of each piece's first upload; 0 = never.
+    first_sent: Vec<AtomicU64>,
+}
+
+impl UploadLedger {
+    fn new(pieces: u32, enabled: bool) -> Self {
+        Self {
+            enabled: enabled.into(),
+            epoch: Instant::now(),
+            first_sent: (0..pieces).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Whether an upload of `piece` may start now.
+    fn may_send(&self, piece: u32) -> bool {
+        if !self.enabled.load(Ordering::Relaxed) {
+            return true;
+        }
+        let Some(slot) = self.first_sent.get(piece as usize) else { return true };
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        match slot.compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => true,
+            Err(first) => now.saturating_sub(first) >= FRESH_HOLD.as_millis() as u64,
+        }
     }
 }
