@@ -94,7 +94,7 @@ impl NodeConfig {
             advertise: None,
             upload_slots: 16,
             max_peers: 32,
-            receive_budget: 32 << 20,
+            receive_budget: 16 << 20,
             metainfo_wait: Duration::from_secs(30),
             upload_rate: None,
             scheduler: SchedulerConfig::default(),
