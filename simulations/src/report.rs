@@ -68,6 +68,9 @@ pub struct Report {
     pub all_pieces_out_s: Option<f64>,
     /// When the lease holder had the last upstream byte (edge).
     pub upstream_done_s: Option<f64>,
+    /// Bytes into the sites over their shared links, over `F` (with `--zones` > 1;
+    /// the least possible is one `F` per site).
+    pub zone_in_over_f: Option<f64>,
     /// Bytes the upstream registry sent.
     pub uplink_bytes: u64,
     pub uplink_over_f: f64,
@@ -146,6 +149,7 @@ impl Report {
             source_uploaded_over_f: source.map(|n| n.uploaded as f64 / f),
             all_pieces_out_s: outcome.all_out_at.map(secs),
             upstream_done_s: outcome.upstream_done_at.map(secs),
+            zone_in_over_f: (p.zones > 1).then(|| outcome.zone_in_bytes / f),
             uplink_bytes: outcome.uplink_bytes,
             uplink_over_f: outcome.uplink_bytes as f64 / f,
             received_bytes: outcome.received_bytes,
@@ -266,6 +270,9 @@ fn source_line(r: &Report) -> String {
     }
     if let Some(t) = r.upstream_done_s {
         let _ = write!(s, ", upstream done at {t:.2} s");
+    }
+    if let Some(z) = r.zone_in_over_f {
+        let _ = write!(s, "{}into sites {z:.1}·F", if s.is_empty() { "" } else { ", " });
     }
     if !s.is_empty() {
         s.push_str("; ");

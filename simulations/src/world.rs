@@ -214,6 +214,8 @@ pub struct RunOutcome {
     pub all_out_at: Option<Nanos>,
     /// When the lease holder had the last upstream byte.
     pub upstream_done_at: Option<Nanos>,
+    /// Bytes that crossed the sites' inbound links (with `--zones` > 1).
+    pub zone_in_bytes: f64,
     pub events: u64,
     /// Events by kind, in the order of [`EVENT_KINDS`].
     pub events_by_kind: [u64; EVENT_KINDS.len()],
@@ -441,6 +443,7 @@ impl World {
                 .collect(),
             end: self.now,
             timed_out,
+            zone_in_bytes: self.zone_links.iter().map(|&(_, inbound)| self.net.carried(inbound)).sum(),
             all_out_at: self.all_out_at,
             upstream_done_at: self.upstream_done_at,
             events: processed,
