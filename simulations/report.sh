@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Regenerates docs/benchmarks.md and docs/benchmarks-completion.svg from fresh runs, in
+# one go: the release build, the netns emulation (edge, incluster, churn with direct,
+# swarm, libtorrent), the simulator at 1,000 nodes x 1 GiB (edge and in-cluster, its
+# other settings at their defaults), then swarm-report. The raw JSON and the exact
+# commands (commands.sh) go to simulations/results/, the report reads them from there.
+#
+# Needs root for the emulation (network namespaces), Debian's docker-registry,
+# python3-libtorrent and iproute2: see simulations/emulate/README.md. About 5 minutes
+# on the 2-core machine, most of it the emulation.
+#
+# Environment:
+#   RESULTS=DIR        where the JSON goes (default simulations/results)
+#   SIM_NODES="N ..."  simulator sizes (default "1000"; e.g. "1000 10000", the latter is slow)
+#   SIM_BLOB=SIZE      simulator blob (default 1GiB)
+#   SKIP_EMULATION=1   keep DIR/emulate.json and its command from the last run
+#   SKIP_SIM=1         keep DIR/sim-*.json and their commands from the last run
+#   EMULATE_ARGS="..." extra arguments for emulate.py run (e.g. "--repeat 3 --calibrate")
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+results=${RESULTS:-simulations/results}
+sim_nodes=${SIM_NODES:-1000}
+sim_blob=${SIM_BLOB:-1GiB}
+mkdir -p "$results"
+commands="$results/commands.sh"
+touch "$commands"
+new_commands=$(mktemp)
+trap 'rm -f "$new_commands"' EXIT
+
+# A command line as a shell would read it back: plain words as they are, others quoted.
+quote() {
+    local out="" a
+    for a in "$@"; do
+        if [[ $a =~ ^[A-Za-z0-9_./=:,@%+-]+$ ]]; then out+="$a "; else out+="$(printf '%q' "$a") "; fi
+    done
+    printf '%s' "${out% }"
+}
+
+# run OUT CMD...: record the command, run it (stdout to OUT unless OUT is -).
+run() {
+    local out=$1
+    shift
+    local line
+    line=$(quote "$@")
+    if [[ $out == - ]]; then
+        echo "$line" >>"$new_commands"
+        echo "+ $line" >&2
+        "$@"
+    else
+        echo "$line > $out" >>"$new_commands"
+        echo "+ $line > $out" >&2
+        "$@" >"$out"
+    fi
+}
+
+# keep PATTERN: carry the lines of the previous commands.sh that mention PATTERN.
+keep() { grep -F -- "$1" "$commands" >>"$new_commands" || true; }
+
+# provenance: the commit the binaries were built from, and what was uncommitted then.
+provenance() {
+    local head dirty
+    head=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+    dirty=$(git status --porcelain --untracked-files=no 2>/dev/null | awk '{print $2}' | tr '\n' ' ' || true)
+    echo "# built from commit $head${dirty:+, uncommitted changes in: ${dirty% }}"
+}
+
+run - cargo build --release --workspace --locked
+if [[ ${SKIP_EMULATION:-} == 1 || ${SKIP_SIM:-} == 1 ]]; then keep "# built from"; fi
+if [[ ${SKIP_EMULATION:-} != 1 || ${SKIP_SIM:-} != 1 ]]; then provenance >>"$new_commands"; fi
+
+status=0
+if [[ ${SKIP_EMULATION:-} == 1 ]]; then
+    keep "emulate.py"
+else
+    [[ $(id -u) == 0 ]] || { echo "the emulation needs root (or SKIP_EMULATION=1)" >&2; exit 1; }
+    # shellcheck disable=SC2086 # EMULATE_ARGS is a list of words on purpose
+    run - /usr/bin/python3 simulations/emulate/emulate.py run --scenario edge,incluster,churn \
+        --systems direct,swarm,libtorrent --swarm-bin target/release/swarm ${EMULATE_ARGS:-} \
+        --json "$results/emulate.json" || status=$?
+    # emulate.py exits 1 when a system failed; the report shows which and why.
+    [[ -f $results/emulate.json ]] || { echo "emulate.py wrote no JSON (exit $status)" >&2; exit 1; }
+fi
+
+sims=()
+if [[ ${SKIP_SIM:-} == 1 ]]; then
+    keep "swarm-sim"
+    for f in "$results"/sim-*.json; do [[ -f $f ]] && sims+=(--sim "$f"); done
+else
+    rm -f "$results"/sim-*.json
+    for n in $sim_nodes; do
+        for scenario in edge in-cluster; do
+            out="$results/sim-$scenario-$n.json"
+            run "$out" target/release/swarm-sim --scenario "$scenario" -n "$n" --blob "$sim_blob" --json
+            sims+=(--sim "$out")
+        done
+    done
+fi
+chmod 644 "$new_commands"
+mv "$new_commands" "$commands"
+trap - EXIT
+
+# The report prints its own command line; it is not in commands.sh.
+report=(target/release/swarm-report --emu "$results/emulate.json" "${sims[@]}" --commands-file "$commands"
+    --out docs/benchmarks.md --svg docs/benchmarks-completion.svg)
+echo "+ $(quote "${report[@]}")" >&2
+"${report[@]}"
+exit "$status"
