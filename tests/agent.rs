@@ -145,3 +145,103 @@ async fn when_the_lease_holder_dies_mid_fetch_another_agent_resumes_and_all_fini
     eprintln!("the uplink carried {uplink:.2} copies of the layer; total {:?}", started.elapsed());
     assert!(uplink < 1.5, "the uplink carried {uplink:.2} copies: the new lease holder refetched too much");
 }
+
+/// The figures for the mirror issue, measured side by side in one run: three
+/// containerd pulls of a 200 MiB image through three agents versus three direct
+/// pulls, both across the same 200 Mbit/s "uplink" in front of the registry; then a
+/// pull served from an agent's local copy versus a direct pull from the (local,
+/// unthrottled) registry. Asserts correctness; prints the timings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn measure_three_pulls_through_agents_versus_direct_and_the_cache_overhead() {
+    let dir = test_dir("agents-measure");
+    let registry = Registry::start(&dir.path().join("registry")).expect("registry");
+    let image = build_image(&registry, "edge/os", "v3", &[120 * MIB, 60 * MIB, 20 * MIB]).expect("image");
+    let sent = Arc::new(AtomicU64::new(0));
+    let uplink = throttled_proxy(registry.addr(), 25_000_000, sent.clone()).await;
+    let wan = uplink.to_string();
+    // The same image, reached through the throttled uplink.
+    let wan_ref = image.reference.replace(&registry.host(), &wan);
+
+    let pull_all = |refs: Vec<(Arc<Containerd>, std::path::PathBuf)>, reference: String| async move {
+        let started = Instant::now();
+        let tasks: Vec<_> = refs
+            .into_iter()
+            .map(|(c, hosts)| {
+                let r = reference.clone();
+                tokio::spawn(async move { c.pull(&r, &hosts).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("join").expect("pull");
+        }
+        started.elapsed()
+    };
+
+    // Three direct pulls across the uplink.
+    let mut direct = Vec::new();
+    for i in 0..3 {
+        let c = Arc::new(Containerd::start(&dir.path().join(format!("d{i}"))).expect("containerd"));
+        let hosts = dir.path().join(format!("dhosts{i}"));
+        support::write_direct_hosts_toml(&hosts, &wan).expect("hosts");
+        direct.push((c, hosts));
+    }
+    let direct_time = pull_all(direct, wan_ref.clone()).await;
+    let direct_bytes = sent.swap(0, Ordering::Relaxed);
+
+    // Three pulls through three agents across the same uplink.
+    let cluster = Cluster::start(&dir.path().join("swarm"), 3, &[&wan]).expect("cluster");
+    let mut via = Vec::new();
+    for (i, a) in cluster.agents.iter().enumerate() {
+        let c = Arc::new(Containerd::start(&dir.path().join(format!("s{i}"))).expect("containerd"));
+        let hosts = dir.path().join(format!("shosts{i}"));
+        write_hosts_toml(&hosts, &wan, &a.mirror_url()).expect("hosts");
+        via.push((c, hosts));
+    }
+    let swarm_time = pull_all(via, wan_ref.clone()).await;
+    let swarm_bytes = sent.swap(0, Ordering::Relaxed);
+    let mut fallback = 0;
+    for a in &cluster.agents {
+        fallback += a.metric("swarm_mirror_requests_total{outcome=\"fallback\"}").await.expect("metric");
+    }
+    assert_eq!(fallback, 0, "{}", cluster.logs());
+
+    // Cache overhead: agent 0 holds every blob now; compare with the local registry.
+    let c = Containerd::start(&dir.path().join("cache")).expect("containerd");
+    let hosts = dir.path().join("cachehosts");
+    write_hosts_toml(&hosts, &wan, &cluster.agents[0].mirror_url()).expect("hosts");
+    let cached = c.pull(&wan_ref, &hosts).await.expect("pull from the agent's copy");
+    let from_cache_uplink = sent.swap(0, Ordering::Relaxed);
+    let c = Containerd::start(&dir.path().join("local")).expect("containerd");
+    let hosts = dir.path().join("localhosts");
+    support::write_direct_hosts_toml(&hosts, &registry.host()).expect("hosts");
+    let local = c.pull(&image.reference, &hosts).await.expect("direct pull from the local registry");
+
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    eprintln!(
+        "image: {:.1} MiB in {} blobs; uplink 200 Mbit/s in front of the registry",
+        mib(image.total_bytes),
+        image.blob_digests().len()
+    );
+    eprintln!(
+        "3 direct pulls      : {:6.2} s, registry sent {:7.1} MiB ({:.2}x the image)",
+        direct_time.as_secs_f64(),
+        mib(direct_bytes),
+        direct_bytes as f64 / image.total_bytes as f64
+    );
+    eprintln!(
+        "3 pulls via agents  : {:6.2} s, registry sent {:7.1} MiB ({:.2}x the image)",
+        swarm_time.as_secs_f64(),
+        mib(swarm_bytes),
+        swarm_bytes as f64 / image.total_bytes as f64
+    );
+    eprintln!("pull from agent copy: {:6.2} s (uplink bytes {from_cache_uplink})", cached.as_secs_f64());
+    eprintln!("pull, local registry: {:6.2} s", local.as_secs_f64());
+    // Each layer crossed the uplink once through the agents (manifests and the
+    // config are small; allow 2 % for HTTP framing and the manifest fetches).
+    assert!((swarm_bytes as f64) < 1.02 * image.total_bytes as f64, "uplink carried {swarm_bytes} bytes");
+    assert!(direct_bytes >= 3 * image.total_bytes, "direct pulls must each cross the uplink");
+    assert!(
+        from_cache_uplink < (1 << 20),
+        "a pull from the agent's copy crossed the uplink: {from_cache_uplink} bytes"
+    );
+}
