@@ -64,13 +64,15 @@ async fn three_containerds_pull_through_three_agents_and_the_registry_serves_eac
 }
 
 /// Relays TCP to `target`, sending at most `rate` bytes per second towards the
-/// client, and counts the bytes relayed: a slow WAN link in front of the registry.
+/// clients in total (one send schedule shared by every connection, as on one link),
+/// and counts the bytes relayed: a slow WAN uplink in front of the registry.
 async fn throttled_proxy(target: SocketAddr, rate: u64, sent: Arc<AtomicU64>) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let schedule = Arc::new(std::sync::Mutex::new(tokio::time::Instant::now()));
     tokio::spawn(async move {
         while let Ok((mut client, _)) = listener.accept().await {
-            let sent = sent.clone();
+            let (sent, schedule) = (sent.clone(), schedule.clone());
             tokio::spawn(async move {
                 let Ok(mut server) = TcpStream::connect(target).await else { return };
                 let (mut cr, mut cw) = client.split();
@@ -83,9 +85,15 @@ async fn throttled_proxy(target: SocketAddr, rate: u64, sent: Arc<AtomicU64>) ->
                         if n == 0 {
                             break;
                         }
+                        let at = {
+                            let mut next = schedule.lock().expect("schedule");
+                            let at = (*next).max(tokio::time::Instant::now());
+                            *next = at + Duration::from_secs_f64(n as f64 / rate as f64);
+                            at
+                        };
+                        tokio::time::sleep_until(at).await;
                         cw.write_all(&buf[..n]).await?;
                         sent.fetch_add(n as u64, Ordering::Relaxed);
-                        tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate as f64)).await;
                     }
                     cw.shutdown().await
                 };
