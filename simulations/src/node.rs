@@ -692,6 +692,10 @@ impl World {
         // scheduler updates back to back let the CPU overlap their cache misses.
         for l in &peers {
             let r = &mut self.nodes[l.remote as usize];
+            self.haves_delivered += 1;
+            if r.sched.have().get(piece) {
+                self.haves_redundant += 1;
+            }
             if piece >= r.known {
                 r.deferred.push((l.remote_key, piece));
             } else {

@@ -216,6 +216,10 @@ pub struct RunOutcome {
     pub upstream_done_at: Option<Nanos>,
     /// Bytes that crossed the sites' inbound links (with `--zones` > 1).
     pub zone_in_bytes: f64,
+    /// `Have`s delivered (one per connected peer), and those to a peer that already
+    /// held the piece.
+    pub haves_delivered: u64,
+    pub haves_redundant: u64,
     pub events: u64,
     /// Events by kind, in the order of [`EVENT_KINDS`].
     pub events_by_kind: [u64; EVENT_KINDS.len()],
@@ -268,6 +272,9 @@ pub struct World {
     all_out_at: Option<Nanos>,
     upstream_done_at: Option<Nanos>,
     pub(crate) scratch_links: Vec<Link>,
+    /// `Have`s delivered to a peer, and those to a peer that already held the piece.
+    pub(crate) haves_delivered: u64,
+    pub(crate) haves_redundant: u64,
 }
 
 impl World {
@@ -362,6 +369,8 @@ impl World {
             all_out_at: None,
             upstream_done_at: None,
             scratch_links: Vec::new(),
+            haves_delivered: 0,
+            haves_redundant: 0,
         })
     }
 
@@ -443,6 +452,8 @@ impl World {
                 .collect(),
             end: self.now,
             timed_out,
+            haves_delivered: self.haves_delivered,
+            haves_redundant: self.haves_redundant,
             zone_in_bytes: self.zone_links.iter().map(|&(_, inbound)| self.net.carried(inbound)).sum(),
             all_out_at: self.all_out_at,
             upstream_done_at: self.upstream_done_at,
