@@ -403,7 +403,7 @@ fn depth_starts_at_initial_and_adapts_to_rate() {
 fn bursts_of_completions_measure_the_true_rate() {
     let n = 200;
     let t0 = Instant::now();
-    let cfg = SchedulerConfig { initial_in_flight: 8, ..SchedulerConfig::default() };
+    let cfg = SchedulerConfig { initial_in_flight: 8, queue_time: ms(300), ..SchedulerConfig::default() };
     let mut c = Checked::new(cfg, Bitfield::new(n), 5);
     c.add_peer(k(1), t0);
     c.bitfield(k(1), &Bitfield::full(n), t0);
@@ -540,7 +540,7 @@ fn removed_peers_pieces_are_requeued_first() {
 fn busy_backs_off_until_the_backoff_ends() {
     let n = 50;
     let t0 = Instant::now();
-    let cfg = SchedulerConfig::default();
+    let cfg = SchedulerConfig { busy_backoff: ms(250), queue_time: ms(300), ..SchedulerConfig::default() };
     let mut c = Checked::new(cfg.clone(), Bitfield::new(n), 2);
     c.add_peer(k(1), t0);
     c.bitfield(k(1), &Bitfield::full(n), t0);
@@ -1679,7 +1679,7 @@ fn simulated_swarm_of_nine_completes() {
 #[test]
 fn simulated_swarm_with_short_queues_nears_the_bound() {
     let n: u32 = 128;
-    let cfg = SchedulerConfig { busy_backoff: ms(50), ..SchedulerConfig::default() };
+    let cfg = SchedulerConfig { busy_backoff: ms(50), queue_time: ms(300), ..SchedulerConfig::default() };
     for seed in 0..3 {
         let r = run_swarm(n, 9, &cfg, 4, seed, None);
         assert!(r.ratio < 1.3, "{} x T_min", r.ratio);
