@@ -92,7 +92,7 @@ impl NodeConfig {
             data_dir,
             zone: String::new(),
             advertise: None,
-            upload_slots: 16,
+            upload_slots: 4,
             max_peers: 32,
             receive_budget: 16 << 20,
             metainfo_wait: Duration::from_secs(30),
