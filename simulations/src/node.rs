@@ -217,10 +217,12 @@ pub struct DriverConfig {
 impl Default for DriverConfig {
     /// The values of `NodeConfig::new` and the constants of `peer/src/node.rs`.
     fn default() -> Self {
+        // Taken from the real node's defaults, so the two cannot drift apart.
+        let node = swarm_peer::node::NodeConfig::new(std::path::PathBuf::new());
         Self {
-            max_peers: 32,
-            upload_slots: 16,
-            receive_budget: 32 << 20,
+            max_peers: node.max_peers,
+            upload_slots: node.upload_slots,
+            receive_budget: node.receive_budget,
             slot_wait: Duration::from_millis(500),
             eager_announce: Duration::from_secs(2),
             connect_backoff: Duration::from_secs(5),
