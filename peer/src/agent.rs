@@ -265,15 +265,11 @@ async fn feed(
         }
         let rest = buf.split_off(want);
         let data = std::mem::replace(&mut buf, rest);
-        let hash: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&data).into();
         let b = blob.clone();
-        let stored = tokio::task::spawn_blocking(move || {
-            b.add_hashes(piece, &[hash])?;
-            b.write_piece(piece, &data)
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+        let (hash, stored) = tokio::task::spawn_blocking(move || b.write_source_piece(piece, &data))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
         unpublished.push(hash);
         // Publish before announcing, so peers can verify the piece when they get it.
         tracker.publish_hashes(me, layout, first_unpublished, &unpublished).await.map_err(|e| e.to_string())?;

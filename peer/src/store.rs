@@ -479,6 +479,25 @@ impl BlobFile {
         if data.len() != self.layout.piece_len(piece) as usize || Sha256::digest(data)[..] != expected {
             return Err(StoreError::PieceMismatch { digest: self.layout.digest, piece });
         }
+        self.store_checked(piece, data)
+    }
+
+    /// Stores piece `piece` from the blob's source (the upstream registry): hashes the
+    /// bytes once, records that hash as the piece's hash (a different hash already
+    /// known is [`StoreError::Conflict`]) and stores them. Returns the hash and
+    /// whether the piece was new.
+    pub fn write_source_piece(&self, piece: u32, data: &[u8]) -> Result<([u8; 32], bool), StoreError> {
+        self.check_range(piece)?;
+        if data.len() != self.layout.piece_len(piece) as usize {
+            return Err(StoreError::PieceMismatch { digest: self.layout.digest, piece });
+        }
+        let hash: [u8; 32] = Sha256::digest(data).into();
+        self.add_hashes(piece, &[hash])?;
+        Ok((hash, self.store_checked(piece, data)?))
+    }
+
+    /// Writes bytes already checked against the piece's hash and marks them held.
+    fn store_checked(&self, piece: u32, data: &[u8]) -> Result<bool, StoreError> {
         if self.has_piece(piece) {
             return Ok(false);
         }
@@ -654,7 +673,10 @@ mod tests {
         let blob = store.open_layout(meta.layout()).expect("reopen");
         assert_eq!(blob.known_hashes(), 2);
         assert_eq!(blob.have().ones().collect::<Vec<_>>(), vec![0]);
-        assert_eq!(blob.add_hashes(2, &meta.piece_hashes[2..]).expect("rest"), 2);
+        let (hash, new) = blob.write_source_piece(2, piece(2)).expect("source piece");
+        assert!(new && hash == meta.piece_hashes[2], "a source piece is hashed once and stored");
+        assert!(matches!(blob.write_source_piece(2, piece(1)), Err(StoreError::Conflict { .. })));
+        assert_eq!(blob.add_hashes(2, &meta.piece_hashes[2..]).expect("rest"), 1);
         assert_eq!(blob.metainfo().as_ref(), Some(&meta));
         assert_eq!(store.metainfo(&meta.digest).expect("read").as_ref(), Some(&meta));
     }
