@@ -314,7 +314,7 @@ impl Node {
     /// returned handle reports progress; the node keeps serving the blob afterwards.
     pub async fn fetch(&self, digest: Digest) -> Result<Download, NodeError> {
         if let Some(h) = self.swarm(&digest) {
-            return Ok(Download { digest, blob: h.blob, progress: h.progress });
+            return Ok(h.into());
         }
         let metainfo = match self.inner.store.metainfo(&digest) {
             Ok(Some(m)) => m,
@@ -327,7 +327,7 @@ impl Node {
             .map_err(|e| NodeError::DownloadFailed { digest, reason: e.to_string() })??;
         let blob = Arc::new(blob);
         let h = self.start_swarm(blob);
-        Ok(Download { digest, blob: h.blob, progress: h.progress })
+        Ok(h.into())
     }
 
     /// Starts fetching a blob whose piece hashes are still arriving (an upstream fetch
@@ -342,7 +342,7 @@ impl Node {
     ) -> Result<Download, NodeError> {
         let digest = layout.digest;
         if let Some(h) = self.swarm(&digest) {
-            return Ok(Download { digest, blob: h.blob, progress: h.progress });
+            return Ok(h.into());
         }
         let store = self.inner.store.clone();
         let blob = tokio::task::spawn_blocking(move || {
@@ -353,12 +353,12 @@ impl Node {
         .await
         .map_err(|e| NodeError::DownloadFailed { digest, reason: e.to_string() })??;
         let h = self.start_swarm(Arc::new(blob));
-        Ok(Download { digest, blob: h.blob, progress: h.progress })
+        Ok(h.into())
     }
 
     /// Whether the node is already serving or fetching `digest`.
     pub fn download(&self, digest: &Digest) -> Option<Download> {
-        self.swarm(digest).map(|h| Download { digest: *digest, blob: h.blob, progress: h.progress })
+        self.swarm(digest).map(Download::from)
     }
 
     /// Blobs whose download is still running.
@@ -531,6 +531,12 @@ impl Node {
         write_msg(&mut send, &reply).await?;
         let _ = swarm.inbox.send(Event::Connected(Box::new(NewPeer { conn, peer_id, send, recv, outbound: false })));
         Ok(())
+    }
+}
+
+impl From<SwarmHandle> for Download {
+    fn from(h: SwarmHandle) -> Self {
+        Self { digest: h.blob.layout().digest, blob: h.blob, progress: h.progress }
     }
 }
 
