@@ -155,7 +155,7 @@ impl SwarmProvider {
         let blob = d.blob().clone();
         let mut progress = d.progress();
         let span = info_span!("takeover", blob = %req.digest.short());
-        tokio::spawn(
+        self.node.spawn(
             async move {
                 let mut last = (blob.known_hashes(), progress.borrow().pieces);
                 let mut since = Instant::now();
@@ -205,9 +205,13 @@ fn spawn_feed(
     resume_from: u32,
 ) {
     let span = info_span!("upstream", blob = %req.digest.short(), registry = %req.registry);
-    tokio::spawn(
+    node.clone().spawn(
         async move {
-            if let Err(reason) = feed(&node, &upstream, &req, &blob, opened, resume_from).await {
+            let result = tokio::select! {
+                r = feed(&node, &upstream, &req, &blob, opened, resume_from) => r,
+                _ = node.cancelled() => return,
+            };
+            if let Err(reason) = result {
                 warn!(%reason, "upstream fetch failed");
                 let _ = node.tracker().release_lease(node.peer_id(), req.digest, Some(reason.clone())).await;
                 node.abandon(&req.digest, reason);

@@ -41,6 +41,7 @@ use swarm_tracker::client::{HashesReply, TrackerClient, TrackerClientError};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::scheduler::{Action, Candidate, PeerKey, RequestFailure, Scheduler, SchedulerConfig, choose_peers};
@@ -48,6 +49,8 @@ use crate::store::{BlobFile, Store, StoreError};
 
 /// How long a handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `shutdown` waits for the node's tasks to end.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 /// Re-announce this often while the swarm has fewer peers than wanted.
 const EAGER_ANNOUNCE: Duration = Duration::from_secs(2);
 /// How often a swarm asks the tracker for new piece hashes while they stream in.
@@ -237,6 +240,8 @@ struct Inner {
     counters: Counters,
     upload_limit: Option<RateLimiter>,
     cancel: CancellationToken,
+    /// Every task that holds the node or one of its blobs, so `shutdown` can wait for them.
+    tasks: TaskTracker,
 }
 
 #[derive(Clone)]
@@ -265,12 +270,11 @@ impl Node {
             counters: Counters::default(),
             upload_limit: config_rate.map(RateLimiter::new),
             cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
         });
         let node = Self { inner };
         let accept = node.clone();
-        tokio::spawn(
-            async move { accept.accept_loop().await }.instrument(info_span!("accept", peer = %peer_id.short())),
-        );
+        node.spawn(async move { accept.accept_loop().await }.instrument(info_span!("accept", peer = %peer_id.short())));
         Ok(node)
     }
 
@@ -425,6 +429,24 @@ impl Node {
             }
         }
         self.inner.endpoint.close();
+        self.inner.tasks.close();
+        if tokio::time::timeout(SHUTDOWN_WAIT, self.inner.tasks.wait()).await.is_err() {
+            warn!(tasks = self.inner.tasks.len(), "tasks still running after {SHUTDOWN_WAIT:?}; leaving them");
+        }
+    }
+
+    /// Runs `task` on the runtime as one of this node's tasks: `shutdown` waits for it.
+    pub(crate) fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.inner.tasks.spawn(task)
+    }
+
+    /// Resolves once `shutdown` has begun.
+    pub(crate) async fn cancelled(&self) {
+        self.inner.cancel.cancelled().await
     }
 
     fn swarm(&self, digest: &Digest) -> Option<SwarmHandle> {
@@ -475,7 +497,7 @@ impl Node {
             ledger: Arc::new(UploadLedger::new(blob.layout().piece_count(), blob.is_complete())),
         };
         let span = info_span!("swarm", peer = %self.inner.peer_id.short(), blob = %digest.short());
-        tokio::spawn(actor.run().instrument(span));
+        self.spawn(actor.run().instrument(span));
         let h = SwarmHandle { blob, inbox: tx, progress: progress_rx };
         swarms.insert(digest, h.clone());
         h
@@ -489,7 +511,7 @@ impl Node {
             };
             let node = self.clone();
             let remote = incoming.remote_address();
-            tokio::spawn(
+            self.spawn(
                 async move {
                     if let Err(e) = node.accept_one(incoming).await {
                         debug!(%remote, error = %e, "incoming connection dropped");
@@ -751,7 +773,7 @@ impl SwarmActor {
                     let failed = result.as_ref().err().cloned();
                     let node = self.node.clone();
                     let digest = self.digest();
-                    tokio::spawn(
+                    self.node.spawn(
                         async move {
                             if let Err(e) = node.inner.tracker.release_lease(node.inner.peer_id, digest, failed).await {
                                 warn!(error = %e, "releasing the upstream lease failed");
@@ -787,7 +809,7 @@ impl SwarmActor {
         let node = self.node.clone();
         let inbox = self.inbox_tx.clone();
         let (digest, first) = (self.digest(), self.blob.known_hashes());
-        tokio::spawn(
+        self.node.spawn(
             async move {
                 let ev = match node.inner.tracker.get_hashes(digest, first).await {
                     Ok(reply) => Event::Hashes(reply),
@@ -859,17 +881,17 @@ impl SwarmActor {
         self.next_key += 1;
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let _ = control_tx.send(PeerMessage::Bitfield(self.blob.have()));
-        tokio::spawn(control_writer(send, control_rx).in_current_span());
-        tokio::spawn(
+        self.node.spawn(control_writer(send, control_rx).in_current_span());
+        self.node.spawn(
             control_reader(key, recv, self.inbox_tx.clone(), self.blob.layout().piece_count()).in_current_span(),
         );
-        tokio::spawn(
+        self.node.spawn(
             serve_requests(conn.clone(), self.blob.clone(), self.node.clone(), self.ledger.clone(), control_tx.clone())
                 .instrument(info_span!("uploads", to = %peer_id.short())),
         );
         let watcher = conn.clone();
         let inbox = self.inbox_tx.clone();
-        tokio::spawn(async move {
+        self.node.spawn(async move {
             watcher.closed().await;
             let _ = inbox.send(Event::Closed { key });
         });
@@ -954,7 +976,7 @@ impl SwarmActor {
         self.finishing = true;
         let blob = self.blob.clone();
         let inbox = self.inbox_tx.clone();
-        tokio::spawn(async move {
+        self.node.spawn(async move {
             let r = tokio::task::spawn_blocking(move || blob.finish()).await;
             let r = match r {
                 Ok(Ok(())) => Ok(()),
@@ -971,7 +993,7 @@ impl SwarmActor {
         let blob = self.blob.clone();
         let inbox = self.inbox_tx.clone();
         let budget = self.node.inner.receive_budget.clone();
-        let task = tokio::spawn(
+        let task = self.node.spawn(
             async move {
                 let outcome = fetch_piece(conn, blob, piece, budget).await;
                 let _ = inbox.send(Event::Piece { key, piece, outcome });
@@ -1017,7 +1039,7 @@ impl SwarmActor {
         let node = self.node.clone();
         let inbox = self.inbox_tx.clone();
         let metainfo = if complete { self.blob.metainfo() } else { None };
-        tokio::spawn(
+        self.node.spawn(
             async move {
                 // A restarted tracker forgets metainfo: whoever holds the whole blob
                 // registers it again (idempotent) before announcing.
@@ -1071,7 +1093,7 @@ impl SwarmActor {
             let inbox = self.inbox_tx.clone();
             let digest = self.digest();
             let addr = info.addr;
-            tokio::spawn(
+            self.node.spawn(
                 async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect_peer(&node, addr, digest)).await {
                         Ok(Ok(p)) => {
@@ -1191,11 +1213,11 @@ async fn serve_requests(
             Err(_) => return,
         };
         let blob = blob.clone();
-        let node = node.clone();
+        let server = node.clone();
         let (ledger, control) = (ledger.clone(), control.clone());
-        tokio::spawn(
+        node.spawn(
             async move {
-                if let Err(e) = serve_one(send, recv, blob, node, ledger, control).await {
+                if let Err(e) = serve_one(send, recv, blob, server, ledger, control).await {
                     debug!(error = %e, "upload failed");
                 }
             }
@@ -1226,7 +1248,7 @@ async fn serve_one(
         // the first recipient never passes it on.
         write_msg(&mut send, &PeerMessage::Reject { piece, reason: RejectReason::Missing }).await?;
         let _ = send.finish();
-        tokio::spawn(async move {
+        node.spawn(async move {
             tokio::time::sleep(FRESH_HOLD).await;
             let _ = control.send(PeerMessage::Have { piece });
         });
