@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Regenerates docs/benchmarks.md and docs/benchmarks-completion.svg from fresh runs, in
-# one go: the release build, the netns emulation (edge, incluster, churn with direct,
-# swarm, libtorrent), the simulator at 1,000 nodes x 1 GiB (edge and in-cluster, its
-# other settings at their defaults), then swarm-report. The raw JSON and the exact
-# commands (commands.sh) go to simulations/results/, the report reads them from there.
+# one go: the release build, the netns emulation (edge, incluster, churn and
+# edge-containerd with direct, swarm, libtorrent), the simulator at 1,000 nodes x 1 GiB
+# (edge and in-cluster, its other settings at their defaults), then swarm-report. The
+# raw JSON and the exact commands (commands.sh) go to simulations/results/, the report
+# reads them from there.
 #
 # Needs root for the emulation (network namespaces), Debian's docker-registry,
-# python3-libtorrent and iproute2: see simulations/emulate/README.md. About 5 minutes
-# on the 2-core machine, most of it the emulation.
+# containerd, python3-libtorrent and iproute2: see simulations/emulate/README.md. About
+# 6 minutes on the 2-core machine, most of it the emulation.
 #
 # Environment:
 #   RESULTS=DIR        where the JSON goes (default simulations/results)
@@ -75,7 +76,7 @@ if [[ ${SKIP_EMULATION:-} == 1 ]]; then
 else
     [[ $(id -u) == 0 ]] || { echo "the emulation needs root (or SKIP_EMULATION=1)" >&2; exit 1; }
     # shellcheck disable=SC2086 # EMULATE_ARGS is a list of words on purpose
-    run - /usr/bin/python3 simulations/emulate/emulate.py run --scenario edge,incluster,churn \
+    run - /usr/bin/python3 simulations/emulate/emulate.py run --scenario edge,incluster,churn,edge-containerd \
         --systems direct,swarm,libtorrent --swarm-bin target/release/swarm ${EMULATE_ARGS:-} \
         --json "$results/emulate.json" || status=$?
     # emulate.py exits 1 when a system failed; the report shows which and why.

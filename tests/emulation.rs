@@ -2,24 +2,36 @@
 //! Linux network namespaces with `tbf`-shaped links (N=3, 4 MiB), next to direct pulls
 //! and libtorrent; then the simulator on the same configuration, compared loosely
 //! with the emulated swarm so the simulator cannot drift from the real program
-//! unnoticed. Needs root, iproute2, curl, docker-registry and python3-libtorrent
-//! (`scripts/test` installs them).
+//! unnoticed. And the edge upgrade through a real containerd on every node
+//! (`edge-containerd`). Needs root, iproute2, curl, docker-registry, containerd and
+//! python3-libtorrent (`scripts/test` installs them).
 
 mod support;
 
+use std::fs::File;
 use std::process::Command;
 use std::time::Duration;
 
 use support::agents::swarm_bin;
 use support::process::run_unchecked;
 
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/simulations/emulate/emulate.py");
+
+/// The emulations time real transfers on a small machine, so they run one at a time,
+/// across test processes too (nextest runs every test in its own): held until dropped.
+fn one_emulation_at_a_time() -> File {
+    let lock = File::create(std::env::temp_dir().join("swarm-emulation-tests.lock")).expect("creating the lock file");
+    lock.lock().expect("locking the emulation lock file");
+    lock
+}
+
 #[test]
 fn emulated_edge_cluster_selftest() {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/simulations/emulate/emulate.py");
+    let _lock = one_emulation_at_a_time();
     let dir = support::test_dir("emulation");
     let json = dir.path().join("selftest.json");
     let mut cmd = Command::new("/usr/bin/python3");
-    cmd.arg(script).arg("selftest").arg("--swarm-bin").arg(swarm_bin()).arg("--json").arg(&json);
+    cmd.arg(SCRIPT).arg("selftest").arg("--swarm-bin").arg(swarm_bin()).arg("--json").arg(&json);
     let out = run_unchecked(&mut cmd, Duration::from_secs(300)).expect("running emulate.py selftest");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -32,6 +44,46 @@ fn emulated_edge_cluster_selftest() {
         Some(77) => panic!("the emulation cannot run here (needs root, iproute2, curl, docker-registry): {stderr}"),
         other => panic!("emulation selftest failed ({other:?})"),
     }
+}
+
+/// `edge-containerd` at N=3, 4 MiB: every node's containerd pulls the image, straight
+/// from the registry (direct) or through its swarm agent; every node must end with the
+/// image complete, unpacked and hashing right, and swarm's uplink must carry about one
+/// copy of the layer.
+#[test]
+fn emulated_edge_upgrade_through_containerd() {
+    let _lock = one_emulation_at_a_time();
+    let dir = support::test_dir("emulation-ctrd");
+    let json = dir.path().join("edge-containerd.json");
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.arg(SCRIPT)
+        .args(["run", "--scenario", "edge-containerd", "--systems", "direct,swarm", "--nodes", "3", "--size", "4MiB"])
+        .args(["--max-runtime", "240", "--swarm-bin"])
+        .arg(swarm_bin())
+        .arg("--json")
+        .arg(&json);
+    let out = run_unchecked(&mut cmd, Duration::from_secs(300)).expect("running emulate.py run");
+    eprintln!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "emulate.py run --scenario edge-containerd failed ({:?}), see its output above",
+        out.status
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("edge-containerd JSON"))
+        .expect("edge-containerd JSON parses");
+    let results = doc["results"].as_array().expect("results");
+    for system in ["direct", "swarm"] {
+        let r = results.iter().find(|r| r["system"] == system).unwrap_or_else(|| panic!("no {system} result"));
+        assert_eq!(r["status"], "ok", "{system}: {}", r["reason"]);
+        let nodes = r["nodes"].as_array().expect("nodes");
+        assert_eq!(nodes.len(), 3, "{system}: {nodes:?}");
+        for n in nodes {
+            assert!(n["status"] == "done" && n["sha256_ok"] == true, "{system}: node not verified: {n}");
+        }
+    }
+    let swarm = results.iter().find(|r| r["system"] == "swarm").expect("swarm result");
+    let uplink = swarm["uplink_ratio"].as_f64().expect("uplink_ratio");
+    assert!(uplink <= 1.1, "swarm moved {uplink:.3}x the layer over the uplink (at most 1.1x expected)");
 }
 
 /// The simulator, fed the selftest's configuration (3 nodes, one of them the seed, a

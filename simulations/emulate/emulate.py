@@ -2,13 +2,16 @@
 """Network-emulation benchmark for swarm: real processes in Linux network namespaces.
 
     emulate.py run [--nodes 8] [--size 64MiB] [--uplink 100mbit] [--node-rate 200mbit]
-                   [--scenario edge|incluster|churn[,...]] [--systems direct,swarm,libtorrent]
+                   [--scenario edge|incluster|churn|edge-churn|edge-containerd[,...]]
+                   [--systems direct,swarm,libtorrent]
                    [--swarm-bin PATH] [--json OUT.json]
     emulate.py selftest [--swarm-bin PATH]     N=3, 4 MiB, incluster: direct + swarm (+ libtorrent)
-    emulate.py cleanup [--force]               remove leftover swbench-* namespaces and work dirs
+    emulate.py cleanup [--force]               remove leftover swbench-* namespaces, processes,
+                                               mounts and work dirs
 
 Needs root, iproute2 (ip, tc, ss), curl and Debian's docker-registry; the libtorrent
-baseline needs python3-libtorrent under /usr/bin/python3. Standard library only.
+baseline needs python3-libtorrent under /usr/bin/python3, edge-containerd Debian's
+containerd (containerd and ctr). Standard library only.
 
 Topology (one invocation = one topology, systems run on it one after another):
 
@@ -33,6 +36,23 @@ quarter of the downloaders are SIGKILLed at --churn-at and restarted --churn-dow
 seconds later unless --no-restart; figures are over the nodes that stay, the restarted
 ones are reported apart). edge-churn is the same churn on the edge layout.
 
+edge-containerd is the edge layout pulled by a real containerd (Debian's 1.6) on every
+node instead of curl: containerd --config with root, state and sockets under the node's
+work dir, started in the node's namespace (so 127.0.0.1:5001 there is that node's
+agent), before the common start. The image is built here without tools: one layer, a
+gzip'd tar holding the run's random blob (gzip cannot shrink it), an OCI config and
+manifest, pushed to the upstream registry as swbench/image:v1. A node is done when its
+`ctr images pull` (fetch and unpack, what a user gets) exits 0; then `ctr images check`
+must say complete and unpacked, and the layer in the content store must hash right.
+F is the layer's size (the blob + < 0.1 % of tar and gzip framing): the layer is what
+swarm distributes and what fills the uplink; manifest and config (< 1 KiB each,
+fetched by every node) show in the uplink bytes. direct: containerd pulls from the
+registry (hosts.toml: http://198.18.0.1:5000 its only host). swarm: the agents of the edge
+scenario, and hosts.toml written by `swarm containerd-config` (the agent at
+http://127.0.0.1:5001 with pull + resolve, the registry as fallback). libtorrent (and
+swarm-seed) cannot back containerd, which pulls through a registry API only: their
+cells say "not applicable". containerd's and ctr's CPU count in both systems.
+
 Figures per system and scenario (field names match swarm-sim's): per-node completion
 time from the common start, last_s / median_s / p90_s (nearest rank, as swarm-sim),
 t_min_s (Kumar & Ross), ratio = last_over_t_min = last_s / t_min_s, uplink
@@ -44,16 +64,19 @@ node's copy is checked by sha256; a wrong copy fails the run.
 """
 
 import argparse
+import gzip
 import hashlib
 import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import urllib.parse
@@ -67,6 +90,9 @@ REGISTRY_BIN = "/usr/bin/docker-registry"
 UP_IP = "198.18.0.1"
 NET_PREFIX = 24
 REPO_NAME = "swbench/blob"
+IMAGE_NAME, IMAGE_TAG = "swbench/image", "v1"
+CONTAINERD_BIN = "/usr/bin/containerd"
+CTR_BIN = "/usr/bin/ctr"
 REG_PORT = 5000
 TRACKER_PORT = 7000
 PEER_PORT = 7001
@@ -426,6 +452,43 @@ def kill_ns_pids(ns):
             pass
 
 
+def kill_containerds_under(path):
+    """SIGKILLs containerd and containerd-shim* processes whose command line names
+    something under `path`: shims outlive their containerd, and a containerd whose
+    namespace was deleted by name still runs."""
+    needle = (path.rstrip("/") + "/").encode()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open("/proc/%s/comm" % pid, "rb") as f:
+                if not f.read().startswith(b"containerd"):
+                    continue
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                if needle in f.read():
+                    os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
+def unmount_under(path):
+    """Unmounts what is mounted at or under `path`, deepest first (lazily if busy).
+    containerd mounts snapshots while it unpacks; it runs under `ip netns exec`, whose
+    private mount namespace normally takes them along when it dies, but a containerd
+    started any other way leaves them here, and rmtree must not descend into them."""
+    prefix = path.rstrip("/")
+    points = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
+            if mp == prefix or mp.startswith(prefix + "/"):
+                points.append(mp)
+    for mp in sorted(points, key=len, reverse=True):
+        if subprocess.run(["umount", mp], stderr=subprocess.DEVNULL).returncode != 0:
+            subprocess.run(["umount", "-l", mp], stderr=subprocess.DEVNULL)
+    return points
+
+
 def wait_listen(ns, proto, port, timeout=15.0, proc=None):
     """Waits until something in `ns` listens on `port` (proto 'tcp' or 'udp')."""
     flag = "-Hltn" if proto == "tcp" else "-Hlun"
@@ -517,14 +580,18 @@ class Registry:
             stop_all([self.proc])
 
 
-def push_blob(ns, base_url, path, digest):
-    """Monolithic blob upload (POST then PUT ?digest=) run inside `ns` by this script."""
-    sh(["ip", "netns", "exec", ns, SYS_PY, os.path.abspath(__file__), "_push", base_url, REPO_NAME, path, digest],
+def push_blob(ns, base_url, repo, path, digest, tag=None, media_type=None):
+    """Monolithic blob upload (POST then PUT ?digest=) run inside `ns` by this script;
+    with `tag`, `path` is a manifest of `media_type` PUT as repo:tag instead."""
+    extra = ["--tag", tag, "--media-type", media_type] if tag else []
+    sh(["ip", "netns", "exec", ns, SYS_PY, os.path.abspath(__file__), "_push", base_url, repo, path, digest] + extra,
        timeout=120)
 
 
 def cmd_push(a):
     base = a.url.rstrip("/")
+    if a.tag:
+        return put_manifest(base, a)
     req = urllib.request.Request("%s/v2/%s/blobs/uploads/" % (base, a.repo), method="POST", data=b"")
     with urllib.request.urlopen(req, timeout=30) as r:
         loc = r.headers["Location"]
@@ -544,14 +611,157 @@ def cmd_push(a):
     return 0
 
 
+def put_manifest(base, a):
+    with open(a.file, "rb") as f:
+        data = f.read()
+    req = urllib.request.Request("%s/v2/%s/manifests/%s" % (base, a.repo, a.tag), method="PUT", data=data,
+                                 headers={"Content-Type": a.media_type})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        if r.status != 201:
+            raise SystemExit("push: manifest: unexpected status %d" % r.status)
+        if r.headers.get("Docker-Content-Digest") != a.digest:
+            raise SystemExit("push: the registry stored the manifest as %s, expected %s" % (
+                r.headers.get("Docker-Content-Digest"), a.digest))
+    return 0
+
+
+# ---------------------------------------------------------------- edge-containerd: the image, containerd
+
+MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+# The image's platform must be this machine's, or ctr finds no manifest to pull.
+GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}.get(
+    platform.machine(), platform.machine())
+
+
+class HashingWriter:
+    """A write-only file object that hashes what it passes on."""
+
+    def __init__(self, out, h):
+        self.out, self.h = out, h
+
+    def write(self, b):
+        self.h.update(b)
+        return self.out.write(b)
+
+
+class Image:
+    """The edge-containerd image, built here without tools: one layer, a gzip'd tar
+    holding the run's blob as /blob.bin, an OCI config (its diff_id is the tar's
+    sha256) and an OCI manifest, all under WORKDIR/image. `size` and `layer_hex` are
+    the layer's: F and the digest every node's copy is checked against."""
+
+    registry = "%s:%d" % (UP_IP, REG_PORT)
+    ref = "%s/%s:%s" % (registry, IMAGE_NAME, IMAGE_TAG)
+
+    def __init__(self, workdir, blob):
+        d = os.path.join(workdir, "image")
+        os.makedirs(d)
+        self.layer = os.path.join(d, "layer.tar.gz")
+        diff = hashlib.sha256()
+        with open(self.layer, "wb") as out, \
+                gzip.GzipFile(filename="", mode="wb", fileobj=out, compresslevel=1, mtime=0) as gz, \
+                tarfile.open(fileobj=HashingWriter(gz, diff), mode="w|", format=tarfile.USTAR_FORMAT) as tar, \
+                open(blob, "rb") as f:
+            info = tarfile.TarInfo("blob.bin")
+            info.size, info.mode = os.path.getsize(blob), 0o644
+            tar.addfile(info, f)
+        self.layer_hex = sha256_file(self.layer)
+        self.size = os.path.getsize(self.layer)
+        config = {"architecture": GOARCH, "os": "linux", "config": {},
+                  "rootfs": {"type": "layers", "diff_ids": ["sha256:" + diff.hexdigest()]}}
+        self.config, config_digest, config_size = self._write(d, "config.json", config)
+        manifest = {"schemaVersion": 2, "mediaType": MANIFEST_TYPE,
+                    "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest,
+                               "size": config_size},
+                    "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                                "digest": "sha256:" + self.layer_hex, "size": self.size}]}
+        self.manifest, self.manifest_digest, _ = self._write(d, "manifest.json", manifest)
+        self.blobs = [(self.layer, "sha256:" + self.layer_hex), (self.config, config_digest)]
+
+    @staticmethod
+    def _write(d, name, obj):
+        data = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+        path = os.path.join(d, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        return path, "sha256:" + hashlib.sha256(data).hexdigest(), len(data)
+
+    def push(self, ns):
+        base = "http://" + self.registry
+        for path, digest in self.blobs:
+            push_blob(ns, base, IMAGE_NAME, path, digest)
+        push_blob(ns, base, IMAGE_NAME, self.manifest, self.manifest_digest, tag=IMAGE_TAG, media_type=MANIFEST_TYPE)
+
+
+class Containerd:
+    """A real containerd (Debian's 1.6) on node i, one per system: config, root, state
+    and sockets under the node's dir, started in the node's namespace, so
+    127.0.0.1:5001 is that node's agent. CRI is off. While unpacking it mounts each
+    snapshot under ROOT/tmpmounts, in the private mount namespace `ip netns exec`
+    gives it. Its CPU counts like any process of the system (ctx.spawn)."""
+
+    def __init__(self, ctx, i, hosts_dir):
+        self.i, self.hosts_dir = i, hosts_dir
+        d = os.path.join(ctx.sysdir, "n%d" % i, "containerd")
+        os.makedirs(d)
+        self.sock = os.path.join(d, "c.sock")
+        self.root = os.path.join(d, "root")
+        config = os.path.join(d, "config.toml")
+        with open(config, "w") as f:
+            f.write('version = 2\nroot = "%s"\nstate = "%s"\ndisabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+                    '[grpc]\n  address = "%s"\n[ttrpc]\n  address = "%s.ttrpc"\n[debug]\n  address = ""\n'
+                    '  level = "warn"\n[metrics]\n  address = ""\n[plugins."io.containerd.internal.v1.opt"]\n'
+                    '  path = "%s"\n' % (self.root, os.path.join(d, "state"), self.sock, self.sock,
+                                         os.path.join(d, "opt")))
+        self.proc = ctx.spawn("containerd-n%d" % i, ctx.topo.ns(i), [CONTAINERD_BIN, "--config", config],
+                              ctx.workdir, node=i)
+
+    def ctr(self, *args):
+        return sh([CTR_BIN, "-a", self.sock] + list(args))
+
+    def wait_ready(self, timeout=60.0):
+        end = time.monotonic() + timeout
+        while subprocess.run([CTR_BIN, "-a", self.sock, "version"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, timeout=30).returncode != 0:
+            if not self.proc.alive:
+                raise Fail("containerd of node %d exited (%s) before it was ready; log: %s" % (
+                    self.i, self.proc.rc, self.proc.tail()))
+            if time.monotonic() > end:
+                raise Fail("containerd of node %d not ready after %.0f s; log: %s" % (self.i, timeout, self.proc.tail()))
+            time.sleep(0.1)
+
+    def pull(self, ctx, ref):
+        return ctx.spawn("ctr-n%d" % self.i, ctx.topo.ns(self.i),
+                         [CTR_BIN, "-a", self.sock, "images", "pull", "--hosts-dir", self.hosts_dir, ref],
+                         ctx.workdir, node=self.i, done_on="exit")
+
+    def content_path(self, hexdigest):
+        return os.path.join(self.root, "io.containerd.content.v1.content", "blobs", "sha256", hexdigest)
+
+    def check(self, ref):
+        """None if `ctr images check` says `ref` is complete and unpacked, else why not."""
+        try:
+            out = self.ctr("images", "check")
+        except Fail as e:
+            return "ctr images check on node %d: %s" % (self.i, e)
+        line = next((ln for ln in out.splitlines() if ln.split()[:1] == [ref]), None)
+        if line is None:
+            return "%s is not in `ctr images check` of node %d" % (ref, self.i)
+        m = re.search(r"complete \((\d+)/(\d+)\)", line)
+        if not m or m.group(1) != m.group(2) or line.split()[-1] != "true":
+            return "node %d's image is not complete and unpacked: %s" % (self.i, " ".join(line.split()))
+        return None
+
+
 # ---------------------------------------------------------------- systems
 
 class Ctx:
     """What a system needs to know about the run."""
 
-    def __init__(self, topo, args, blob, digest, size, workdir, layout, timeout):
+    def __init__(self, topo, args, blob, digest, size, workdir, layout, timeout, image):
         self.topo, self.args, self.blob, self.digest, self.size = topo, args, blob, digest, size
         self.workdir, self.layout, self.timeout = workdir, layout, timeout
+        self.image = image  # edge-containerd: the Image every node's containerd pulls; else None
         self.procs = []  # every process of the system under test, for CPU and teardown
 
     @property
@@ -569,6 +779,8 @@ class Ctx:
 
 class System:
     name = "?"
+    # Why the system cannot back containerd's pulls (edge-containerd), or None.
+    no_containerd = None
 
     def available(self, args):
         return True, ""
@@ -580,19 +792,50 @@ class System:
         """Starts node i's download; returns (procs, done_proc, output_path)."""
         raise NotImplementedError
 
+    def start_containerds(self, ctx, hosts_dir):
+        """edge-containerd: a containerd on every node, pulling with `hosts_dir`."""
+        self.containerds = {i: Containerd(ctx, i, hosts_dir) for i in ctx.downloaders}
+        for c in self.containerds.values():
+            c.wait_ready()
+
+    def ctr_pull(self, ctx, i):
+        """edge-containerd: node i's `ctr images pull`; its copy is the layer in the
+        content store."""
+        c = self.containerds[i]
+        p = c.pull(ctx, ctx.image.ref)
+        return [c.proc, p], p, c.content_path(ctx.digest)
+
+    def verify(self, ctx, i):
+        """After the run, before teardown: why node i's finished copy is not usable, or
+        None. The copy's sha256 is checked after teardown for every system."""
+        return self.containerds[i].check(ctx.image.ref) if ctx.image else None
+
     def teardown(self, ctx):
         stop_all(ctx.procs)
+        if ctx.image:
+            kill_containerds_under(ctx.sysdir)
+            unmount_under(ctx.sysdir)
 
 
 class Direct(System):
     """Every node GETs the blob from the registry at once (edge: upstream; incluster:
-    a second registry on node 1 serving the same storage)."""
+    a second registry on node 1 serving the same storage; edge-containerd: every
+    node's containerd pulls the image from upstream)."""
     name = "direct"
 
     def setup(self, ctx):
         self.host = UP_IP
         self.extra = None
-        if ctx.layout != "edge":
+        if ctx.image:
+            hosts = os.path.join(ctx.sysdir, "hosts", ctx.image.registry)
+            os.makedirs(hosts)
+            # containerd 1.6 refuses a hosts.toml without a [host] table, so the registry
+            # is both: its one host, and the fallback `server`.
+            with open(os.path.join(hosts, "hosts.toml"), "w") as f:
+                f.write('server = "http://%s"\n\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n'
+                        % (ctx.image.registry, ctx.image.registry))
+            self.start_containerds(ctx, os.path.dirname(hosts))
+        elif ctx.layout != "edge":
             self.extra = Registry(ctx.topo, ctx.topo.ns(1), ctx.topo.ip(1), ctx.reg_root, "node1")
             self.extra.start(ctx.workdir)
             self.extra.proc.side = "cluster"
@@ -601,6 +844,8 @@ class Direct(System):
             self.host = ctx.topo.ip(1)
 
     def launch(self, ctx, i, restart=False):
+        if ctx.image:
+            return self.ctr_pull(ctx, i)
         out = os.path.join(ctx.sysdir, "n%d" % i, "blob")
         os.makedirs(os.path.dirname(out), exist_ok=True)
         argv = ["curl", "-sS", "--fail", "--max-time", str(int(ctx.timeout) + 5), "-o", out]
@@ -613,7 +858,9 @@ class Direct(System):
 
 class Swarm(System):
     """The real binary. Edge: an agent (registry mirror) on every node fetches from the
-    upstream registry; incluster: `swarm seed` on node 1, `swarm pull` on the others."""
+    upstream registry (edge-containerd: the node's containerd pulls through it, as
+    configured by `swarm containerd-config`); incluster: `swarm seed` on node 1,
+    `swarm pull` on the others."""
     name = "swarm"
     agent_mode = True
 
@@ -656,6 +903,11 @@ class Swarm(System):
         if self.via_agent(ctx):
             for i in ctx.downloaders:
                 self._start_agent(ctx, i)
+            if ctx.image:
+                hosts = os.path.join(ctx.sysdir, "hosts")
+                sh([b, "containerd-config", "--mirror", "http://127.0.0.1:%d" % MIRROR_PORT,
+                    "--registry", ctx.image.registry, "--plain-http", ctx.image.registry, "--dir", hosts])
+                self.start_containerds(ctx, hosts)
         else:
             # Incluster: node 1 seeds. swarm-seed on edge: the upstream host seeds
             # (like libtorrent's edge seed), nodes pull.
@@ -681,6 +933,9 @@ class Swarm(System):
         return p
 
     def launch(self, ctx, i, restart=False):
+        if self.via_agent(ctx) and ctx.image:
+            procs, p, out = self.ctr_pull(ctx, i)
+            return [self.agents[i]] + procs, p, out
         b = self._bin(ctx.args)
         out = os.path.join(ctx.sysdir, "n%d" % i, "blob")
         os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -710,6 +965,7 @@ class SwarmSeed(Swarm):
     path (that is the agent's mirror), but the like-for-like comparison with libtorrent."""
     name = "swarm-seed"
     agent_mode = False
+    no_containerd = "`swarm seed` and `swarm pull` are no registry; containerd pulls through the agent (swarm)"
 
 
 class Libtorrent(System):
@@ -718,6 +974,7 @@ class Libtorrent(System):
     add the torrent when the common start is signalled on stdin."""
     name = "libtorrent"
     driver = os.path.join(HERE, "lt_driver.py")
+    no_containerd = "libtorrent is no registry, and containerd pulls through a registry (mirror) API only"
 
     def available(self, args):
         r = subprocess.run([SYS_PY, "-c", "import libtorrent"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -782,9 +1039,10 @@ SYSTEMS = {"direct": Direct, "swarm": Swarm, "swarm-seed": SwarmSeed, "libtorren
 
 # ---------------------------------------------------------------- one system, one scenario
 
-def scenario_layout(scenario):
-    return {"edge": ("edge", False), "incluster": ("incluster", False), "churn": ("incluster", True),
-            "edge-churn": ("edge", True)}[scenario]
+# scenario -> (layout, churn, containerd)
+SCENARIOS = {"edge": ("edge", False, False), "incluster": ("incluster", False, False),
+             "churn": ("incluster", True, False), "edge-churn": ("edge", True, False),
+             "edge-containerd": ("edge", False, True)}
 
 
 def scenario_tmin(topo, size, layout):
@@ -807,22 +1065,27 @@ def default_timeout(topo, size, layout):
     return max(30.0, 1.5 * direct + 15.0)
 
 
-def run_system(sysobj, topo, args, blob, digest, size, registry, scenario, workdir, repeat=0):
-    layout, churn = scenario_layout(scenario)
+def run_system(sysobj, topo, args, blob, digest, size, registry, scenario, workdir, repeat=0, image=None):
+    """One system on one scenario. edge-containerd: `image` is what containerd pulls,
+    and blob, digest, size are its layer's."""
+    layout, churn, containerd = SCENARIOS[scenario]
     tm, terms, n_down = scenario_tmin(topo, size, layout)
     timeout = args.timeout or default_timeout(topo, size, layout)
     res = {"system": sysobj.name, "scenario": scenario, "repeat": repeat, "layout": layout, "status": "ok", "reason": "",
-           "sim_scenario": {"edge": "edge", "incluster": "in-cluster"}.get(scenario, "churn"),
+           "sim_scenario": "churn" if churn else {"edge": "edge", "incluster": "in-cluster"}[layout],
            "t_min_s": round(tm, 4),
            "t_min": dict({k: round(v, 4) for k, v in terms.items()}, t_min_s=round(tm, 4)),
            "n_downloaders": n_down, "size_bytes": size, "timeout_s": timeout}
+    if containerd and sysobj.no_containerd:
+        res.update(status="unavailable", reason="not applicable: " + sysobj.no_containerd)
+        return res
     ok, why = sysobj.available(args)
     if not ok:
         res.update(status="unavailable", reason="not available: " + why)
         return res
     sysdir = os.path.join(workdir, "%s-%s-%d" % (sysobj.name, scenario, repeat))
     os.makedirs(sysdir)
-    ctx = Ctx(topo, args, blob, digest, size, workdir, layout, timeout)
+    ctx = Ctx(topo, args, blob, digest, size, workdir, layout, timeout, image if containerd else None)
     ctx.sysdir = sysdir
     ctx.reg_root = registry.root
     nodes = {i: {"node": i, "done_s": None, "status": "pending", "killed": False, "restarted": False,
@@ -907,6 +1170,11 @@ def run_system(sysobj, topo, args, blob, digest, size, registry, scenario, workd
         up1 = topo.uplink_tx()
         snap1 = topo.snapshot()
         reg1 = registry.cpu_s() or reg0
+        for i, st in nodes.items():
+            why = sysobj.verify(ctx, i) if st["status"] == "done" else None
+            if why:
+                st["status"] = "incomplete"
+                st["error"] = why
     except Fail as e:
         res.update(status="failed", reason=str(e))
         return res
@@ -984,7 +1252,7 @@ def run_system(sysobj, topo, args, blob, digest, size, registry, scenario, workd
                                                       (" (" + st["error"] + ")") if st.get("error") else "")
                                   for st in bad)
         # Keep logs of failed processes in the JSON: the work dir is removed.
-        res["logs"] = {p.name: p.tail(12) for p in ctx.procs if (p.rc not in (0, None, -15) or p.name.startswith(("seed", "tracker")))}
+        res["logs"] = {p.name: p.tail(12) for p in ctx.procs if (p.rc not in (0, None, -15) or p.name.startswith(("seed", "tracker", "containerd")))}
     # Free disk for the next system.
     shutil.rmtree(sysdir, ignore_errors=True)
     return res
@@ -1030,8 +1298,11 @@ def run(args):
     scenarios = [s.strip() for s in args.scenario.split(",") if s.strip()]
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     for s in scenarios:
-        if s not in ("edge", "incluster", "churn", "edge-churn"):
-            raise Fail("unknown scenario %r (edge, incluster, churn, edge-churn)" % s)
+        if s not in SCENARIOS:
+            raise Fail("unknown scenario %r (%s)" % (s, ", ".join(SCENARIOS)))
+    with_containerd = any(SCENARIOS[s][2] for s in scenarios)
+    if with_containerd and not (os.access(CONTAINERD_BIN, os.X_OK) and os.access(CTR_BIN, os.X_OK)):
+        raise Fail("edge-containerd needs %s and %s (apt-get install containerd)" % (CONTAINERD_BIN, CTR_BIN))
     for s in systems:
         if s not in SYSTEMS:
             raise Fail("unknown system %r (%s)" % (s, ", ".join(SYSTEMS)))
@@ -1044,7 +1315,7 @@ def run(args):
     _active_topos.append(topo)
     old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     budget = args.max_runtime or (sum(
-        (args.timeout or default_timeout(topo, size, scenario_layout(sc)[0])) + 40 for sc in scenarios) * len(systems) * args.repeat + 60)
+        (args.timeout or default_timeout(topo, size, SCENARIOS[sc][0])) + 40 for sc in scenarios) * len(systems) * args.repeat + 60)
     signal.signal(signal.SIGALRM, _on_alarm)
     signal.alarm(int(budget))
     started = time.time()
@@ -1062,7 +1333,12 @@ def run(args):
         registry = Registry(topo, topo.up, UP_IP, os.path.join(workdir, "registry"), "upstream")
         registry.start(workdir)
         topo.check_reachability()
-        push_blob(topo.up, "http://%s:%d" % (UP_IP, REG_PORT), blob, "sha256:" + digest)
+        push_blob(topo.up, "http://%s:%d" % (UP_IP, REG_PORT), REPO_NAME, blob, "sha256:" + digest)
+        image = None
+        if with_containerd:
+            image = Image(workdir, blob)
+            image.push(topo.up)
+            log("image %s: one layer of %d bytes (F), sha256:%s" % (image.ref, image.size, image.layer_hex[:16]))
         if args.calibrate:
             calib = calibrate(topo)
             log("calibration: %s" % json.dumps(calib))
@@ -1070,7 +1346,8 @@ def run(args):
             for k in range(args.repeat):
                 for name in systems:
                     log("running %s / %s%s" % (name, sc, " (repeat %d)" % (k + 1) if args.repeat > 1 else ""))
-                    r = run_system(SYSTEMS[name](), topo, args, blob, digest, size, registry, sc, workdir, k)
+                    payload = (image.layer, image.layer_hex, image.size) if SCENARIOS[sc][2] else (blob, digest, size)
+                    r = run_system(SYSTEMS[name](), topo, args, *payload, registry, sc, workdir, k, image=image)
                     results.append(r)
                     log("%s / %s: %s %s" % (name, sc, r["status"], r.get("reason", "")[:300]))
                     if r.get("last_s") is not None:
@@ -1081,6 +1358,8 @@ def run(args):
             registry.stop()
         topo.destroy()
         _active_topos.remove(topo)
+        kill_containerds_under(workdir)
+        unmount_under(workdir)
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
         for s, h in old.items():
@@ -1134,7 +1413,7 @@ def print_table(doc, out=sys.stdout):
     if cal and cal.get("status") == "ok":
         out.write("fabric (iperf3 TCP): all nodes sending at once >= %.0f%% of the node rate each, uplink %.0f%% of its rate\n"
                   % (100 * (cal["ring_min_fraction"] or 0), 100 * (cal["uplink_fraction"] or 0)))
-    hdr = ("%-10s %-10s %-6s %8s %8s %8s %7s %7s %9s %7s %9s  %s" %
+    hdr = ("%-15s %-10s %-6s %8s %8s %8s %7s %7s %9s %7s %9s  %s" %
            ("scenario", "system", "nodes", "last s", "median", "p90", "T_min", "xT_min", "uplink xF", "rx xF",
             "CPU s/GB", "status"))
     out.write(hdr + "\n" + "-" * len(hdr) + "\n")
@@ -1146,7 +1425,7 @@ def print_table(doc, out=sys.stdout):
             if r["status"] != "unavailable" else r["reason"]
         if r.get("restarted_last_s") is not None:
             status += " (restarted nodes last %.2f s)" % r["restarted_last_s"]
-        out.write("%-10s %-10s %-6s %8s %8s %8s %7s %7s %9s %7s %9s  %s\n" % (
+        out.write("%-15s %-10s %-6s %8s %8s %8s %7s %7s %9s %7s %9s  %s\n" % (
             r["scenario"], r["system"], "%d/%d" % (ok, stay) if nodes else "-",
             fmt(r.get("last_s")), fmt(r.get("median_s")), fmt(r.get("p90_s")), fmt(r.get("t_min_s")),
             fmt(r.get("ratio")), fmt(r.get("uplink_ratio")), fmt(r.get("node_rx_ratio")),
@@ -1176,8 +1455,11 @@ def cleanup(force=False, quiet=False):
             owner = d[len(PREFIX + "run-"):]
             if not force and owner.isdigit() and _is_emulate(int(owner)):
                 continue
-            shutil.rmtree(os.path.join("/tmp", d), ignore_errors=True)
-            removed.append("/tmp/" + d)
+            path = os.path.join("/tmp", d)
+            kill_containerds_under(path)
+            removed += ["mount " + mp for mp in unmount_under(path)]
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
     if not quiet:
         log("removed %d leftovers%s" % (len(removed), (": " + ", ".join(removed)) if removed else ""))
     return removed
@@ -1273,7 +1555,7 @@ def build_parser():
     r = sub.add_parser("run", help="run the benchmark")
     r.add_argument("--nodes", type=int, default=8)
     r.add_argument("--size", type=parse_size, default=parse_size("64MiB"))
-    r.add_argument("--scenario", default="edge", help="edge, incluster, churn, edge-churn (comma-separated list ok)")
+    r.add_argument("--scenario", default="edge", help="%s (comma-separated list ok)" % ", ".join(SCENARIOS))
     r.add_argument("--systems", default="direct,swarm,libtorrent",
                    help="comma-separated: direct, swarm, swarm-seed, libtorrent")
     r.add_argument("--repeat", type=int, default=1, help="run every system this many times per scenario")
@@ -1287,6 +1569,8 @@ def build_parser():
     pu.add_argument("repo")
     pu.add_argument("file")
     pu.add_argument("digest")
+    pu.add_argument("--tag")
+    pu.add_argument("--media-type")
     return ap
 
 

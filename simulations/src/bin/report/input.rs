@@ -158,6 +158,12 @@ impl EmuResult {
     pub fn ok(&self) -> bool {
         self.status == "ok"
     }
+
+    /// Whether the system cannot take part in the scenario at all (libtorrent behind
+    /// containerd), as opposed to being unavailable on the machine.
+    pub fn not_applicable(&self) -> bool {
+        self.status == "unavailable" && self.reason.starts_with("not applicable")
+    }
 }
 
 /// One node of an emulation result.

@@ -106,16 +106,24 @@ fn scenario_text(sc: &str, rows: &[&EmuResult]) -> String {
             "As edge, and {}; the figures are over the nodes that stay, the restarted ones are in the notes.",
             churn()
         ),
+        "edge-containerd" => "As edge, but a real containerd on every node pulls an image whose one layer holds the \
+                              blob (`ctr images pull`: fetch and unpack, which T_min leaves out); F is the layer's \
+                              size. libtorrent cannot serve containerd."
+            .to_string(),
         _ => String::new(),
     }
 }
 
 fn system_text(system: &str) -> &'static str {
     match system {
-        "direct" => "every node pulls the blob itself with curl (from the upstream registry, or an in-cluster one)",
+        "direct" => {
+            "every node pulls the blob itself with curl (from the upstream registry, or an in-cluster one); \
+             edge-containerd: each node's containerd pulls from the upstream registry"
+        }
         "swarm" => {
-            "the product: edge = `swarm agent` on every node and curl through its registry mirror; \
-             in-cluster = `swarm seed` on node 1 and `swarm pull` on the others"
+            "the product: edge = `swarm agent` on every node and curl through its registry mirror \
+             (edge-containerd: containerd through it); in-cluster = `swarm seed` on node 1 and `swarm pull` \
+             on the others"
         }
         "swarm-seed" => {
             "`swarm seed` + `swarm pull` everywhere (edge: the seed on the upstream host, like libtorrent's)"

@@ -217,6 +217,39 @@ fn markdown_tables_carry_the_figures() {
 }
 
 #[test]
+fn edge_containerd_gets_a_table_and_a_panel_but_no_target() {
+    let without = verdicts(emu_doc(), sim_doc());
+    let mut e = emu_doc();
+    let results = e["results"].as_array_mut().expect("results array");
+    results.push(result("direct", "edge-containerd", 5.0, &[30.0, 40.0, 44.0, 45.0], 8.02, 25.0));
+    results.push(result("swarm", "edge-containerd", 5.0, &[7.0, 7.2, 7.5, 7.7], 1.001, 26.0));
+    results.push(json!({"system": "libtorrent", "scenario": "edge-containerd", "repeat": 0, "status": "unavailable",
+                        "reason": "not applicable: libtorrent is no registry", "t_min_s": 5.0}));
+    assert_eq!(verdicts(e.clone(), sim_doc()), without, "edge-containerd adds no target and changes none");
+    let (e, s) = load(e, sim_doc());
+    let c = checks(&e, &s);
+    let commands = vec![];
+    let md = markdown::render(&markdown::Doc {
+        emu: &e,
+        sim: &s,
+        checks: &c,
+        commands: &commands,
+        report_command: "swarm-report",
+        chart: None,
+    });
+    let has = |needle: &str| assert!(md.contains(needle), "missing {needle:?} in\n{md}");
+    has("### edge-containerd: T_min = 5.00 s");
+    has("As edge, but a real containerd on every node pulls an image whose one layer holds the blob");
+    has("| swarm | ok | 4/4 | 7.70 | 7.20 | 7.70 | 5.00 | 1.54 | 1.001 | 26.0 |");
+    has("| libtorrent | unavailable: not applicable: libtorrent is no registry | – |");
+    let panels = chart::panels(&e);
+    assert_eq!(panels.len(), 4);
+    assert_eq!(panels[3].title, "edge-containerd: 4 nodes, 64 MiB");
+    assert_eq!(panels[3].lines.len(), 2, "no line for the system that does not apply");
+    chart::render(&panels).expect("chart renders");
+}
+
+#[test]
 fn chart_has_a_panel_per_scenario_and_readable_labels() {
     let (e, _) = load(emu_doc(), sim_doc());
     let panels = chart::panels(&e);
