@@ -6,6 +6,8 @@
 //!   tracker.
 //! - [`upstream`]: the OCI registry client (token flow, ranges, redirects).
 //! - [`mirror`]: the HTTP registry mirror containerd talks to.
+//! - [`upload`]: who gets the next upload slot (least-sent piece first) and which
+//!   fresh pieces a source holds back.
 //! - [`agent`]: the mirror's blob source backed by the swarm, with upstream leases.
 
 pub mod agent;
@@ -13,4 +15,5 @@ pub mod mirror;
 pub mod node;
 pub mod scheduler;
 pub mod store;
+pub mod upload;
 pub mod upstream;

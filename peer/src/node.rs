@@ -46,6 +46,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::scheduler::{Action, Candidate, PeerKey, RequestFailure, Scheduler, SchedulerConfig, choose_peers};
 use crate::store::{BlobFile, Store, StoreError};
+use crate::upload::{FRESH_HOLD, SLOT_WAIT, UploadLedger, UploadSlots};
 
 /// How long a handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -53,14 +54,12 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 /// Re-announce this often while the swarm has fewer peers than wanted.
 const EAGER_ANNOUNCE: Duration = Duration::from_secs(2);
-/// How often a swarm asks the tracker for new piece hashes while they stream in.
-const HASH_SYNC: Duration = Duration::from_millis(150);
+/// Pause before asking the tracker for piece hashes again after an answer without
+/// new ones (the tracker holds a `GetHashes` until a publish, up to
+/// `swarm_tracker::server::HASHES_WAIT`, so after new hashes the next ask goes at once).
+pub const HASH_SYNC: Duration = Duration::from_millis(150);
 /// Do not retry a peer address that failed for this long.
 const CONNECT_BACKOFF: Duration = Duration::from_secs(5);
-
-/// How long a source (a seed or the upstream lease holder) keeps a piece it has just
-/// uploaded to one peer from going to others, so that they fetch it from that peer.
-const FRESH_HOLD: Duration = Duration::from_millis(400);
 
 /// Uploads are paced in chunks of this many bytes when a rate cap is set.
 const PACING_CHUNK: usize = 64 * 1024;
@@ -234,7 +233,7 @@ struct Inner {
     store: Store,
     config: NodeConfig,
     swarms: Mutex<HashMap<Digest, SwarmHandle>>,
-    upload_slots: Arc<Semaphore>,
+    upload_slots: Arc<UploadSlots>,
     /// Permits are KiB of piece buffers.
     receive_budget: Arc<Semaphore>,
     counters: Counters,
@@ -263,7 +262,7 @@ impl Node {
             tracker: TrackerClient::new(endpoint.clone(), tracker),
             endpoint,
             store,
-            upload_slots: Arc::new(Semaphore::new(config.upload_slots.max(1))),
+            upload_slots: UploadSlots::new(config.upload_slots),
             receive_budget: Arc::new(Semaphore::new(budget_kib)),
             config,
             swarms: Mutex::new(HashMap::new()),
@@ -695,11 +694,12 @@ impl SwarmActor {
             }
             Event::LeaseHeld => {
                 self.lease_holder = true;
-                self.ledger.enabled.store(true, Ordering::Relaxed);
+                self.ledger.enable_hold();
             }
             Event::Hashes(reply) => {
                 self.syncing = false;
-                self.next_sync = tokio::time::Instant::now() + HASH_SYNC;
+                let fresh = reply.as_ref().is_some_and(|r| !r.hashes.is_empty());
+                self.next_sync = tokio::time::Instant::now() + if fresh { Duration::ZERO } else { HASH_SYNC };
                 match reply {
                     Some(r) => match self.blob.add_hashes(r.first, &r.hashes) {
                         Ok(_) => self.replay_deferred(now),
@@ -951,8 +951,11 @@ impl SwarmActor {
                     }
                 }
                 Action::Have { piece } => {
-                    for p in self.peers.values() {
-                        let _ = p.control.send(PeerMessage::Have { piece });
+                    // Peers that already announced the piece do not need to hear of it.
+                    for (&key, p) in &self.peers {
+                        if !self.scheduler.peer_has(key, piece) {
+                            let _ = p.control.send(PeerMessage::Have { piece });
+                        }
                     }
                     self.publish_progress();
                 }
@@ -1254,20 +1257,11 @@ async fn serve_one(
         });
         return Ok(());
     }
-    let slots = &node.inner.upload_slots;
-    let permit = match slots.clone().try_acquire_owned() {
-        Ok(p) => p,
-        Err(_) => {
-            // Queue briefly; a peer that waits too long is told to go elsewhere.
-            match tokio::time::timeout(Duration::from_millis(500), slots.clone().acquire_owned()).await {
-                Ok(Ok(p)) => p,
-                _ => {
-                    write_msg(&mut send, &PeerMessage::Reject { piece, reason: RejectReason::Busy }).await?;
-                    let _ = send.finish();
-                    return Ok(());
-                }
-            }
-        }
+    // Queue briefly; a peer that waits too long is told to go elsewhere.
+    let Some(permit) = node.inner.upload_slots.acquire(&ledger, piece, SLOT_WAIT).await else {
+        write_msg(&mut send, &PeerMessage::Reject { piece, reason: RejectReason::Busy }).await?;
+        let _ = send.finish();
+        return Ok(());
     };
     let reader = blob.clone();
     let data = tokio::task::spawn_blocking(move || {
@@ -1310,43 +1304,5 @@ impl RateLimiter {
             start
         };
         tokio::time::sleep_until(start).await;
-    }
-}
-
-/// Spreads fresh pieces from a source. A seed or an upstream lease holder is the only
-/// node with a piece when it appears, and every peer wants the rarest piece, so
-/// without care it uploads the same piece to everybody and its link becomes the
-/// bottleneck. With the ledger enabled, the first request for a piece is served and
-/// further requests within [`FRESH_HOLD`] are refused as `Missing`: the requesters
-/// fetch the piece from its first recipient (which announces it as soon as it is
-/// verified), and the source's upload goes to the next fresh piece. After the hold
-/// the source serves the piece to anyone, and re-announces it to the peers it refused.
-struct UploadLedger {
-    enabled: std::sync::atomic::AtomicBool,
-    epoch: Instant,
-    /// Milliseconds after `epoch` (plus one) of each piece's first upload; 0 = never.
-    first_sent: Vec<AtomicU64>,
-}
-
-impl UploadLedger {
-    fn new(pieces: u32, enabled: bool) -> Self {
-        Self {
-            enabled: enabled.into(),
-            epoch: Instant::now(),
-            first_sent: (0..pieces).map(|_| AtomicU64::new(0)).collect(),
-        }
-    }
-
-    /// Whether an upload of `piece` may start now.
-    fn may_send(&self, piece: u32) -> bool {
-        if !self.enabled.load(Ordering::Relaxed) {
-            return true;
-        }
-        let Some(slot) = self.first_sent.get(piece as usize) else { return true };
-        let now = self.epoch.elapsed().as_millis() as u64 + 1;
-        match slot.compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => true,
-            Err(first) => now.saturating_sub(first) >= FRESH_HOLD.as_millis() as u64,
-        }
     }
 }

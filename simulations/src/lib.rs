@@ -15,14 +15,17 @@
 //! - **Latency**: a fixed one-way delay of RTT/2 for every message (request, reply,
 //!   cancel, `Have`), a dial costs 2 RTTs, a tracker round trip 1 RTT, and the upstream
 //!   GET starts one WAN RTT after the lease holder starts.
-//! - **The real node's driver** ([`node`]): receive budget (32 MiB, FIFO), 16 upload
-//!   slots with a 500 ms wait and `Busy`, `Missing` rejects, cancels, `Have` to every
-//!   connected peer, `max_peers` = 32 with `choose_peers` over the tracker's list,
-//!   inbound connections always accepted, announces every 2 s while short of peers
-//!   and every tracker interval otherwise, re-announce on completion; in the edge
-//!   upgrade also the upstream lease (`AcquireLease` to the real tracker core), the
-//!   holder's per-piece `PublishHashes` before announcing, and the other nodes'
-//!   150 ms hash sync with `Have`s deferred until the piece's hash is known.
+//! - **The real node's driver** ([`node`]), with the real node's defaults: receive
+//!   budget (16 MiB, FIFO), 4 upload slots with a 500 ms wait and `Busy`, a freed
+//!   slot going to the least-sent piece, the sources' fresh-piece hold (400 ms) and
+//!   re-announce, `Missing` rejects, cancels, `Have` to every connected peer that has
+//!   not announced the piece, `max_peers` = 32 with `choose_peers` over the
+//!   tracker's list, inbound connections always accepted, announces every 2 s while
+//!   short of peers and every tracker interval otherwise, re-announce on completion;
+//!   in the edge upgrade also the upstream lease (`AcquireLease` to the real tracker
+//!   core), the holder's per-piece `PublishHashes` before announcing, and the other
+//!   nodes' hash sync (a `GetHashes` the tracker holds until the next publish) with
+//!   `Have`s deferred until the piece's hash is known.
 //! - **Scenarios** ([`scenario`]): edge upgrade (the lease holder streams the blob
 //!   from upstream; each piece is shared as soon as it arrived and its hash is
 //!   published), in-cluster (a seed), churn (graceful leaves and joins at random

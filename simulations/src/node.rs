@@ -9,10 +9,10 @@
 //! | real node (`peer/src/node.rs`)                               | here                                                     |
 //! |--------------------------------------------------------------|----------------------------------------------------------|
 //! | `Request`: fetch task takes receive budget (KiB permits, FIFO), opens a stream, sends the request | `World::request`: same budget in KiB, FIFO; request reaches the sender after RTT/2 |
-//! | sender: `Missing` if the piece is not held; else an upload slot (try, then wait ≤ 500 ms FIFO, else `Busy`) | `World::on_request_arrive`, `World::on_queue_timeout` |
+//! | sender: `Missing` if the piece is not held, or held back as fresh by a source's `UploadLedger` (re-announced to the requester after `FRESH_HOLD`); else an upload slot (at once if one is free and nobody waits, else wait ≤ `SLOT_WAIT`, else `Busy`); a freed slot goes to the waiting request for the piece sent fewest times, oldest first (`UploadSlots`) | `World::on_request_arrive`, `World::on_queue_timeout`, `World::release_slot`, `World::on_have_to` |
 //! | sender streams the piece; receiver verifies and stores it     | a flow sender up → receiver down; the reply reaches the receiver RTT/2 after the last byte left; hashing and disk take no time |
 //! | `Cancel`: abort the fetch task (budget freed at once; the sender stops when STOP_SENDING arrives) | budget freed at once; flow or queue entry dropped RTT/2 later |
-//! | `Have`: sent to every connected peer                          | every peer connected when it arrives (RTT/2 later) gets `peer_have` |
+//! | `Have`: sent to every connected peer that has not announced the piece | every peer connected when it arrives (RTT/2 later) and not known then to have the piece gets `peer_have` |
 //! | `Complete`: whole-blob check, then announce at once            | announce at once (the check is not modelled)             |
 //! | announce every 2 s while < `max_peers/2` peers and incomplete, else every tracker interval | same (`World::on_tracker_reply`) |
 //! | `connect_to`: drop self, connected, connecting, failed < 5 s; `choose_peers(…, max_peers − peers − connecting)`; seeds never dial | same (`World::connect_to`); a dial takes 2 RTTs (QUIC handshake + the blob handshake) |
@@ -27,7 +27,7 @@
 //! | `GetHashes(0)`; if nothing is published, `AcquireLease`; `HeldBy` → sleep 100 ms, again | `World::on_startup`, `World::on_lease_reply`: the real tracker core answers; two RTTs per round |
 //! | `Granted` → open the upstream GET, publish the layout, `fetch_partial`, start the feed | after one WAN RTT the body starts streaming; the swarm starts one RTT later |
 //! | feed: per piece, hash, store, `PublishHashes` (awaited, one at a time), then `upstream_piece` (`local_piece`) | the body keeps streaming; each piece is published (1 RTT, in order) and then handed to `local_piece` |
-//! | others: `GetHashes(known)` every 150 ms after the previous answer while hashes are missing; `Have`s and bitfield bits of pieces without a known hash wait and are replayed when it arrives | `World::on_hash_sync`, `World::on_hashes_reply` |
+//! | others: `GetHashes(known)` while hashes are missing: the tracker holds it until the next publish (≤ `HASHES_WAIT`), the next goes at once after new hashes, 150 ms after an empty answer; `Have`s and bitfield bits of pieces without a known hash wait and are replayed when they arrive | `World::on_hash_sync`, `World::on_hashes_reply`, `World::on_published` (the 2 s wait limit is not modelled: publishes come every piece) |
 //! | the holder releases the lease when complete                  | same                                                     |
 //!
 //! Not mirrored: lease expiry and takeover (the holder never fails or leaves), the
@@ -114,7 +114,7 @@ pub struct SimNode {
     /// Free receive budget in KiB, and fetches waiting for it (FIFO by sequence).
     pub budget_free: u32,
     pub budget_queue: BTreeMap<u64, FetchId>,
-    /// Free upload slots, and requests waiting for one (FIFO by sequence).
+    /// Free upload slots, and requests waiting for one (by arrival sequence).
     pub slots_free: u32,
     pub upload_queue: BTreeMap<u64, FetchId>,
     /// Whether the swarm (scheduler, announces) runs: from the start in-cluster; in
@@ -132,6 +132,13 @@ pub struct SimNode {
     pub lease_holder: bool,
     /// The holder's publishes are sequential: when the current one is answered.
     pub publish_free_at: Nanos,
+    /// The upload ledger of a source (`UploadLedger` in `peer/src/upload.rs`): when each
+    /// piece was first uploaded (`None`: never). Empty when the ledger is off (not a
+    /// seed or lease holder).
+    pub first_sent: Vec<Option<Nanos>>,
+    /// Uploads started per piece: a free slot goes to the queued request for the
+    /// piece sent the fewest times.
+    pub sends: Vec<u32>,
     /// Piece bytes verified from peers or upstream.
     pub downloaded: u64,
     /// Piece bytes fully sent to peers.
@@ -185,6 +192,8 @@ impl SimNode {
             next_sync: 0,
             lease_holder: false,
             publish_free_at: 0,
+            first_sent: Vec::new(),
+            sends: Vec::new(),
             downloaded: 0,
             uploaded: 0,
         }
@@ -210,6 +219,8 @@ pub struct DriverConfig {
     pub hash_sync: Duration,
     /// Pause before asking again for a layout nobody published yet (`agent.rs`).
     pub layout_retry: Duration,
+    /// How long a source refuses a piece it has just uploaded to one peer (`FRESH_HOLD`).
+    pub fresh_hold: Duration,
     /// The piece-picking policy.
     pub scheduler: SchedulerConfig,
 }
@@ -223,11 +234,12 @@ impl Default for DriverConfig {
             max_peers: node.max_peers,
             upload_slots: node.upload_slots,
             receive_budget: node.receive_budget,
-            slot_wait: Duration::from_millis(500),
+            slot_wait: swarm_peer::upload::SLOT_WAIT,
             eager_announce: Duration::from_secs(2),
             connect_backoff: Duration::from_secs(5),
-            hash_sync: Duration::from_millis(150),
+            hash_sync: swarm_peer::node::HASH_SYNC,
             layout_retry: Duration::from_millis(100),
+            fresh_hold: swarm_peer::upload::FRESH_HOLD,
             scheduler: SchedulerConfig::default(),
         }
     }
@@ -576,6 +588,20 @@ impl World {
             self.reply(id, Reply::Missing);
             return;
         }
+        if let Some(first) = sender.first_sent.get_mut(f.piece as usize) {
+            match *first {
+                None => *first = Some(self.now),
+                Some(t) if self.now - t < self.fresh_hold => {
+                    // Fresh: fetch it from its first recipient. Re-announced to the
+                    // requester once the hold is over.
+                    self.reply(id, Reply::Missing);
+                    let at = t + self.fresh_hold + self.half_rtt;
+                    self.events.push(at, Ev::HaveTo { node: f.receiver, key: f.key, from: f.sender, piece: f.piece });
+                    return;
+                }
+                Some(_) => {}
+            }
+        }
         if sender.slots_free > 0 && sender.upload_queue.is_empty() {
             self.start_upload(id);
         } else {
@@ -612,7 +638,12 @@ impl World {
         }
         path[hops] = r.down;
         hops += 1;
-        self.nodes[f.sender as usize].slots_free -= 1;
+        let sender = &mut self.nodes[f.sender as usize];
+        sender.slots_free -= 1;
+        if sender.sends.is_empty() {
+            sender.sends = vec![0; self.pieces as usize];
+        }
+        sender.sends[f.piece as usize] += 1;
         let flow = self.net.start(self.now, u64::from(f.len), &path[..hops], FlowTag::Fetch(id));
         if let Some(f) = self.fetches.get_mut(id) {
             f.state = FetchState::Flowing(flow);
@@ -627,7 +658,11 @@ impl World {
             return;
         }
         while self.nodes[s as usize].slots_free > 0 {
-            let Some((_, id)) = self.nodes[s as usize].upload_queue.pop_first() else { break };
+            let node = &self.nodes[s as usize];
+            // `UploadSlots::release`: the least-sent piece first, the oldest among equals.
+            let sent = |id: &FetchId| self.fetches.get(*id).and_then(|f| node.sends.get(f.piece as usize).copied());
+            let next = node.upload_queue.iter().min_by_key(|&(&seq, id)| (sent(id).unwrap_or(0), seq)).map(|(&s, _)| s);
+            let Some(id) = next.and_then(|seq| self.nodes[s as usize].upload_queue.remove(&seq)) else { break };
             if self.fetches.get(id).is_some() {
                 self.start_upload(id);
             }
@@ -686,7 +721,9 @@ impl World {
     pub(crate) fn on_have(&mut self, n: u32, piece: u32) {
         let mut peers = std::mem::take(&mut self.scratch_links);
         peers.clear();
-        peers.extend(self.nodes[n as usize].links.values().copied());
+        // As the real node: no `Have` to a peer that announced the piece to us.
+        let sender = &self.nodes[n as usize];
+        peers.extend(sender.links.iter().filter(|&(&k, _)| !sender.sched.peer_has(k, piece)).map(|(_, l)| *l));
         let at = self.clock.at(self.now);
         // All the `peer_have`s first, then all the drains: the same result as one
         // after the other (a drain touches no other node's scheduler — except for
@@ -713,6 +750,24 @@ impl World {
             }
         }
         self.scratch_links = peers;
+    }
+
+    /// A source's re-announcement of a piece it refused while fresh reaches one peer.
+    pub(crate) fn on_have_to(&mut self, n: u32, key: PeerKey, from: u32, piece: u32) {
+        let at = self.clock.at(self.now);
+        let node = &mut self.nodes[n as usize];
+        if !node.alive || node.links.get(&key).is_none_or(|l| l.remote != from) {
+            return;
+        }
+        self.haves_delivered += 1;
+        if piece >= node.known {
+            node.deferred.push((key, piece));
+        } else {
+            node.sched.peer_have(key, piece, at);
+        }
+        if self.drain_actions(n) > 0 {
+            self.arm_timer(n);
+        }
     }
 
     // ---------------------------------------------------------------- connections
@@ -913,6 +968,7 @@ impl World {
             node.role = Role::Holder;
         }
         node.lease_holder = true;
+        node.first_sent = vec![None; self.pieces as usize];
         // `lead`: open the upstream blob (one WAN round trip), publish the layout.
         self.events.push(now + self.wan_rtt, Ev::UpstreamOpen { node: n });
     }
@@ -972,10 +1028,17 @@ impl World {
         let node = &mut self.nodes[n as usize];
         node.syncing = true;
         let get = TrackerRequest::GetHashes { blob: self.digest, first: node.known };
-        let known = match self.tracker.handle(get, node_addr(n), self.clock.at(self.now)) {
-            TrackerResponse::Hashes { first, hashes, .. } => first.saturating_add(hashes.len() as u32),
-            _ => node.known,
+        let (known, complete) = match self.tracker.handle(get, node_addr(n), self.clock.at(self.now)) {
+            TrackerResponse::Hashes { first, hashes, complete, .. } => {
+                (first.saturating_add(hashes.len() as u32), complete)
+            }
+            _ => (node.known, true),
         };
+        if known == node.known && !complete {
+            // The tracker holds the request until the next publish.
+            self.hash_waiters.push(n);
+            return;
+        }
         self.events.push(self.now + 2 * self.half_rtt, Ev::HashesReply { node: n, known });
     }
 
@@ -989,7 +1052,8 @@ impl World {
             return;
         }
         node.syncing = false;
-        node.next_sync = now + sync;
+        // New hashes: ask again at once (the tracker holds the ask until the next publish).
+        node.next_sync = if known > node.known { now } else { now + sync };
         if known > node.known {
             node.known = known;
             let (ready, wait): (Vec<_>, Vec<_>) = node.deferred.drain(..).partition(|&(_, p)| p < known);
@@ -1022,6 +1086,11 @@ impl World {
         let reply = self.tracker.handle(publish, node_addr(n), self.clock.at(self.now));
         if !matches!(reply, TrackerResponse::Registered) {
             tracing::warn!(node = n, piece, ?reply, "hash publish refused");
+        }
+        // The held `GetHashes` are answered: one way back to each waiting node.
+        let known = self.tracker.hashes(&self.digest).map_or(0, |(_, h, _)| h.len() as u32);
+        for w in std::mem::take(&mut self.hash_waiters) {
+            self.events.push(self.now + self.half_rtt, Ev::HashesReply { node: w, known });
         }
         let at = self.clock.at(self.now);
         self.nodes[n as usize].sched.local_piece(piece, at);

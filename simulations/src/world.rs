@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use swarm_peer::scheduler::{Scheduler, SchedulerStats};
+use swarm_peer::scheduler::{PeerKey, Scheduler, SchedulerStats};
 use swarm_proto::msg::{PeerInfo, TrackerRequest, TrackerResponse};
 use swarm_proto::{Bitfield, Digest, Metainfo, PeerId};
 use swarm_tracker::state::{TrackerConfig, TrackerState};
@@ -50,6 +50,13 @@ pub(crate) enum Ev {
     /// A `Have` from `node` reaches its peers.
     Have {
         node: u32,
+        piece: u32,
+    },
+    /// A source's `Have` from `from` reaches one peer, `node`, whose key for it is `key`.
+    HaveTo {
+        node: u32,
+        key: PeerKey,
+        from: u32,
         piece: u32,
     },
     Leave {
@@ -106,7 +113,7 @@ impl Ev {
             Ev::QueueTimeout(_) => 5,
             Ev::Reply(_) => 6,
             Ev::CancelArrive(_) => 7,
-            Ev::Have { .. } => 8,
+            Ev::Have { .. } | Ev::HaveTo { .. } => 8,
             Ev::Leave { .. } | Ev::Join { .. } => 9,
             Ev::UpstreamOpen { .. }
             | Ev::Progress
@@ -247,6 +254,9 @@ pub struct World {
     pub(crate) budget_kib: u32,
     pub(crate) half_rtt: Nanos,
     pub(crate) slot_wait: Nanos,
+    pub(crate) fresh_hold: Nanos,
+    /// Nodes whose `GetHashes` the tracker holds until the next publish.
+    pub(crate) hash_waiters: Vec<u32>,
     pub(crate) driver: DriverConfig,
     /// Per site: (outbound, inbound) link; empty with one site.
     pub(crate) zone_links: Vec<(ResId, ResId)>,
@@ -332,6 +342,10 @@ impl World {
             if !lease {
                 node.known = pieces;
             }
+            if spec.role == Role::Seed {
+                // A complete blob at swarm start: the upload ledger is on.
+                node.first_sent = vec![None; pieces as usize];
+            }
             nodes.push(node);
         }
         Ok(Self {
@@ -349,6 +363,8 @@ impl World {
             budget_kib,
             half_rtt: nanos(rtt) / 2,
             slot_wait: nanos(driver.slot_wait),
+            fresh_hold: nanos(driver.fresh_hold),
+            hash_waiters: Vec::new(),
             driver,
             zone_links,
             upstream,
@@ -498,6 +514,7 @@ impl World {
             Ev::Reply(id) => self.on_reply(id),
             Ev::CancelArrive(id) => self.on_cancel_arrive(id),
             Ev::Have { node, piece } => self.on_have(node, piece),
+            Ev::HaveTo { node, key, from, piece } => self.on_have_to(node, key, from, piece),
             Ev::Leave { node } => {
                 self.pending_churn -= 1;
                 self.leave(node);

@@ -14,6 +14,7 @@ use swarm_net::{Endpoint, Incoming, NetError, codes, read_msg, write_msg};
 use swarm_proto::codec::MAX_FRAME_LEN;
 use swarm_proto::msg::{LeaseReply, TrackerErrorCode, TrackerRequest, TrackerResponse};
 use swarm_proto::{Digest, PeerId};
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -25,7 +26,18 @@ const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `serve` waits for close frames to go out when it stops.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
-type Shared = Arc<Mutex<TrackerState>>;
+/// How long a `GetHashes` with nothing new to return waits for a publish before it
+/// is answered empty (the hashes reach waiting peers as soon as the lease holder
+/// publishes them, instead of on their next poll).
+pub const HASHES_WAIT: Duration = Duration::from_secs(2);
+
+type Shared = Arc<SharedState>;
+
+struct SharedState {
+    state: Mutex<TrackerState>,
+    /// Woken on every publish of piece hashes.
+    published: Notify,
+}
 
 /// Runs the tracker on `endpoint` until `cancel` fires or the endpoint is closed.
 /// On the way out it closes the endpoint (every peer sees a
@@ -34,7 +46,10 @@ pub async fn serve(endpoint: Endpoint, config: TrackerConfig, cancel: Cancellati
     let local = endpoint.local_addr()?;
     info!(%local, interval = ?config.announce_interval, ttl = ?config.peer_ttl, "tracker listening");
     let expire_every = (config.peer_ttl / 3).clamp(Duration::from_millis(100), Duration::from_secs(30));
-    let state: Shared = Arc::new(Mutex::new(TrackerState::new(config, rand::random())));
+    let state: Shared = Arc::new(SharedState {
+        state: Mutex::new(TrackerState::new(config, rand::random())),
+        published: Notify::new(),
+    });
 
     let mut tasks = JoinSet::new();
     tasks.spawn(expire_loop(state.clone(), expire_every, cancel.clone()).instrument(info_span!("expire")));
@@ -85,7 +100,7 @@ async fn expire_loop(state: Shared, every: Duration, cancel: CancellationToken) 
 fn lock(state: &Shared) -> std::sync::MutexGuard<'_, TrackerState> {
     // A panic while holding the lock leaves at worst one half-applied request;
     // serving on beats taking the whole tracker down.
-    state.lock().unwrap_or_else(PoisonError::into_inner)
+    state.state.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Authenticates one connection, then serves its request streams.
@@ -143,12 +158,32 @@ async fn request(mut send: quinn::SendStream, mut recv: quinn::RecvStream, remot
                 return;
             }
         };
-    let response = answer(&state, req, remote);
+    let response = match req {
+        TrackerRequest::GetHashes { blob, first } => hashes_when_published(&state, blob, first, remote).await,
+        req => answer(&state, req, remote),
+    };
     if let Err(e) = write_msg(&mut send, &response).await {
         debug!(%remote, error = %e, "could not send the response");
         return;
     }
     let _ = send.finish();
+}
+
+/// Answers `GetHashes`; when it would return no hash although more are due (an
+/// upstream fetch is publishing them), waits up to [`HASHES_WAIT`] for a publish.
+async fn hashes_when_published(state: &Shared, blob: Digest, first: u32, remote: SocketAddr) -> TrackerResponse {
+    let deadline = tokio::time::Instant::now() + HASHES_WAIT;
+    loop {
+        // Registered before the state is read, so a publish in between is not missed.
+        let published = state.published.notified();
+        tokio::pin!(published);
+        published.as_mut().enable();
+        let response = answer(state, TrackerRequest::GetHashes { blob, first }, remote);
+        let waiting = matches!(&response, TrackerResponse::Hashes { hashes, complete: false, .. } if hashes.is_empty());
+        if !waiting || tokio::time::timeout_at(deadline, published).await.is_err() {
+            return response;
+        }
+    }
 }
 
 /// What the state looked like, before a request, where the log line about it
@@ -185,6 +220,8 @@ enum Before {
 /// here, never across an `.await`.
 fn answer(state: &Shared, req: TrackerRequest, remote: SocketAddr) -> TrackerResponse {
     let what = describe(&req);
+    // New hashes, or a lease given up: peers waiting in `hashes_when_published` look again.
+    let wakes = matches!(req, TrackerRequest::PublishHashes { .. } | TrackerRequest::ReleaseLease { .. });
     let (response, before, completed) = {
         let mut st = lock(state);
         let now = Instant::now();
@@ -213,6 +250,9 @@ fn answer(state: &Shared, req: TrackerRequest, remote: SocketAddr) -> TrackerRes
         };
         (response, before, completed)
     };
+    if wakes {
+        state.published.notify_waiters();
+    }
     match (&response, before) {
         (TrackerResponse::Error { code, message }, _) => match code {
             TrackerErrorCode::UnknownBlob => debug!(%remote, request = what, "{message}"),

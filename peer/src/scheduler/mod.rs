@@ -373,6 +373,9 @@ struct PieceTable {
     levels: Vec<Level>,
     /// Number of needed pieces (sum of level counts).
     needed: u32,
+    /// The needed pieces (union of the levels), so a peer with none of them is
+    /// recognised without scanning every level.
+    needed_bits: Words,
     /// Needed pieces whose request was orphaned: picked before any other.
     orphans: Words,
     orphan_count: u32,
@@ -398,6 +401,7 @@ impl PieceTable {
                 n as usize
             ],
             needed: level0.count,
+            needed_bits: level0.bits.clone(),
             levels: vec![level0],
             orphans: Words::new(n),
             orphan_count: 0,
@@ -474,6 +478,7 @@ impl PieceTable {
         let a = self.info[i as usize].avail;
         self.level_insert(a, i);
         self.needed += 1;
+        self.needed_bits.insert(i);
         if orphan && self.orphans.insert(i) {
             self.orphan_count += 1;
         }
@@ -484,6 +489,7 @@ impl PieceTable {
         let a = self.info[i as usize].avail;
         self.level_remove(a, i);
         self.needed -= 1;
+        self.needed_bits.remove(i);
         if self.orphans.remove(i) {
             self.orphan_count -= 1;
         }
@@ -601,6 +607,11 @@ impl PieceTable {
             if let Some((_, i)) = best {
                 return Some(i);
             }
+        }
+        // Most picks in a swarm that waits for fresh pieces find nothing: say so after
+        // one pass over the needed set instead of one per availability level.
+        if !self.needed_bits.words().iter().zip(peer_words).any(|(&n, &p)| n & p != 0) {
+            return None;
         }
         for level in self.levels.iter().skip(1) {
             if level.count == 0 {
@@ -1055,6 +1066,11 @@ impl Scheduler {
         self.core.pieces.is_complete()
     }
 
+    /// Whether `peer` told us it has `piece` (a `Have` to it would be wasted).
+    pub fn peer_has(&self, peer: PeerKey, piece: u32) -> bool {
+        self.peers.get(&peer).is_some_and(|p| p.bits.get(piece))
+    }
+
     /// Requests outstanding at `peer` (0 for an unknown peer).
     pub fn in_flight(&self, peer: PeerKey) -> usize {
         self.peers.get(&peer).map_or(0, |p| p.requests.len())
@@ -1286,6 +1302,9 @@ impl Scheduler {
             if level.count != level_counts[a] {
                 return Err(format!("level {a}: count {} but {} members", level.count, level_counts[a]));
             }
+        }
+        if p.needed_bits.count() != needed || (0..p.n).any(|i| p.needed_bits.get(i) != p.is_needed(i)) {
+            return Err("the needed set differs from the union of the levels".into());
         }
         if needed != p.needed {
             return Err(format!("{} needed pieces, counter says {}", needed, p.needed));
