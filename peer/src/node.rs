@@ -1184,8 +1184,14 @@ async fn fetch_piece(conn: quinn::Connection, blob: Arc<BlobFile>, piece: u32, b
             Some(PeerMessage::Reject { reason, .. }) => return Ok(Err(reason)),
             other => return Err(format!("unexpected reply {other:?}")),
         }
-        let mut data = vec![0u8; len as usize];
-        recv.read_exact(&mut data).await.map_err(|e| e.to_string())?;
+        // Chunk by chunk from quinn's buffers (no zero-filled buffer to overwrite).
+        let mut data = Vec::with_capacity(len as usize);
+        while data.len() < len as usize {
+            match recv.read_chunk(len as usize - data.len(), true).await.map_err(|e| e.to_string())? {
+                Some(chunk) => data.extend_from_slice(&chunk.bytes),
+                None => return Err(format!("the piece ended after {} of {len} bytes", data.len())),
+            }
+        }
         Ok(Ok(data))
     }
     .await;
@@ -1271,11 +1277,15 @@ async fn serve_one(
     .await
     .map_err(|e| NodeError::DownloadFailed { digest: blob.layout().digest, reason: e.to_string() })??;
     write_msg(&mut send, &PeerMessage::Piece { piece, length: data.len() as u32 }).await?;
-    for chunk in data.chunks(PACING_CHUNK) {
+    // Handed to quinn as owned chunks: no copy into its send buffer.
+    let data = bytes::Bytes::from(data);
+    let step = if node.inner.upload_limit.is_some() { PACING_CHUNK } else { data.len().max(1) };
+    for start in (0..data.len()).step_by(step) {
+        let chunk = data.slice(start..(start + step).min(data.len()));
         if let Some(limit) = &node.inner.upload_limit {
             limit.acquire(chunk.len()).await;
         }
-        send.write_all(chunk).await.map_err(|e| NodeError::Protocol(e.to_string()))?;
+        send.write_chunk(chunk).await.map_err(|e| NodeError::Protocol(e.to_string()))?;
     }
     let _ = send.finish();
     drop(permit);

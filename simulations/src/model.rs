@@ -55,7 +55,7 @@
 //! place), so a rate change costs `O(log flows)` and leaves no stale entries behind.
 
 use std::cmp::Ordering;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, VecDeque};
 use std::time::{Duration, Instant};
 
 /// Virtual time: nanoseconds since the start of the run.
@@ -119,14 +119,22 @@ impl<E> Ord for Entry<E> {
 }
 
 /// Pending events, earliest first, FIFO among equal times.
+///
+/// Most events come a fixed delay after the moment they are scheduled (a message's
+/// one-way trip, a queue's wait limit); scheduled with [`EventQueue::push_after`],
+/// each such delay gets a FIFO lane, which is already in time order, so only the
+/// irregular rest goes through the heap. The order of events is the same either way.
 pub struct EventQueue<E> {
     heap: BinaryHeap<Entry<E>>,
+    /// `(delay, events)`: every event in a lane was pushed `delay` after a
+    /// non-decreasing `now`, so each lane is sorted.
+    lanes: Vec<(Nanos, VecDeque<Entry<E>>)>,
     seq: u64,
 }
 
 impl<E> Default for EventQueue<E> {
     fn default() -> Self {
-        Self { heap: BinaryHeap::new(), seq: 0 }
+        Self { heap: BinaryHeap::new(), lanes: Vec::new(), seq: 0 }
     }
 }
 
@@ -137,24 +145,55 @@ impl<E> EventQueue<E> {
         self.heap.push(Entry { time, seq: self.seq, ev });
     }
 
+    /// Schedules `ev` at `now + delay`; `now` must never decrease between calls.
+    pub fn push_after(&mut self, now: Nanos, delay: Nanos, ev: E) {
+        self.seq += 1;
+        let entry = Entry { time: now + delay, seq: self.seq, ev };
+        match self.lanes.iter_mut().find(|(d, _)| *d == delay) {
+            Some((_, lane)) => lane.push_back(entry),
+            None => self.lanes.push((delay, VecDeque::from([entry]))),
+        }
+    }
+
+    /// Where the earliest event is: `None` for the heap, else a lane index.
+    fn earliest(&self) -> Option<Option<usize>> {
+        let key = |e: &Entry<E>| (e.time, e.seq);
+        let mut best = self.heap.peek().map(|e| (key(e), None));
+        for (i, (_, lane)) in self.lanes.iter().enumerate() {
+            if let Some(e) = lane.front()
+                && best.is_none_or(|(k, _)| key(e) < k)
+            {
+                best = Some((key(e), Some(i)));
+            }
+        }
+        best.map(|(_, at)| at)
+    }
+
     /// Time of the earliest event.
     pub fn peek_time(&self) -> Option<Nanos> {
-        self.heap.peek().map(|e| e.time)
+        match self.earliest()? {
+            None => self.heap.peek().map(|e| e.time),
+            Some(i) => self.lanes[i].1.front().map(|e| e.time),
+        }
     }
 
     /// Removes and returns the earliest event.
     pub fn pop(&mut self) -> Option<(Nanos, E)> {
-        self.heap.pop().map(|e| (e.time, e.ev))
+        let e = match self.earliest()? {
+            None => self.heap.pop()?,
+            Some(i) => self.lanes[i].1.pop_front()?,
+        };
+        Some((e.time, e.ev))
     }
 
     /// Events pending.
     pub fn len(&self) -> usize {
-        self.heap.len()
+        self.heap.len() + self.lanes.iter().map(|(_, l)| l.len()).sum::<usize>()
     }
 
     /// Whether no event is pending.
     pub fn is_empty(&self) -> bool {
-        self.heap.is_empty()
+        self.len() == 0
     }
 }
 
@@ -593,6 +632,8 @@ impl FlowHeap {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
 
     const MB: f64 = 1e6;
 
@@ -770,5 +811,40 @@ mod tests {
             out.push((t, id));
         }
         assert_eq!(out, vec![(0, 0), (5, 1), (5, 3)]);
+    }
+
+    #[test]
+    fn lanes_and_heap_give_one_order_by_time_then_push() {
+        // The same schedule twice: all through the heap, and fixed delays in lanes.
+        let mut rng = StdRng::seed_from_u64(7);
+        let (mut plain, mut laned) = (EventQueue::default(), EventQueue::default());
+        let (mut now, mut id) = (0u64, 0u32);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..2_000 {
+            for _ in 0..rng.gen_range(0..4) {
+                id += 1;
+                let delay = [0, 5, 5, 40, rng.gen_range(0..100)][rng.gen_range(0..5)];
+                plain.push(now + delay, id);
+                if delay % 5 == 0 && delay <= 40 {
+                    laned.push_after(now, delay, id);
+                } else {
+                    laned.push(now + delay, id);
+                }
+            }
+            assert_eq!(plain.len(), laned.len());
+            assert_eq!(plain.peek_time(), laned.peek_time());
+            if let (Some(x), Some(y)) = (plain.pop(), laned.pop()) {
+                now = x.0;
+                a.push(x);
+                b.push(y);
+            }
+        }
+        while let (Some(x), Some(y)) = (plain.pop(), laned.pop()) {
+            a.push(x);
+            b.push(y);
+        }
+        assert!(plain.is_empty() && laned.is_empty());
+        assert!(a.windows(2).all(|w| w[0].0 <= w[1].0), "time order");
+        assert_eq!(a, b);
     }
 }

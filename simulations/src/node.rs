@@ -369,8 +369,7 @@ impl World {
                 Action::Request { peer, piece } => self.request(n, peer, piece),
                 Action::Cancel { peer, piece } => self.cancel(n, peer, piece),
                 Action::Have { piece } => {
-                    let t = self.now + self.half_rtt;
-                    self.events.push(t, Ev::Have { node: n, piece });
+                    self.events.push_after(self.now, self.half_rtt, Ev::Have { node: n, piece });
                 }
                 Action::DropPeer { peer, .. } => self.unlink(n, peer, false),
                 Action::Complete => self.on_complete(n),
@@ -472,7 +471,7 @@ impl World {
         if let Some(f) = self.fetches.get_mut(id) {
             f.budget = budget;
             f.state = FetchState::ToSender;
-            self.events.push(self.now + self.half_rtt, Ev::RequestArrive(id));
+            self.events.push_after(self.now, self.half_rtt, Ev::RequestArrive(id));
         }
     }
 
@@ -518,7 +517,7 @@ impl World {
         }
         f.cancelled = true;
         f.budget = 0;
-        self.events.push(self.now + self.half_rtt, Ev::CancelArrive(id));
+        self.events.push_after(self.now, self.half_rtt, Ev::CancelArrive(id));
         if budget > 0 {
             self.release_budget(receiver, budget);
         }
@@ -610,7 +609,7 @@ impl World {
             if let Some(f) = self.fetches.get_mut(id) {
                 f.state = FetchState::Queued(self.seq);
             }
-            self.events.push(self.now + self.slot_wait, Ev::QueueTimeout(id));
+            self.events.push_after(self.now, self.slot_wait, Ev::QueueTimeout(id));
         }
     }
 
@@ -681,7 +680,7 @@ impl World {
     fn reply(&mut self, id: FetchId, r: Reply) {
         if let Some(f) = self.fetches.get_mut(id) {
             f.state = FetchState::ToReceiver(r);
-            self.events.push(self.now + self.half_rtt, Ev::Reply(id));
+            self.events.push_after(self.now, self.half_rtt, Ev::Reply(id));
         }
     }
 
@@ -722,8 +721,17 @@ impl World {
         let mut peers = std::mem::take(&mut self.scratch_links);
         peers.clear();
         // As the real node: no `Have` to a peer that announced the piece to us.
-        let sender = &self.nodes[n as usize];
-        peers.extend(sender.links.iter().filter(|&(&k, _)| !sender.sched.peer_has(k, piece)).map(|(_, l)| *l));
+        // Both maps are ordered by key: one merged pass instead of a lookup per link.
+        {
+            let sender = &self.nodes[n as usize];
+            let mut holding = sender.sched.peers_holding(piece).peekable();
+            for (&k, l) in &sender.links {
+                while holding.next_if(|&h| h < k).is_some() {}
+                if holding.peek() != Some(&k) {
+                    peers.push(*l);
+                }
+            }
+        }
         let at = self.clock.at(self.now);
         // All the `peer_have`s first, then all the drains: the same result as one
         // after the other (a drain touches no other node's scheduler — except for
@@ -732,9 +740,6 @@ impl World {
         for l in &peers {
             let r = &mut self.nodes[l.remote as usize];
             self.haves_delivered += 1;
-            if r.sched.have().get(piece) {
-                self.haves_redundant += 1;
-            }
             if piece >= r.known {
                 r.deferred.push((l.remote_key, piece));
             } else {
@@ -1039,7 +1044,7 @@ impl World {
             self.hash_waiters.push(n);
             return;
         }
-        self.events.push(self.now + 2 * self.half_rtt, Ev::HashesReply { node: n, known });
+        self.events.push_after(self.now, 2 * self.half_rtt, Ev::HashesReply { node: n, known });
     }
 
     /// New hashes arrived: replay the announcements that waited for them.
@@ -1090,7 +1095,7 @@ impl World {
         // The held `GetHashes` are answered: one way back to each waiting node.
         let known = self.tracker.hashes(&self.digest).map_or(0, |(_, h, _)| h.len() as u32);
         for w in std::mem::take(&mut self.hash_waiters) {
-            self.events.push(self.now + self.half_rtt, Ev::HashesReply { node: w, known });
+            self.events.push_after(self.now, self.half_rtt, Ev::HashesReply { node: w, known });
         }
         let at = self.clock.at(self.now);
         self.nodes[n as usize].sched.local_piece(piece, at);

@@ -86,7 +86,6 @@ pub struct Report {
     /// `Have` messages delivered (each is a `peer_have` call on the receiver's
     /// scheduler), and the fraction that went to a peer already holding the piece.
     pub haves_delivered: u64,
-    pub haves_redundant_fraction: f64,
     pub events: u64,
     /// Events processed by kind (`flow_done`: flow completions).
     pub events_by_kind: BTreeMap<&'static str, u64>,
@@ -169,7 +168,6 @@ impl Report {
                 redundant: sched.redundant,
             },
             haves_delivered: outcome.haves_delivered,
-            haves_redundant_fraction: outcome.haves_redundant as f64 / outcome.haves_delivered.max(1) as f64,
             events: outcome.events,
             events_by_kind: EVENT_KINDS.iter().copied().zip(outcome.events_by_kind).filter(|&(_, n)| n > 0).collect(),
             flows: outcome.net.flows,

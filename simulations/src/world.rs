@@ -223,10 +223,8 @@ pub struct RunOutcome {
     pub upstream_done_at: Option<Nanos>,
     /// Bytes that crossed the sites' inbound links (with `--zones` > 1).
     pub zone_in_bytes: f64,
-    /// `Have`s delivered (one per connected peer), and those to a peer that already
-    /// held the piece.
+    /// `Have`s delivered (one per connected peer not known to hold the piece).
     pub haves_delivered: u64,
-    pub haves_redundant: u64,
     pub events: u64,
     /// Events by kind, in the order of [`EVENT_KINDS`].
     pub events_by_kind: [u64; EVENT_KINDS.len()],
@@ -282,9 +280,8 @@ pub struct World {
     all_out_at: Option<Nanos>,
     upstream_done_at: Option<Nanos>,
     pub(crate) scratch_links: Vec<Link>,
-    /// `Have`s delivered to a peer, and those to a peer that already held the piece.
+    /// `Have`s delivered to a peer.
     pub(crate) haves_delivered: u64,
-    pub(crate) haves_redundant: u64,
 }
 
 impl World {
@@ -386,7 +383,6 @@ impl World {
             upstream_done_at: None,
             scratch_links: Vec::new(),
             haves_delivered: 0,
-            haves_redundant: 0,
         })
     }
 
@@ -469,7 +465,6 @@ impl World {
             end: self.now,
             timed_out,
             haves_delivered: self.haves_delivered,
-            haves_redundant: self.haves_redundant,
             zone_in_bytes: self.zone_links.iter().map(|&(_, inbound)| self.net.carried(inbound)).sum(),
             all_out_at: self.all_out_at,
             upstream_done_at: self.upstream_done_at,

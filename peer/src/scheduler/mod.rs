@@ -14,7 +14,7 @@
 //!
 //! | state         | meaning                                            | where it lives                            |
 //! |---------------|----------------------------------------------------|-------------------------------------------|
-//! | **needed**    | missing, no request outstanding                    | `levels[availability]` (and maybe `orphans`) |
+//! | **needed**    | missing, no request outstanding                    | `needed` bitset (and maybe `orphans`)     |
 //! | **in flight** | missing, `copies >= 1` requests outstanding        | `in_flight` list, each peer's `requests`  |
 //! | **have**      | verified and stored                                | `have` bitfield                           |
 //!
@@ -27,10 +27,10 @@
 //! # Invariants (checked by [`Scheduler::check_invariants`] in the tests)
 //!
 //! 1. The three states are disjoint and cover every piece: a piece is in exactly one
-//!    availability level iff it is needed; `copies > 0` iff it is in flight; the
+//!    `needed` iff it is needed; `copies > 0` iff it is in flight; the
 //!    `have` bit iff it is held; `orphans ⊆ needed`.
-//! 2. `availability[i]` = number of connected peers whose bitfield has piece `i`, and
-//!    a needed piece sits in level `availability[i]`.
+//! 2. `availability[i]` = number of connected peers whose bitfield has piece `i`; the
+//!    count of needed pieces and of needed pieces with availability 0 match.
 //! 3. `copies[i]` = number of peers with an outstanding request for `i`; one peer
 //!    never has two outstanding requests for the same piece.
 //! 4. Never a request for a held piece, to a peer that does not have it (as far as
@@ -91,13 +91,13 @@
 //!
 //! # Cost
 //!
-//! Needed pieces are kept in one bitset per availability level, and each peer's
-//! pieces in a bitset of the same shape. Picking for a peer walks the levels from
-//! availability 1 upward, skipping empty levels by their count, and ANDs the level
-//! with the peer's bits 64 pieces at a time; the first level with a hit is the rarest
-//! class and one random member of it is chosen (a second pass selects it). So a pick
-//! costs `O(levels scanned × pieces / 64)` word operations, never pieces × peers;
-//! availability changes move one bit between levels in O(1). Timers live in a
+//! Needed pieces are one bitset, and each peer's pieces a bitset of the same shape;
+//! availability is a plain array. Picking for a peer ANDs the two sets 64 pieces at
+//! a time and reads the availability of each piece in the result: one pass finds the
+//! rarest class and its size, a second selects a random member. So a pick costs
+//! `O(pieces / 64 + candidates)`, never pieces × peers, and a `Have` is one counter
+//! increment (most picks in a swarm waiting for fresh pieces have no candidate and
+//! end after the word pass). Timers live in a
 //! `BTreeSet` (O(log n) per request), peers in a `BTreeMap` (deterministic order).
 //! The endgame scans the in-flight list, which is small by then.
 //!
@@ -129,7 +129,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use swarm_proto::Bitfield;
 
-use words::{BitIter, Words, select_bit};
+use words::{BitIter, Words};
 
 /// EWMA weight of a new service-time sample.
 const RATE_ALPHA: f64 = 0.25;
@@ -343,8 +343,6 @@ impl PeerState {
 
 #[derive(Clone, Copy, Debug)]
 struct PieceInfo {
-    /// Connected peers that have the piece.
-    avail: u32,
     /// Outstanding requests for the piece.
     copies: u32,
     /// Index in `PieceTable::in_flight`, or `NOT_IN_FLIGHT`.
@@ -355,13 +353,6 @@ struct PieceInfo {
     avoiders: u32,
 }
 
-/// Needed pieces of one availability.
-#[derive(Clone, Debug)]
-struct Level {
-    bits: Words,
-    count: u32,
-}
-
 /// The piece-state bookkeeping (see the module docs for its invariants).
 #[derive(Debug)]
 struct PieceTable {
@@ -369,13 +360,14 @@ struct PieceTable {
     have: Bitfield,
     have_count: u32,
     info: Vec<PieceInfo>,
-    /// `levels[a]`: needed pieces with availability `a`. Grows on demand.
-    levels: Vec<Level>,
-    /// Number of needed pieces (sum of level counts).
-    needed: u32,
-    /// The needed pieces (union of the levels), so a peer with none of them is
-    /// recognised without scanning every level.
-    needed_bits: Words,
+    /// Connected peers that have each piece (apart from `info`: a pick scans it).
+    avail: Vec<u32>,
+    /// The needed pieces.
+    needed: Words,
+    /// Number of needed pieces.
+    needed_count: u32,
+    /// Needed pieces no connected peer has.
+    unavailable: u32,
     /// Needed pieces whose request was orphaned: picked before any other.
     orphans: Words,
     orphan_count: u32,
@@ -386,23 +378,21 @@ struct PieceTable {
 impl PieceTable {
     fn new(have: Bitfield) -> Self {
         let n = have.len();
-        let mut level0 = Level { bits: Words::new(n), count: 0 };
+        let mut needed = Words::new(n);
         for i in have.zeros() {
-            level0.bits.insert(i);
-            level0.count += 1;
+            needed.insert(i);
         }
+        let needed_count = needed.count();
         let have_count = have.count();
         Self {
             n,
             have,
             have_count,
-            info: vec![
-                PieceInfo { avail: 0, copies: 0, in_flight_pos: NOT_IN_FLIGHT, since: None, avoiders: 0 };
-                n as usize
-            ],
-            needed: level0.count,
-            needed_bits: level0.bits.clone(),
-            levels: vec![level0],
+            info: vec![PieceInfo { copies: 0, in_flight_pos: NOT_IN_FLIGHT, since: None, avoiders: 0 }; n as usize],
+            avail: vec![0; n as usize],
+            needed,
+            needed_count,
+            unavailable: needed_count,
             orphans: Words::new(n),
             orphan_count: 0,
             in_flight: Vec::new(),
@@ -417,11 +407,14 @@ impl PieceTable {
         self.info[i as usize]
     }
 
-    /// Membership of the level is what "needed" means (between a request ending and
+    /// Membership of `needed` is what "needed" means (between a request ending and
     /// the piece being re-queued or held, a piece is briefly in no state at all).
     fn is_needed(&self, i: u32) -> bool {
-        let a = self.info[i as usize].avail as usize;
-        self.levels.get(a).is_some_and(|l| l.bits.get(i))
+        self.needed.get(i)
+    }
+
+    fn avail(&self, i: u32) -> u32 {
+        self.avail[i as usize]
     }
 
     fn state(&self, i: u32) -> PieceState {
@@ -434,51 +427,33 @@ impl PieceTable {
         }
     }
 
-    fn level_insert(&mut self, a: u32, i: u32) {
-        let a = a as usize;
-        while self.levels.len() <= a {
-            self.levels.push(Level { bits: Words::new(self.n), count: 0 });
-        }
-        if self.levels[a].bits.insert(i) {
-            self.levels[a].count += 1;
-        }
-    }
-
-    fn level_remove(&mut self, a: u32, i: u32) {
-        if let Some(level) = self.levels.get_mut(a as usize)
-            && level.bits.remove(i)
-        {
-            level.count -= 1;
-        }
-    }
-
     fn inc_avail(&mut self, i: u32) {
-        let a = self.info[i as usize].avail;
-        if self.is_needed(i) {
-            self.level_remove(a, i);
-            self.level_insert(a + 1, i);
+        let a = self.avail[i as usize];
+        if a == 0 && self.is_needed(i) {
+            self.unavailable -= 1;
         }
-        self.info[i as usize].avail = a + 1;
+        self.avail[i as usize] = a + 1;
     }
 
     fn dec_avail(&mut self, i: u32) {
-        let a = self.info[i as usize].avail;
+        let a = self.avail[i as usize];
         if a == 0 {
             return;
         }
-        if self.is_needed(i) {
-            self.level_remove(a, i);
-            self.level_insert(a - 1, i);
+        if a == 1 && self.is_needed(i) {
+            self.unavailable += 1;
         }
-        self.info[i as usize].avail = a - 1;
+        self.avail[i as usize] = a - 1;
     }
 
     /// A missing piece whose last request just ended goes back to needed.
     fn make_needed(&mut self, i: u32, orphan: bool) {
-        let a = self.info[i as usize].avail;
-        self.level_insert(a, i);
-        self.needed += 1;
-        self.needed_bits.insert(i);
+        if self.needed.insert(i) {
+            self.needed_count += 1;
+            if self.avail[i as usize] == 0 {
+                self.unavailable += 1;
+            }
+        }
         if orphan && self.orphans.insert(i) {
             self.orphan_count += 1;
         }
@@ -486,10 +461,12 @@ impl PieceTable {
 
     /// A needed piece leaves the needed set (requested or obtained).
     fn take_needed(&mut self, i: u32) {
-        let a = self.info[i as usize].avail;
-        self.level_remove(a, i);
-        self.needed -= 1;
-        self.needed_bits.remove(i);
+        if self.needed.remove(i) {
+            self.needed_count -= 1;
+            if self.avail[i as usize] == 0 {
+                self.unavailable -= 1;
+            }
+        }
         if self.orphans.remove(i) {
             self.orphan_count -= 1;
         }
@@ -554,20 +531,13 @@ impl PieceTable {
     /// nobody is excluded, so the piece cannot get stuck. Counting avoiders that
     /// lost the bit only ever lifts an exclusion early.)
     fn excluded(&self, peer: &PeerState) -> Vec<u32> {
-        peer.avoid
-            .iter()
-            .copied()
-            .filter(|&i| {
-                let info = self.info[i as usize];
-                info.avail > info.avoiders
-            })
-            .collect()
+        peer.avoid.iter().copied().filter(|&i| self.avail[i as usize] > self.info[i as usize].avoiders).collect()
     }
 
     /// The needed piece to ask of `peer`: an orphan if it has one (rarest orphan,
     /// random among ties), else a uniformly random one of the rarest class it has.
     fn pick_needed<R: Rng>(&self, peer: &PeerState, rng: &mut R) -> Option<u32> {
-        if self.needed == 0 {
+        if self.needed_count == 0 {
             return None;
         }
         let excl = self.excluded(peer);
@@ -588,7 +558,7 @@ impl PieceTable {
                 }
                 for b in BitIter(m) {
                     let i = (w * 64) as u32 + b;
-                    let a = self.info[i as usize].avail;
+                    let a = self.avail[i as usize];
                     match best {
                         Some((ba, _)) if a > ba => {}
                         Some((ba, _)) if a == ba => {
@@ -608,33 +578,38 @@ impl PieceTable {
                 return Some(i);
             }
         }
-        // Most picks in a swarm that waits for fresh pieces find nothing: say so after
-        // one pass over the needed set instead of one per availability level.
-        if !self.needed_bits.words().iter().zip(peer_words).any(|(&n, &p)| n & p != 0) {
+        // The rarest availability among the needed pieces the peer has, and how many
+        // share it; then the r-th of those in piece order, r uniform.
+        let needed = self.needed.words();
+        let n_words = needed.len().min(peer_words.len());
+        let word = |w: usize| -> u64 {
+            let m = needed[w] & peer_words[w];
+            if m == 0 || excl.is_empty() { m } else { m & !mask(w) }
+        };
+        let (mut rarest, mut ties) = (u32::MAX, 0u32);
+        for w in 0..n_words {
+            for b in BitIter(word(w)) {
+                let a = self.avail[w * 64 + b as usize];
+                if a < rarest {
+                    (rarest, ties) = (a, 1);
+                } else if a == rarest {
+                    ties += 1;
+                }
+            }
+        }
+        if ties == 0 {
             return None;
         }
-        for level in self.levels.iter().skip(1) {
-            if level.count == 0 {
-                continue;
-            }
-            let lw = level.bits.words();
-            let word = |w: usize| -> u64 {
-                let m = lw[w] & peer_words[w];
-                if m == 0 || excl.is_empty() { m } else { m & !mask(w) }
-            };
-            let n_words = lw.len().min(peer_words.len());
-            let total: u32 = (0..n_words).map(|w| word(w).count_ones()).sum();
-            if total == 0 {
-                continue;
-            }
-            let mut r = rng.gen_range(0..total);
-            for w in 0..n_words {
-                let m = word(w);
-                let c = m.count_ones();
-                if r < c {
-                    return Some((w * 64) as u32 + select_bit(m, r));
+        let mut r = rng.gen_range(0..ties);
+        for w in 0..n_words {
+            for b in BitIter(word(w)) {
+                let i = (w * 64) as u32 + b;
+                if self.avail[i as usize] == rarest {
+                    if r == 0 {
+                        return Some(i);
+                    }
+                    r -= 1;
                 }
-                r -= c;
             }
         }
         None
@@ -715,8 +690,7 @@ impl Core {
         if p.in_flight.is_empty() {
             return false;
         }
-        let unavailable = p.levels.first().map_or(0, |l| l.count);
-        p.needed == 0 || (self.config.endgame_ignores_unavailable && p.needed == unavailable)
+        p.needed_count == 0 || (self.config.endgame_ignores_unavailable && p.needed_count == p.unavailable)
     }
 
     fn depth_for(&self, interval: f64) -> usize {
@@ -1071,6 +1045,11 @@ impl Scheduler {
         self.peers.get(&peer).is_some_and(|p| p.bits.get(piece))
     }
 
+    /// The peers that told us they have `piece`, in key order.
+    pub fn peers_holding(&self, piece: u32) -> impl Iterator<Item = PeerKey> + '_ {
+        self.peers.iter().filter(move |(_, p)| p.bits.get(piece)).map(|(&k, _)| k)
+    }
+
     /// Requests outstanding at `peer` (0 for an unknown peer).
     pub fn in_flight(&self, peer: PeerKey) -> usize {
         self.peers.get(&peer).map_or(0, |p| p.requests.len())
@@ -1114,7 +1093,7 @@ impl Scheduler {
 
     /// Connected peers that have `piece`.
     pub fn availability(&self, piece: u32) -> u32 {
-        if piece < self.core.pieces.n { self.core.pieces.info(piece).avail } else { 0 }
+        if piece < self.core.pieces.n { self.core.pieces.avail(piece) } else { 0 }
     }
 
     /// Whether duplicate (endgame) requests are currently allowed.
@@ -1207,7 +1186,7 @@ impl Scheduler {
         }
     }
 
-    /// Checks every invariant of the module docs. Costs O(pieces × (peers + levels));
+    /// Checks every invariant of the module docs. Costs O(pieces × peers);
     /// meant for tests and simulator debugging.
     pub fn check_invariants(&self) -> Result<(), String> {
         let p = &self.core.pieces;
@@ -1262,12 +1241,11 @@ impl Scheduler {
         if timers != self.core.timers.len() {
             return Err(format!("{} timers for {timers} requests and backoffs", self.core.timers.len()));
         }
-        let mut level_counts = vec![0u32; p.levels.len()];
-        let mut needed = 0;
+        let (mut needed, mut unavailable) = (0, 0);
         for i in 0..n {
             let info = p.info(i);
-            if info.avail != avail[i as usize] {
-                return Err(format!("piece {i}: availability {} but {} peers have it", info.avail, avail[i as usize]));
+            if p.avail(i) != avail[i as usize] {
+                return Err(format!("piece {i}: availability {} but {} peers have it", p.avail(i), avail[i as usize]));
             }
             if info.avoiders != avoiders[i as usize] {
                 return Err(format!("piece {i}: {} avoiders counted, {} lists", info.avoiders, avoiders[i as usize]));
@@ -1275,39 +1253,30 @@ impl Scheduler {
             if info.copies != copies[i as usize] {
                 return Err(format!("piece {i}: {} copies but {} requests", info.copies, copies[i as usize]));
             }
-            let in_levels: Vec<usize> = (0..p.levels.len()).filter(|&a| p.levels[a].bits.get(i)).collect();
-            for &a in &in_levels {
-                level_counts[a] += 1;
-            }
             let listed =
                 (info.in_flight_pos as usize) < p.in_flight.len() && p.in_flight[info.in_flight_pos as usize] == i;
-            let states = [p.have.get(i), info.copies > 0, !in_levels.is_empty()];
+            let states = [p.have.get(i), info.copies > 0, p.is_needed(i)];
             if states.iter().filter(|&&s| s).count() != 1 {
                 return Err(format!("piece {i}: have/in-flight/needed = {states:?}, want exactly one"));
             }
-            if !in_levels.is_empty() {
+            if p.is_needed(i) {
                 needed += 1;
-                if in_levels != [info.avail as usize] {
-                    return Err(format!("piece {i}: in levels {in_levels:?}, availability {}", info.avail));
+                if p.avail(i) == 0 {
+                    unavailable += 1;
                 }
             }
             if listed != (info.copies > 0) || (info.copies == 0 && info.in_flight_pos != NOT_IN_FLIGHT) {
                 return Err(format!("piece {i}: in-flight list position wrong"));
             }
-            if p.orphans.get(i) && in_levels.is_empty() {
+            if p.orphans.get(i) && !p.is_needed(i) {
                 return Err(format!("piece {i}: orphan but not needed"));
             }
         }
-        for (a, level) in p.levels.iter().enumerate() {
-            if level.count != level_counts[a] {
-                return Err(format!("level {a}: count {} but {} members", level.count, level_counts[a]));
-            }
+        if needed != p.needed_count {
+            return Err(format!("{} needed pieces, counter says {}", needed, p.needed_count));
         }
-        if p.needed_bits.count() != needed || (0..p.n).any(|i| p.needed_bits.get(i) != p.is_needed(i)) {
-            return Err("the needed set differs from the union of the levels".into());
-        }
-        if needed != p.needed {
-            return Err(format!("{} needed pieces, counter says {}", needed, p.needed));
+        if unavailable != p.unavailable {
+            return Err(format!("{unavailable} needed pieces nobody has, counter says {}", p.unavailable));
         }
         if p.in_flight.len() != copies.iter().filter(|&&c| c > 0).count() {
             return Err("in-flight list length wrong".into());

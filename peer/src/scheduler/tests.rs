@@ -993,8 +993,8 @@ proptest! {
                 let backoff = c.backoff.get(&peer).is_some_and(|&t| t > now);
                 let avoid = c.s.peers.get(&peer).map(|p| p.avoid.clone()).unwrap_or_default();
                 let allowed = |i: u32| {
-                    let info = c.s.core.pieces.info(i);
-                    !avoid.contains(&i) || info.avail <= info.avoiders
+                    let pieces = &c.s.core.pieces;
+                    !avoid.contains(&i) || pieces.avail(i) <= pieces.info(i).avoiders
                 };
                 let work = (0..c.n).find(|&i| bits[i as usize] && c.s.piece_state(i) == Some(PieceState::Needed) && allowed(i));
                 prop_assert!(!free || backoff || work.is_none(), "{peer:?} idle with piece {work:?} available");

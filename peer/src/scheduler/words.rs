@@ -1,6 +1,6 @@
 //! A plain fixed-length bitset over `u64` words, least significant bit first.
 //!
-//! The scheduler keeps its piece sets (per availability level, orphans, each peer's
+//! The scheduler keeps its piece sets (needed, orphans, each peer's
 //! pieces) in this form so that "which of these pieces does that peer have" is a
 //! word-wise AND: 64 pieces per instruction instead of one lookup per piece.
 
@@ -77,14 +77,6 @@ impl Iterator for BitIter {
     }
 }
 
-/// Position of the `r`-th (0-based) set bit of `w`; `r` must be below `w.count_ones()`.
-pub(super) fn select_bit(mut w: u64, r: u32) -> u32 {
-    for _ in 0..r {
-        w &= w.wrapping_sub(1);
-    }
-    w.trailing_zeros()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,12 +92,5 @@ mod tests {
         assert_eq!(w.count(), 3);
         assert!(w.remove(64) && !w.remove(64) && !w.remove(4000));
         assert_eq!(w.ones().collect::<Vec<_>>(), vec![0, 129]);
-    }
-
-    #[test]
-    fn select_bit_finds_the_rth_member() {
-        let w = 0b1011_0100u64;
-        assert_eq!((0..4).map(|r| select_bit(w, r)).collect::<Vec<_>>(), vec![2, 4, 5, 7]);
-        assert_eq!(select_bit(1 << 63, 0), 63);
     }
 }
