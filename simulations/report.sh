@@ -2,17 +2,21 @@
 # Regenerates docs/benchmarks.md and docs/benchmarks-completion.svg from fresh runs, in
 # one go: the release build, the netns emulation (edge, incluster, churn and
 # edge-containerd with direct, swarm, libtorrent), the simulator at 1,000 nodes x 1 GiB
-# (edge and in-cluster, its other settings at their defaults), then swarm-report. The
+# (edge and in-cluster, upload rates spread +-50 % around 200 Mbit/s, its other settings
+# at their defaults) and at 10,000 nodes (edge), then swarm-report. The
 # raw JSON and the exact commands (commands.sh) go to simulations/results/, the report
 # reads them from there.
 #
 # Needs root for the emulation (network namespaces), Debian's docker-registry,
 # containerd, python3-libtorrent and iproute2: see simulations/emulate/README.md. About
-# 6 minutes on the 2-core machine, most of it the emulation.
+# 6 minutes on the 2-core machine for the emulation and the 1,000-node runs, plus the
+# 10,000-node run (SIM_LARGE).
 #
 # Environment:
 #   RESULTS=DIR        where the JSON goes (default simulations/results)
-#   SIM_NODES="N ..."  simulator sizes (default "1000"; e.g. "1000 10000", the latter is slow)
+#   SIM_NODES="N ..."  simulator sizes, edge and in-cluster (default "1000")
+#   SIM_LARGE="N ..."  simulator sizes, edge only (default "10000"; "" for none)
+#   SIM_SPREAD=S       node upload rates uniform in 200 Mbit/s x [1-S, 1+S] (default 0.5)
 #   SIM_BLOB=SIZE      simulator blob (default 1GiB)
 #   SKIP_EMULATION=1   keep DIR/emulate.json and its command from the last run
 #   SKIP_SIM=1         keep DIR/sim-*.json and their commands from the last run
@@ -22,6 +26,8 @@ cd "$(dirname "$0")/.."
 
 results=${RESULTS:-simulations/results}
 sim_nodes=${SIM_NODES:-1000}
+sim_large=${SIM_LARGE-10000}
+sim_spread=${SIM_SPREAD:-0.5}
 sim_blob=${SIM_BLOB:-1GiB}
 mkdir -p "$results"
 commands="$results/commands.sh"
@@ -89,12 +95,15 @@ if [[ ${SKIP_SIM:-} == 1 ]]; then
     for f in "$results"/sim-*.json; do [[ -f $f ]] && sims+=(--sim "$f"); done
 else
     rm -f "$results"/sim-*.json
-    for n in $sim_nodes; do
-        for scenario in edge in-cluster; do
-            out="$results/sim-$scenario-$n.json"
-            run "$out" target/release/swarm-sim --scenario "$scenario" -n "$n" --blob "$sim_blob" --json
-            sims+=(--sim "$out")
-        done
+    runs=()
+    for n in $sim_nodes; do runs+=("edge $n" "in-cluster $n"); done
+    for n in $sim_large; do runs+=("edge $n"); done
+    for r in "${runs[@]}"; do
+        read -r scenario n <<<"$r"
+        out="$results/sim-$scenario-$n.json"
+        run "$out" target/release/swarm-sim --scenario "$scenario" -n "$n" --blob "$sim_blob" \
+            --node-up-spread "$sim_spread" --json
+        sims+=(--sim "$out")
     done
 fi
 chmod 644 "$new_commands"

@@ -197,7 +197,11 @@ pub struct SimReport {
     #[serde(default)]
     pub upstream_bps: Option<f64>,
     #[serde(default)]
+    pub node_up_min_bps: Option<f64>,
+    #[serde(default)]
     pub node_up_mean_bps: Option<f64>,
+    #[serde(default)]
+    pub node_up_max_bps: Option<f64>,
     #[serde(default)]
     pub node_down_min_bps: Option<f64>,
     pub t_min: TMin,
@@ -220,6 +224,11 @@ pub struct SimReport {
 }
 
 impl SimReport {
+    /// Whether the nodes' upload rates differ (`--node-up-spread` or a list).
+    pub fn heterogeneous(&self) -> bool {
+        matches!((self.node_up_min_bps, self.node_up_max_bps), (Some(lo), Some(hi)) if lo < hi)
+    }
+
     /// Whether every counted node that stayed finished before the time limit.
     pub fn all_done(&self) -> bool {
         !self.timed_out && self.completed.is_some() && self.completed == self.downloaders

@@ -38,6 +38,17 @@ pub fn size(bytes: u64) -> String {
 }
 
 /// `2e8` (bits/s) → `200 Mbit/s`.
+/// A simulator run's node upload rates: `min–max (mean m)` when they differ.
+fn node_up(r: &SimReport) -> String {
+    match (r.node_up_min_bps, r.node_up_mean_bps, r.node_up_max_bps) {
+        (Some(lo), Some(mean), Some(hi)) if r.heterogeneous() => {
+            format!("{}–{} (mean {})", rate(lo), rate(hi), rate(mean))
+        }
+        (_, Some(mean), _) => rate(mean),
+        _ => "–".to_string(),
+    }
+}
+
 pub fn rate(bps: f64) -> String {
     let (v, unit) = if bps >= 1e9 {
         (bps / 1e9, "Gbit/s")
@@ -348,7 +359,7 @@ fn write_simulator(s: &mut String, d: &Doc<'_>) {
     );
     let _ = writeln!(
         s,
-        "| scenario | nodes | blob | pieces | upstream | node up (mean) | node down (min) | finished | last s | median s | p90 s | T_min s | last ÷ T_min | uplink ÷ F | received ÷ N·F | wall s |"
+        "| scenario | nodes | blob | pieces | upstream | node up | node down (min) | finished | last s | median s | p90 s | T_min s | last ÷ T_min | uplink ÷ F | received ÷ N·F | wall s |"
     );
     let _ = writeln!(
         s,
@@ -377,7 +388,7 @@ fn write_simulator(s: &mut String, d: &Doc<'_>) {
             thousands(r.nodes as u64),
             size(r.blob_bytes),
             r.upstream_bps.map_or_else(|| "–".to_string(), rate),
-            r.node_up_mean_bps.map_or_else(|| "–".to_string(), rate),
+            node_up(r),
             r.node_down_min_bps.map_or_else(|| "–".to_string(), rate),
             num(r.last_s, 2),
             num(r.median_s, 2),

@@ -5,8 +5,11 @@
 //!   ≤ 1.15 × T_min with uplink ≤ 1.01 × F;
 //! - in-cluster, emulation, `swarm`: last node ≤ 1.3 × T_min (and the same bound
 //!   for every simulator in-cluster report in the inputs, as a separate row);
-//! - simulator, edge, 1,000 nodes × 1 GiB: last node ≤ 1.10 × T_min with uplink
-//!   1.00 × F (to two decimals, i.e. < 1.005 × F), every node finished;
+//! - simulator, edge, 1,000 nodes × 1 GiB, heterogeneous upload rates: last node
+//!   ≤ 1.10 × T_min with uplink 1.00 × F (to two decimals, i.e. < 1.005 × F), every
+//!   node finished;
+//! - simulator wall time: 1,000 nodes × 1 GiB under a minute, 10,000 under ten
+//!   (every simulator report of that size in the inputs, any scenario);
 //! - CPU seconds per GB of `swarm` ≤ `libtorrent`'s, per emulated scenario, comparing
 //!   the two runs of the same document and repeat; not in scenarios where libtorrent
 //!   is not applicable (edge-containerd: containerd pulls through a registry only).
@@ -31,6 +34,8 @@ pub const SIM_BLOB: u64 = 1 << 30;
 pub const SIM_RATIO: f64 = 1.10;
 /// Simulator edge: uplink / F must read 1.00 to two decimals.
 pub const SIM_UPLINK_BELOW: f64 = 1.005;
+/// Simulator wall-time limits: (nodes, seconds), for a 1 GiB blob.
+pub const SIM_WALL: [(usize, f64); 2] = [(1_000, 60.0), (10_000, 600.0)];
 
 /// The outcome of one target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,7 +193,7 @@ fn simulator(sims: &[Loaded<Vec<SimReport>>]) -> Check {
     let runs = sims
         .iter()
         .flat_map(|l| l.data.iter())
-        .filter(|r| r.scenario == "edge" && r.nodes == SIM_NODES && r.blob_bytes == SIM_BLOB)
+        .filter(|r| r.scenario == "edge" && r.nodes == SIM_NODES && r.blob_bytes == SIM_BLOB && r.heterogeneous())
         .map(|r| {
             let ratio = r.over_t_min();
             let up = r.uplink_over_f;
@@ -208,12 +213,38 @@ fn simulator(sims: &[Loaded<Vec<SimReport>>]) -> Check {
         .collect();
     fold(
         format!(
-            "Simulator, edge, {} nodes × 1 GiB: last node ≤ {SIM_RATIO:.2} × T_min with uplink 1.00 × F",
+            "Simulator, edge, {} nodes × 1 GiB, heterogeneous uploads: last node ≤ {SIM_RATIO:.2} × T_min with uplink 1.00 × F",
             thousands(SIM_NODES as u64)
         ),
         runs,
-        "no simulator edge run with 1,000 nodes and a 1 GiB blob in the inputs",
+        "no simulator edge run with 1,000 nodes, a 1 GiB blob and differing upload rates in the inputs",
     )
+}
+
+fn sim_wall(sims: &[Loaded<Vec<SimReport>>]) -> Vec<Check> {
+    SIM_WALL
+        .iter()
+        .map(|&(nodes, limit)| {
+            let runs = sims
+                .iter()
+                .flat_map(|l| l.data.iter())
+                .filter(|r| r.nodes == nodes && r.blob_bytes == SIM_BLOB)
+                .map(|r| RunOutcome {
+                    met: r.wall_s.map(|w| w < limit),
+                    text: format!(
+                        "{}: {} s",
+                        r.scenario,
+                        r.wall_s.map_or_else(|| "–".to_string(), |w| format!("{w:.1}"))
+                    ),
+                })
+                .collect();
+            fold(
+                format!("Simulator wall time, {} nodes × 1 GiB: under {limit:.0} s", thousands(nodes as u64)),
+                runs,
+                "no simulator run of that size in the inputs",
+            )
+        })
+        .collect()
 }
 
 fn cpu(docs: &[Loaded<EmuDoc>]) -> Vec<Check> {
@@ -279,6 +310,7 @@ pub fn checks(emu: &[Loaded<EmuDoc>], sim: &[Loaded<Vec<SimReport>>]) -> Vec<Che
     let mut v = vec![edge(emu), incluster(emu)];
     v.extend(sim_incluster(sim));
     v.push(simulator(sim));
+    v.extend(sim_wall(sim));
     v.extend(cpu(emu));
     v
 }

@@ -60,8 +60,8 @@ fn sim_doc() -> Value {
         json!({
             "scenario": scenario, "seed": 1, "nodes": 1000, "downloaders": 1000, "completed": completed,
             "incomplete": 1000 - completed, "left": 0, "joined": 0, "blob_bytes": 1073741824u64,
-            "piece_length": 4194304, "pieces": 256, "upstream_bps": 1e8, "node_up_min_bps": 2e8,
-            "node_up_mean_bps": 2e8, "node_up_max_bps": 2e8, "node_down_min_bps": 1e9, "zones": 1,
+            "piece_length": 4194304, "pieces": 256, "upstream_bps": 1e8, "node_up_min_bps": 1e8,
+            "node_up_mean_bps": 2e8, "node_up_max_bps": 3e8, "node_down_min_bps": 1e9, "zones": 1,
             "rtt_ms": 1.0, "wan_rtt_ms": 50.0,
             "t_min": {"source_s": 85.9, "download_s": 8.6, "swarm_s": 42.9, "zone_s": 0.0, "t_min_s": 85.9},
             "last_s": last, "median_s": 80.0, "p90_s": 88.0, "last_over_t_min": over,
@@ -101,7 +101,9 @@ fn verdicts_follow_the_figures() {
             ("Edge upgrade (emulation, swarm agent)".to_string(), Verdict::Met),
             ("In-cluster (emulation, swarm)".to_string(), Verdict::NotMet),
             ("In-cluster (simulator)".to_string(), Verdict::NotMet),
-            ("Simulator, edge, 1,000 nodes × 1 GiB".to_string(), Verdict::Met),
+            ("Simulator, edge, 1,000 nodes × 1 GiB, heterogeneous uploads".to_string(), Verdict::Met),
+            ("Simulator wall time, 1,000 nodes × 1 GiB".to_string(), Verdict::Met),
+            ("Simulator wall time, 10,000 nodes × 1 GiB".to_string(), Verdict::NotMeasured),
             ("CPU per GB ≤ libtorrent's (emulation, edge)".to_string(), Verdict::Met),
             ("CPU per GB ≤ libtorrent's (emulation, incluster)".to_string(), Verdict::NotMet),
             ("CPU per GB ≤ libtorrent's (emulation, churn)".to_string(), Verdict::NotMet),
@@ -111,8 +113,9 @@ fn verdicts_follow_the_figures() {
     assert_eq!(v[1].2, "1.350 × T_min");
     assert_eq!(v[2].2, "1,000 nodes × 1 GiB: – × T_min, not every node finished");
     assert_eq!(v[3].2, "seed 1: 1.050 × T_min, uplink 1.000 × F, 1,000/1,000 finished");
-    assert_eq!(v[4].2, "swarm 10.0 vs libtorrent 15.0 CPU s/GB");
-    assert!(v[6].2.starts_with("failed: node 3"), "{}", v[6].2);
+    assert_eq!(v[4].2, "2 of 2 runs meet it: edge: 12.5 s; in-cluster: 12.5 s");
+    assert_eq!(v[6].2, "swarm 10.0 vs libtorrent 15.0 CPU s/GB");
+    assert!(v[8].2.starts_with("failed: node 3"), "{}", v[8].2);
 }
 
 #[test]
@@ -131,7 +134,7 @@ fn uplink_over_target_misses_and_missing_runs_are_not_measured() {
     assert_eq!(v[0].1, Verdict::NotMeasured);
     assert_eq!(v[0].2, "unavailable: not available: swarm agent missing");
     assert_eq!(v[3].1, Verdict::NotMeasured);
-    assert_eq!(v[4].1, Verdict::NotMeasured, "CPU cannot be compared without a swarm figure");
+    assert_eq!(v[6].1, Verdict::NotMeasured, "CPU cannot be compared without a swarm figure");
 }
 
 #[test]
@@ -178,6 +181,22 @@ fn simulator_uplink_must_read_one_and_every_node_finish() {
 }
 
 #[test]
+fn the_simulator_target_needs_differing_upload_rates_and_wall_limits_hold() {
+    let mut sim = sim_doc();
+    sim[0]["node_up_min_bps"] = json!(2e8);
+    sim[0]["node_up_max_bps"] = json!(2e8);
+    let v = verdicts(emu_doc(), sim);
+    assert_eq!(v[3].1, Verdict::NotMeasured, "equal upload rates do not count: {}", v[3].2);
+
+    let mut sim = sim_doc();
+    sim[1]["wall_s"] = json!(61.0);
+    sim[0]["nodes"] = json!(10000);
+    let v = verdicts(emu_doc(), sim);
+    assert_eq!((v[4].1, v[4].2.as_str()), (Verdict::NotMet, "in-cluster: 61.0 s"));
+    assert_eq!((v[5].1, v[5].2.as_str()), (Verdict::Met, "edge: 12.5 s"));
+}
+
+#[test]
 fn markdown_tables_carry_the_figures() {
     let (e, s) = load(emu_doc(), sim_doc());
     let c = checks(&e, &s);
@@ -203,10 +222,10 @@ fn markdown_tables_carry_the_figures() {
     has("### edge: T_min = 5.00 s (F/u_s 5.00 s, F/d_min 2.50 s, N·F/(u_s + Σu_i) 1.67 s)");
     has("## Emulation: 4 nodes, 64 MiB blob, uplink 100 Mbit/s, nodes 200 Mbit/s up / 200 Mbit/s down");
     has(
-        "| edge | 1,000 | 1 GiB | 256 × 4 MiB | 100 Mbit/s | 200 Mbit/s | 1 Gbit/s | 1,000/1,000 | 90.20 | 80.00 | 88.00 | 85.90 | 1.050 | 1.000 | 1.000 | 12.5 |",
+        "| edge | 1,000 | 1 GiB | 256 × 4 MiB | 100 Mbit/s | 100 Mbit/s–300 Mbit/s (mean 200 Mbit/s) | 1 Gbit/s | 1,000/1,000 | 90.20 | 80.00 | 88.00 | 85.90 | 1.050 | 1.000 | 1.000 | 12.5 |",
     );
     has(
-        "| in-cluster | 1,000 | 1 GiB | 256 × 4 MiB | 100 Mbit/s | 200 Mbit/s | 1 Gbit/s | 998/1,000 (timed out) | – | 80.00 |",
+        "| in-cluster | 1,000 | 1 GiB | 256 × 4 MiB | 100 Mbit/s | 100 Mbit/s–300 Mbit/s (mean 200 Mbit/s) | 1 Gbit/s | 998/1,000 (timed out) | – | 80.00 |",
     );
     has("```sh\ncargo build --release\nswarm-report --emu results/emulate.json\n```");
     has("2 cores, shared with other work");
