@@ -253,3 +253,18 @@ async fn measure_three_pulls_through_agents_versus_direct_and_the_cache_overhead
         "a pull from the agent's copy crossed the uplink: {from_cache_uplink} bytes"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_tracker_down_the_mirror_sends_containerd_upstream_within_seconds() {
+    let dir = test_dir("agent-no-tracker");
+    let mut cluster = Cluster::start(&dir.path().join("swarm"), 1, &[]).expect("cluster");
+    cluster.tracker.kill();
+    let blob = format!("/v2/library/os/blobs/sha256:{}?ns=registry.invalid", "ab".repeat(32));
+    let started = Instant::now();
+    let r = support::http::request(cluster.agents[0].mirror, "GET", &blob, &[]).await.expect("mirror answers");
+    let took = started.elapsed();
+    let body = String::from_utf8_lossy(&r.body);
+    assert_eq!(r.status, 503, "containerd falls back on 503; got {} {body}\n{}", r.status, cluster.logs());
+    assert!(body.contains("UNAVAILABLE") && body.contains("tracker"), "the body says why: {body}");
+    assert!(took < Duration::from_secs(10), "the fallback took {took:?}");
+}

@@ -44,6 +44,10 @@ use crate::upstream::{UpstreamBlob, UpstreamClient};
 pub const RENEW: Duration = Duration::from_secs(2);
 /// How long a node waits for the lease holder to publish the layout.
 const LAYOUT_WAIT: Duration = Duration::from_secs(30);
+/// How long one tracker request of a blob's start may take before the mirror gives
+/// up and lets containerd go upstream itself (the tracker holds a `GetHashes` for
+/// up to 2 s, so this is above that).
+const TRACKER_WAIT: Duration = Duration::from_secs(5);
 /// A waiting swarm with no new piece for this long tries to take the lease over.
 const TAKEOVER_AFTER: Duration = Duration::from_secs(12);
 /// A mirror response with no new piece for this long is aborted (containerd resumes).
@@ -94,14 +98,14 @@ impl SwarmProvider {
         }
         let waited = Instant::now();
         loop {
-            if let Some(h) = self.node.tracker().get_hashes(digest, 0).await.map_err(|e| other(&e))? {
+            if let Some(h) = ask_tracker("get-hashes", self.node.tracker().get_hashes(digest, 0)).await? {
                 let d = self.node.fetch_partial(h.layout, h.first, h.hashes).await.map_err(|e| other(&e))?;
                 if !h.complete {
                     self.watch_for_takeover(req.clone(), &d);
                 }
                 return Ok(d);
             }
-            match self.node.tracker().acquire_lease(self.node.peer_id(), digest).await.map_err(|e| other(&e))? {
+            match ask_tracker("acquire-lease", self.node.tracker().acquire_lease(self.node.peer_id(), digest)).await? {
                 LeaseReply::Granted { resume_from, .. } => return self.lead(req, resume_from).await,
                 LeaseReply::Failed { reason } => return Err(ProviderError::Unavailable(reason)),
                 LeaseReply::NotNeeded | LeaseReply::HeldBy { .. } => {}
@@ -191,6 +195,20 @@ impl SwarmProvider {
             }
             .instrument(span),
         );
+    }
+}
+
+/// A tracker request of a blob's start, bounded by [`TRACKER_WAIT`]. Without the
+/// tracker nothing can be shared, so any failure is `Unavailable`: the mirror sends
+/// containerd upstream at once instead of after the client's own long timeout.
+async fn ask_tracker<T>(
+    what: &str,
+    request: impl std::future::Future<Output = Result<T, swarm_tracker::client::TrackerClientError>>,
+) -> Result<T, ProviderError> {
+    match tokio::time::timeout(TRACKER_WAIT, request).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(ProviderError::Unavailable(format!("tracker: {e}"))),
+        Err(_) => Err(ProviderError::Unavailable(format!("tracker: no answer to {what} within {TRACKER_WAIT:?}"))),
     }
 }
 
