@@ -881,7 +881,8 @@ impl Scheduler {
         }
         core.pieces.inc_avail(piece);
         if !core.pieces.have.get(piece) {
-            core.mark_dirty(peer);
+            // What `mark_dirty` + `flush` would do first, without a second lookup.
+            core.refill(peer, p, now);
         }
         self.flush(now);
     }
