@@ -98,7 +98,7 @@
 //! `O(pieces / 64 + candidates)`, never pieces × peers, and a `Have` is one counter
 //! increment (most picks in a swarm waiting for fresh pieces have no candidate and
 //! end after the word pass). Timers live in a
-//! `BTreeSet` (O(log n) per request), peers in a `BTreeMap` (deterministic order).
+//! `BTreeSet` (O(log n) per request), peers in a map sorted by key (deterministic order).
 //! The endgame scans the in-flight list, which is small by then.
 //!
 //! After an event only the peers it can concern are refilled: the peer it came
@@ -115,6 +115,7 @@
 //! stored those bytes; forgetting them would only download them again.
 
 mod choose;
+mod peers;
 mod words;
 
 #[cfg(test)]
@@ -122,13 +123,14 @@ mod tests;
 
 pub use choose::{Candidate, choose_peers};
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use swarm_proto::Bitfield;
 
+use peers::PeerMap;
 use words::{BitIter, Words};
 
 /// EWMA weight of a new service-time sample.
@@ -798,7 +800,7 @@ impl Core {
 #[derive(Debug)]
 pub struct Scheduler {
     core: Core,
-    peers: BTreeMap<PeerKey, PeerState>,
+    peers: PeerMap<PeerState>,
     piece_length: u32,
     /// Whether the endgame was on at the end of the previous event.
     endgame_seen: bool,
@@ -822,7 +824,7 @@ impl Scheduler {
                 requeued: Vec::new(),
                 avail_dropped: false,
             },
-            peers: BTreeMap::new(),
+            peers: PeerMap::default(),
             piece_length,
             endgame_seen: false,
             complete_emitted: false,
@@ -1196,7 +1198,7 @@ impl Scheduler {
         let mut avoiders = vec![0u32; n as usize];
         let mut copies = vec![0u32; n as usize];
         let mut timers = 0usize;
-        for (key, peer) in &self.peers {
+        for (key, peer) in self.peers.iter() {
             if peer.duplicates != peer.requests.iter().filter(|r| r.duplicate).count() {
                 return Err(format!("{key:?} duplicate counter wrong"));
             }
