@@ -2,8 +2,8 @@
 //! Linux network namespaces with `tbf`-shaped links (N=3, 4 MiB), next to direct pulls
 //! and libtorrent; then the simulator on the same configuration, compared loosely
 //! with the emulated swarm so the simulator cannot drift from the real program
-//! unnoticed. And the edge upgrade through a real containerd on every node
-//! (`edge-containerd`). Needs root, iproute2, curl, docker-registry, containerd and
+//! unnoticed; the same for the edge upgrade (agents, blob only upstream). And the
+//! edge upgrade through a real containerd on every node (`edge-containerd`). Needs root, iproute2, curl, docker-registry, containerd and
 //! python3-libtorrent (`scripts/test` installs them).
 
 mod support;
@@ -89,6 +89,36 @@ fn emulated_edge_upgrade_through_containerd() {
 /// The simulator, fed the selftest's configuration (3 nodes, one of them the seed, a
 /// 4 MiB blob, 200 Mbit/s links each way), must land near what the real processes
 /// did: same order of magnitude, and never below the theoretical minimum.
+/// The edge upgrade (the blob only upstream, an agent on each node, curl through its
+/// mirror) at N=3, 4 MiB, held against the simulator's edge scenario on the same
+/// configuration, like the in-cluster selftest above.
+#[test]
+fn emulated_edge_upgrade_agrees_with_the_simulator() {
+    let _lock = one_emulation_at_a_time();
+    let dir = support::test_dir("emulation-edge");
+    let json = dir.path().join("edge.json");
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.arg(SCRIPT)
+        .args(["run", "--scenario", "edge", "--systems", "swarm", "--nodes", "3", "--size", "4MiB"])
+        .args(["--max-runtime", "120", "--swarm-bin"])
+        .arg(swarm_bin())
+        .arg("--json")
+        .arg(&json);
+    let out = run_unchecked(&mut cmd, Duration::from_secs(180)).expect("running emulate.py run");
+    eprintln!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "emulate.py run --scenario edge failed ({:?}), see its output above", out.status);
+    let doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("edge JSON")).expect("edge JSON parses");
+    let swarm = doc["results"]
+        .as_array()
+        .and_then(|rs| rs.iter().find(|r| r["system"] == "swarm"))
+        .expect("a swarm result in the edge JSON");
+    assert_eq!(swarm["status"], "ok", "{}", swarm["reason"]);
+    let uplink = swarm["uplink_ratio"].as_f64().expect("uplink_ratio");
+    assert!(uplink < 1.1, "the uplink carried {uplink:.3} copies of the blob");
+    agree_with_simulator(swarm, swarm_simulations::Scenario::Edge, "edge");
+}
+
 fn compare_with_simulator(json: &std::path::Path) {
     let doc: serde_json::Value =
         serde_json::from_slice(&std::fs::read(json).expect("selftest JSON")).expect("selftest JSON parses");
@@ -96,24 +126,33 @@ fn compare_with_simulator(json: &std::path::Path) {
         .as_array()
         .and_then(|rs| rs.iter().find(|r| r["system"] == "swarm"))
         .expect("a swarm result in the selftest JSON");
+    agree_with_simulator(swarm, swarm_simulations::Scenario::InCluster, "in-cluster");
+}
+
+/// The emulated swarm's last node against the simulator's, N=3, 4 MiB, 100 Mbit/s
+/// upstream, 200 Mbit/s nodes: within a factor of two either way, and the simulator
+/// never below the theoretical minimum.
+fn agree_with_simulator(swarm: &serde_json::Value, scenario: swarm_simulations::Scenario, name: &str) {
     let emulated = swarm["last_s"].as_f64().expect("last_s");
     let t_min = swarm["t_min_s"].as_f64().expect("t_min_s");
     let rate = 200e6 / 8.0;
     let params = swarm_simulations::Params {
-        scenario: swarm_simulations::Scenario::InCluster,
+        scenario,
         nodes: 3,
         blob: 4 << 20,
         node_up: swarm_simulations::Rates::Uniform { mean: rate, spread: 0.0 },
         node_down: swarm_simulations::Rates::Uniform { mean: rate, spread: 0.0 },
+        // The namespaces add no latency (no netem here).
+        wan_rtt: Duration::from_millis(1),
         ..swarm_simulations::Params::default()
     };
     let report = swarm_simulations::run(&params).expect("simulator run");
     let simulated = report.last_s;
-    eprintln!("in-cluster, 3 nodes, 4 MiB: emulated {emulated:.3} s, simulated {simulated:.3} s, T_min {t_min:.3} s");
+    eprintln!("{name}, 3 nodes, 4 MiB: emulated {emulated:.3} s, simulated {simulated:.3} s, T_min {t_min:.3} s");
     assert!(simulated >= t_min * 0.99, "the simulator beat the theoretical minimum: {simulated} < {t_min}");
     let ratio = emulated / simulated;
     assert!(
         (0.5..=2.0).contains(&ratio),
-        "simulator and emulation disagree: emulated {emulated:.3} s vs simulated {simulated:.3} s (ratio {ratio:.2})"
+        "{name}: simulator and emulation disagree: emulated {emulated:.3} s vs simulated {simulated:.3} s (ratio {ratio:.2})"
     );
 }
