@@ -563,10 +563,16 @@ impl BlobFile {
         Ok(())
     }
 
-    /// Checks the whole blob against its digest once every piece is in, syncs it to
-    /// disk and marks it complete. On a mismatch every piece is forgotten (the caller
-    /// should drop the blob and tell the tracker).
+    /// [`BlobFile::verify`], then [`BlobFile::persist`].
     pub fn finish(&self) -> Result<(), StoreError> {
+        self.verify()?;
+        self.persist()
+    }
+
+    /// Checks the whole blob against its digest once every piece is in. On a mismatch
+    /// every piece is forgotten (the caller should drop the blob and tell the
+    /// tracker). The blob may be served and used as soon as this succeeds.
+    pub fn verify(&self) -> Result<(), StoreError> {
         if self.verified.load(std::sync::atomic::Ordering::Acquire) {
             return Ok(());
         }
@@ -585,12 +591,26 @@ impl BlobFile {
             self.state().have = empty;
             return Err(StoreError::DigestMismatch { expected: self.layout.digest, actual });
         }
+        self.verified.store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// Makes a verified blob durable: syncs its bytes to disk, then writes the marker
+    /// that lets a restart skip re-checking it. Until then a restart re-checks every
+    /// piece, so a crash in between costs time, never correctness.
+    pub fn persist(&self) -> Result<(), StoreError> {
+        if !self.verified.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(StoreError::Incomplete {
+                expected: self.layout.digest,
+                have: self.have().count(),
+                count: self.layout.piece_count(),
+            });
+        }
         if let Some(dir) = &self.dir {
             self.file.sync_all().map_err(io_err("cannot sync", &self.data_path))?;
             let marker = dir.join("complete");
             fs::write(&marker, b"").map_err(io_err("cannot write", &marker))?;
         }
-        self.verified.store(true, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 }
