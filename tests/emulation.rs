@@ -52,25 +52,7 @@ fn emulated_edge_cluster_selftest() {
 /// copy of the layer.
 #[test]
 fn emulated_edge_upgrade_through_containerd() {
-    let _lock = one_emulation_at_a_time();
-    let dir = support::test_dir("emulation-ctrd");
-    let json = dir.path().join("edge-containerd.json");
-    let mut cmd = Command::new("/usr/bin/python3");
-    cmd.arg(SCRIPT)
-        .args(["run", "--scenario", "edge-containerd", "--systems", "direct,swarm", "--nodes", "3", "--size", "4MiB"])
-        .args(["--max-runtime", "240", "--swarm-bin"])
-        .arg(swarm_bin())
-        .arg("--json")
-        .arg(&json);
-    let out = run_unchecked(&mut cmd, Duration::from_secs(300)).expect("running emulate.py run");
-    eprintln!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(
-        out.status.success(),
-        "emulate.py run --scenario edge-containerd failed ({:?}), see its output above",
-        out.status
-    );
-    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("edge-containerd JSON"))
-        .expect("edge-containerd JSON parses");
+    let doc = emulate_run("edge-containerd", "direct,swarm", 240);
     let results = doc["results"].as_array().expect("results");
     for system in ["direct", "swarm"] {
         let r = results.iter().find(|r| r["system"] == system).unwrap_or_else(|| panic!("no {system} result"));
@@ -86,29 +68,12 @@ fn emulated_edge_upgrade_through_containerd() {
     assert!(uplink <= 1.1, "swarm moved {uplink:.3}x the layer over the uplink (at most 1.1x expected)");
 }
 
-/// The simulator, fed the selftest's configuration (3 nodes, one of them the seed, a
-/// 4 MiB blob, 200 Mbit/s links each way), must land near what the real processes
-/// did: same order of magnitude, and never below the theoretical minimum.
 /// The edge upgrade (the blob only upstream, an agent on each node, curl through its
 /// mirror) at N=3, 4 MiB, held against the simulator's edge scenario on the same
 /// configuration, like the in-cluster selftest above.
 #[test]
 fn emulated_edge_upgrade_agrees_with_the_simulator() {
-    let _lock = one_emulation_at_a_time();
-    let dir = support::test_dir("emulation-edge");
-    let json = dir.path().join("edge.json");
-    let mut cmd = Command::new("/usr/bin/python3");
-    cmd.arg(SCRIPT)
-        .args(["run", "--scenario", "edge", "--systems", "swarm", "--nodes", "3", "--size", "4MiB"])
-        .args(["--max-runtime", "120", "--swarm-bin"])
-        .arg(swarm_bin())
-        .arg("--json")
-        .arg(&json);
-    let out = run_unchecked(&mut cmd, Duration::from_secs(180)).expect("running emulate.py run");
-    eprintln!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "emulate.py run --scenario edge failed ({:?}), see its output above", out.status);
-    let doc: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json).expect("edge JSON")).expect("edge JSON parses");
+    let doc = emulate_run("edge", "swarm", 120);
     let swarm = doc["results"]
         .as_array()
         .and_then(|rs| rs.iter().find(|r| r["system"] == "swarm"))
@@ -119,6 +84,35 @@ fn emulated_edge_upgrade_agrees_with_the_simulator() {
     agree_with_simulator(swarm, swarm_simulations::Scenario::Edge, "edge");
 }
 
+/// `emulate.py run` of `scenario` with `systems` at N=3, 4 MiB (one emulation at a
+/// time), its output shown, its success required; the JSON it wrote.
+fn emulate_run(scenario: &str, systems: &str, max_runtime_s: u64) -> serde_json::Value {
+    let _lock = one_emulation_at_a_time();
+    let dir = support::test_dir(&format!("emulation-{scenario}"));
+    let json = dir.path().join(format!("{scenario}.json"));
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.arg(SCRIPT)
+        .args(["run", "--scenario", scenario, "--systems", systems, "--nodes", "3", "--size", "4MiB"])
+        .arg("--max-runtime")
+        .arg(max_runtime_s.to_string())
+        .arg("--swarm-bin")
+        .arg(swarm_bin())
+        .arg("--json")
+        .arg(&json);
+    let out = run_unchecked(&mut cmd, Duration::from_secs(max_runtime_s + 60)).expect("running emulate.py run");
+    eprintln!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "emulate.py run --scenario {scenario} failed ({:?}), see its output above",
+        out.status
+    );
+    serde_json::from_slice(&std::fs::read(&json).unwrap_or_else(|e| panic!("{scenario} JSON: {e}")))
+        .unwrap_or_else(|e| panic!("{scenario} JSON parses: {e}"))
+}
+
+/// The simulator, fed the selftest's configuration (3 nodes, one of them the seed, a
+/// 4 MiB blob, 200 Mbit/s links each way), must land near what the real processes
+/// did: same order of magnitude, and never below the theoretical minimum.
 fn compare_with_simulator(json: &std::path::Path) {
     let doc: serde_json::Value =
         serde_json::from_slice(&std::fs::read(json).expect("selftest JSON")).expect("selftest JSON parses");
