@@ -982,20 +982,20 @@ impl SwarmActor {
         self.node.spawn(async move {
             // Complete as soon as the digest matched; syncing the bytes to disk (half a
             // second when every node of a cluster finishes at once) comes after.
-            let verified = blob.clone();
-            let r = match tokio::task::spawn_blocking(move || verified.verify()).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(e) => Err(e.to_string()),
+            let on_blob = |f: fn(&BlobFile) -> Result<(), StoreError>| {
+                let blob = blob.clone();
+                async move {
+                    tokio::task::spawn_blocking(move || f(&blob))
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| e.to_string())
+                }
             };
+            let r = on_blob(BlobFile::verify).await;
             let ok = r.is_ok();
             let _ = inbox.send(Event::Finished(r));
-            if ok {
-                match tokio::task::spawn_blocking(move || blob.persist()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => warn!(error = %e, "the verified blob could not be made durable"),
-                    Err(e) => warn!(error = %e, "the verified blob could not be made durable"),
-                }
+            if ok && let Err(e) = on_blob(BlobFile::persist).await {
+                warn!(error = %e, "the verified blob could not be made durable");
             }
         });
     }

@@ -563,12 +563,6 @@ impl BlobFile {
         Ok(())
     }
 
-    /// [`BlobFile::verify`], then [`BlobFile::persist`].
-    pub fn finish(&self) -> Result<(), StoreError> {
-        self.verify()?;
-        self.persist()
-    }
-
     /// Checks the whole blob against its digest once every piece is in. On a mismatch
     /// every piece is forgotten (the caller should drop the blob and tell the
     /// tracker). The blob may be served and used as soon as this succeeds.
@@ -646,7 +640,8 @@ mod tests {
         assert!(matches!(blob.write_piece(2, piece(1)), Err(StoreError::PieceMismatch { piece: 2, .. })));
         assert!(matches!(blob.write_piece(9, piece(1)), Err(StoreError::PieceOutOfRange { .. })));
         assert!(blob.write_piece(3, piece(3)).expect("write"));
-        assert!(matches!(blob.finish(), Err(StoreError::Incomplete { have: 2, count: 4, .. })));
+        assert!(matches!(blob.verify(), Err(StoreError::Incomplete { have: 2, count: 4, .. })));
+        assert!(matches!(blob.persist(), Err(StoreError::Incomplete { .. })), "only a verified blob is persisted");
         drop(blob);
 
         let blob = store.open_blob(&meta).expect("reopen");
@@ -656,7 +651,8 @@ mod tests {
         assert_eq!(buf, piece(3));
         blob.write_piece(0, piece(0)).expect("write");
         blob.write_piece(2, piece(2)).expect("write");
-        blob.finish().expect("complete");
+        blob.verify().expect("complete");
+        blob.persist().expect("persisted");
         drop(blob);
         assert_eq!(store.complete_blobs().expect("list"), vec![meta.digest]);
         let blob = store.open_blob(&meta).expect("reopen complete");
@@ -681,7 +677,7 @@ mod tests {
                 let contiguous = (0..5).take_while(|&j| order[..=n].contains(&j)).count() as u32;
                 assert_eq!(prefix, contiguous, "order {order:?} after {} pieces", n + 1);
             }
-            blob.finish().unwrap_or_else(|e| panic!("order {order:?}: {e}"));
+            blob.verify().unwrap_or_else(|e| panic!("order {order:?}: {e}"));
         }
 
         // Piece hashes that match the bytes, under a digest the bytes do not have.
@@ -692,7 +688,7 @@ mod tests {
         for i in [3, 0, 1, 4, 2] {
             blob.write_piece(i, piece(i)).expect("write");
         }
-        assert!(matches!(blob.finish(), Err(StoreError::DigestMismatch { .. })));
+        assert!(matches!(blob.verify(), Err(StoreError::DigestMismatch { .. })));
         assert_eq!(blob.have().count(), 0, "a blob that failed its digest keeps no piece");
     }
 
