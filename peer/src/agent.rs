@@ -45,9 +45,9 @@ pub const RENEW: Duration = Duration::from_secs(2);
 /// How long a node waits for the lease holder to publish the layout.
 const LAYOUT_WAIT: Duration = Duration::from_secs(30);
 /// How long one tracker request of a blob's start may take before the mirror gives
-/// up and lets containerd go upstream itself (the tracker holds a `GetHashes` for
-/// up to 2 s, so this is above that).
-const TRACKER_WAIT: Duration = Duration::from_secs(5);
+/// up and lets containerd go upstream itself: 3 s more than the tracker may hold a
+/// `GetHashes`.
+const TRACKER_WAIT: Duration = Duration::from_secs(swarm_tracker::server::HASHES_WAIT.as_secs() + 3);
 /// A waiting swarm with no new piece for this long tries to take the lease over.
 const TAKEOVER_AFTER: Duration = Duration::from_secs(12);
 /// A mirror response with no new piece for this long is aborted (containerd resumes).
