@@ -39,11 +39,20 @@ pub const SLOT_WAIT: Duration = Duration::from_millis(500);
 /// (which announces it as soon as it is verified), and the source's upload goes to
 /// the next fresh piece. After the hold the source serves the piece to anyone, and
 /// re-announces it to the peers it refused.
+///
+/// The hold ends for good once every piece has gone out once: from then on nothing
+/// is fresh, and refusing only keeps the source's upload idle while the last pieces
+/// spread (in the emulated in-cluster run, the other nodes waited out the hold on
+/// the last piece and finished ~0.4 s after its first recipient).
 pub(crate) struct UploadLedger {
     hold: AtomicBool,
     epoch: Instant,
     /// Milliseconds after `epoch` (plus one) of each piece's first upload; 0 = never.
     first_sent: Vec<AtomicU64>,
+    /// Pieces never uploaded; at zero the hold is over.
+    unsent: AtomicU32,
+    /// Woken when `unsent` reaches zero (refused requesters are re-announced to then).
+    all_sent: tokio::sync::Notify,
     /// Uploads started per piece (what [`UploadSlots`] ranks waiting requests by).
     sends: Vec<AtomicU32>,
 }
@@ -55,6 +64,8 @@ impl UploadLedger {
             hold: hold.into(),
             epoch: Instant::now(),
             first_sent: (0..pieces).map(|_| AtomicU64::new(0)).collect(),
+            unsent: AtomicU32::new(pieces),
+            all_sent: tokio::sync::Notify::new(),
             sends: (0..pieces).map(|_| AtomicU32::new(0)).collect(),
         }
     }
@@ -66,14 +77,40 @@ impl UploadLedger {
 
     /// Whether an upload of `piece` may start now (false: it is held back as fresh).
     pub(crate) fn may_send(&self, piece: u32) -> bool {
-        if !self.hold.load(Ordering::Relaxed) {
+        if !self.hold.load(Ordering::Relaxed) || self.hold_over() {
             return true;
         }
         let Some(slot) = self.first_sent.get(piece as usize) else { return true };
         let now = self.epoch.elapsed().as_millis() as u64 + 1;
         match slot.compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => true,
+            Ok(_) => {
+                if self.unsent.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    self.all_sent.notify_waiters();
+                }
+                true
+            }
             Err(first) => now.saturating_sub(first) >= FRESH_HOLD.as_millis() as u64,
+        }
+    }
+
+    /// Whether every piece has gone out once (the hold can no longer refuse).
+    fn hold_over(&self) -> bool {
+        self.unsent.load(Ordering::Acquire) == 0
+    }
+
+    /// Waits until a request refused now as fresh may be served: [`FRESH_HOLD`], or
+    /// less if every piece goes out once before that.
+    pub(crate) async fn hold_ended(&self) {
+        let all_sent = self.all_sent.notified();
+        tokio::pin!(all_sent);
+        // Registered before the check: a `notify_waiters` in between is not missed.
+        all_sent.as_mut().enable();
+        if self.hold_over() {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(FRESH_HOLD) => {}
+            _ = all_sent => {}
         }
     }
 
@@ -293,5 +330,31 @@ mod tests {
         assert!(ledger.may_send(1), "the first upload of a piece goes out");
         assert!(!ledger.may_send(1), "a second one within the hold does not");
         assert!(ledger.may_send(7), "an out-of-range piece is not held");
+    }
+
+    #[tokio::test]
+    async fn the_hold_ends_once_every_piece_went_out_once() {
+        let ledger = Arc::new(UploadLedger::new(3, true));
+        assert!(ledger.may_send(0) && !ledger.may_send(0), "piece 0 is fresh");
+        assert!(ledger.may_send(1) && !ledger.may_send(1), "piece 1 is fresh");
+        // A requester refused piece 1 waits for the hold's end; the last piece's
+        // first upload ends it long before FRESH_HOLD.
+        let waiting = {
+            let ledger = ledger.clone();
+            tokio::spawn(async move {
+                let t = Instant::now();
+                ledger.hold_ended().await;
+                t.elapsed()
+            })
+        };
+        tokio::task::yield_now().await;
+        assert!(ledger.may_send(2), "the last piece's first upload");
+        let waited = tokio::time::timeout(FRESH_HOLD * 10, waiting).await.expect("woken").expect("task");
+        assert!(waited < FRESH_HOLD, "woken when the last piece went out, not after the hold: {waited:?}");
+        assert!(ledger.may_send(2) && ledger.may_send(0), "nothing is held any more");
+        // A refusal racing with the end does not wait at all.
+        let t = Instant::now();
+        ledger.hold_ended().await;
+        assert!(t.elapsed() < FRESH_HOLD);
     }
 }

@@ -88,15 +88,16 @@ struct Args {
     /// Stop after this much simulated time (default: 20·T_min + 60 s; direct: none).
     #[arg(long, value_parser = humantime::parse_duration, env = "SWARM_SIM_MAX_TIME")]
     max_time: Option<Duration>,
-    /// Peers each node keeps connected (NodeConfig::max_peers).
-    #[arg(long, default_value_t = 32, env = "SWARM_SIM_MAX_PEERS")]
-    max_peers: usize,
-    /// Concurrent uploads per node (NodeConfig::upload_slots).
-    #[arg(long, default_value_t = 16, env = "SWARM_SIM_UPLOAD_SLOTS")]
-    upload_slots: usize,
-    /// Piece buffers in flight per node (NodeConfig::receive_budget).
-    #[arg(long, default_value = "32MiB", env = "SWARM_SIM_RECEIVE_BUDGET")]
-    receive_budget: String,
+    /// Peers each node keeps connected (default: the real node's NodeConfig::max_peers).
+    #[arg(long, env = "SWARM_SIM_MAX_PEERS")]
+    max_peers: Option<usize>,
+    /// Concurrent uploads per node (default: the real node's NodeConfig::upload_slots).
+    #[arg(long, env = "SWARM_SIM_UPLOAD_SLOTS")]
+    upload_slots: Option<usize>,
+    /// Piece buffers in flight per node, e.g. 32MiB (default: the real node's
+    /// NodeConfig::receive_budget).
+    #[arg(long, env = "SWARM_SIM_RECEIVE_BUDGET")]
+    receive_budget: Option<String>,
     /// Scheduler: transfer time to keep queued per peer (SchedulerConfig::queue_time).
     #[arg(long, value_parser = humantime::parse_duration, env = "SWARM_SIM_QUEUE_TIME")]
     queue_time: Option<Duration>,
@@ -122,12 +123,17 @@ fn rates(mean: &str, spread: f64, list: Option<&str>) -> anyhow::Result<Rates> {
 }
 
 fn params(a: &Args) -> anyhow::Result<Params> {
-    let mut driver = DriverConfig {
-        max_peers: a.max_peers,
-        upload_slots: a.upload_slots,
-        receive_budget: usize::try_from(parse_size(&a.receive_budget).context("--receive-budget")?)?,
-        ..DriverConfig::default()
-    };
+    // Every setting not given is the real node's default (`DriverConfig::default`).
+    let mut driver = DriverConfig::default();
+    if let Some(m) = a.max_peers {
+        driver.max_peers = m;
+    }
+    if let Some(s) = a.upload_slots {
+        driver.upload_slots = s;
+    }
+    if let Some(b) = &a.receive_budget {
+        driver.receive_budget = usize::try_from(parse_size(b).context("--receive-budget")?)?;
+    }
     if let Some(q) = a.queue_time {
         driver.scheduler.queue_time = q;
     }

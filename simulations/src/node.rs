@@ -9,7 +9,7 @@
 //! | real node (`peer/src/node.rs`)                               | here                                                     |
 //! |--------------------------------------------------------------|----------------------------------------------------------|
 //! | `Request`: fetch task takes receive budget (KiB permits, FIFO), opens a stream, sends the request | `World::request`: same budget in KiB, FIFO; request reaches the sender after RTT/2 |
-//! | sender: `Missing` if the piece is not held, or held back as fresh by a source's `UploadLedger` (re-announced to the requester after `FRESH_HOLD`); else an upload slot (at once if one is free and nobody waits, else wait ≤ `SLOT_WAIT`, else `Busy`); a freed slot goes to the waiting request for the piece sent fewest times, oldest first (`UploadSlots`) | `World::on_request_arrive`, `World::on_queue_timeout`, `World::release_slot`, `World::on_have_to` |
+//! | sender: `Missing` if the piece is not held, or held back as fresh by a source's `UploadLedger` (re-announced to the requester after `FRESH_HOLD`, or as soon as every piece went out once, which ends the hold); else an upload slot (at once if one is free and nobody waits, else wait ≤ `SLOT_WAIT`, else `Busy`); a freed slot goes to the waiting request for the piece sent fewest times, oldest first (`UploadSlots`) | `World::on_request_arrive`, `World::on_queue_timeout`, `World::release_slot`, `World::on_have_to` |
 //! | sender streams the piece; receiver verifies and stores it     | a flow sender up → receiver down; the reply reaches the receiver RTT/2 after the last byte left; hashing and disk take no time |
 //! | `Cancel`: abort the fetch task (budget freed at once; the sender stops when STOP_SENDING arrives) | budget freed at once; flow or queue entry dropped RTT/2 later |
 //! | `Have`: sent to every connected peer that has not announced the piece | every peer connected when it arrives (RTT/2 later) and not known then to have the piece gets `peer_have` |
@@ -136,6 +136,11 @@ pub struct SimNode {
     /// piece was first uploaded (`None`: never). Empty when the ledger is off (not a
     /// seed or lease holder).
     pub first_sent: Vec<Option<Nanos>>,
+    /// Pieces of `first_sent` never uploaded; at zero the hold is over.
+    pub unsent: u32,
+    /// Requests refused while fresh, re-announced as soon as the hold ends early
+    /// (requester, its key for this node, piece).
+    pub refused: Vec<(u32, PeerKey, u32)>,
     /// Uploads started per piece: a free slot goes to the queued request for the
     /// piece sent the fewest times.
     pub sends: Vec<u32>,
@@ -193,6 +198,8 @@ impl SimNode {
             lease_holder: false,
             publish_free_at: 0,
             first_sent: Vec::new(),
+            unsent: 0,
+            refused: Vec::new(),
             sends: Vec::new(),
             downloaded: 0,
             uploaded: 0,
@@ -587,12 +594,29 @@ impl World {
             self.reply(id, Reply::Missing);
             return;
         }
-        if let Some(first) = sender.first_sent.get_mut(f.piece as usize) {
+        if sender.unsent > 0
+            && let Some(first) = sender.first_sent.get_mut(f.piece as usize)
+        {
             match *first {
-                None => *first = Some(self.now),
+                None => {
+                    *first = Some(self.now);
+                    sender.unsent -= 1;
+                    if sender.unsent == 0 {
+                        // Every piece went out once: the hold is over, the refused
+                        // requesters hear of their pieces now.
+                        for (node, key, piece) in std::mem::take(&mut sender.refused) {
+                            self.events.push_after(
+                                self.now,
+                                self.half_rtt,
+                                Ev::HaveTo { node, key, from: f.sender, piece },
+                            );
+                        }
+                    }
+                }
                 Some(t) if self.now - t < self.fresh_hold => {
                     // Fresh: fetch it from its first recipient. Re-announced to the
                     // requester once the hold is over.
+                    sender.refused.push((f.receiver, f.key, f.piece));
                     self.reply(id, Reply::Missing);
                     let at = t + self.fresh_hold + self.half_rtt;
                     self.events.push(at, Ev::HaveTo { node: f.receiver, key: f.key, from: f.sender, piece: f.piece });
@@ -650,7 +674,7 @@ impl World {
     }
 
     /// Frees an upload slot of `s` and starts the next queued request.
-    fn release_slot(&mut self, s: u32) {
+    pub(crate) fn release_slot(&mut self, s: u32) {
         let node = &mut self.nodes[s as usize];
         node.slots_free += 1;
         if !node.alive {
@@ -674,7 +698,9 @@ impl World {
         self.nodes[f.sender as usize].uploaded += u64::from(f.len);
         self.uploaded_bytes += u64::from(f.len);
         self.reply(id, Reply::Piece);
-        self.release_slot(f.sender);
+        // `serve_one` keeps the slot until the requester acknowledged the last byte:
+        // one round trip from now.
+        self.events.push_after(self.now, 2 * self.half_rtt, Ev::SlotFree { node: f.sender });
     }
 
     fn reply(&mut self, id: FetchId, r: Reply) {
@@ -974,6 +1000,7 @@ impl World {
         }
         node.lease_holder = true;
         node.first_sent = vec![None; self.pieces as usize];
+        node.unsent = self.pieces;
         // `lead`: open the upstream blob (one WAN round trip), publish the layout.
         self.events.push(now + self.wan_rtt, Ev::UpstreamOpen { node: n });
     }

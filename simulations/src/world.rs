@@ -45,6 +45,11 @@ pub(crate) enum Ev {
     },
     RequestArrive(FetchId),
     QueueTimeout(FetchId),
+    /// The requester's acknowledgement of an upload's last byte reaches its sender,
+    /// `node`, and frees the upload slot.
+    SlotFree {
+        node: u32,
+    },
     Reply(FetchId),
     CancelArrive(FetchId),
     /// A `Have` from `node` reaches its peers.
@@ -110,7 +115,7 @@ impl Ev {
             Ev::ConnectDone { .. } => 2,
             Ev::Timer { .. } => 3,
             Ev::RequestArrive(_) => 4,
-            Ev::QueueTimeout(_) => 5,
+            Ev::QueueTimeout(_) | Ev::SlotFree { .. } => 5,
             Ev::Reply(_) => 6,
             Ev::CancelArrive(_) => 7,
             Ev::Have { .. } | Ev::HaveTo { .. } => 8,
@@ -342,6 +347,7 @@ impl World {
             if spec.role == Role::Seed {
                 // A complete blob at swarm start: the upload ledger is on.
                 node.first_sent = vec![None; pieces as usize];
+                node.unsent = pieces;
             }
             nodes.push(node);
         }
@@ -506,6 +512,7 @@ impl World {
             Ev::Timer { node } => self.on_timer(node),
             Ev::RequestArrive(id) => self.on_request_arrive(id),
             Ev::QueueTimeout(id) => self.on_queue_timeout(id),
+            Ev::SlotFree { node } => self.release_slot(node),
             Ev::Reply(id) => self.on_reply(id),
             Ev::CancelArrive(id) => self.on_cancel_arrive(id),
             Ev::Have { node, piece } => self.on_have(node, piece),
