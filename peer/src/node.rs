@@ -42,7 +42,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, trace, warn};
 
 use crate::scheduler::{Action, Candidate, PeerKey, RequestFailure, Scheduler, SchedulerConfig, choose_peers};
 use crate::store::{BlobFile, Store, StoreError};
@@ -577,6 +577,7 @@ struct NewPeer {
 }
 
 /// What a fetch task reports.
+#[derive(Debug)]
 enum Outcome {
     Verified,
     BadPiece,
@@ -731,6 +732,7 @@ impl SwarmActor {
             Event::Closed { key } => self.remove_peer(key, now),
             Event::Piece { key, piece, outcome } => {
                 self.requests.remove(&(key, piece));
+                trace!(piece, peer = ?self.peers.get(&key).map(|p| p.peer_id), ?outcome, "request ended");
                 match outcome {
                     Outcome::Verified => {
                         if let Some(p) = self.peers.get(&key) {
@@ -952,6 +954,7 @@ impl SwarmActor {
             match action {
                 Action::Request { peer, piece } => self.request(peer, piece),
                 Action::Cancel { peer, piece } => {
+                    trace!(piece, peer = ?self.peers.get(&peer).map(|p| p.peer_id), "cancel");
                     if let Some(h) = self.requests.remove(&(peer, piece)) {
                         h.abort();
                     }
@@ -1008,6 +1011,7 @@ impl SwarmActor {
 
     fn request(&mut self, key: PeerKey, piece: u32) {
         let Some(p) = self.peers.get(&key) else { return };
+        trace!(piece, peer = ?p.peer_id, "request");
         let conn = p.conn.clone();
         let blob = self.blob.clone();
         let inbox = self.inbox_tx.clone();

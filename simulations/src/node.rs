@@ -9,7 +9,7 @@
 //! | real node (`peer/src/node.rs`)                               | here                                                     |
 //! |--------------------------------------------------------------|----------------------------------------------------------|
 //! | `Request`: fetch task takes receive budget (KiB permits, FIFO), opens a stream, sends the request | `World::request`: same budget in KiB, FIFO; request reaches the sender after RTT/2 |
-//! | sender: `Missing` if the piece is not held, or held back as fresh by a source's `UploadLedger` (re-announced to the requester after `FRESH_HOLD`, or as soon as every piece went out once, which ends the hold); else an upload slot (at once if one is free and nobody waits, else wait ≤ `SLOT_WAIT`, else `Busy`); a freed slot goes to the waiting request for the piece sent fewest times, oldest first (`UploadSlots`) | `World::on_request_arrive`, `World::on_queue_timeout`, `World::release_slot`, `World::on_have_to` |
+//! | sender: `Missing` if the piece is not held, or held back as fresh by a source's `UploadLedger` (re-announced to the requester after `FRESH_HOLD`, or as soon as every piece went out once, which ends the hold); else an upload slot (at once if one is free and nobody waits, else wait ≤ `SLOT_WAIT`, else `Busy`); the slot is held until the requester acknowledged the last byte; a freed slot goes, on a source, to the waiting request for the piece sent fewest times, oldest first, elsewhere to the oldest (`UploadSlots`) | `World::on_request_arrive`, `World::on_queue_timeout`, `World::release_slot`, `World::on_have_to` |
 //! | sender streams the piece; receiver verifies and stores it     | a flow sender up → receiver down; the reply reaches the receiver RTT/2 after the last byte left; hashing and disk take no time |
 //! | `Cancel`: abort the fetch task (budget freed at once; the sender stops when STOP_SENDING arrives) | budget freed at once; flow or queue entry dropped RTT/2 later |
 //! | `Have`: sent to every connected peer that has not announced the piece | every peer connected when it arrives (RTT/2 later) and not known then to have the piece gets `peer_have` |
@@ -682,8 +682,12 @@ impl World {
         }
         while self.nodes[s as usize].slots_free > 0 {
             let node = &self.nodes[s as usize];
-            // `UploadSlots::release`: the least-sent piece first, the oldest among equals.
-            let sent = |id: &FetchId| self.fetches.get(*id).and_then(|f| node.sends.get(f.piece as usize).copied());
+            // `UploadSlots::release`: on a source the least-sent piece first, the oldest
+            // among equals; elsewhere the oldest.
+            let source = !node.first_sent.is_empty();
+            let sent = |id: &FetchId| {
+                self.fetches.get(*id).and_then(|f| node.sends.get(f.piece as usize).copied()).filter(|_| source)
+            };
             let next = node.upload_queue.iter().min_by_key(|&(&seq, id)| (sent(id).unwrap_or(0), seq)).map(|(&s, _)| s);
             let Some(id) = next.and_then(|seq| self.nodes[s as usize].upload_queue.remove(&seq)) else { break };
             if self.fetches.get(id).is_some() {
