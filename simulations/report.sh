@@ -9,8 +9,8 @@
 #
 # Needs root for the emulation (network namespaces), Debian's docker-registry,
 # containerd, python3-libtorrent and iproute2: see simulations/emulate/README.md. About
-# 6 minutes on the 2-core machine for the emulation and the 1,000-node runs, plus the
-# 10,000-node run (SIM_LARGE).
+# 4 minutes on the 2-core machine for the emulation and the 1,000-node runs, plus about
+# 6 for the 10,000-node run (SIM_LARGE).
 #
 # Environment:
 #   RESULTS=DIR        where the JSON goes (default simulations/results)

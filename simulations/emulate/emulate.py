@@ -1379,7 +1379,7 @@ def run(args):
         },
         "host": {"kernel": platform.release(), "cpus": os.cpu_count(), "hostname": socket.gethostname(),
                  "loadavg_at_end": os.getloadavg(),
-                 "note": "shared 2-core machine; other jobs (Rust builds) run concurrently, timings are noisy"},
+                 "note": "every emulated node shares this machine's cores, so CPU-bound runs vary from run to run"},
         "calibration": calib,
         "results": results,
     }

@@ -228,8 +228,8 @@ fn write_machine(s: &mut String, d: &Doc<'_>) {
         let load = host.loadavg_at_end.iter().map(|l| format!("{l:.1}")).collect::<Vec<_>>().join(", ");
         let _ = writeln!(
             s,
-            "- `{}`: {cpus} cores, shared with other work (Rust builds, other benchmarks), so timings and CPU \
-             figures are noisy; Linux {}; load average at the end of the run {}.{}",
+            "- `{}`: {cpus} cores; the emulated nodes share them, so timings and CPU figures vary from run \
+             to run; Linux {}; load average at the end of the run {}.{}",
             file_name(&e.path),
             host.kernel.as_deref().unwrap_or("?"),
             if load.is_empty() { "?".to_string() } else { load },

@@ -228,7 +228,7 @@ fn markdown_tables_carry_the_figures() {
         "| in-cluster | 1,000 | 1 GiB | 256 × 4 MiB | 100 Mbit/s | 100 Mbit/s–300 Mbit/s (mean 200 Mbit/s) | 1 Gbit/s | 998/1,000 (timed out) | – | 80.00 |",
     );
     has("```sh\ncargo build --release\nswarm-report --emu results/emulate.json\n```");
-    has("2 cores, shared with other work");
+    has("2 cores; the emulated nodes share them");
     has("As incluster, and node(s) 3 SIGKILLed at 1.50 s and restarted at 2.50 s;");
     has("| libtorrent | ok | 2/2 | 6.00 | 5.50 | 6.00 | 3.00 | 2.00 | 0.000 | 14.0 | 1 restarted nodes: last 6.20 s;");
     has("![nodes finished over time, per scenario and system](benchmarks-completion.svg)");
