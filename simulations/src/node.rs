@@ -921,6 +921,12 @@ impl World {
         self.nodes[a as usize].by_node.insert(b, ka);
         self.nodes[b as usize].links.insert(kb, Link { remote: a, remote_key: ka });
         self.nodes[b as usize].by_node.insert(a, kb);
+        for n in [a, b] {
+            let links = self.nodes[n as usize].links.len();
+            if links > self.peak_links.0 {
+                self.peak_links = (links, n);
+            }
+        }
         let bits_a = self.nodes[a as usize].sched.have().clone();
         let bits_b = self.nodes[b as usize].sched.have().clone();
         for (n, key, mut bits) in [(a, ka, bits_b), (b, kb, bits_a)] {

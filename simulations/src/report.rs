@@ -86,6 +86,10 @@ pub struct Report {
     /// `Have` messages delivered (each is a `peer_have` call on the receiver's
     /// scheduler), and the fraction that went to a peer already holding the piece.
     pub haves_delivered: u64,
+    /// The most connections any node had at once.
+    pub peak_links: usize,
+    /// That node's role (`seed`, `holder`, `leecher`).
+    pub peak_links_role: String,
     pub events: u64,
     /// Events processed by kind (`flow_done`: flow completions).
     pub events_by_kind: BTreeMap<&'static str, u64>,
@@ -168,6 +172,11 @@ impl Report {
                 redundant: sched.redundant,
             },
             haves_delivered: outcome.haves_delivered,
+            peak_links: outcome.peak_links.0,
+            peak_links_role: outcome
+                .nodes
+                .get(outcome.peak_links.1 as usize)
+                .map_or_else(String::new, |n| format!("{:?}", n.role).to_lowercase()),
             events: outcome.events,
             events_by_kind: EVENT_KINDS.iter().copied().zip(outcome.events_by_kind).filter(|&(_, n)| n > 0).collect(),
             flows: outcome.net.flows,

@@ -351,6 +351,7 @@ fn run_direct(p: &Params, specs: &[NodeSpec], max_time: Duration) -> RunOutcome 
         upstream_done_at: None,
         zone_in_bytes: 0.0,
         haves_delivered: 0,
+        peak_links: (0, 0),
         events,
         events_by_kind: {
             let mut k = [0; crate::world::EVENT_KINDS.len()];

@@ -230,6 +230,8 @@ pub struct RunOutcome {
     pub zone_in_bytes: f64,
     /// `Have`s delivered (one per connected peer not known to hold the piece).
     pub haves_delivered: u64,
+    /// The most connections any node had at once, and that node.
+    pub peak_links: (usize, u32),
     pub events: u64,
     /// Events by kind, in the order of [`EVENT_KINDS`].
     pub events_by_kind: [u64; EVENT_KINDS.len()],
@@ -287,6 +289,7 @@ pub struct World {
     pub(crate) scratch_links: Vec<Link>,
     /// `Have`s delivered to a peer.
     pub(crate) haves_delivered: u64,
+    pub(crate) peak_links: (usize, u32),
 }
 
 impl World {
@@ -389,6 +392,7 @@ impl World {
             upstream_done_at: None,
             scratch_links: Vec::new(),
             haves_delivered: 0,
+            peak_links: (0, 0),
         })
     }
 
@@ -471,6 +475,7 @@ impl World {
             end: self.now,
             timed_out,
             haves_delivered: self.haves_delivered,
+            peak_links: self.peak_links,
             zone_in_bytes: self.zone_links.iter().map(|&(_, inbound)| self.net.carried(inbound)).sum(),
             all_out_at: self.all_out_at,
             upstream_done_at: self.upstream_done_at,
