@@ -141,8 +141,8 @@ pub struct SimNode {
     /// Requests refused while fresh, re-announced as soon as the hold ends early
     /// (requester, its key for this node, piece).
     pub refused: Vec<(u32, PeerKey, u32)>,
-    /// Uploads started per piece: a free slot goes to the queued request for the
-    /// piece sent the fewest times.
+    /// A source's uploads started per piece: its free slot goes to the queued
+    /// request for the piece sent the fewest times. Empty elsewhere (arrival order).
     pub sends: Vec<u32>,
     /// Piece bytes verified from peers or upstream.
     pub downloaded: u64,
@@ -663,10 +663,12 @@ impl World {
         hops += 1;
         let sender = &mut self.nodes[f.sender as usize];
         sender.slots_free -= 1;
-        if sender.sends.is_empty() {
-            sender.sends = vec![0; self.pieces as usize];
+        if !sender.first_sent.is_empty() {
+            if sender.sends.is_empty() {
+                sender.sends = vec![0; self.pieces as usize];
+            }
+            sender.sends[f.piece as usize] += 1;
         }
-        sender.sends[f.piece as usize] += 1;
         let flow = self.net.start(self.now, u64::from(f.len), &path[..hops], FlowTag::Fetch(id));
         if let Some(f) = self.fetches.get_mut(id) {
             f.state = FetchState::Flowing(flow);
@@ -683,11 +685,8 @@ impl World {
         while self.nodes[s as usize].slots_free > 0 {
             let node = &self.nodes[s as usize];
             // `UploadSlots::release`: on a source the least-sent piece first, the oldest
-            // among equals; elsewhere the oldest.
-            let source = !node.first_sent.is_empty();
-            let sent = |id: &FetchId| {
-                self.fetches.get(*id).and_then(|f| node.sends.get(f.piece as usize).copied()).filter(|_| source)
-            };
+            // among equals; elsewhere (`sends` empty) the oldest.
+            let sent = |id: &FetchId| self.fetches.get(*id).and_then(|f| node.sends.get(f.piece as usize).copied());
             let next = node.upload_queue.iter().min_by_key(|&(&seq, id)| (sent(id).unwrap_or(0), seq)).map(|(&s, _)| s);
             let Some(id) = next.and_then(|seq| self.nodes[s as usize].upload_queue.remove(&seq)) else { break };
             if self.fetches.get(id).is_some() {

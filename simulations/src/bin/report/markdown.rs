@@ -37,7 +37,6 @@ pub fn size(bytes: u64) -> String {
     }
 }
 
-/// `2e8` (bits/s) → `200 Mbit/s`.
 /// A simulator run's node upload rates: `min–max (mean m)` when they differ.
 fn node_up(r: &SimReport) -> String {
     match (r.node_up_min_bps, r.node_up_mean_bps, r.node_up_max_bps) {
@@ -49,6 +48,7 @@ fn node_up(r: &SimReport) -> String {
     }
 }
 
+/// `2e8` (bits/s) → `200 Mbit/s`.
 pub fn rate(bps: f64) -> String {
     let (v, unit) = if bps >= 1e9 {
         (bps / 1e9, "Gbit/s")
