@@ -115,7 +115,7 @@ impl SwarmProvider {
                     "no layout for {digest} published within {LAYOUT_WAIT:?} by the node fetching it"
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(swarm_core::node::LAYOUT_RETRY).await;
         }
     }
 

@@ -1,6 +1,6 @@
 //! The swarm peer agent.
 //!
-//! - [`scheduler`]: sans-IO piece picking and peer choosing (no tokio, no I/O).
+//! - [`scheduler`]: sans-IO piece picking and peer choosing, from `swarm-core`.
 //! - [`store`]: blobs on disk, one data file plus a persisted bitfield per blob.
 //! - [`node`]: the QUIC peer that drives the scheduler, serves uploads and talks to the
 //!   tracker.
@@ -13,7 +13,7 @@
 pub mod agent;
 pub mod mirror;
 pub mod node;
-pub mod scheduler;
+pub use swarm_core::scheduler;
 pub mod store;
 pub mod upload;
 pub mod upstream;

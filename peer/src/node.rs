@@ -44,22 +44,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, trace, warn};
 
-use crate::scheduler::{Action, Candidate, PeerKey, RequestFailure, Scheduler, SchedulerConfig, choose_peers};
 use crate::store::{BlobFile, Store, StoreError};
 use crate::upload::{SLOT_WAIT, UploadLedger, UploadSlots};
+use swarm_core::node::{CONNECT_BACKOFF, HASH_SYNC, NodePolicy};
+use swarm_core::scheduler::{Action, Candidate, PeerKey, RequestFailure, Scheduler, choose_peers};
 
 /// How long a handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `shutdown` waits for the node's tasks to end.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
-/// Re-announce this often while the swarm has fewer peers than wanted.
-const EAGER_ANNOUNCE: Duration = Duration::from_secs(2);
-/// Pause before asking the tracker for piece hashes again after an answer without
-/// new ones (the tracker holds a `GetHashes` until a publish, up to
-/// `swarm_tracker::server::HASHES_WAIT`, so after new hashes the next ask goes at once).
-pub const HASH_SYNC: Duration = Duration::from_millis(150);
-/// Do not retry a peer address that failed for this long.
-const CONNECT_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Uploads are paced in chunks of this many bytes when a rate cap is set.
 const PACING_CHUNK: usize = 64 * 1024;
@@ -73,18 +66,13 @@ pub struct NodeConfig {
     pub zone: String,
     /// Address to announce instead of the one the tracker observes.
     pub advertise: Option<SocketAddr>,
-    /// Concurrent piece uploads across all blobs.
-    pub upload_slots: usize,
-    /// Peers to dial per blob (peers that dial us are accepted beyond it).
-    pub max_peers: usize,
-    /// Bytes of piece buffers that may be in flight across all downloads.
-    pub receive_budget: usize,
+    /// What the node does in its swarms (peers, slots, budget, piece picking): the
+    /// defaults the simulator runs with too.
+    pub policy: NodePolicy,
     /// How long `fetch` waits for the tracker to learn the blob's metainfo.
     pub metainfo_wait: Duration,
     /// Cap on the bytes per second this node uploads (None: unlimited).
     pub upload_rate: Option<u64>,
-    /// Piece-picking policy.
-    pub scheduler: SchedulerConfig,
 }
 
 impl NodeConfig {
@@ -94,18 +82,9 @@ impl NodeConfig {
             data_dir,
             zone: String::new(),
             advertise: None,
-            // Slots are held until the requester acknowledges the last byte; with 4,
-            // that acknowledgement's trip left a source's link idle between pieces
-            // (emulated in-cluster run: 1.32-1.41 x T_min against 1.29-1.33 with 8).
-            upload_slots: 8,
-            // 16 rather than 32: in the simulator (1,000 nodes x 1 GiB) it finished as
-            // fast or faster in the edge, in-cluster and churn runs, with half the
-            // `Have` traffic (see docs/benchmarks.md).
-            max_peers: 16,
-            receive_budget: 16 << 20,
+            policy: NodePolicy::default(),
             metainfo_wait: Duration::from_secs(30),
             upload_rate: None,
-            scheduler: SchedulerConfig::default(),
         }
     }
 }
@@ -261,14 +240,14 @@ impl Node {
     pub fn start(endpoint: Endpoint, tracker: SocketAddr, config: NodeConfig) -> Result<Self, NodeError> {
         let store = Store::open(&config.data_dir)?;
         let peer_id = PeerId(rand::thread_rng().r#gen());
-        let budget_kib = (config.receive_budget / 1024).max(1);
+        let budget_kib = config.policy.receive_budget_kib() as usize;
         let config_rate = config.upload_rate;
         let inner = Arc::new(Inner {
             peer_id,
             tracker: TrackerClient::new(endpoint.clone(), tracker),
             endpoint,
             store,
-            upload_slots: UploadSlots::new(config.upload_slots),
+            upload_slots: UploadSlots::new(config.policy.upload_slots),
             receive_budget: Arc::new(Semaphore::new(budget_kib)),
             config,
             swarms: Mutex::new(HashMap::new()),
@@ -477,7 +456,7 @@ impl Node {
         };
         let (progress_tx, progress_rx) = watch::channel(progress);
         let seed = rand::thread_rng().r#gen();
-        let scheduler = Scheduler::new(self.inner.config.scheduler.clone(), metainfo.piece_length, have, seed);
+        let scheduler = Scheduler::new(self.inner.config.policy.scheduler.clone(), metainfo.piece_length, have, seed);
         let actor = SwarmActor {
             node: self.clone(),
             blob: blob.clone(),
@@ -765,15 +744,17 @@ impl SwarmActor {
             }
             Event::TrackerPeers { peers, interval } => {
                 self.announcing = false;
-                let eager = self.peers.len() < self.node.inner.config.max_peers / 2 && !self.scheduler.is_complete();
-                self.next_announce =
-                    tokio::time::Instant::now() + if eager { EAGER_ANNOUNCE.min(interval) } else { interval };
+                let policy = &self.node.inner.config.policy;
+                let after = policy.next_announce(Some(interval), self.peers.len(), self.scheduler.is_complete());
+                self.next_announce = tokio::time::Instant::now() + after;
                 self.connect_to(peers, now);
             }
             Event::TrackerFailed(reason) => {
                 self.announcing = false;
                 warn!(%reason, "announce failed; retrying");
-                self.next_announce = tokio::time::Instant::now() + EAGER_ANNOUNCE;
+                let policy = &self.node.inner.config.policy;
+                let after = policy.next_announce(None, self.peers.len(), self.scheduler.is_complete());
+                self.next_announce = tokio::time::Instant::now() + after;
             }
             Event::Finished(result) => {
                 if self.lease_holder {
@@ -1057,7 +1038,7 @@ impl SwarmActor {
             zone: inner.config.zone.clone(),
             have: have.count(),
             complete,
-            num_want: inner.config.max_peers as u32,
+            num_want: inner.config.policy.max_peers as u32,
         };
         let node = self.node.clone();
         let inbox = self.inbox_tx.clone();
@@ -1095,7 +1076,7 @@ impl SwarmActor {
                     && !self.failed.contains_key(&p.addr)
             })
             .collect();
-        let wanted = self.node.inner.config.max_peers.saturating_sub(self.peers.len() + self.connecting.len());
+        let wanted = self.node.inner.config.policy.max_peers.saturating_sub(self.peers.len() + self.connecting.len());
         if fresh.is_empty() || wanted == 0 {
             return;
         }

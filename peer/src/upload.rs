@@ -27,12 +27,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-/// How long a source (a seed or the upstream lease holder) keeps a piece it has just
-/// uploaded to one peer from going to others, so that they fetch it from that peer.
-pub const FRESH_HOLD: Duration = Duration::from_millis(400);
-
-/// How long a request waits for an upload slot before it is answered `Busy`.
-pub const SLOT_WAIT: Duration = Duration::from_millis(500);
+pub use swarm_core::node::{FRESH_HOLD, SLOT_WAIT};
 
 /// Spreads fresh pieces from a source and counts every blob's uploads per piece.
 ///

@@ -1,7 +1,7 @@
 //! `swarm-sim`: a discrete-event, flow-level network simulator that runs the **real**
-//! swarm policy — `swarm_peer::scheduler::Scheduler` on every node,
-//! `swarm_peer::scheduler::choose_peers` for connection choice and
-//! `swarm_tracker::state::TrackerState` as the tracker — through their sans-IO
+//! swarm policy — `swarm_core::scheduler::Scheduler` on every node,
+//! `swarm_core::scheduler::choose_peers` for connection choice and
+//! `swarm_core::tracker::TrackerState` as the tracker — through their sans-IO
 //! interfaces, with virtual time.
 //!
 //! # What is modelled

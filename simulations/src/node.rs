@@ -38,7 +38,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use rand::rngs::StdRng;
-use swarm_peer::scheduler::{Action, Candidate, PeerKey, RequestFailure, Scheduler, SchedulerConfig, choose_peers};
+use swarm_core::node::{self, NodePolicy};
+use swarm_core::scheduler::{Action, Candidate, PeerKey, RequestFailure, Scheduler, SchedulerConfig, choose_peers};
 use swarm_proto::msg::{Announce, LeaseReply, PeerInfo, TrackerRequest, TrackerResponse};
 use swarm_proto::{Layout, PeerId};
 
@@ -236,18 +237,18 @@ impl Default for DriverConfig {
     /// The values of `NodeConfig::new` and the constants of `peer/src/node.rs`.
     fn default() -> Self {
         // Taken from the real node's defaults, so the two cannot drift apart.
-        let node = swarm_peer::node::NodeConfig::new(std::path::PathBuf::new());
+        let node = NodePolicy::default();
         Self {
             max_peers: node.max_peers,
             upload_slots: node.upload_slots,
             receive_budget: node.receive_budget,
-            slot_wait: swarm_peer::upload::SLOT_WAIT,
-            eager_announce: Duration::from_secs(2),
-            connect_backoff: Duration::from_secs(5),
-            hash_sync: swarm_peer::node::HASH_SYNC,
-            layout_retry: Duration::from_millis(100),
-            fresh_hold: swarm_peer::upload::FRESH_HOLD,
-            scheduler: SchedulerConfig::default(),
+            slot_wait: node::SLOT_WAIT,
+            eager_announce: node::EAGER_ANNOUNCE,
+            connect_backoff: node::CONNECT_BACKOFF,
+            hash_sync: node::HASH_SYNC,
+            layout_retry: node::LAYOUT_RETRY,
+            fresh_hold: node::FRESH_HOLD,
+            scheduler: node.scheduler,
         }
     }
 }

@@ -24,7 +24,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use swarm_tracker::state::TrackerConfig;
+use swarm_core::tracker::TrackerConfig;
 
 use crate::model::{FlowNet, Nanos, nanos};
 use crate::node::{DriverConfig, Role};

@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use swarm_peer::scheduler::{PeerKey, Scheduler, SchedulerStats};
+use swarm_core::scheduler::{PeerKey, Scheduler, SchedulerStats};
+use swarm_core::tracker::{TrackerConfig, TrackerState};
 use swarm_proto::msg::{PeerInfo, TrackerRequest, TrackerResponse};
 use swarm_proto::{Bitfield, Digest, Metainfo, PeerId};
-use swarm_tracker::state::{TrackerConfig, TrackerState};
 
 use crate::model::{Clock, EventQueue, FlowNet, Nanos, NetStats, ResId, nanos};
 use crate::node::{DriverConfig, FetchId, Fetches, Link, Role, SimNode, node_addr};

@@ -19,7 +19,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::{LeaseState, LeaseStatus, TrackerConfig, TrackerError, TrackerState};
+use crate::{LeaseState, LeaseStatus, TrackerConfig, TrackerState};
 
 /// How long a peer may take to send its request once it opened a stream.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -42,7 +42,7 @@ struct SharedState {
 /// Runs the tracker on `endpoint` until `cancel` fires or the endpoint is closed.
 /// On the way out it closes the endpoint (every peer sees a
 /// [`codes::SHUTDOWN`] close and reconnects to the next tracker on its next request).
-pub async fn serve(endpoint: Endpoint, config: TrackerConfig, cancel: CancellationToken) -> Result<(), TrackerError> {
+pub async fn serve(endpoint: Endpoint, config: TrackerConfig, cancel: CancellationToken) -> Result<(), NetError> {
     let local = endpoint.local_addr()?;
     info!(%local, interval = ?config.announce_interval, ttl = ?config.peer_ttl, "tracker listening");
     let expire_every = (config.peer_ttl / 3).clamp(Duration::from_millis(100), Duration::from_secs(30));

@@ -29,11 +29,10 @@ use rand::{Rng, SeedableRng};
 use swarm_proto::msg::{
     Announce, MAX_PEERS_PER_REPLY, MAX_ZONE_LEN, PeerInfo, TrackerErrorCode, TrackerRequest, TrackerResponse,
 };
-use swarm_proto::{Digest, Metainfo, PeerId};
+use swarm_proto::{Digest, Metainfo, PeerId, ProtoError};
 
 use self::lease::Upstream;
 pub use self::lease::{LeaseState, LeaseStatus, MAX_FAILURE_REASON_LEN, MAX_HASHES_PER_REPLY};
-use crate::TrackerError;
 
 pub mod lease;
 
@@ -472,11 +471,64 @@ impl TrackerError {
             | TrackerError::HashesPastEnd { .. }
             | TrackerError::NotLeaseHolder { .. }
             | TrackerError::ZoneTooLong { .. }
-            | TrackerError::Unreachable { .. }
-            | TrackerError::Net(_) => TrackerErrorCode::Invalid,
+            | TrackerError::Unreachable { .. } => TrackerErrorCode::Invalid,
         }
     }
 }
 
 #[cfg(test)]
 mod tests;
+
+/// Errors of the tracker state. Request errors are sent back to the peer
+/// as a [`TrackerResponse::Error`](swarm_proto::msg::TrackerResponse::Error) with
+/// [`TrackerError::code`].
+#[derive(Debug, thiserror::Error)]
+pub enum TrackerError {
+    /// The metainfo breaks the protocol's rules.
+    #[error("invalid metainfo for {blob}: {source}")]
+    InvalidMetainfo {
+        blob: Digest,
+        #[source]
+        source: ProtoError,
+    },
+    /// A different metainfo is already registered for this digest.
+    #[error("a different metainfo is already registered for {blob}")]
+    Conflict { blob: Digest },
+    /// Nothing is registered for this digest.
+    #[error("no metainfo is registered for {blob}")]
+    UnknownBlob { blob: Digest },
+    /// A published layout breaks the protocol's rules.
+    #[error("invalid layout for {blob}: {source}")]
+    InvalidLayout {
+        blob: Digest,
+        #[source]
+        source: ProtoError,
+    },
+    /// Published hashes come under another layout than the one recorded.
+    #[error(
+        "{blob} is recorded as {known_length} bytes in pieces of {known_piece_length}, \
+         not {length} bytes in pieces of {piece_length}"
+    )]
+    LayoutConflict { blob: Digest, known_length: u64, known_piece_length: u32, length: u64, piece_length: u32 },
+    /// A published or registered hash differs from the one already recorded.
+    #[error("piece {piece} of {blob} already has a different hash")]
+    HashConflict { blob: Digest, piece: u32 },
+    /// Published hashes start past the known prefix.
+    #[error("hashes from piece {first} of {blob} would leave a gap: only {known} are known")]
+    HashGap { blob: Digest, first: u32, known: u32 },
+    /// Published hashes reach past the blob's last piece.
+    #[error("{count} hashes from piece {first} reach past the {pieces} pieces of {blob}")]
+    HashesPastEnd { blob: Digest, first: u32, count: usize, pieces: u32 },
+    /// Only the holder of a blob's upstream lease may publish hashes or release it.
+    #[error("peer {peer_id} is not the lease holder of {blob}")]
+    NotLeaseHolder { peer_id: PeerId, blob: Digest },
+    /// No piece hashes (metainfo or partial) are known for this digest.
+    #[error("no piece hashes are known for {blob}")]
+    NoHashes { blob: Digest },
+    /// The announce's zone label is too long.
+    #[error("zone label of {len} bytes exceeds the limit of {max}")]
+    ZoneTooLong { len: usize, max: usize },
+    /// The announce gives no address other peers could dial.
+    #[error("peer {peer_id} announced the unreachable address {addr} (set a listen port or an advertise address)")]
+    Unreachable { peer_id: PeerId, addr: SocketAddr },
+}

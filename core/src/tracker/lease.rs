@@ -46,8 +46,8 @@ use std::time::{Duration, Instant};
 use swarm_proto::msg::LeaseReply;
 use swarm_proto::{Digest, Layout, Metainfo, PeerId};
 
+use super::TrackerError;
 use super::{BlobEntry, TrackerState};
-use crate::TrackerError;
 
 /// Most hashes sent in one [`TrackerResponse::Hashes`](swarm_proto::msg::TrackerResponse::Hashes)
 /// (2 MiB of hashes): a blob with more pieces is read in several `GetHashes`.

@@ -7,7 +7,7 @@ use swarm_proto::msg::{Announce, LeaseReply, TrackerErrorCode, TrackerRequest, T
 use swarm_proto::{Digest, Layout, Metainfo, PeerId};
 
 use super::{LeaseState, MAX_FAILURE_REASON_LEN, MAX_HASHES_PER_REPLY};
-use crate::{TrackerConfig, TrackerError, TrackerState};
+use crate::tracker::{TrackerConfig, TrackerError, TrackerState};
 
 const PIECE: u32 = 256 * 1024;
 

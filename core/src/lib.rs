@@ -1,0 +1,22 @@
+//! swarm's sans-IO cores: every decision of a node and of the tracker, with no
+//! sockets, no file system, no async runtime and no clock. Callers pass `now` (an
+//! [`std::time::Instant`]) into every call and pull the resulting actions out, in the
+//! way quinn-proto holds all of QUIC's state while `quinn` only moves bytes.
+//!
+//! Two drivers run these cores: the daemon (`swarm-peer` and `swarm-tracker`, with
+//! QUIC, the piece store and the upstream HTTP client) and the network simulator
+//! (`swarm-simulations`, with virtual time and modelled links). A rule written here is
+//! therefore the same rule in the real program and in every simulated figure; neither
+//! driver re-implements one.
+//!
+//! - [`node`]: a node's settings and timing rules (peers, slots, budgets, announce
+//!   and hash-sync cadence, back-off).
+//! - [`scheduler`]: one blob's piece picking and peer choosing (rarest first,
+//!   endgame, timeouts, bad-piece accounting).
+//! - [`tracker`]: the tracker's state: who holds or wants which blob, the metainfo,
+//!   upstream leases and the piece hashes published while a blob streams in.
+
+pub mod node;
+pub mod scheduler;
+pub mod tracker;
+pub mod upload;
