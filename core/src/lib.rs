@@ -11,6 +11,10 @@
 //!
 //! - [`node`]: a node's settings and timing rules (peers, slots, budgets, announce
 //!   and hash-sync cadence, back-off).
+//! - [`swarm`]: one blob's swarm on a node around its scheduler: peers, dials,
+//!   bans, announces, piece-hash knowledge, `Have` fan-out, the blob's end.
+//! - [`upload`]: the node's upload slots and each blob's upload ledger (who is served
+//!   next, which fresh pieces a source holds back).
 //! - [`scheduler`]: one blob's piece picking and peer choosing (rarest first,
 //!   endgame, timeouts, bad-piece accounting).
 //! - [`tracker`]: the tracker's state: who holds or wants which blob, the metainfo,
@@ -18,5 +22,6 @@
 
 pub mod node;
 pub mod scheduler;
+pub mod swarm;
 pub mod tracker;
 pub mod upload;

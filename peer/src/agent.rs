@@ -145,7 +145,7 @@ impl SwarmProvider {
         let d =
             self.node.fetch_partial(layout, 0, Vec::new()).await.map_err(|e| ProviderError::Other(e.to_string()))?;
         info!(%digest, length = layout.length, resume_from, "fetching from upstream as the lease holder");
-        self.node.hold_lease(&digest);
+        self.node.hold_lease(&digest).await;
         spawn_feed(self.node.clone(), self.upstream.clone(), req.clone(), d.blob().clone(), Some(blob), resume_from);
         Ok(d)
     }
@@ -184,7 +184,7 @@ impl SwarmProvider {
                             // are gone with it: start at our first missing piece.
                             let resume_from = blob.have().zeros().next().unwrap_or(resume_from).min(resume_from);
                             warn!(resume_from, "upstream fetch stalled elsewhere; taking over the lease");
-                            node.hold_lease(&req.digest);
+                            node.hold_lease(&req.digest).await;
                             spawn_feed(node.clone(), upstream.clone(), req.clone(), blob.clone(), None, resume_from);
                             return;
                         }
@@ -232,7 +232,7 @@ fn spawn_feed(
             if let Err(reason) = result {
                 warn!(%reason, "upstream fetch failed");
                 let _ = node.tracker().release_lease(node.peer_id(), req.digest, Some(reason.clone())).await;
-                node.abandon(&req.digest, reason);
+                node.abandon(&req.digest, reason).await;
             }
         }
         .instrument(span),
@@ -299,7 +299,7 @@ async fn feed(
         unpublished.clear();
         last_publish = Instant::now();
         if stored {
-            node.upstream_piece(&req.digest, piece);
+            node.upstream_piece(&req.digest, piece).await;
         }
         piece += 1;
     }

@@ -25,7 +25,7 @@
 //! is verified and written, bounded by a node-wide receive budget; uploads are bounded
 //! by a node-wide number of slots. Everything else streams.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,14 +45,31 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, trace, warn};
 
 use crate::store::{BlobFile, Store, StoreError};
-use crate::upload::{SLOT_WAIT, UploadLedger, UploadSlots};
-use swarm_core::node::{CONNECT_BACKOFF, HASH_SYNC, NodePolicy};
-use swarm_core::scheduler::{Action, Candidate, PeerKey, RequestFailure, Scheduler, choose_peers};
+use crate::upload::{UploadLedger, UploadSlots};
+use swarm_core::node::NodePolicy;
+use swarm_core::scheduler::{PeerKey, RequestFailure};
+use swarm_core::swarm::{
+    AnnounceReply, CloseReason, HashesReply as SwarmHashes, PieceOutcome, Refused, Swarm, SwarmAction,
+};
 
 /// How long a handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `shutdown` waits for the node's tasks to end.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
+/// Events queued for one blob's actor. Senders (connection readers, fetch and tracker
+/// tasks, the agent) wait while it is full, so a peer flooding its control stream is
+/// slowed to the actor's pace (QUIC flow control pushes back on it) instead of
+/// growing the node's memory. An event is at most a few hundred bytes (a tracker
+/// reply carries at most 200 peers, ~20 KiB): at most ~20 MiB per blob, typically
+/// far less.
+pub const INBOX_CAPACITY: usize = 1024;
+/// Control messages (bitfield, `Have`s) queued for one peer's control writer. A `Have`
+/// is about 10 bytes on the wire and a piece at least 64 KiB, so a peer that reads its
+/// control stream never falls this far behind; one whose queue fills has stopped
+/// reading, and is disconnected (logged) rather than a message being dropped. Worst
+/// case ~128 KiB per connection (plus one bitfield of up to 128 KiB).
+pub const CONTROL_QUEUE: usize = 4096;
 
 /// Uploads are paced in chunks of this many bytes when a rate cap is set.
 const PACING_CHUNK: usize = 64 * 1024;
@@ -231,7 +248,7 @@ struct Inner {
 #[derive(Clone)]
 struct SwarmHandle {
     blob: Arc<BlobFile>,
-    inbox: mpsc::UnboundedSender<Event>,
+    inbox: mpsc::Sender<Event>,
     progress: watch::Receiver<Progress>,
 }
 
@@ -362,26 +379,26 @@ impl Node {
 
     /// Tells `digest`'s swarm that a piece was stored from outside the swarm (the
     /// upstream registry); it is announced to every peer at once.
-    pub fn upstream_piece(&self, digest: &Digest, piece: u32) {
+    pub async fn upstream_piece(&self, digest: &Digest, piece: u32) {
         if let Some(h) = self.swarm(digest) {
-            let _ = h.inbox.send(Event::UpstreamPiece(piece));
+            let _ = h.inbox.send(Event::UpstreamPiece(piece)).await;
         }
     }
 
     /// Marks this node as the holder of `digest`'s upstream lease: when the blob is
     /// complete (or fails its final check) the swarm releases the lease.
-    pub fn hold_lease(&self, digest: &Digest) {
+    pub async fn hold_lease(&self, digest: &Digest) {
         if let Some(h) = self.swarm(digest) {
-            let _ = h.inbox.send(Event::LeaseHeld);
+            let _ = h.inbox.send(Event::LeaseHeld).await;
         }
     }
 
     /// Abandons the download of `digest` (its upstream fetch failed): waiters see the
     /// reason, the swarm stops and the next request starts afresh.
-    pub fn abandon(&self, digest: &Digest, reason: String) {
+    pub async fn abandon(&self, digest: &Digest, reason: String) {
         let h = self.inner.swarms.lock().unwrap_or_else(|e| e.into_inner()).remove(digest);
         if let Some(h) = h {
-            let _ = h.inbox.send(Event::Abandon(reason));
+            let _ = h.inbox.send(Event::Abandon(reason)).await;
         }
     }
 
@@ -443,7 +460,7 @@ impl Node {
         if let Some(h) = swarms.get(&digest) {
             return h.clone();
         }
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
         let have = blob.have();
         let metainfo = blob.layout();
         let progress = Progress {
@@ -455,30 +472,28 @@ impl Node {
             state: DownloadState::Running,
         };
         let (progress_tx, progress_rx) = watch::channel(progress);
-        let seed = rand::thread_rng().r#gen();
-        let scheduler = Scheduler::new(self.inner.config.policy.scheduler.clone(), metainfo.piece_length, have, seed);
+        let config = &self.inner.config;
+        let swarm = Swarm::new(
+            self.inner.peer_id,
+            config.zone.clone(),
+            &config.policy,
+            metainfo.piece_length,
+            have,
+            blob.known_hashes(),
+            rand::thread_rng().r#gen(),
+            Instant::now(),
+        );
         let actor = SwarmActor {
             node: self.clone(),
             blob: blob.clone(),
             inbox_tx: tx.clone(),
             inbox: rx,
-            scheduler,
-            peers: HashMap::new(),
-            by_id: HashMap::new(),
+            swarm,
+            links: HashMap::new(),
             requests: HashMap::new(),
-            next_key: 0,
-            connecting: HashSet::new(),
-            failed: HashMap::new(),
-            banned: HashSet::new(),
             progress: progress_tx,
-            next_announce: tokio::time::Instant::now(),
-            announcing: false,
-            finishing: false,
-            deferred: Vec::new(),
-            syncing: false,
-            next_sync: tokio::time::Instant::now(),
-            lease_holder: false,
             ledger: Arc::new(UploadLedger::new(blob.layout().piece_count(), blob.is_complete())),
+            recipients: Vec::new(),
         };
         let span = info_span!("swarm", peer = %self.inner.peer_id.short(), blob = %digest.short());
         self.spawn(actor.run().instrument(span));
@@ -535,7 +550,8 @@ impl Node {
         };
         let reply = PeerMessage::Handshake { version: PROTOCOL_VERSION, peer_id: self.inner.peer_id, blob };
         write_msg(&mut send, &reply).await?;
-        let _ = swarm.inbox.send(Event::Connected(Box::new(NewPeer { conn, peer_id, send, recv, outbound: false })));
+        let _ =
+            swarm.inbox.send(Event::Connected(Box::new(NewPeer { conn, peer_id, send, recv, outbound: false }))).await;
         Ok(())
     }
 }
@@ -553,6 +569,25 @@ struct NewPeer {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     outbound: bool,
+}
+
+/// The queue of control messages to one peer (drained by its control writer task).
+#[derive(Clone)]
+pub(crate) struct ControlTx {
+    tx: mpsc::Sender<PeerMessage>,
+    conn: quinn::Connection,
+}
+
+impl ControlTx {
+    /// Queues `msg` for the peer. A full queue means the peer stopped reading its
+    /// control stream (see [`CONTROL_QUEUE`]): it is disconnected rather than the
+    /// message dropped. A closed queue means the peer is gone already.
+    pub(crate) fn send(&self, msg: PeerMessage) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(msg) {
+            warn!(peer = %self.conn.remote_address(), "control queue full: the peer stopped reading; disconnecting");
+            self.conn.close(codes::PROTOCOL_ERROR.into(), b"control queue full");
+        }
+    }
 }
 
 /// What a fetch task reports.
@@ -595,40 +630,27 @@ enum Event {
     Abandon(String),
 }
 
-struct PeerState {
-    peer_id: PeerId,
+/// The I/O side of one connection of a swarm.
+struct PeerLink {
     conn: quinn::Connection,
-    control: mpsc::UnboundedSender<PeerMessage>,
-    outbound: bool,
+    control: ControlTx,
 }
 
-/// Owns one blob's scheduler and connections. See the module docs.
+/// Drives one blob's [`Swarm`] core: turns network, store and tracker events into
+/// core calls and the core's actions into tasks. See the module docs.
 struct SwarmActor {
     node: Node,
     blob: Arc<BlobFile>,
-    inbox_tx: mpsc::UnboundedSender<Event>,
-    inbox: mpsc::UnboundedReceiver<Event>,
-    scheduler: Scheduler,
-    peers: HashMap<PeerKey, PeerState>,
-    by_id: HashMap<PeerId, PeerKey>,
+    inbox_tx: mpsc::Sender<Event>,
+    inbox: mpsc::Receiver<Event>,
+    swarm: Swarm,
+    links: HashMap<PeerKey, PeerLink>,
     requests: HashMap<(PeerKey, u32), AbortHandle>,
-    next_key: u64,
-    connecting: HashSet<SocketAddr>,
-    failed: HashMap<SocketAddr, Instant>,
-    /// Peers dropped for sending bad pieces: never reconnected for this blob.
-    banned: HashSet<PeerId>,
     progress: watch::Sender<Progress>,
-    next_announce: tokio::time::Instant,
-    announcing: bool,
-    finishing: bool,
-    /// Haves of pieces whose hash is not known yet, replayed when it is.
-    deferred: Vec<(PeerKey, u32)>,
-    /// A GetHashes request is under way.
-    syncing: bool,
-    next_sync: tokio::time::Instant,
-    lease_holder: bool,
     /// First-upload times, for spreading fresh pieces (see [`UploadLedger`]).
     ledger: Arc<UploadLedger>,
+    /// Scratch list of a `Have`'s recipients.
+    recipients: Vec<PeerKey>,
 }
 
 impl SwarmActor {
@@ -638,12 +660,11 @@ impl SwarmActor {
 
     async fn run(mut self) {
         let cancel = self.node.inner.cancel.clone();
-        if self.scheduler.is_complete() {
-            self.start_finish();
-        }
+        self.swarm.start(Instant::now());
+        self.drain_actions();
         loop {
-            let deadline = self.scheduler.poll_timeout().map(tokio::time::Instant::from_std);
-            let sched_sleep = async {
+            let deadline = self.swarm.poll_timeout().map(tokio::time::Instant::from_std);
+            let timer = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d).await,
                     None => std::future::pending().await,
@@ -656,16 +677,14 @@ impl SwarmActor {
                     Some(ev) => self.handle(ev),
                     None => break,
                 },
-                _ = sched_sleep => self.scheduler.handle_timeout(Instant::now()),
-                _ = tokio::time::sleep_until(self.next_announce), if !self.announcing => self.announce(),
-                _ = tokio::time::sleep_until(self.next_sync), if self.needs_hashes() => self.sync_hashes(),
+                _ = timer => self.swarm.handle_timeout(Instant::now()),
             }
             self.drain_actions();
         }
         for (_, h) in self.requests.drain() {
             h.abort();
         }
-        for p in self.peers.values() {
+        for p in self.links.values() {
             p.conn.close(codes::SHUTDOWN.into(), b"shutting down");
         }
     }
@@ -676,149 +695,86 @@ impl SwarmActor {
             Event::UpstreamPiece(piece) => {
                 let len = u64::from(self.blob.layout().piece_len(piece));
                 self.node.inner.counters.from_upstream.fetch_add(len, Ordering::Relaxed);
-                self.scheduler.local_piece(piece, now);
+                self.swarm.upstream_piece(piece, now);
             }
             Event::LeaseHeld => {
-                self.lease_holder = true;
+                self.swarm.hold_lease();
                 self.ledger.enable_hold();
             }
             Event::Hashes(reply) => {
-                self.syncing = false;
-                let fresh = reply.as_ref().is_some_and(|r| !r.hashes.is_empty());
-                self.next_sync = tokio::time::Instant::now() + if fresh { Duration::ZERO } else { HASH_SYNC };
-                match reply {
+                let reply = match reply {
                     Some(r) => match self.blob.add_hashes(r.first, &r.hashes) {
-                        Ok(_) => self.replay_deferred(now),
-                        Err(e) => warn!(error = %e, "tracker hashes conflict with ours"),
+                        Ok(_) => SwarmHashes::Known(self.blob.known_hashes()),
+                        Err(e) => {
+                            warn!(error = %e, "tracker hashes conflict with ours");
+                            SwarmHashes::Failed
+                        }
                     },
-                    None if !self.lease_holder => {
-                        self.abandon("the upstream fetch of this blob failed (the tracker dropped it)".into());
-                    }
-                    None => {}
-                }
+                    None => SwarmHashes::Forgotten,
+                };
+                self.swarm.hashes(reply, now);
             }
-            Event::HashSyncFailed => {
-                self.syncing = false;
-                self.next_sync = tokio::time::Instant::now() + HASH_SYNC;
-            }
+            Event::HashSyncFailed => self.swarm.hashes(SwarmHashes::Failed, now),
             Event::Abandon(reason) => self.abandon(reason),
             Event::Connected(p) => self.add_peer(*p, now),
-            Event::ConnectFailed(addr) => {
-                self.connecting.remove(&addr);
-                self.failed.insert(addr, now);
-            }
+            Event::ConnectFailed(addr) => self.swarm.dial_failed(addr, now),
             Event::Control { key, msg } => self.control(key, msg, now),
             Event::Closed { key } => self.remove_peer(key, now),
             Event::Piece { key, piece, outcome } => {
                 self.requests.remove(&(key, piece));
-                trace!(piece, peer = ?self.peers.get(&key).map(|p| p.peer_id), ?outcome, "request ended");
-                match outcome {
+                let peer_id = self.swarm.peer_id(key);
+                trace!(piece, peer = ?peer_id, ?outcome, "request ended");
+                let outcome = match outcome {
                     Outcome::Verified => {
-                        if let Some(p) = self.peers.get(&key) {
+                        if let Some(peer_id) = peer_id {
                             let len = u64::from(self.blob.layout().piece_len(piece));
                             let mut map =
                                 self.node.inner.counters.downloaded_from.lock().unwrap_or_else(|e| e.into_inner());
-                            *map.entry(p.peer_id).or_default() += len;
+                            *map.entry(peer_id).or_default() += len;
                         }
-                        self.scheduler.piece_verified(key, piece, now);
+                        PieceOutcome::Verified
                     }
                     Outcome::BadPiece => {
                         self.node.inner.counters.bad_pieces.fetch_add(1, Ordering::Relaxed);
-                        warn!(piece, peer = ?self.peers.get(&key).map(|p| p.peer_id), "piece failed verification");
-                        self.scheduler.piece_failed(key, piece, now);
+                        warn!(piece, peer = ?peer_id, "piece failed verification");
+                        PieceOutcome::BadPiece
                     }
-                    Outcome::Rejected(RejectReason::Busy) => {
-                        self.scheduler.request_failed(key, piece, RequestFailure::Busy, now)
-                    }
-                    Outcome::Rejected(_) => self.scheduler.request_failed(key, piece, RequestFailure::Missing, now),
+                    Outcome::Rejected(RejectReason::Busy) => PieceOutcome::Rejected(RequestFailure::Busy),
+                    Outcome::Rejected(_) => PieceOutcome::Rejected(RequestFailure::Missing),
                     Outcome::Failed(reason) => {
                         debug!(piece, %reason, "request failed");
-                        self.scheduler.request_failed(key, piece, RequestFailure::Error, now);
-                        // A dead connection fails every request at once: drop the peer
-                        // now rather than re-asking it until its close event arrives.
-                        if self.peers.get(&key).is_some_and(|p| p.conn.close_reason().is_some()) {
-                            self.remove_peer(key, now);
-                        }
+                        PieceOutcome::Failed
                     }
+                };
+                let failed = outcome == PieceOutcome::Failed;
+                self.swarm.piece_done(key, piece, outcome, now);
+                // A dead connection fails every request at once: drop the peer now
+                // rather than re-asking it until its close event arrives.
+                if failed && self.links.get(&key).is_some_and(|p| p.conn.close_reason().is_some()) {
+                    self.remove_peer(key, now);
                 }
             }
             Event::TrackerPeers { peers, interval } => {
-                self.announcing = false;
-                let policy = &self.node.inner.config.policy;
-                let after = policy.next_announce(Some(interval), self.peers.len(), self.scheduler.is_complete());
-                self.next_announce = tokio::time::Instant::now() + after;
-                self.connect_to(peers, now);
+                self.swarm.announced(AnnounceReply::Peers { peers: &peers, interval }, now);
             }
             Event::TrackerFailed(reason) => {
-                self.announcing = false;
                 warn!(%reason, "announce failed; retrying");
-                let policy = &self.node.inner.config.policy;
-                let after = policy.next_announce(None, self.peers.len(), self.scheduler.is_complete());
-                self.next_announce = tokio::time::Instant::now() + after;
+                self.swarm.announced(AnnounceReply::Failed, now);
             }
             Event::Finished(result) => {
-                if self.lease_holder {
-                    self.lease_holder = false;
-                    let failed = result.as_ref().err().cloned();
-                    let node = self.node.clone();
-                    let digest = self.digest();
-                    self.node.spawn(
-                        async move {
-                            if let Err(e) = node.inner.tracker.release_lease(node.inner.peer_id, digest, failed).await {
-                                warn!(error = %e, "releasing the upstream lease failed");
-                            }
-                        }
-                        .in_current_span(),
-                    );
-                }
-                let state = match result {
+                let state = match &result {
                     Ok(()) => {
                         info!("blob complete and verified");
-                        // Tell the tracker at once that we are now a seed.
-                        self.next_announce = tokio::time::Instant::now();
                         DownloadState::Complete
                     }
                     Err(reason) => {
                         warn!(%reason, "blob failed its final check");
-                        DownloadState::Failed(reason)
+                        DownloadState::Failed(reason.clone())
                     }
                 };
+                self.swarm.blob_checked(result, now);
                 self.progress.send_modify(|p| p.state = state);
             }
-        }
-    }
-
-    fn needs_hashes(&self) -> bool {
-        !self.syncing && !self.lease_holder && self.blob.known_hashes() < self.blob.layout().piece_count()
-    }
-
-    /// Asks the tracker for the piece hashes the lease holder published since the last ask.
-    fn sync_hashes(&mut self) {
-        self.syncing = true;
-        let node = self.node.clone();
-        let inbox = self.inbox_tx.clone();
-        let (digest, first) = (self.digest(), self.blob.known_hashes());
-        self.node.spawn(
-            async move {
-                let ev = match node.inner.tracker.get_hashes(digest, first).await {
-                    Ok(reply) => Event::Hashes(reply),
-                    Err(e) => {
-                        debug!(error = %e, "hash sync failed");
-                        Event::HashSyncFailed
-                    }
-                };
-                let _ = inbox.send(ev);
-            }
-            .in_current_span(),
-        );
-    }
-
-    fn replay_deferred(&mut self, now: Instant) {
-        let known = self.blob.known_hashes();
-        let (ready, wait): (Vec<_>, Vec<_>) = self.deferred.drain(..).partition(|&(_, p)| p < known);
-        self.deferred = wait;
-        for (key, piece) in ready {
-            self.scheduler.peer_have(key, piece, now);
         }
     }
 
@@ -845,31 +801,25 @@ impl SwarmActor {
 
     fn add_peer(&mut self, p: NewPeer, now: Instant) {
         let NewPeer { conn, peer_id, send, recv, outbound } = p;
-        if outbound {
-            self.connecting.remove(&conn.remote_address());
-        }
-        if peer_id == self.node.inner.peer_id {
-            conn.close(codes::PROTOCOL_ERROR.into(), b"connected to self");
-            return;
-        }
-        if self.banned.contains(&peer_id) {
-            conn.close(codes::BAD_PIECES.into(), b"banned for bad pieces");
-            return;
-        }
-        if let Some(&existing) = self.by_id.get(&peer_id) {
-            // Simultaneous connections: keep the one opened by the smaller peer id.
-            let existing_opener = if self.peers[&existing].outbound { self.node.inner.peer_id } else { peer_id };
-            let new_opener = if outbound { self.node.inner.peer_id } else { peer_id };
-            if new_opener >= existing_opener {
+        let dialled = outbound.then(|| conn.remote_address());
+        let key = match self.swarm.connected(peer_id, dialled, now) {
+            Ok(key) => key,
+            Err(Refused::ToSelf) => {
+                conn.close(codes::PROTOCOL_ERROR.into(), b"connected to self");
+                return;
+            }
+            Err(Refused::Banned) => {
+                conn.close(codes::BAD_PIECES.into(), b"banned for bad pieces");
+                return;
+            }
+            Err(Refused::Duplicate) => {
                 conn.close(codes::SHUTDOWN.into(), b"duplicate connection");
                 return;
             }
-            self.remove_peer(existing, now);
-        }
-        let key = PeerKey(self.next_key);
-        self.next_key += 1;
-        let (control_tx, control_rx) = mpsc::unbounded_channel();
-        let _ = control_tx.send(PeerMessage::Bitfield(self.blob.have()));
+        };
+        let (tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let control_tx = ControlTx { tx, conn: conn.clone() };
+        control_tx.send(PeerMessage::Bitfield(self.blob.have()));
         self.node.spawn(control_writer(send, control_rx).in_current_span());
         self.node.spawn(
             control_reader(key, recv, self.inbox_tx.clone(), self.blob.layout().piece_count()).in_current_span(),
@@ -882,21 +832,17 @@ impl SwarmActor {
         let inbox = self.inbox_tx.clone();
         self.node.spawn(async move {
             watcher.closed().await;
-            let _ = inbox.send(Event::Closed { key });
+            let _ = inbox.send(Event::Closed { key }).await;
         });
         debug!(peer = %peer_id.short(), outbound, "peer connected");
-        self.peers.insert(key, PeerState { peer_id, conn, control: control_tx, outbound });
-        self.by_id.insert(peer_id, key);
-        self.scheduler.add_peer(key, now);
+        self.links.insert(key, PeerLink { conn, control: control_tx });
         self.publish_progress();
     }
 
-    fn remove_peer(&mut self, key: PeerKey, now: Instant) {
-        let Some(p) = self.peers.remove(&key) else { return };
-        if self.by_id.get(&p.peer_id) == Some(&key) {
-            self.by_id.remove(&p.peer_id);
-        }
-        p.conn.close(codes::SHUTDOWN.into(), b"bye");
+    /// Closes the I/O of `key`'s connection and aborts its requests.
+    fn unlink(&mut self, key: PeerKey, code: u32, reason: &'static [u8]) -> bool {
+        let Some(p) = self.links.remove(&key) else { return false };
+        p.conn.close(code.into(), reason);
         self.requests.retain(|(k, _), h| {
             if *k == key {
                 h.abort();
@@ -905,25 +851,25 @@ impl SwarmActor {
                 true
             }
         });
-        self.scheduler.remove_peer(key, now);
-        self.publish_progress();
+        true
+    }
+
+    fn remove_peer(&mut self, key: PeerKey, now: Instant) {
+        if self.unlink(key, codes::SHUTDOWN, b"bye") {
+            self.swarm.closed(key, now);
+            self.publish_progress();
+        }
     }
 
     fn control(&mut self, key: PeerKey, msg: PeerMessage, now: Instant) {
         match msg {
-            PeerMessage::Bitfield(mut bits) => {
-                let known = self.blob.known_hashes();
-                for piece in bits.ones().filter(|&p| p >= known).collect::<Vec<_>>() {
-                    bits.set(piece, false);
-                    self.deferred.push((key, piece));
-                }
-                self.scheduler.peer_bitfield(key, &bits, now)
+            PeerMessage::Bitfield(bits) => self.swarm.bitfield(key, bits, now),
+            PeerMessage::Have { piece } => {
+                self.swarm.have(key, piece, now);
             }
-            PeerMessage::Have { piece } if piece >= self.blob.known_hashes() => self.deferred.push((key, piece)),
-            PeerMessage::Have { piece } => self.scheduler.peer_have(key, piece, now),
             other => {
                 debug!(?other, "unexpected message on the control stream");
-                if let Some(p) = self.peers.get(&key) {
+                if let Some(p) = self.links.get(&key) {
                     p.conn.close(codes::PROTOCOL_ERROR.into(), b"unexpected control message");
                 }
             }
@@ -931,42 +877,77 @@ impl SwarmActor {
     }
 
     fn drain_actions(&mut self) {
-        while let Some(action) = self.scheduler.poll_action() {
+        while let Some(action) = self.swarm.poll_action() {
             match action {
-                Action::Request { peer, piece } => self.request(peer, piece),
-                Action::Cancel { peer, piece } => {
-                    trace!(piece, peer = ?self.peers.get(&peer).map(|p| p.peer_id), "cancel");
+                SwarmAction::Request { peer, piece } => self.request(peer, piece),
+                SwarmAction::Cancel { peer, piece } => {
+                    trace!(piece, peer = ?self.swarm.peer_id(peer), "cancel");
                     if let Some(h) = self.requests.remove(&(peer, piece)) {
                         h.abort();
                     }
                 }
-                Action::Have { piece } => {
-                    // Peers that already announced the piece do not need to hear of it.
-                    for (&key, p) in &self.peers {
-                        if !self.scheduler.peer_has(key, piece) {
-                            let _ = p.control.send(PeerMessage::Have { piece });
+                SwarmAction::Have { piece } => {
+                    self.swarm.have_recipients(piece, &mut self.recipients);
+                    for key in &self.recipients {
+                        if let Some(p) = self.links.get(key) {
+                            p.control.send(PeerMessage::Have { piece });
                         }
                     }
                     self.publish_progress();
                 }
-                Action::DropPeer { peer, reason } => {
-                    if let Some(p) = self.peers.get(&peer) {
-                        warn!(peer = %p.peer_id.short(), ?reason, "dropping peer");
-                        self.banned.insert(p.peer_id);
-                        p.conn.close(codes::BAD_PIECES.into(), b"too many bad pieces");
+                SwarmAction::Dial { addr } => self.dial(addr),
+                SwarmAction::Close { peer, reason } => {
+                    let (code, text): (u32, &'static [u8]) = match reason {
+                        CloseReason::BadPieces => (codes::BAD_PIECES, b"too many bad pieces"),
+                        CloseReason::Duplicate => (codes::SHUTDOWN, b"duplicate connection"),
+                    };
+                    if reason == CloseReason::BadPieces {
+                        warn!(?peer, "dropping a peer that sent bad pieces");
                     }
-                    self.remove_peer(peer, Instant::now());
+                    self.unlink(peer, code, text);
+                    self.publish_progress();
                 }
-                Action::Complete => self.start_finish(),
+                SwarmAction::Announce => self.announce(),
+                SwarmAction::GetHashes { first } => self.sync_hashes(first),
+                SwarmAction::CheckBlob => self.check_blob(),
+                SwarmAction::ReleaseLease { failed } => {
+                    let node = self.node.clone();
+                    let digest = self.digest();
+                    self.node.spawn(
+                        async move {
+                            if let Err(e) = node.inner.tracker.release_lease(node.inner.peer_id, digest, failed).await {
+                                warn!(error = %e, "releasing the upstream lease failed");
+                            }
+                        }
+                        .in_current_span(),
+                    );
+                }
+                SwarmAction::Abandon { reason } => self.abandon(reason),
             }
         }
     }
 
-    fn start_finish(&mut self) {
-        if self.finishing {
-            return;
-        }
-        self.finishing = true;
+    /// Asks the tracker for the piece hashes the lease holder published from `first` on.
+    fn sync_hashes(&mut self, first: u32) {
+        let node = self.node.clone();
+        let inbox = self.inbox_tx.clone();
+        let digest = self.digest();
+        self.node.spawn(
+            async move {
+                let ev = match node.inner.tracker.get_hashes(digest, first).await {
+                    Ok(reply) => Event::Hashes(reply),
+                    Err(e) => {
+                        debug!(error = %e, "hash sync failed");
+                        Event::HashSyncFailed
+                    }
+                };
+                let _ = inbox.send(ev).await;
+            }
+            .in_current_span(),
+        );
+    }
+
+    fn check_blob(&mut self) {
         let blob = self.blob.clone();
         let inbox = self.inbox_tx.clone();
         self.node.spawn(async move {
@@ -983,7 +964,7 @@ impl SwarmActor {
             };
             let r = on_blob(BlobFile::verify).await;
             let ok = r.is_ok();
-            let _ = inbox.send(Event::Finished(r));
+            let _ = inbox.send(Event::Finished(r)).await;
             if ok && let Err(e) = on_blob(BlobFile::persist).await {
                 warn!(error = %e, "the verified blob could not be made durable");
             }
@@ -991,8 +972,8 @@ impl SwarmActor {
     }
 
     fn request(&mut self, key: PeerKey, piece: u32) {
-        let Some(p) = self.peers.get(&key) else { return };
-        trace!(piece, peer = ?p.peer_id, "request");
+        let Some(p) = self.links.get(&key) else { return };
+        trace!(piece, peer = ?self.swarm.peer_id(key), "request");
         let conn = p.conn.clone();
         let blob = self.blob.clone();
         let inbox = self.inbox_tx.clone();
@@ -1000,7 +981,7 @@ impl SwarmActor {
         let task = self.node.spawn(
             async move {
                 let outcome = fetch_piece(conn, blob, piece, budget).await;
-                let _ = inbox.send(Event::Piece { key, piece, outcome });
+                let _ = inbox.send(Event::Piece { key, piece, outcome }).await;
             }
             .in_current_span(),
         );
@@ -1010,14 +991,14 @@ impl SwarmActor {
     }
 
     fn publish_progress(&self) {
-        let have = self.scheduler.have();
+        let have = self.swarm.scheduler().have();
         let m = self.blob.layout();
         let pieces = have.count();
         // Every piece but the last has the full length.
         let last = m.piece_count().saturating_sub(1);
         let bytes = u64::from(pieces) * u64::from(m.piece_length)
             - if have.get(last) { u64::from(m.piece_length - m.piece_len(last)) } else { 0 };
-        let peers = self.peers.len();
+        let peers = self.swarm.peer_count();
         self.progress.send_modify(|p| {
             p.pieces = pieces;
             p.bytes = bytes;
@@ -1026,23 +1007,21 @@ impl SwarmActor {
     }
 
     fn announce(&mut self) {
-        self.announcing = true;
         let inner = &self.node.inner;
-        let have = self.scheduler.have();
-        let complete = self.progress.borrow().state == DownloadState::Complete;
+        let state = self.swarm.announce_state();
         let ann = Announce {
             peer_id: inner.peer_id,
             blob: self.digest(),
             listen_port: inner.endpoint.local_addr().map(|a| a.port()).unwrap_or(0),
             advertise: inner.config.advertise,
             zone: inner.config.zone.clone(),
-            have: have.count(),
-            complete,
-            num_want: inner.config.policy.max_peers as u32,
+            have: state.have,
+            complete: state.complete,
+            num_want: state.num_want,
         };
         let node = self.node.clone();
         let inbox = self.inbox_tx.clone();
-        let metainfo = if complete { self.blob.metainfo() } else { None };
+        let metainfo = if state.complete { self.blob.metainfo() } else { None };
         self.node.spawn(
             async move {
                 // A restarted tracker forgets metainfo: whoever holds the whole blob
@@ -1050,71 +1029,37 @@ impl SwarmActor {
                 if let Some(m) = metainfo
                     && let Err(e) = node.inner.tracker.register(&m).await
                 {
-                    let _ = inbox.send(Event::TrackerFailed(e.to_string()));
+                    let _ = inbox.send(Event::TrackerFailed(e.to_string())).await;
                     return;
                 }
                 let ev = match node.inner.tracker.announce(&ann).await {
                     Ok((peers, interval)) => Event::TrackerPeers { peers, interval },
                     Err(e) => Event::TrackerFailed(e.to_string()),
                 };
-                let _ = inbox.send(ev);
+                let _ = inbox.send(ev).await;
             }
             .in_current_span(),
         );
     }
 
-    fn connect_to(&mut self, peers: Vec<PeerInfo>, now: Instant) {
-        let me = self.node.inner.peer_id;
-        self.failed.retain(|_, t| now.duration_since(*t) < CONNECT_BACKOFF);
-        let fresh: Vec<PeerInfo> = peers
-            .into_iter()
-            .filter(|p| {
-                p.peer_id != me
-                    && !self.banned.contains(&p.peer_id)
-                    && !self.by_id.contains_key(&p.peer_id)
-                    && !self.connecting.contains(&p.addr)
-                    && !self.failed.contains_key(&p.addr)
-            })
-            .collect();
-        let wanted = self.node.inner.config.policy.max_peers.saturating_sub(self.peers.len() + self.connecting.len());
-        if fresh.is_empty() || wanted == 0 {
-            return;
-        }
-        // A seed has nothing to fetch; it only connects when asked to.
-        if self.scheduler.is_complete() {
-            return;
-        }
-        let zone = &self.node.inner.config.zone;
-        let candidates: Vec<Candidate> = fresh
-            .iter()
-            .map(|p| Candidate { same_zone: &p.zone == zone, have: p.have, complete: p.complete })
-            .collect();
-        let chosen = choose_peers(&candidates, wanted, &mut rand::thread_rng());
-        for i in chosen {
-            let Some(info) = fresh.get(i) else { continue };
-            self.connecting.insert(info.addr);
-            let node = self.node.clone();
-            let inbox = self.inbox_tx.clone();
-            let digest = self.digest();
-            let addr = info.addr;
-            self.node.spawn(
-                async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect_peer(&node, addr, digest)).await {
-                        Ok(Ok(p)) => {
-                            let _ = inbox.send(Event::Connected(Box::new(p)));
-                        }
-                        Ok(Err(e)) => {
-                            debug!(%addr, error = %e, "connect failed");
-                            let _ = inbox.send(Event::ConnectFailed(addr));
-                        }
-                        Err(_) => {
-                            let _ = inbox.send(Event::ConnectFailed(addr));
-                        }
+    fn dial(&mut self, addr: SocketAddr) {
+        let node = self.node.clone();
+        let inbox = self.inbox_tx.clone();
+        let digest = self.digest();
+        self.node.spawn(
+            async move {
+                let ev = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect_peer(&node, addr, digest)).await {
+                    Ok(Ok(p)) => Event::Connected(Box::new(p)),
+                    Ok(Err(e)) => {
+                        debug!(%addr, error = %e, "connect failed");
+                        Event::ConnectFailed(addr)
                     }
-                }
-                .in_current_span(),
-            );
-        }
+                    Err(_) => Event::ConnectFailed(addr),
+                };
+                let _ = inbox.send(ev).await;
+            }
+            .in_current_span(),
+        );
     }
 }
 
@@ -1134,7 +1079,7 @@ async fn connect_peer(node: &Node, addr: SocketAddr, blob: Digest) -> Result<New
     }
 }
 
-async fn control_writer(mut send: quinn::SendStream, mut rx: mpsc::UnboundedReceiver<PeerMessage>) {
+async fn control_writer(mut send: quinn::SendStream, mut rx: mpsc::Receiver<PeerMessage>) {
     while let Some(msg) = rx.recv().await {
         if write_msg(&mut send, &msg).await.is_err() {
             return;
@@ -1143,7 +1088,7 @@ async fn control_writer(mut send: quinn::SendStream, mut rx: mpsc::UnboundedRece
     let _ = send.finish();
 }
 
-async fn control_reader(key: PeerKey, mut recv: quinn::RecvStream, inbox: mpsc::UnboundedSender<Event>, pieces: u32) {
+async fn control_reader(key: PeerKey, mut recv: quinn::RecvStream, inbox: mpsc::Sender<Event>, pieces: u32) {
     loop {
         match read_msg::<PeerMessage>(&mut recv, MAX_PEER_FRAME_LEN).await {
             Ok(Some(msg)) => {
@@ -1154,15 +1099,16 @@ async fn control_reader(key: PeerKey, mut recv: quinn::RecvStream, inbox: mpsc::
                 };
                 if !valid {
                     debug!(?msg, "invalid control message");
-                    let _ = inbox.send(Event::Closed { key });
+                    let _ = inbox.send(Event::Closed { key }).await;
                     return;
                 }
-                if inbox.send(Event::Control { key, msg }).is_err() {
+                // Waits while the actor's inbox is full: a flooding peer is slowed down.
+                if inbox.send(Event::Control { key, msg }).await.is_err() {
                     return;
                 }
             }
             Ok(None) | Err(_) => {
-                let _ = inbox.send(Event::Closed { key });
+                let _ = inbox.send(Event::Closed { key }).await;
                 return;
             }
         }
@@ -1215,7 +1161,7 @@ async fn serve_requests(
     blob: Arc<BlobFile>,
     node: Node,
     ledger: Arc<UploadLedger>,
-    control: mpsc::UnboundedSender<PeerMessage>,
+    control: ControlTx,
 ) {
     loop {
         let (send, recv) = match conn.accept_bi().await {
@@ -1242,7 +1188,7 @@ async fn serve_one(
     blob: Arc<BlobFile>,
     node: Node,
     ledger: Arc<UploadLedger>,
-    control: mpsc::UnboundedSender<PeerMessage>,
+    control: ControlTx,
 ) -> Result<(), NodeError> {
     let Some(PeerMessage::Request { piece }) = read_msg::<PeerMessage>(&mut recv, MAX_PEER_FRAME_LEN).await? else {
         return Err(NodeError::Protocol("expected a piece request".into()));
@@ -1252,20 +1198,16 @@ async fn serve_one(
         let _ = send.finish();
         return Ok(());
     }
-    if !ledger.may_send(piece) {
+    if !ledger.may_send(piece, &control) {
         // Someone just got this piece from us: get it from them. Our bit for it is
-        // cleared at the requester; re-announce it once the hold is over, in case
-        // the first recipient never passes it on.
+        // cleared at the requester; the ledger re-announces it once the hold is
+        // over, in case the first recipient never passes it on.
         write_msg(&mut send, &PeerMessage::Reject { piece, reason: RejectReason::Missing }).await?;
         let _ = send.finish();
-        node.spawn(async move {
-            ledger.hold_ended().await;
-            let _ = control.send(PeerMessage::Have { piece });
-        });
         return Ok(());
     }
     // Queue briefly; a peer that waits too long is told to go elsewhere.
-    let Some(permit) = node.inner.upload_slots.acquire(&ledger, piece, SLOT_WAIT).await else {
+    let Some(permit) = node.inner.upload_slots.acquire(&ledger, piece).await else {
         write_msg(&mut send, &PeerMessage::Reject { piece, reason: RejectReason::Busy }).await?;
         let _ = send.finish();
         return Ok(());

@@ -1,45 +1,29 @@
-//! The driver of one simulated node: the mirror of `peer/src/node.rs` around the real
-//! [`Scheduler`].
+//! The driver of one simulated node: it carries out the actions of the real node's
+//! cores over modelled links, as `peer/src/node.rs` carries them out over QUIC.
 //!
-//! This module owns everything a node keeps besides its scheduler — connections
-//! ([`SimNode::links`]), connection attempts, the announce cycle, the receive budget,
-//! upload slots and their wait queue — and the reactions to the scheduler's actions.
-//! It mirrors the real driver step by step:
+//! Every decision is the core's (`swarm_core`): the [`Swarm`] of each node (peer
+//! set, dials and back-off, announce cadence, piece-hash knowledge and deferred
+//! `Have`s, `Have` fan-out, the scheduler, the blob's end) and its [`UploadSlots`]
+//! and [`UploadLedger`] (who is served next, fresh-piece hold and re-announce). This
+//! module only moves messages and bytes: a request or reply travels RTT/2, a dial
+//! takes 2 RTTs (QUIC handshake + the blob handshake), a tracker request is answered
+//! by the real tracker core one RTT later, a piece is a flow sender up → receiver
+//! down, and the upload slot is held until the requester's acknowledgement arrives
+//! (one RTT after the last byte left). The receive budget (KiB permits, FIFO) is the
+//! daemon's semaphore, modelled here.
 //!
-//! | real node (`peer/src/node.rs`)                               | here                                                     |
-//! |--------------------------------------------------------------|----------------------------------------------------------|
-//! | `Request`: fetch task takes receive budget (KiB permits, FIFO), opens a stream, sends the request | `World::request`: same budget in KiB, FIFO; request reaches the sender after RTT/2 |
-//! | sender: `Missing` if the piece is not held, or held back as fresh by a source's `UploadLedger` (re-announced to the requester after `FRESH_HOLD`, or as soon as every piece went out once, which ends the hold); else an upload slot (at once if one is free and nobody waits, else wait ≤ `SLOT_WAIT`, else `Busy`); the slot is held until the requester acknowledged the last byte; a freed slot goes, on a source, to the waiting request for the piece sent fewest times, oldest first, elsewhere to the oldest (`UploadSlots`) | `World::on_request_arrive`, `World::on_queue_timeout`, `World::release_slot`, `World::on_have_to` |
-//! | sender streams the piece; receiver verifies and stores it     | a flow sender up → receiver down; the reply reaches the receiver RTT/2 after the last byte left; hashing and disk take no time |
-//! | `Cancel`: abort the fetch task (budget freed at once; the sender stops when STOP_SENDING arrives) | budget freed at once; flow or queue entry dropped RTT/2 later |
-//! | `Have`: sent to every connected peer that has not announced the piece | every peer connected when it arrives (RTT/2 later) and not known then to have the piece gets `peer_have` |
-//! | `Complete`: whole-blob check, then announce at once            | announce at once (the check is not modelled)             |
-//! | announce every 2 s while < `max_peers/2` peers and incomplete, else every tracker interval | same (`World::on_tracker_reply`) |
-//! | `connect_to`: drop self, connected, connecting, failed < 5 s; `choose_peers(…, max_peers − peers − connecting)`; seeds never dial | same (`World::connect_to`); a dial takes 2 RTTs (QUIC handshake + the blob handshake) |
-//! | inbound connections always accepted; duplicate connections collapse to one | same; the bitfields are exchanged when the link is up |
-//! | `DropPeer`: close the connection                               | unlink both sides (never happens: no bad pieces are simulated) |
-//!
-//! And the edge-upgrade start-up of `peer/src/agent.rs` (`SwarmProvider::start`,
-//! `lead`, `feed`) with the hash sync of `node.rs`:
-//!
-//! | real node                                                     | here                                                     |
-//! |--------------------------------------------------------------|----------------------------------------------------------|
-//! | `GetHashes(0)`; if nothing is published, `AcquireLease`; `HeldBy` → sleep 100 ms, again | `World::on_startup`, `World::on_lease_reply`: the real tracker core answers; two RTTs per round |
-//! | `Granted` → open the upstream GET, publish the layout, `fetch_partial`, start the feed | after one WAN RTT the body starts streaming; the swarm starts one RTT later |
-//! | feed: per piece, hash, store, `PublishHashes` (awaited, one at a time), then `upstream_piece` (`local_piece`) | the body keeps streaming; each piece is published (1 RTT, in order) and then handed to `local_piece` |
-//! | others: `GetHashes(known)` while hashes are missing: the tracker holds it until the next publish (≤ `HASHES_WAIT`), the next goes at once after new hashes, 150 ms after an empty answer; `Have`s and bitfield bits of pieces without a known hash wait and are replayed when they arrive | `World::on_hash_sync`, `World::on_hashes_reply`, `World::on_published` (the 2 s wait limit is not modelled: publishes come every piece) |
-//! | the holder releases the lease when complete                  | same                                                     |
-//!
-//! Not mirrored: lease expiry and takeover (the holder never fails or leaves), the
-//! 30 s layout wait and the fall back to upstream.
+//! Still written here and in `peer/src/agent.rs` both (to move into the core with the
+//! agent's lease state machine): the edge start-up (`GetHashes(0)`, else
+//! `AcquireLease`, else wait [`node::LAYOUT_RETRY`] and ask again), the holder's
+//! per-piece publish before announcing, and the receive budget's FIFO.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::Duration;
 
-use rand::rngs::StdRng;
 use swarm_core::node::{self, NodePolicy};
-use swarm_core::scheduler::{Action, Candidate, PeerKey, RequestFailure, Scheduler, SchedulerConfig, choose_peers};
+use swarm_core::scheduler::{PeerKey, RequestFailure};
+use swarm_core::swarm::{AnnounceReply, HashesReply, PieceOutcome, Swarm, SwarmAction};
+use swarm_core::upload::{Admit, SlotRequest, UploadLedger, UploadSlots};
 use swarm_proto::msg::{Announce, LeaseReply, PeerInfo, TrackerRequest, TrackerResponse};
 use swarm_proto::{Layout, PeerId};
 
@@ -84,7 +68,7 @@ pub struct Link {
     pub remote_key: PeerKey,
 }
 
-/// A simulated node: the scheduler plus the driver state of `peer/src/node.rs`.
+/// A simulated node: its swarm and upload cores plus the I/O state around them.
 pub struct SimNode {
     pub peer_id: PeerId,
     pub zone: u32,
@@ -97,54 +81,28 @@ pub struct SimNode {
     pub joined_at: Nanos,
     pub left_at: Option<Nanos>,
     pub completed_at: Option<Nanos>,
-    pub sched: Scheduler,
-    /// Randomness of peer choice (the real node uses the thread RNG).
-    pub rng: StdRng,
+    /// The blob's swarm core.
+    pub swarm: Swarm,
+    /// Open connections by the swarm's key.
     pub links: BTreeMap<PeerKey, Link>,
-    pub by_node: BTreeMap<u32, PeerKey>,
-    pub next_key: u64,
-    pub connecting: BTreeSet<u32>,
-    /// Nodes whose dial failed, and when.
-    pub failed: BTreeMap<u32, Nanos>,
-    pub announcing: bool,
-    pub next_announce: Nanos,
-    /// The earliest scheduler wake-up already in the event queue.
+    /// The earliest core wake-up already in the event queue.
     pub timer_at: Option<Nanos>,
     /// Our fetches by (peer, piece).
     pub outstanding: BTreeMap<(PeerKey, u32), FetchId>,
     /// Free receive budget in KiB, and fetches waiting for it (FIFO by sequence).
     pub budget_free: u32,
     pub budget_queue: BTreeMap<u64, FetchId>,
-    /// Free upload slots, and requests waiting for one (by arrival sequence).
-    pub slots_free: u32,
-    pub upload_queue: BTreeMap<u64, FetchId>,
-    /// Whether the swarm (scheduler, announces) runs: from the start in-cluster; in
-    /// the edge upgrade once the layout is known (`fetch_partial` in `agent.rs`).
+    /// The node's upload slots (the core's `UploadSlots`); a waiting request is its fetch.
+    pub slots: UploadSlots<FetchId>,
+    /// Whether the swarm runs: from the start in-cluster; in the edge upgrade once the
+    /// layout is known (`fetch_partial` in `agent.rs`).
     pub swarming: bool,
-    /// Piece hashes known; `Have`s and bitfield bits at or past it are deferred.
-    pub known: u32,
-    /// `(peer, piece)` announcements waiting for the piece's hash.
-    pub deferred: Vec<(PeerKey, u32)>,
-    /// A `GetHashes` is under way.
-    pub syncing: bool,
-    /// When the next `GetHashes` may go out.
-    pub next_sync: Nanos,
-    /// This node holds the upstream lease.
-    pub lease_holder: bool,
     /// The holder's publishes are sequential: when the current one is answered.
     pub publish_free_at: Nanos,
-    /// The upload ledger of a source (`UploadLedger` in `peer/src/upload.rs`): when each
-    /// piece was first uploaded (`None`: never). Empty when the ledger is off (not a
-    /// seed or lease holder).
-    pub first_sent: Vec<Option<Nanos>>,
-    /// Pieces of `first_sent` never uploaded; at zero the hold is over.
-    pub unsent: u32,
-    /// Requests refused while fresh, re-announced as soon as the hold ends early
-    /// (requester, its key for this node, piece).
-    pub refused: Vec<(u32, PeerKey, u32)>,
-    /// A source's uploads started per piece: its free slot goes to the queued
-    /// request for the piece sent the fewest times. Empty elsewhere (arrival order).
-    pub sends: Vec<u32>,
+    /// The blob's upload ledger (the core's `UploadLedger`): the fresh-piece hold of a
+    /// source and its per-piece upload counts; a refused requester is named by its
+    /// node and its key for this node.
+    pub ledger: UploadLedger<(u32, PeerKey)>,
     /// Piece bytes verified from peers or upstream.
     pub downloaded: u64,
     /// Piece bytes fully sent to peers.
@@ -152,19 +110,16 @@ pub struct SimNode {
 }
 
 impl SimNode {
-    /// A node that holds `sched`'s pieces.
-    #[allow(clippy::too_many_arguments)]
+    /// A node running `swarm`.
     pub fn new(
         peer_id: PeerId,
         zone: u32,
         role: Role,
-        up: ResId,
-        down: ResId,
-        sched: Scheduler,
-        rng: StdRng,
-        budget_kib: u32,
-        slots: u32,
+        (up, down): (ResId, ResId),
+        swarm: Swarm,
+        policy: &NodePolicy,
     ) -> Self {
+        let pieces = swarm.scheduler().piece_count();
         Self {
             peer_id,
             zone,
@@ -176,82 +131,25 @@ impl SimNode {
             joined_at: 0,
             left_at: None,
             completed_at: None,
-            sched,
-            rng,
+            swarm,
             links: BTreeMap::new(),
-            by_node: BTreeMap::new(),
-            next_key: 0,
-            connecting: BTreeSet::new(),
-            failed: BTreeMap::new(),
-            announcing: false,
-            next_announce: 0,
             timer_at: None,
             outstanding: BTreeMap::new(),
-            budget_free: budget_kib,
+            budget_free: policy.receive_budget_kib(),
             budget_queue: BTreeMap::new(),
-            slots_free: slots,
-            upload_queue: BTreeMap::new(),
+            slots: UploadSlots::new(policy.upload_slots),
             swarming: false,
-            known: 0,
-            deferred: Vec::new(),
-            syncing: false,
-            next_sync: 0,
-            lease_holder: false,
             publish_free_at: 0,
-            first_sent: Vec::new(),
-            unsent: 0,
-            refused: Vec::new(),
-            sends: Vec::new(),
+            ledger: UploadLedger::new(pieces, role == Role::Seed),
             downloaded: 0,
             uploaded: 0,
         }
     }
 }
 
-/// The real node's settings and constants that shape its behaviour in the swarm.
-#[derive(Clone, Debug)]
-pub struct DriverConfig {
-    /// Peers to keep connected (`NodeConfig::max_peers`).
-    pub max_peers: usize,
-    /// Concurrent uploads (`NodeConfig::upload_slots`).
-    pub upload_slots: usize,
-    /// Bytes of piece buffers in flight (`NodeConfig::receive_budget`).
-    pub receive_budget: usize,
-    /// How long a request waits for an upload slot before `Busy` (`serve_one`).
-    pub slot_wait: Duration,
-    /// Re-announce period while short of peers (`EAGER_ANNOUNCE`).
-    pub eager_announce: Duration,
-    /// No re-dial of a failed address for this long (`CONNECT_BACKOFF`).
-    pub connect_backoff: Duration,
-    /// Pause between `HashSync` requests for new piece hashes (`HASH_SYNC`).
-    pub hash_sync: Duration,
-    /// Pause before asking again for a layout nobody published yet (`agent.rs`).
-    pub layout_retry: Duration,
-    /// How long a source refuses a piece it has just uploaded to one peer (`FRESH_HOLD`).
-    pub fresh_hold: Duration,
-    /// The piece-picking policy.
-    pub scheduler: SchedulerConfig,
-}
-
-impl Default for DriverConfig {
-    /// The values of `NodeConfig::new` and the constants of `peer/src/node.rs`.
-    fn default() -> Self {
-        // Taken from the real node's defaults, so the two cannot drift apart.
-        let node = NodePolicy::default();
-        Self {
-            max_peers: node.max_peers,
-            upload_slots: node.upload_slots,
-            receive_budget: node.receive_budget,
-            slot_wait: node::SLOT_WAIT,
-            eager_announce: node::EAGER_ANNOUNCE,
-            connect_backoff: node::CONNECT_BACKOFF,
-            hash_sync: node::HASH_SYNC,
-            layout_retry: node::LAYOUT_RETRY,
-            fresh_hold: node::FRESH_HOLD,
-            scheduler: node.scheduler,
-        }
-    }
-}
+/// The simulated nodes run the real node's policy: every setting not given on the
+/// command line is the daemon's default, and there is nothing else to set.
+pub type DriverConfig = NodePolicy;
 
 /// A fetch: one piece request from `receiver` to `sender`, from the `Request` action
 /// to its reply (or abort).
@@ -362,34 +260,49 @@ impl Fetches {
 }
 
 impl World {
-    /// Executes every pending action of node `n`'s scheduler, then re-arms its timer.
+    /// Carries out every pending action of node `n`'s swarm, then re-arms its timer.
     pub(crate) fn drain(&mut self, n: u32) {
         self.drain_actions(n);
         self.arm_timer(n);
     }
 
-    /// Executes every pending action of node `n`'s scheduler; returns how many.
+    /// Carries out every pending action of node `n`'s swarm; returns how many.
     fn drain_actions(&mut self, n: u32) -> usize {
         let mut count = 0;
-        while let Some(action) = self.nodes[n as usize].sched.poll_action() {
+        while let Some(action) = self.nodes[n as usize].swarm.poll_action() {
             count += 1;
             match action {
-                Action::Request { peer, piece } => self.request(n, peer, piece),
-                Action::Cancel { peer, piece } => self.cancel(n, peer, piece),
-                Action::Have { piece } => {
+                SwarmAction::Request { peer, piece } => self.request(n, peer, piece),
+                SwarmAction::Cancel { peer, piece } => self.cancel(n, peer, piece),
+                SwarmAction::Have { piece } => {
                     self.events.push_after(self.now, self.half_rtt, Ev::Have { node: n, piece });
                 }
-                Action::DropPeer { peer, .. } => self.unlink(n, peer, false),
-                Action::Complete => self.on_complete(n),
+                SwarmAction::Dial { addr } => match addr_node(&addr) {
+                    Some(to) => self.events.push(self.now + 4 * self.half_rtt, Ev::ConnectDone { from: n, to }),
+                    None => tracing::warn!(node = n, %addr, "dial to an address outside the simulation"),
+                },
+                SwarmAction::Close { peer, .. } => self.unlink(n, peer, false),
+                SwarmAction::Announce => self.announce(n),
+                SwarmAction::GetHashes { first } => self.hash_sync(n, first),
+                SwarmAction::CheckBlob => self.on_complete(n),
+                SwarmAction::ReleaseLease { failed } => {
+                    let release = TrackerRequest::ReleaseLease {
+                        peer_id: self.nodes[n as usize].peer_id,
+                        blob: self.digest,
+                        failed,
+                    };
+                    let _ = self.tracker.handle(release, node_addr(n), self.clock.at(self.now));
+                }
+                SwarmAction::Abandon { reason } => tracing::warn!(node = n, %reason, "download abandoned"),
             }
         }
         count
     }
 
-    /// Makes sure a `Timer` event is queued no later than the scheduler's deadline.
+    /// Makes sure a `Timer` event is queued no later than the swarm's deadline.
     pub(crate) fn arm_timer(&mut self, n: u32) {
         let node = &mut self.nodes[n as usize];
-        let Some(deadline) = node.sched.poll_timeout() else { return };
+        let Some(deadline) = node.swarm.poll_timeout() else { return };
         let t = self.clock.nanos(deadline).max(self.now);
         if node.timer_at.is_none_or(|a| t < a) {
             node.timer_at = Some(t);
@@ -407,38 +320,27 @@ impl World {
         if node.timer_at == Some(now) {
             node.timer_at = None;
         }
-        if node.sched.poll_timeout().is_some_and(|d| d <= at) {
-            node.sched.handle_timeout(at);
+        if node.swarm.poll_timeout().is_some_and(|d| d <= at) {
+            node.swarm.handle_timeout(at);
             self.drain(n);
         } else {
             self.arm_timer(n);
         }
     }
 
+    /// Every piece is in (`CheckBlob`): the whole-blob check is not modelled, it
+    /// passes at once.
     fn on_complete(&mut self, n: u32) {
         let now = self.now;
         let node = &mut self.nodes[n as usize];
-        if node.completed_at.is_some() {
-            return;
-        }
-        node.completed_at = Some(now);
-        if node.counted && node.alive {
-            self.pending_nodes -= 1;
-        }
-        if node.lease_holder {
-            // `Finished` on the lease holder gives the lease back.
-            node.lease_holder = false;
-            let release = TrackerRequest::ReleaseLease { peer_id: node.peer_id, blob: self.digest, failed: None };
-            let _ = self.tracker.handle(release, node_addr(n), self.clock.at(now));
-        }
-        let node = &mut self.nodes[n as usize];
-        // `Finished` sets the next announce to now: tell the tracker we are a seed.
-        if node.alive {
-            node.next_announce = now;
-            if !node.announcing {
-                self.events.push(now, Ev::Announce { node: n });
+        if node.completed_at.is_none() {
+            node.completed_at = Some(now);
+            if node.counted && node.alive {
+                self.pending_nodes -= 1;
             }
         }
+        let at = self.clock.at(now);
+        node.swarm.blob_checked(Ok(()), at);
     }
 
     // ------------------------------------------------------------------ downloads
@@ -541,7 +443,7 @@ impl World {
     fn stop_at_sender(&mut self, f: &Fetch) {
         match f.state {
             FetchState::Queued(seq) => {
-                self.nodes[f.sender as usize].upload_queue.remove(&seq);
+                self.nodes[f.sender as usize].slots.withdraw(seq);
             }
             FetchState::Flowing(flow) => {
                 if let Some((_, _, moved)) = self.net.end(flow, self.now) {
@@ -591,58 +493,50 @@ impl World {
         if !sender.alive {
             return;
         }
-        if !sender.sched.have().get(f.piece) {
+        if !sender.swarm.scheduler().have().get(f.piece) {
             self.reply(id, Reply::Missing);
             return;
         }
-        if sender.unsent > 0
-            && let Some(first) = sender.first_sent.get_mut(f.piece as usize)
-        {
-            match *first {
-                None => {
-                    *first = Some(self.now);
-                    sender.unsent -= 1;
-                    if sender.unsent == 0 {
-                        // Every piece went out once: the hold is over, the refused
-                        // requesters hear of their pieces now.
-                        for (node, key, piece) in std::mem::take(&mut sender.refused) {
-                            self.events.push_after(
-                                self.now,
-                                self.half_rtt,
-                                Ev::HaveTo { node, key, from: f.sender, piece },
-                            );
-                        }
-                    }
+        let at = self.clock.at(self.now);
+        let admit = sender.ledger.admit(f.piece, (f.receiver, f.key), at);
+        self.reannounce(f.sender);
+        if admit == Admit::Held {
+            // Fresh: fetch it from its first recipient; the ledger re-announces it
+            // to the requester when the hold ends.
+            self.reply(id, Reply::Missing);
+            if let Some(due) = self.nodes[f.sender as usize].ledger.poll_timeout() {
+                let t = self.clock.nanos(due).max(self.now);
+                self.events.push(t, Ev::LedgerTimer { node: f.sender });
+            }
+            return;
+        }
+        match self.nodes[f.sender as usize].slots.request(id, at) {
+            SlotRequest::Granted => self.start_upload(id),
+            SlotRequest::Queued { seq, deadline } => {
+                if let Some(f) = self.fetches.get_mut(id) {
+                    f.state = FetchState::Queued(seq);
                 }
-                Some(t) if self.now - t < self.fresh_hold => {
-                    // Fresh: fetch it from its first recipient. Re-announced to the
-                    // requester once the hold is over.
-                    sender.refused.push((f.receiver, f.key, f.piece));
-                    self.reply(id, Reply::Missing);
-                    let at = t + self.fresh_hold + self.half_rtt;
-                    self.events.push(at, Ev::HaveTo { node: f.receiver, key: f.key, from: f.sender, piece: f.piece });
-                    return;
-                }
-                Some(_) => {}
+                let t = self.clock.nanos(deadline).max(self.now);
+                self.events.push(t, Ev::QueueTimeout(id));
             }
         }
-        if sender.slots_free > 0 && sender.upload_queue.is_empty() {
-            self.start_upload(id);
-        } else {
-            self.seq += 1;
-            sender.upload_queue.insert(self.seq, id);
-            if let Some(f) = self.fetches.get_mut(id) {
-                f.state = FetchState::Queued(self.seq);
-            }
-            self.events.push_after(self.now, self.slot_wait, Ev::QueueTimeout(id));
+    }
+
+    /// Sends the re-announcements of `s`'s upload ledger that are due: each reaches
+    /// its requester RTT/2 later.
+    pub(crate) fn reannounce(&mut self, s: u32) {
+        let at = self.clock.at(self.now);
+        while let Some(((node, key), piece)) = self.nodes[s as usize].ledger.poll_reannounce(at) {
+            self.events.push_after(self.now, self.half_rtt, Ev::HaveTo { node, key, from: s, piece });
         }
     }
 
     /// A queued request waited too long for an upload slot: `Busy`.
     pub(crate) fn on_queue_timeout(&mut self, id: FetchId) {
         let Some(f) = self.fetches.get(id).copied() else { return };
-        if let FetchState::Queued(seq) = f.state {
-            self.nodes[f.sender as usize].upload_queue.remove(&seq);
+        if let FetchState::Queued(seq) = f.state
+            && self.nodes[f.sender as usize].slots.withdraw(seq).is_some()
+        {
             self.reply(id, Reply::Busy);
         }
     }
@@ -662,37 +556,27 @@ impl World {
         }
         path[hops] = r.down;
         hops += 1;
-        let sender = &mut self.nodes[f.sender as usize];
-        sender.slots_free -= 1;
-        if !sender.first_sent.is_empty() {
-            if sender.sends.is_empty() {
-                sender.sends = vec![0; self.pieces as usize];
-            }
-            sender.sends[f.piece as usize] += 1;
-        }
+        self.nodes[f.sender as usize].ledger.count_send(f.piece);
         let flow = self.net.start(self.now, u64::from(f.len), &path[..hops], FlowTag::Fetch(id));
         if let Some(f) = self.fetches.get_mut(id) {
             f.state = FetchState::Flowing(flow);
         }
     }
 
-    /// Frees an upload slot of `s` and starts the next queued request.
+    /// Frees an upload slot of `s`; the core picks the queued request that gets it.
     pub(crate) fn release_slot(&mut self, s: u32) {
-        let node = &mut self.nodes[s as usize];
-        node.slots_free += 1;
-        if !node.alive {
+        if !self.nodes[s as usize].alive {
             return;
         }
-        while self.nodes[s as usize].slots_free > 0 {
-            let node = &self.nodes[s as usize];
-            // `UploadSlots::release`: on a source the least-sent piece first, the oldest
-            // among equals; elsewhere (`sends` empty) the oldest.
-            let sent = |id: &FetchId| self.fetches.get(*id).and_then(|f| node.sends.get(f.piece as usize).copied());
-            let next = node.upload_queue.iter().min_by_key(|&(&seq, id)| (sent(id).unwrap_or(0), seq)).map(|(&s, _)| s);
-            let Some(id) = next.and_then(|seq| self.nodes[s as usize].upload_queue.remove(&seq)) else { break };
+        loop {
+            let node = &mut self.nodes[s as usize];
+            let (slots, ledger, fetches) = (&mut node.slots, &node.ledger, &self.fetches);
+            let Some(id) = slots.release(|id| fetches.get(*id).map_or(0, |f| ledger.rank(f.piece))) else { break };
             if self.fetches.get(id).is_some() {
                 self.start_upload(id);
+                break;
             }
+            // A stale entry: the slot goes to the next request.
         }
     }
 
@@ -733,58 +617,51 @@ impl World {
         }
         let at = self.clock.at(self.now);
         let node = &mut self.nodes[n as usize];
-        match reply {
+        let outcome = match reply {
             Reply::Piece => {
                 node.downloaded += u64::from(f.len);
                 self.received_bytes += u64::from(f.len);
-                node.sched.piece_verified(f.key, f.piece, at);
-                self.note_copy(f.piece);
+                PieceOutcome::Verified
             }
-            Reply::Busy => node.sched.request_failed(f.key, f.piece, RequestFailure::Busy, at),
-            Reply::Missing => node.sched.request_failed(f.key, f.piece, RequestFailure::Missing, at),
+            Reply::Busy => PieceOutcome::Rejected(RequestFailure::Busy),
+            Reply::Missing => PieceOutcome::Rejected(RequestFailure::Missing),
+        };
+        node.swarm.piece_done(f.key, f.piece, outcome, at);
+        if reply == Reply::Piece {
+            self.note_copy(f.piece);
         }
         self.drain(n);
     }
 
-    /// A `Have` reaches every peer `n` is connected to now.
+    /// A `Have` reaches the peers `n`'s swarm names now.
     pub(crate) fn on_have(&mut self, n: u32, piece: u32) {
+        let mut keys = std::mem::take(&mut self.scratch_keys);
         let mut peers = std::mem::take(&mut self.scratch_links);
         peers.clear();
-        // As the real node: no `Have` to a peer that announced the piece to us.
-        // Both maps are ordered by key: one merged pass instead of a lookup per link.
         {
             let sender = &self.nodes[n as usize];
-            let mut holding = sender.sched.peers_holding(piece).peekable();
-            for (&k, l) in &sender.links {
-                while holding.next_if(|&h| h < k).is_some() {}
-                if holding.peek() != Some(&k) {
-                    peers.push(*l);
-                }
-            }
+            sender.swarm.have_recipients(piece, &mut keys);
+            peers.extend(keys.iter().filter_map(|k| sender.links.get(k).copied()));
         }
         let at = self.clock.at(self.now);
-        // All the `peer_have`s first, then all the drains: the same result as one
-        // after the other (a drain touches no other node's scheduler — except for
-        // `DropPeer`, which needs bad pieces, never simulated), and the independent
-        // scheduler updates back to back let the CPU overlap their cache misses.
+        // All the `have`s first, then all the drains: the same result as one after
+        // the other (a drain touches no other node's swarm — except for a `Close`
+        // after bad pieces, never simulated), and the independent core updates back to
+        // back let the CPU overlap their cache misses.
         for l in &peers {
-            let r = &mut self.nodes[l.remote as usize];
             self.haves_delivered += 1;
-            if piece >= r.known {
-                r.deferred.push((l.remote_key, piece));
-            } else {
-                r.sched.peer_have(l.remote_key, piece, at);
-            }
+            self.nodes[l.remote as usize].swarm.have(l.remote_key, piece, at);
         }
         for l in &peers {
-            // `peer_have` adds a scheduler deadline only with a `Request`: a peer that
-            // emitted nothing needs no timer check (`poll_timeout` is a cache miss per
-            // node, a few percent of a large run).
+            // A `have` adds a deadline only with a `Request`: a node that emitted
+            // nothing needs no timer check (`poll_timeout` is a cache miss per node,
+            // a few percent of a large run).
             if self.drain_actions(l.remote) > 0 {
                 self.arm_timer(l.remote);
             }
         }
         self.scratch_links = peers;
+        self.scratch_keys = keys;
     }
 
     /// A source's re-announcement of a piece it refused while fresh reaches one peer.
@@ -795,11 +672,7 @@ impl World {
             return;
         }
         self.haves_delivered += 1;
-        if piece >= node.known {
-            node.deferred.push((key, piece));
-        } else {
-            node.sched.peer_have(key, piece, at);
-        }
+        node.swarm.have(key, piece, at);
         if self.drain_actions(n) > 0 {
             self.arm_timer(n);
         }
@@ -807,23 +680,20 @@ impl World {
 
     // ---------------------------------------------------------------- connections
 
-    /// Announces to the tracker; the reply comes back one RTT later.
-    pub(crate) fn on_announce(&mut self, n: u32) {
+    /// `Announce`: the real tracker core answers; the reply arrives one RTT later.
+    fn announce(&mut self, n: u32) {
         let now = self.now;
-        let node = &mut self.nodes[n as usize];
-        if !node.alive || node.announcing || node.next_announce != now {
-            return;
-        }
-        node.announcing = true;
+        let node = &self.nodes[n as usize];
+        let state = node.swarm.announce_state();
         let ann = Announce {
             peer_id: node.peer_id,
             blob: self.digest,
             listen_port: LISTEN_PORT,
             advertise: None,
             zone: zone_name(node.zone),
-            have: node.sched.have().count(),
-            complete: node.completed_at.is_some(),
-            num_want: self.driver.max_peers as u32,
+            have: state.have,
+            complete: state.complete,
+            num_want: state.num_want,
         };
         let response = self.tracker.handle(TrackerRequest::Announce(ann), node_addr(n), self.clock.at(now));
         let ev = match response {
@@ -840,125 +710,79 @@ impl World {
         self.events.push(now + 2 * self.half_rtt, ev);
     }
 
-    /// The tracker's reply: schedule the next announce and dial some of the peers.
+    /// The tracker's reply reaches the node (`interval` 0: the announce failed).
     pub(crate) fn on_tracker_reply(&mut self, n: u32, peers: &[PeerInfo], interval: Nanos) {
-        let now = self.now;
-        let eager_after = crate::model::nanos(self.driver.eager_announce);
+        let at = self.clock.at(self.now);
         let node = &mut self.nodes[n as usize];
         if !node.alive {
             return;
         }
-        node.announcing = false;
-        let next = if interval == 0 {
-            // Failed: retry after the eager period.
-            eager_after
-        } else if node.links.len() < self.driver.max_peers / 2 && !node.sched.is_complete() {
-            eager_after.min(interval)
+        let reply = if interval == 0 {
+            AnnounceReply::Failed
         } else {
-            interval
+            AnnounceReply::Peers { peers, interval: std::time::Duration::from_nanos(interval) }
         };
-        node.next_announce = now + next;
-        self.events.push(now + next, Ev::Announce { node: n });
-        self.connect_to(n, peers);
+        node.swarm.announced(reply, at);
+        self.drain(n);
     }
 
-    /// Dials up to `max_peers − peers − connecting` of the offered peers.
-    fn connect_to(&mut self, n: u32, peers: &[PeerInfo]) {
-        let now = self.now;
-        let backoff = crate::model::nanos(self.driver.connect_backoff);
-        let max_peers = self.driver.max_peers;
-        let node = &mut self.nodes[n as usize];
-        node.failed.retain(|_, t| now.saturating_sub(*t) < backoff);
-        let my_zone = zone_name(node.zone);
-        let fresh: Vec<(u32, Candidate)> = peers
-            .iter()
-            .filter_map(|p| {
-                let i = addr_node(&p.addr)?;
-                let ok = i != n
-                    && p.peer_id != node.peer_id
-                    && !node.by_node.contains_key(&i)
-                    && !node.connecting.contains(&i)
-                    && !node.failed.contains_key(&i);
-                ok.then(|| (i, Candidate { same_zone: p.zone == my_zone, have: p.have, complete: p.complete }))
-            })
-            .collect();
-        let wanted = max_peers.saturating_sub(node.links.len() + node.connecting.len());
-        if fresh.is_empty() || wanted == 0 || node.sched.is_complete() {
-            return;
-        }
-        let candidates: Vec<Candidate> = fresh.iter().map(|&(_, c)| c).collect();
-        let chosen = choose_peers(&candidates, wanted, &mut node.rng);
-        let t = now + 4 * self.half_rtt;
-        for i in chosen {
-            let Some(&(to, _)) = fresh.get(i) else { continue };
-            self.nodes[n as usize].connecting.insert(to);
-            self.events.push(t, Ev::ConnectDone { from: n, to });
-        }
-    }
-
-    /// A dial finished: link the two nodes unless one is gone or they already are.
+    /// A dial finished: link the two nodes unless the target is gone.
     pub(crate) fn on_connect_done(&mut self, from: u32, to: u32) {
-        let now = self.now;
-        let a = &mut self.nodes[from as usize];
-        a.connecting.remove(&to);
-        if !a.alive || a.by_node.contains_key(&to) {
+        let at = self.clock.at(self.now);
+        if !self.nodes[from as usize].alive {
             return;
         }
         if !self.nodes[to as usize].alive {
-            self.nodes[from as usize].failed.insert(to, now);
+            self.nodes[from as usize].swarm.dial_failed(node_addr(to), at);
+            self.drain(from);
             return;
         }
         self.link(from, to);
     }
 
+    /// Connects `a` (the dialler) and `b`, if both swarms accept the connection.
     fn link(&mut self, a: u32, b: u32) {
         let at = self.clock.at(self.now);
-        let ka = PeerKey(self.nodes[a as usize].next_key);
-        let kb = PeerKey(self.nodes[b as usize].next_key);
-        self.nodes[a as usize].next_key += 1;
-        self.nodes[b as usize].next_key += 1;
+        let (id_a, id_b) = (self.nodes[a as usize].peer_id, self.nodes[b as usize].peer_id);
+        let Ok(ka) = self.nodes[a as usize].swarm.connected(id_b, Some(node_addr(b)), at) else {
+            self.drain(a);
+            return;
+        };
+        let Ok(kb) = self.nodes[b as usize].swarm.connected(id_a, None, at) else {
+            self.nodes[a as usize].swarm.closed(ka, at);
+            self.drain(a);
+            self.drain(b);
+            return;
+        };
         self.nodes[a as usize].links.insert(ka, Link { remote: b, remote_key: kb });
-        self.nodes[a as usize].by_node.insert(b, ka);
         self.nodes[b as usize].links.insert(kb, Link { remote: a, remote_key: ka });
-        self.nodes[b as usize].by_node.insert(a, kb);
         for n in [a, b] {
             let links = self.nodes[n as usize].links.len();
             if links > self.peak_links.0 {
                 self.peak_links = (links, n);
             }
         }
-        let bits_a = self.nodes[a as usize].sched.have().clone();
-        let bits_b = self.nodes[b as usize].sched.have().clone();
-        for (n, key, mut bits) in [(a, ka, bits_b), (b, kb, bits_a)] {
-            let node = &mut self.nodes[n as usize];
-            // Bits of pieces whose hash is not known yet wait (`control` in node.rs).
-            let unknown: Vec<u32> = bits.ones().filter(|&p| p >= node.known).collect();
-            for p in unknown {
-                bits.set(p, false);
-                node.deferred.push((key, p));
-            }
-            node.sched.add_peer(key, at);
-            node.sched.peer_bitfield(key, &bits, at);
-        }
+        let bits_a = self.nodes[a as usize].swarm.scheduler().have().clone();
+        let bits_b = self.nodes[b as usize].swarm.scheduler().have().clone();
+        self.nodes[a as usize].swarm.bitfield(ka, bits_b, at);
+        self.nodes[b as usize].swarm.bitfield(kb, bits_a, at);
         self.drain(a);
         self.drain(b);
     }
 
     /// Closes the connection `n` knows as `key`, on both sides. With `remove_here`,
-    /// `n`'s scheduler is told too (it already forgot the peer after `DropPeer`).
+    /// `n`'s swarm is told too (after a `Close` action it already forgot the peer).
     pub(crate) fn unlink(&mut self, n: u32, key: PeerKey, remove_here: bool) {
         let Some(link) = self.nodes[n as usize].links.remove(&key) else { return };
-        self.nodes[n as usize].by_node.remove(&link.remote);
         let r = link.remote;
         self.nodes[r as usize].links.remove(&link.remote_key);
-        self.nodes[r as usize].by_node.remove(&n);
         self.abort_all_with(n, key);
         self.abort_all_with(r, link.remote_key);
         let at = self.clock.at(self.now);
         if remove_here {
-            self.nodes[n as usize].sched.remove_peer(key, at);
+            self.nodes[n as usize].swarm.closed(key, at);
         }
-        self.nodes[r as usize].sched.remove_peer(link.remote_key, at);
+        self.nodes[r as usize].swarm.closed(link.remote_key, at);
         self.drain(r);
         if remove_here {
             self.drain(n);
@@ -999,7 +823,7 @@ impl World {
     pub(crate) fn on_lease_reply(&mut self, n: u32, granted: bool) {
         let now = self.now;
         if !granted {
-            let retry = crate::model::nanos(self.driver.layout_retry);
+            let retry = crate::model::nanos(node::LAYOUT_RETRY);
             self.events.push(now + retry, Ev::Startup { node: n });
             return;
         }
@@ -1008,9 +832,8 @@ impl World {
             tracing::warn!(node = n, "the upstream lease went to a node not planned as the holder");
             node.role = Role::Holder;
         }
-        node.lease_holder = true;
-        node.first_sent = vec![None; self.pieces as usize];
-        node.unsent = self.pieces;
+        node.swarm.hold_lease();
+        node.ledger.enable_hold();
         // `lead`: open the upstream blob (one WAN round trip), publish the layout.
         self.events.push(now + self.wan_rtt, Ev::UpstreamOpen { node: n });
     }
@@ -1034,85 +857,54 @@ impl World {
         self.start_upstream(n);
     }
 
-    /// The swarm of node `n` starts (`fetch_partial`): announce, sync hashes.
+    /// The swarm of node `n` starts (`fetch_partial`), knowing `known` piece hashes.
     pub(crate) fn on_swarm_start(&mut self, n: u32, known: u32) {
-        let now = self.now;
+        let at = self.clock.at(self.now);
         let node = &mut self.nodes[n as usize];
         if !node.alive || node.swarming {
             return;
         }
         node.swarming = true;
-        node.known = node.known.max(known);
-        node.next_announce = now;
-        node.next_sync = now;
-        self.events.push(now, Ev::Announce { node: n });
-        self.schedule_sync(n);
+        node.swarm.hashes_known(known, at);
+        node.swarm.start(at);
         self.drain(n);
     }
 
-    fn needs_hashes(&self, n: u32) -> bool {
-        let node = &self.nodes[n as usize];
-        node.alive && node.swarming && !node.syncing && !node.lease_holder && node.known < self.pieces
-    }
-
-    fn schedule_sync(&mut self, n: u32) {
-        if self.needs_hashes(n) {
-            let at = self.nodes[n as usize].next_sync.max(self.now);
-            self.events.push(at, Ev::HashSync { node: n });
-        }
-    }
-
-    /// Asks the tracker for the hashes published since the last ask.
-    pub(crate) fn on_hash_sync(&mut self, n: u32) {
-        if !self.needs_hashes(n) || self.nodes[n as usize].next_sync > self.now {
-            return;
-        }
-        let node = &mut self.nodes[n as usize];
-        node.syncing = true;
-        let get = TrackerRequest::GetHashes { blob: self.digest, first: node.known };
+    /// `GetHashes`: the tracker core holds the request until the next publish when it
+    /// has nothing new, else the answer arrives one RTT later.
+    fn hash_sync(&mut self, n: u32, first: u32) {
+        let get = TrackerRequest::GetHashes { blob: self.digest, first };
         let (known, complete) = match self.tracker.handle(get, node_addr(n), self.clock.at(self.now)) {
             TrackerResponse::Hashes { first, hashes, complete, .. } => {
                 (first.saturating_add(hashes.len() as u32), complete)
             }
-            _ => (node.known, true),
+            other => {
+                tracing::warn!(node = n, ?other, "hash request refused");
+                (first, true)
+            }
         };
-        if known == node.known && !complete {
-            // The tracker holds the request until the next publish.
+        if known == first && !complete {
             self.hash_waiters.push(n);
             return;
         }
         self.events.push_after(self.now, 2 * self.half_rtt, Ev::HashesReply { node: n, known });
     }
 
-    /// New hashes arrived: replay the announcements that waited for them.
+    /// The tracker's hashes reach the node.
     pub(crate) fn on_hashes_reply(&mut self, n: u32, known: u32) {
-        let now = self.now;
-        let at = self.clock.at(now);
-        let sync = crate::model::nanos(self.driver.hash_sync);
+        let at = self.clock.at(self.now);
         let node = &mut self.nodes[n as usize];
         if !node.alive {
             return;
         }
-        node.syncing = false;
-        // New hashes: ask again at once (the tracker holds the ask until the next publish).
-        node.next_sync = if known > node.known { now } else { now + sync };
-        if known > node.known {
-            node.known = known;
-            let (ready, wait): (Vec<_>, Vec<_>) = node.deferred.drain(..).partition(|&(_, p)| p < known);
-            node.deferred = wait;
-            for (key, piece) in ready {
-                node.sched.peer_have(key, piece, at);
-            }
-            self.drain(n);
-        }
-        self.schedule_sync(n);
+        node.swarm.hashes(HashesReply::Known(known), at);
+        self.drain(n);
     }
 
     /// The holder stored a piece from upstream: publish its hash (a tracker round trip,
     /// one publish at a time), then announce it.
     pub(crate) fn on_upstream_piece(&mut self, n: u32, piece: u32) {
         let node = &mut self.nodes[n as usize];
-        node.known = node.known.max(piece + 1);
         let done = node.publish_free_at.max(self.now) + 2 * self.half_rtt;
         node.publish_free_at = done;
         self.events.push(done, Ev::Published { node: n, piece });
@@ -1135,7 +927,7 @@ impl World {
             self.events.push_after(self.now, self.half_rtt, Ev::HashesReply { node: w, known });
         }
         let at = self.clock.at(self.now);
-        self.nodes[n as usize].sched.local_piece(piece, at);
+        self.nodes[n as usize].swarm.upstream_piece(piece, at);
         self.drain(n);
     }
 

@@ -13,21 +13,18 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use swarm_core::scheduler::{PeerKey, Scheduler, SchedulerStats};
+use swarm_core::scheduler::{PeerKey, SchedulerStats};
+use swarm_core::swarm::Swarm;
 use swarm_core::tracker::{TrackerConfig, TrackerState};
 use swarm_proto::msg::{PeerInfo, TrackerRequest, TrackerResponse};
 use swarm_proto::{Bitfield, Digest, Metainfo, PeerId};
 
 use crate::model::{Clock, EventQueue, FlowNet, Nanos, NetStats, ResId, nanos};
-use crate::node::{DriverConfig, FetchId, Fetches, Link, Role, SimNode, node_addr};
+use crate::node::{DriverConfig, FetchId, Fetches, Link, Role, SimNode, node_addr, zone_name};
 
 /// Something that happens at an instant.
 #[derive(Debug)]
 pub(crate) enum Ev {
-    /// The node's announce timer.
-    Announce {
-        node: u32,
-    },
     /// The tracker's answer reaches the node (`interval` 0: the announce failed).
     TrackerReply {
         node: u32,
@@ -56,6 +53,10 @@ pub(crate) enum Ev {
     Have {
         node: u32,
         piece: u32,
+    },
+    /// A re-announcement of `node`'s upload ledger may be due.
+    LedgerTimer {
+        node: u32,
     },
     /// A source's `Have` from `from` reaches one peer, `node`, whose key for it is `key`.
     HaveTo {
@@ -88,10 +89,6 @@ pub(crate) enum Ev {
         node: u32,
         known: u32,
     },
-    /// Time for the node to ask for new piece hashes.
-    HashSync {
-        node: u32,
-    },
     /// The tracker's hashes reach the node: it now knows `known` of them.
     HashesReply {
         node: u32,
@@ -110,12 +107,11 @@ impl Ev {
     /// Index into [`EVENT_KINDS`].
     fn kind(&self) -> usize {
         match self {
-            Ev::Announce { .. } => 0,
             Ev::TrackerReply { .. } => 1,
             Ev::ConnectDone { .. } => 2,
             Ev::Timer { .. } => 3,
             Ev::RequestArrive(_) => 4,
-            Ev::QueueTimeout(_) | Ev::SlotFree { .. } => 5,
+            Ev::QueueTimeout(_) | Ev::SlotFree { .. } | Ev::LedgerTimer { .. } => 5,
             Ev::Reply(_) => 6,
             Ev::CancelArrive(_) => 7,
             Ev::Have { .. } | Ev::HaveTo { .. } => 8,
@@ -126,7 +122,7 @@ impl Ev {
             | Ev::LeaseReply { .. }
             | Ev::SwarmStart { .. }
             | Ev::Published { .. } => 10,
-            Ev::HashSync { .. } | Ev::HashesReply { .. } => 11,
+            Ev::HashesReply { .. } => 11,
         }
     }
 }
@@ -258,11 +254,8 @@ pub struct World {
     pub(crate) pieces: u32,
     pub(crate) budget_kib: u32,
     pub(crate) half_rtt: Nanos,
-    pub(crate) slot_wait: Nanos,
-    pub(crate) fresh_hold: Nanos,
     /// Nodes whose `GetHashes` the tracker holds until the next publish.
     pub(crate) hash_waiters: Vec<u32>,
-    pub(crate) driver: DriverConfig,
     /// Per site: (outbound, inbound) link; empty with one site.
     pub(crate) zone_links: Vec<(ResId, ResId)>,
     upstream: ResId,
@@ -287,6 +280,7 @@ pub struct World {
     all_out_at: Option<Nanos>,
     upstream_done_at: Option<Nanos>,
     pub(crate) scratch_links: Vec<Link>,
+    pub(crate) scratch_keys: Vec<PeerKey>,
     /// `Have`s delivered to a peer.
     pub(crate) haves_delivered: u64,
     pub(crate) peak_links: (usize, u32),
@@ -333,25 +327,17 @@ impl World {
         } else {
             Vec::new()
         };
-        let budget_kib = u32::try_from(driver.receive_budget / 1024).unwrap_or(u32::MAX).max(1);
-        let slots = u32::try_from(driver.upload_slots).unwrap_or(u32::MAX).max(1);
+        let budget_kib = driver.receive_budget_kib();
         let mut nodes = Vec::with_capacity(specs.len());
         for spec in &specs {
             let up = net.add_resource(spec.up);
             let down = net.add_resource(spec.down);
             let have = if spec.role == Role::Seed { Bitfield::full(pieces) } else { Bitfield::new(pieces) };
-            let sched = Scheduler::new(driver.scheduler.clone(), piece_length, have, rng.r#gen());
-            let node_rng = StdRng::seed_from_u64(rng.r#gen());
             let peer_id = PeerId(rng.r#gen());
-            let mut node = SimNode::new(peer_id, spec.zone, spec.role, up, down, sched, node_rng, budget_kib, slots);
-            if !lease {
-                node.known = pieces;
-            }
-            if spec.role == Role::Seed {
-                // A complete blob at swarm start: the upload ledger is on.
-                node.first_sent = vec![None; pieces as usize];
-                node.unsent = pieces;
-            }
+            let known = if lease { 0 } else { pieces };
+            let (zone, seed) = (zone_name(spec.zone), rng.r#gen());
+            let swarm = Swarm::new(peer_id, zone, &driver, piece_length, have, known, seed, clock.at(0));
+            let node = SimNode::new(peer_id, spec.zone, spec.role, (up, down), swarm, &driver);
             nodes.push(node);
         }
         Ok(Self {
@@ -368,10 +354,7 @@ impl World {
             pieces,
             budget_kib,
             half_rtt: nanos(rtt) / 2,
-            slot_wait: nanos(driver.slot_wait),
-            fresh_hold: nanos(driver.fresh_hold),
             hash_waiters: Vec::new(),
-            driver,
             zone_links,
             upstream,
             wan_rtt: nanos(wan_rtt),
@@ -391,6 +374,7 @@ impl World {
             all_out_at: None,
             upstream_done_at: None,
             scratch_links: Vec::new(),
+            scratch_keys: Vec::new(),
             haves_delivered: 0,
             peak_links: (0, 0),
         })
@@ -453,7 +437,7 @@ impl World {
         }
         let mut sched = SchedulerStats::default();
         for n in &self.nodes {
-            add_stats(&mut sched, &n.sched.stats());
+            add_stats(&mut sched, &n.swarm.scheduler().stats());
         }
         RunOutcome {
             nodes: self
@@ -496,22 +480,20 @@ impl World {
         node.alive = true;
         node.joined_at = now;
         node.counted = node.role != Role::Seed;
-        if node.counted && !node.sched.is_complete() {
+        if node.counted && !node.swarm.scheduler().is_complete() {
             self.pending_nodes += 1;
         }
         if self.lease {
             self.events.push(now, Ev::Startup { node: i });
         } else {
             node.swarming = true;
-            node.next_announce = now;
-            self.events.push(now, Ev::Announce { node: i });
+            node.swarm.start(self.clock.at(now));
             self.drain(i);
         }
     }
 
     fn dispatch(&mut self, ev: Ev) {
         match ev {
-            Ev::Announce { node } => self.on_announce(node),
             Ev::TrackerReply { node, peers, interval } => self.on_tracker_reply(node, &peers, interval),
             Ev::ConnectDone { from, to } => self.on_connect_done(from, to),
             Ev::Timer { node } => self.on_timer(node),
@@ -522,6 +504,7 @@ impl World {
             Ev::CancelArrive(id) => self.on_cancel_arrive(id),
             Ev::Have { node, piece } => self.on_have(node, piece),
             Ev::HaveTo { node, key, from, piece } => self.on_have_to(node, key, from, piece),
+            Ev::LedgerTimer { node } => self.reannounce(node),
             Ev::Leave { node } => {
                 self.pending_churn -= 1;
                 self.leave(node);
@@ -534,7 +517,6 @@ impl World {
             Ev::Startup { node } => self.on_startup(node),
             Ev::LeaseReply { node, granted } => self.on_lease_reply(node, granted),
             Ev::SwarmStart { node, known } => self.on_swarm_start(node, known),
-            Ev::HashSync { node } => self.on_hash_sync(node),
             Ev::HashesReply { node, known } => self.on_hashes_reply(node, known),
             Ev::Published { node, piece } => self.on_published(node, piece),
             Ev::Progress => self.log_progress(),
@@ -595,13 +577,13 @@ impl World {
 
     fn log_progress(&mut self) {
         let alive: Vec<&SimNode> = self.nodes.iter().filter(|n| n.alive && n.counted).collect();
-        let haves: Vec<u32> = alive.iter().map(|n| n.sched.have().count()).collect();
+        let haves: Vec<u32> = alive.iter().map(|n| n.swarm.scheduler().have().count()).collect();
         let min = haves.iter().copied().min().unwrap_or(0);
         let max = haves.iter().copied().max().unwrap_or(0);
         let mean = haves.iter().map(|&h| f64::from(h)).sum::<f64>() / haves.len().max(1) as f64;
         let links = alive.iter().map(|n| n.links.len()).sum::<usize>() as f64 / alive.len().max(1) as f64;
         let in_flight: usize = alive.iter().map(|n| n.outstanding.len()).sum();
-        let queued: usize = self.nodes.iter().map(|n| n.upload_queue.len()).sum();
+        let queued: usize = self.nodes.iter().map(|n| n.slots.waiting()).sum();
         let budget_wait: usize = self.nodes.iter().map(|n| n.budget_queue.len()).sum();
         let busy_up = self.nodes.iter().filter(|n| n.alive && self.net.load(n.up) > 0).count();
         let up_used: f64 = self.nodes.iter().filter(|n| n.alive).map(|n| self.net.used(n.up)).sum();
