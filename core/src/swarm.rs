@@ -330,13 +330,16 @@ impl Swarm {
     /// The peer announced `piece`. Returns whether the swarm acted on it at once (it
     /// waits while the piece's hash is unknown).
     pub fn have(&mut self, peer: PeerKey, piece: u32, now: Instant) -> bool {
-        if piece >= self.pieces || !self.peers.contains_key(&peer) {
+        if piece >= self.pieces {
             return false;
         }
         if piece >= self.known {
-            self.deferred.insert((peer, piece));
+            if self.peers.contains_key(&peer) {
+                self.deferred.insert((peer, piece));
+            }
             return false;
         }
+        // The scheduler ignores a peer it does not know (one already closed).
         self.scheduler.peer_have(peer, piece, now);
         self.drain_scheduler();
         true

@@ -641,7 +641,16 @@ impl World {
         {
             let sender = &self.nodes[n as usize];
             sender.swarm.have_recipients(piece, &mut keys);
-            peers.extend(keys.iter().filter_map(|k| sender.links.get(k).copied()));
+            // Both in key order: one merged pass instead of a lookup per recipient.
+            let mut links = sender.links.iter().peekable();
+            for k in &keys {
+                while links.next_if(|(lk, _)| *lk < k).is_some() {}
+                if let Some((lk, l)) = links.peek()
+                    && *lk == k
+                {
+                    peers.push(**l);
+                }
+            }
         }
         let at = self.clock.at(self.now);
         // All the `have`s first, then all the drains: the same result as one after
