@@ -31,7 +31,7 @@ pub mod server;
 pub mod state;
 
 pub use client::{HashesReply, TrackerClient, TrackerClientError};
-pub use server::serve;
+pub use server::{REQUEST_KINDS, Tracker, TrackerStats, serve};
 pub use state::{LeaseState, LeaseStatus, TrackerConfig, TrackerState};
 
 use std::net::SocketAddr;
