@@ -9,6 +9,8 @@
 - Every kustomization is rendered with `kubectl kustomize` and the output validated
   the same way; the swarm image must be named in exactly one place (`images:` of the
   base kustomization) and reach every workload.
+- The manifests a Kairos cloud-config writes into k3s's auto-deploy directory
+  (`/var/lib/rancher/k3s/server/manifests/`, deploy/kairos/*.yaml) are validated too.
 - Self-check: broken manifests (a misspelled field, a wrong type, in a core kind and
   in a ServiceMonitor) must be refused, or the validator itself is broken.
 
@@ -31,6 +33,7 @@ except ImportError as e:  # pragma: no cover - reported to the test
 
 K8S_VERSION = "1.37.0"
 IMAGE = "YOUR_REGISTRY/swarm"
+K3S_MANIFESTS = "/var/lib/rancher/k3s/server/manifests/"
 
 
 def strict(schema):
@@ -78,6 +81,19 @@ class Validator:
         except kubernetes_validate.SchemaNotFoundError as e:
             return [f"no schema for {doc['apiVersion']} {doc['kind']}: {e}"]
         return []
+
+
+def embedded_manifests(node):
+    """(path, content) of every file a cloud-config writes into k3s's manifests dir."""
+    if isinstance(node, dict):
+        path, content = node.get("path"), node.get("content")
+        if isinstance(path, str) and isinstance(content, str) and path.startswith(K3S_MANIFESTS) and path.endswith(".yaml"):
+            yield path, content
+        for v in node.values():
+            yield from embedded_manifests(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from embedded_manifests(v)
 
 
 def kustomize(directory):
@@ -129,6 +145,17 @@ def main(root):
             checked += 1
             for err in v.errors(doc):
                 problems.append(f"{path.relative_to(root)}: {doc.get('kind')} {doc.get('metadata', {}).get('name')}: {err}")
+
+    for path in sorted((root / "deploy/kairos").glob("*.yaml")):
+        for cloud_config in yaml.safe_load_all(path.read_text()):
+            for target, content in embedded_manifests(cloud_config):
+                for doc in yaml.safe_load_all(content):
+                    if not doc:
+                        continue
+                    checked += 1
+                    for err in v.errors(doc):
+                        name = doc.get("metadata", {}).get("name")
+                        problems.append(f"{path.relative_to(root)} ({target}): {doc.get('kind')} {name}: {err}")
 
     for directory in kustomizations:
         try:
