@@ -25,8 +25,11 @@ fn tracker_stderr(name: &str, format: Option<&str>) -> String {
         cmd.env("SWARM_LOG_FORMAT", format);
     }
     let mut tracker = ChildGuard::spawn("tracker", cmd, dir.path()).expect("tracker");
-    wait_until("tracker http", Duration::from_secs(20), &mut tracker, || tcp_open(http)).expect("tracker up");
-    // The listening lines are written before the HTTP address accepts.
+    // Its last start-up line names the HTTP address.
+    let stderr = tracker.stderr_path().to_path_buf();
+    let started = || std::fs::read_to_string(&stderr).is_ok_and(|t| t.contains("tracker health and metrics on"));
+    wait_until("tracker started", Duration::from_secs(20), &mut tracker, || tcp_open(http) && started())
+        .expect("tracker up");
     let text = tracker.stderr_text();
     tracker.kill();
     text

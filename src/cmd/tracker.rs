@@ -33,6 +33,7 @@ pub async fn run(args: Args) -> Result<()> {
     let endpoint =
         Endpoint::bind(addr, token, &EndpointConfig::default()).with_context(|| format!("cannot listen on {addr}"))?;
     let local = endpoint.local_addr()?;
+    tracing::info!(target: STATUS, "tracker listening on {local} (QUIC/UDP)");
     let config = TrackerConfig {
         announce_interval: args.announce_interval,
         peer_ttl: args.announce_interval * 3,
@@ -51,13 +52,13 @@ pub async fn run(args: Args) -> Result<()> {
             let router = super::metrics::tracker_router(tracker.clone()).merge(health::router(Readiness::ready()));
             let cancel = cancel.clone();
             tracing::info!(target: STATUS, "tracker health and metrics on http://{http} (/healthz, /readyz, /metrics)");
+            // Logged before serving: whoever sees the port open finds both lines.
             Some(tokio::spawn(async move {
                 axum::serve(listener, router).with_graceful_shutdown(cancel.cancelled_owned()).await
             }))
         }
         None => None,
     };
-    tracing::info!(target: STATUS, "tracker listening on {local} (QUIC/UDP)");
     let server = {
         let (tracker, cancel) = (tracker.clone(), cancel.clone());
         tokio::spawn(async move { tracker.serve(endpoint, cancel).await })
