@@ -106,13 +106,14 @@ async fn agent_readyz_follows_the_tracker_and_names_a_wrong_token() {
 
     // The tracker goes away: not ready within 5 s.
     drop(tracker);
-    wait_readyz(mirror, FOLLOW, "503", |s, _| s == 503, || agent.logs_tail()).await;
+    let took = wait_readyz(mirror, FOLLOW, "503", |s, _| s == 503, || agent.logs_tail()).await;
+    eprintln!("not ready {took:?} after the tracker was killed");
 
     // A tracker with another token on the same address: not ready, and the reason
     // names the token.
     let _tracker = ChildGuard::spawn("tracker-2", tracker_command(tracker_addr, tracker_http, &other_token), &logs)
         .expect("tracker");
-    wait_readyz(
+    let took = wait_readyz(
         mirror,
         2 * FOLLOW,
         "503 naming the token",
@@ -120,6 +121,7 @@ async fn agent_readyz_follows_the_tracker_and_names_a_wrong_token() {
         || agent.logs_tail(),
     )
     .await;
+    eprintln!("the reason named the token {took:?} after a tracker with another token started");
     assert!(agent.stderr_text().contains("refused this node's cluster token"), "{}", agent.logs_tail());
 
     // None of the probes above was a mirror request.
