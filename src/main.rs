@@ -4,9 +4,10 @@
 
 mod cmd;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(name = "swarm", version, about = "Peer-to-peer distribution of blobs inside a cluster")]
@@ -14,6 +15,10 @@ struct Cli {
     /// Log filter (tracing's env-filter syntax), e.g. `info`, `swarm_peer=debug`.
     #[arg(long, env = "SWARM_LOG", default_value = "warn", global = true)]
     log: String,
+    /// Log line format: `text` (colours only when stderr is a terminal) or `json`
+    /// (one object per line, for log collectors).
+    #[arg(long, env = "SWARM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -36,15 +41,48 @@ enum Command {
     ContainerdConfig(cmd::containerd_config::Args),
 }
 
+/// How log lines are written to stderr.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines; ANSI colours only when stderr is a terminal.
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `target`, `fields`, `spans`).
+    Json,
+}
+
+/// The target of the daemons' status lines (listening, tracker reachable, stopping):
+/// shown at `info` whatever `--log` says, unless `--log` names this target itself.
+pub const STATUS: &str = "swarm::status";
+
+/// Installs the global tracing subscriber: `filter` in env-filter syntax, lines on
+/// stderr. Colours are used only when stderr is a terminal, so journald and log
+/// collectors get plain text.
+fn init_logging(filter: &str, format: LogFormat) -> Result<(), String> {
+    let mut directives = filter.to_string();
+    if !filter.contains(STATUS) {
+        directives = format!("{filter},{STATUS}=info");
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
+        .map_err(|e| format!("invalid --log (SWARM_LOG) filter {filter:?}: {e}"))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(true).init(),
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    if let Err(e) = init_logging(&cli.log, cli.log_format) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
+    let json = cli.log_format == LogFormat::Json;
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            tracing::error!(target: STATUS, "cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -72,7 +110,11 @@ fn main() -> ExitCode {
                     msg.push_str(&text);
                 }
             }
-            eprintln!("error: {msg}");
+            if json {
+                tracing::error!(target: STATUS, "{msg}");
+            } else {
+                eprintln!("error: {msg}");
+            }
             ExitCode::FAILURE
         }
     }

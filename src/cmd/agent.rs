@@ -1,6 +1,8 @@
 //! `swarm agent`: the per-node daemon. One process holds the QUIC peer, the piece
 //! store and the HTTP registry mirror containerd talks to, plus an optional
-//! Prometheus endpoint. Settings come from flags, `SWARM_*` variables and an optional
+//! Prometheus endpoint. The mirror's address also answers `/healthz` and `/readyz`
+//! (ready: the tracker answers and accepted the token; see [`super::health`]), as does
+//! the metrics address. Settings come from flags, `SWARM_*` variables and an optional
 //! TOML file (`--config`); a flag wins over the file.
 
 use std::net::SocketAddr;
@@ -14,9 +16,12 @@ use swarm_peer::agent::SwarmProvider;
 use swarm_peer::mirror::{self, MirrorConfig, MirrorMetrics};
 use swarm_peer::node::{Node, NodeConfig};
 use swarm_peer::upstream::{UpstreamClient, UpstreamConfig};
+use swarm_tracker::TrackerClient;
 use tokio_util::sync::CancellationToken;
 
 use super::common::{TokenArgs, parse_rate, resolve, shutdown_signal};
+use super::health::{self, CHECK_TIMEOUT, Readiness};
+use crate::STATUS;
 
 const DEFAULT_LISTEN: &str = "0.0.0.0:7001";
 const DEFAULT_MIRROR: &str = "127.0.0.1:5001";
@@ -135,6 +140,9 @@ pub async fn run(args: Args) -> Result<()> {
     let mirror_addr = resolve("mirror", &s.mirror).await?;
     let endpoint = Endpoint::bind(listen, token, &EndpointConfig::default())
         .with_context(|| format!("cannot listen on {listen} (UDP)"))?;
+    // Its own client (own cached connection, short timeout) so that checks never
+    // hold up the node's requests.
+    let tracker_check = TrackerClient::with_timeout(endpoint.clone(), tracker, CHECK_TIMEOUT);
     let mut config = NodeConfig::new(s.data_dir.clone());
     config.zone = s.zone;
     config.advertise = s.advertise;
@@ -144,7 +152,14 @@ pub async fn run(args: Args) -> Result<()> {
     let cancel = CancellationToken::new();
     let metrics = Arc::new(MirrorMetrics::default());
     let provider = Arc::new(SwarmProvider::new(node.clone(), upstream.clone()));
-    let router = mirror::router(provider, upstream, MirrorConfig::new(s.data_dir.join("manifests")), metrics.clone());
+    let readiness = Readiness::new(format!("tracker {tracker} not checked yet"));
+    // Probes are routed ahead of the mirror's fallback: they never count as mirror requests.
+    let router = health::router(readiness.clone()).merge(mirror::router(
+        provider,
+        upstream,
+        MirrorConfig::new(s.data_dir.join("manifests")),
+        metrics.clone(),
+    ));
     let listener = tokio::net::TcpListener::bind(mirror_addr)
         .await
         .with_context(|| format!("cannot listen on {mirror_addr} for the mirror (TCP)"))?;
@@ -155,7 +170,8 @@ pub async fn run(args: Args) -> Result<()> {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr} for metrics"))?;
-            let router = super::metrics::router(node.clone(), metrics.clone());
+            let router =
+                super::metrics::agent_router(node.clone(), metrics.clone()).merge(health::router(readiness.clone()));
             let cancel = cancel.clone();
             Some(tokio::spawn(async move {
                 axum::serve(listener, router).with_graceful_shutdown(cancel.cancelled_owned()).await
@@ -163,7 +179,8 @@ pub async fn run(args: Args) -> Result<()> {
         }
         None => None,
     };
-    eprintln!(
+    tracing::info!(
+        target: STATUS,
         "swarm agent: peer {} on {} (QUIC), mirror on http://{}, tracker {}, data in {}",
         node.peer_id().short(),
         node.local_addr()?,
@@ -171,9 +188,11 @@ pub async fn run(args: Args) -> Result<()> {
         tracker,
         s.data_dir.display()
     );
+    let watch_task = tokio::spawn(health::watch_tracker(tracker_check, readiness, cancel.clone()));
     shutdown_signal().await;
-    eprintln!("swarm agent stopping");
+    tracing::info!(target: STATUS, "swarm agent stopping");
     cancel.cancel();
+    watch_task.await.context("tracker check task")?;
     node.shutdown().await;
     mirror_task.await.context("mirror task")?.context("mirror")?;
     if let Some(t) = metrics_task {

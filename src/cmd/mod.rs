@@ -5,6 +5,7 @@ pub mod common;
 pub mod containerd_config;
 pub mod demo;
 pub mod demo_upstream;
+pub mod health;
 pub mod metrics;
 pub mod pull;
 pub mod seed;

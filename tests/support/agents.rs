@@ -15,6 +15,44 @@ pub fn swarm_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_swarm"))
 }
 
+/// Writes a new cluster token (`swarm token`) to `path`.
+pub fn write_token(path: &Path) -> anyhow::Result<()> {
+    let out = Command::new(swarm_bin()).arg("token").output().context("swarm token")?;
+    anyhow::ensure!(out.status.success(), "swarm token failed: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(path, &out.stdout).with_context(|| format!("writing {}", path.display()))
+}
+
+/// `swarm tracker` on `addr` (QUIC) and `http` (health and metrics), logging at info.
+pub fn tracker_command(addr: SocketAddr, http: SocketAddr, token_file: &Path) -> Command {
+    let mut cmd = Command::new(swarm_bin());
+    cmd.args(["tracker", "--listen", &addr.to_string(), "--announce-interval", "5s"])
+        .args(["--http-listen", &http.to_string()])
+        .arg("--token-file")
+        .arg(token_file)
+        .env("SWARM_LOG", "info");
+    cmd
+}
+
+/// `swarm agent` of the tracker at `tracker`, its mirror on `mirror` and metrics on
+/// `metrics`, a QUIC port of its own choosing.
+pub fn agent_command(
+    tracker: SocketAddr,
+    mirror: SocketAddr,
+    metrics: SocketAddr,
+    data_dir: &Path,
+    token_file: &Path,
+) -> Command {
+    let mut cmd = Command::new(swarm_bin());
+    cmd.args(["agent", "--tracker", &tracker.to_string(), "--listen", "127.0.0.1:0"])
+        .args(["--mirror", &mirror.to_string(), "--metrics", &metrics.to_string()])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--token-file")
+        .arg(token_file)
+        .env("SWARM_LOG", "info,swarm_peer=debug");
+    cmd
+}
+
 /// One agent process.
 pub struct Agent {
     pub child: ChildGuard,
@@ -32,20 +70,27 @@ impl Agent {
     /// One metric's value from `/metrics` (labels included in `name`, e.g.
     /// `swarm_mirror_requests_total{outcome="ok"}`).
     pub async fn metric(&self, name: &str) -> anyhow::Result<u64> {
-        let r = super::http::request(self.metrics, "GET", "/metrics", &[]).await?;
-        let text = String::from_utf8_lossy(&r.body).into_owned();
-        text.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).map(str::trim))
-            .with_context(|| format!("metric {name} missing from:\n{text}"))?
-            .parse()
-            .context("metric value")
+        metric(self.metrics, name).await
     }
+}
+
+/// One metric's value from `GET /metrics` on `addr` (labels included in `name`).
+pub async fn metric(addr: SocketAddr, name: &str) -> anyhow::Result<u64> {
+    let r = super::http::request(addr, "GET", "/metrics", &[]).await?;
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).map(str::trim))
+        .with_context(|| format!("metric {name} missing from:\n{text}"))?
+        .parse()
+        .context("metric value")
 }
 
 /// A tracker plus agents sharing a token.
 pub struct Cluster {
     pub tracker: ChildGuard,
     pub tracker_addr: SocketAddr,
+    /// The tracker's `--http-listen` address (`/healthz`, `/readyz`, `/metrics`).
+    pub tracker_http: SocketAddr,
     pub token_file: PathBuf,
     pub agents: Vec<Agent>,
     dir: PathBuf,
@@ -57,16 +102,13 @@ impl Cluster {
     pub fn start(dir: &Path, n: usize, plain_http: &[&str]) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let token_file = dir.join("token");
-        let out = Command::new(swarm_bin()).arg("token").output().context("swarm token")?;
-        std::fs::write(&token_file, &out.stdout)?;
+        write_token(&token_file)?;
         let tracker_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-        let mut cmd = Command::new(swarm_bin());
-        cmd.args(["tracker", "--listen", &tracker_addr.to_string(), "--announce-interval", "5s"])
-            .arg("--token-file")
-            .arg(&token_file)
-            .env("SWARM_LOG", "info");
+        let tracker_http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let cmd = tracker_command(tracker_addr, tracker_http, &token_file);
         let tracker = ChildGuard::spawn("tracker", cmd, &dir.join("logs"))?;
-        let mut cluster = Self { tracker, tracker_addr, token_file, agents: Vec::new(), dir: dir.to_path_buf() };
+        let mut cluster =
+            Self { tracker, tracker_addr, tracker_http, token_file, agents: Vec::new(), dir: dir.to_path_buf() };
         for i in 0..n {
             cluster.add_agent(i, plain_http)?;
         }
@@ -77,14 +119,7 @@ impl Cluster {
         let mirror: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let data_dir = self.dir.join(format!("agent-{i}"));
-        let mut cmd = Command::new(swarm_bin());
-        cmd.args(["agent", "--tracker", &self.tracker_addr.to_string(), "--listen", "127.0.0.1:0"])
-            .args(["--mirror", &mirror.to_string(), "--metrics", &metrics.to_string()])
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .arg("--token-file")
-            .arg(&self.token_file)
-            .env("SWARM_LOG", "info,swarm_peer=debug");
+        let mut cmd = agent_command(self.tracker_addr, mirror, metrics, &data_dir, &self.token_file);
         for r in plain_http {
             cmd.args(["--plain-http", r]);
         }

@@ -74,6 +74,15 @@ impl ChildGuard {
         &self.stdout
     }
 
+    pub fn stderr_path(&self) -> &Path {
+        &self.stderr
+    }
+
+    /// Everything the process wrote to stderr so far.
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_else(|e| format!("({}: {e})", self.stderr.display()))
+    }
+
     /// `Some(status)` if the process has exited.
     pub fn exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()

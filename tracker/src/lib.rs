@@ -33,5 +33,5 @@ pub mod server;
 pub use swarm_core::tracker as state;
 
 pub use client::{HashesReply, TrackerClient, TrackerClientError};
-pub use server::serve;
+pub use server::{REQUEST_KINDS, Tracker, TrackerStats, serve};
 pub use state::{LeaseState, LeaseStatus, TrackerConfig, TrackerError, TrackerState};

@@ -5,8 +5,15 @@
 //! stream. Dropping a set aborts its tasks, so stopping `serve` tears everything
 //! down. The state sits behind a `std::sync::Mutex` locked only inside
 //! `answer`, never across an `.await`.
+//!
+//! [`Tracker`] is the same service with a handle: [`Tracker::stats`] reads what the
+//! health and metrics endpoints show (nodes, blobs, live leases, requests by kind).
+//! The nodes and lease digests it needs are noted beside the state, in a second mutex
+//! (`Seen`); lock order: the state before `Seen`, never the other way round.
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -37,19 +44,108 @@ struct SharedState {
     state: Mutex<TrackerState>,
     /// Woken on every publish of piece hashes.
     published: Notify,
+    /// Nodes and leases seen, for [`Tracker::stats`]. Locked after `state`, if both.
+    seen: Mutex<Seen>,
+    /// Requests received, by kind (indexed like [`REQUEST_KINDS`]).
+    requests: [AtomicU64; REQUEST_KINDS.len()],
+    peer_ttl: Duration,
+}
+
+/// What the server notes beside the state for its statistics.
+#[derive(Default)]
+struct Seen {
+    /// Every peer id that announced, with its last announce.
+    nodes: HashMap<PeerId, Instant>,
+    /// Blobs whose upstream lease was granted at some point (pruned when read).
+    leases: HashSet<Digest>,
+}
+
+/// The kinds of tracker request, as counted in [`TrackerStats::requests`].
+pub const REQUEST_KINDS: [&str; 8] =
+    ["register", "get-metainfo", "announce", "leave", "acquire-lease", "publish-hashes", "release-lease", "get-hashes"];
+
+/// A read-only snapshot of the tracker, for health and metrics endpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrackerStats {
+    /// Distinct peers that announced within the peer TTL.
+    pub nodes: usize,
+    /// Blobs with peers, metainfo or upstream state.
+    pub blobs: usize,
+    /// Upstream leases currently live (held, renewed and making progress).
+    pub leases: usize,
+    /// Requests received since start, by kind (every entry of [`REQUEST_KINDS`]).
+    pub requests: Vec<(&'static str, u64)>,
+}
+
+/// A tracker service with a handle on its state. Cheap to clone.
+#[derive(Clone)]
+pub struct Tracker {
+    shared: Shared,
+}
+
+impl std::fmt::Debug for Tracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracker").finish_non_exhaustive()
+    }
+}
+
+impl Tracker {
+    /// A tracker with an empty state.
+    pub fn new(config: TrackerConfig) -> Self {
+        let peer_ttl = config.peer_ttl;
+        let shared = Arc::new(SharedState {
+            state: Mutex::new(TrackerState::new(config, rand::random())),
+            published: Notify::new(),
+            seen: Mutex::new(Seen::default()),
+            requests: std::array::from_fn(|_| AtomicU64::new(0)),
+            peer_ttl,
+        });
+        Self { shared }
+    }
+
+    /// Serves requests on `endpoint` until `cancel` fires, like [`serve`].
+    pub async fn serve(&self, endpoint: Endpoint, cancel: CancellationToken) -> Result<(), NetError> {
+        run(endpoint, self.shared.clone(), cancel).await
+    }
+
+    /// Nodes, blobs, live leases and requests by kind, as of now.
+    pub fn stats(&self) -> TrackerStats {
+        let now = Instant::now();
+        let state = lock(&self.shared);
+        let mut seen = self.shared.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let ttl = self.shared.peer_ttl;
+        let nodes = seen.nodes.values().filter(|at| now.saturating_duration_since(**at) <= ttl).count();
+        seen.leases.retain(|blob| state.lease_status(blob, now).is_some());
+        let leases = seen
+            .leases
+            .iter()
+            .filter(|blob| state.lease_status(blob, now).is_some_and(|l| l.state == LeaseState::Live))
+            .count();
+        let blobs = state.blob_count();
+        drop(seen);
+        drop(state);
+        let requests =
+            REQUEST_KINDS.iter().zip(&self.shared.requests).map(|(k, n)| (*k, n.load(Ordering::Relaxed))).collect();
+        TrackerStats { nodes, blobs, leases, requests }
+    }
 }
 
 /// Runs the tracker on `endpoint` until `cancel` fires or the endpoint is closed.
 /// On the way out it closes the endpoint (every peer sees a
 /// [`codes::SHUTDOWN`] close and reconnects to the next tracker on its next request).
 pub async fn serve(endpoint: Endpoint, config: TrackerConfig, cancel: CancellationToken) -> Result<(), NetError> {
+    Tracker::new(config).serve(endpoint, cancel).await
+}
+
+async fn run(endpoint: Endpoint, state: Shared, cancel: CancellationToken) -> Result<(), NetError> {
     let local = endpoint.local_addr()?;
-    info!(%local, interval = ?config.announce_interval, ttl = ?config.peer_ttl, "tracker listening");
-    let expire_every = (config.peer_ttl / 3).clamp(Duration::from_millis(100), Duration::from_secs(30));
-    let state: Shared = Arc::new(SharedState {
-        state: Mutex::new(TrackerState::new(config, rand::random())),
-        published: Notify::new(),
-    });
+    let (expire_every, interval, ttl) = {
+        let st = lock(&state);
+        let config = st.config();
+        let every = (config.peer_ttl / 3).clamp(Duration::from_millis(100), Duration::from_secs(30));
+        (every, config.announce_interval, config.peer_ttl)
+    };
+    info!(%local, ?interval, ?ttl, "tracker listening");
 
     let mut tasks = JoinSet::new();
     tasks.spawn(expire_loop(state.clone(), expire_every, cancel.clone()).instrument(info_span!("expire")));
@@ -88,7 +184,15 @@ async fn expire_loop(state: Shared, every: Duration, cancel: CancellationToken) 
             biased;
             () = cancel.cancelled() => return,
             _ = ticks.tick() => {
-                let dropped = lock(&state).expire(Instant::now());
+                let now = Instant::now();
+                let dropped = lock(&state).expire(now);
+                let ttl = state.peer_ttl;
+                state
+                    .seen
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .nodes
+                    .retain(|_, at| now.saturating_duration_since(*at) <= ttl);
                 if dropped > 0 {
                     info!(dropped, "expired silent peers");
                 }
@@ -158,6 +262,10 @@ async fn request(mut send: quinn::SendStream, mut recv: quinn::RecvStream, remot
                 return;
             }
         };
+    let kind = describe(&req);
+    if let Some(i) = REQUEST_KINDS.iter().position(|k| *k == kind) {
+        state.requests[i].fetch_add(1, Ordering::Relaxed);
+    }
     let response = match req {
         TrackerRequest::GetHashes { blob, first } => hashes_when_published(&state, blob, first, remote).await,
         req => answer(&state, req, remote),
@@ -222,6 +330,10 @@ fn answer(state: &Shared, req: TrackerRequest, remote: SocketAddr) -> TrackerRes
     let what = describe(&req);
     // New hashes, or a lease given up: peers waiting in `hashes_when_published` look again.
     let wakes = matches!(req, TrackerRequest::PublishHashes { .. } | TrackerRequest::ReleaseLease { .. });
+    let announcer = match &req {
+        TrackerRequest::Announce(a) => Some(a.peer_id),
+        _ => None,
+    };
     let (response, before, completed) = {
         let mut st = lock(state);
         let now = Instant::now();
@@ -253,6 +365,7 @@ fn answer(state: &Shared, req: TrackerRequest, remote: SocketAddr) -> TrackerRes
     if wakes {
         state.published.notify_waiters();
     }
+    note_seen(state, announcer, &response, &before);
     match (&response, before) {
         (TrackerResponse::Error { code, message }, _) => match code {
             TrackerErrorCode::UnknownBlob => debug!(%remote, request = what, "{message}"),
@@ -279,6 +392,28 @@ fn answer(state: &Shared, req: TrackerRequest, remote: SocketAddr) -> TrackerRes
         _ => {}
     }
     response
+}
+
+/// Notes an announcing node and a granted lease for [`Tracker::stats`].
+fn note_seen(state: &Shared, announcer: Option<PeerId>, response: &TrackerResponse, before: &Before) {
+    let node = match (announcer, response) {
+        (Some(peer), TrackerResponse::Peers { .. }) => Some(peer),
+        _ => None,
+    };
+    let lease = match (response, before) {
+        (TrackerResponse::Lease(LeaseReply::Granted { .. }), Before::Acquire { blob, .. }) => Some(*blob),
+        _ => None,
+    };
+    if node.is_none() && lease.is_none() {
+        return;
+    }
+    let mut seen = state.seen.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(peer) = node {
+        seen.nodes.insert(peer, Instant::now());
+    }
+    if let Some(blob) = lease {
+        seen.leases.insert(blob);
+    }
 }
 
 /// Logs grants, renewals, moves and refusals of upstream leases.

@@ -17,6 +17,9 @@
 //! `sha256:` digest `DIGEST_INVALID`, a missing or malformed `ns` a 400, other methods
 //! 405 `UNSUPPORTED`. Errors carry OCI bodies (`{"errors":[{"code",...}]}`).
 //!
+//! Every blob response delivered in full is timed, from the request to its last byte,
+//! into a histogram per registry ([`MirrorMetrics::delivery_times`]).
+//!
 //! If the provider's stream fails midway, the response body is aborted (the
 //! connection is closed before `Content-Length` bytes were sent), so the client sees a
 //! truncated transfer, never a clean end.
@@ -58,9 +61,10 @@ mod api;
 mod cache;
 mod provider;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -115,6 +119,36 @@ pub struct MirrorMetrics {
     /// Blob responses aborted midway because the provider's stream failed.
     pub streams_aborted: AtomicU64,
     pub manifest_cache_hits: AtomicU64,
+    /// Delivery time of complete blob responses, by registry (`ns`).
+    delivery: Mutex<BTreeMap<String, Histogram>>,
+}
+
+/// Upper bounds, in seconds, of the buckets of the blob delivery-time histogram.
+pub const DELIVERY_BUCKETS: [f64; 14] =
+    [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
+
+/// A histogram over [`DELIVERY_BUCKETS`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Histogram {
+    /// Observations at or below each bound (cumulative, as Prometheus wants them).
+    pub buckets: [u64; DELIVERY_BUCKETS.len()],
+    /// All observations (the `+Inf` bucket).
+    pub count: u64,
+    /// Sum of the observations, in seconds.
+    pub sum: f64,
+}
+
+impl Histogram {
+    /// Adds one observation of `seconds`.
+    pub fn observe(&mut self, seconds: f64) {
+        for (bucket, bound) in self.buckets.iter_mut().zip(DELIVERY_BUCKETS) {
+            if seconds <= bound {
+                *bucket += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += seconds;
+    }
 }
 
 /// A plain copy of [`MirrorMetrics`].
@@ -142,6 +176,23 @@ impl MirrorMetrics {
             bytes_served: get(&self.bytes_served),
             streams_aborted: get(&self.streams_aborted),
             manifest_cache_hits: get(&self.manifest_cache_hits),
+        }
+    }
+
+    /// The delivery-time histogram of complete blob responses, per registry.
+    pub fn delivery_times(&self) -> BTreeMap<String, Histogram> {
+        self.delivery.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    fn observe_delivery(&self, registry: &str, took: Duration) {
+        let mut delivery = self.delivery.lock().unwrap_or_else(PoisonError::into_inner);
+        match delivery.get_mut(registry) {
+            Some(h) => h.observe(took.as_secs_f64()),
+            None => {
+                let mut h = Histogram::default();
+                h.observe(took.as_secs_f64());
+                delivery.insert(registry.to_string(), h);
+            }
         }
     }
 
@@ -366,6 +417,7 @@ async fn blob<P: BlobProvider>(
     req: BlobRequest,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
+    let started = Instant::now();
     let provider = &shared.provider;
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).and_then(api::parse_range);
     if head {
@@ -375,7 +427,7 @@ async fn blob<P: BlobProvider>(
     let Some(spec) = range else {
         let body = provider.open_blob(&req, 0).await.map_err(provider_failure)?;
         let length = body.length;
-        let stream = serve_stream(body.stream, length, shared.metrics.clone(), req.clone());
+        let stream = serve_stream(body.stream, length, shared.metrics.clone(), req.clone(), started);
         return Ok(blob_response(&req.digest, StatusCode::OK, length, None, Body::from_stream(stream)));
     };
     let total = provider.blob_length(&req).await.map_err(provider_failure)?;
@@ -393,7 +445,7 @@ async fn blob<P: BlobProvider>(
         ));
     }
     let len = end - start + 1;
-    let stream = serve_stream(body.stream, len, shared.metrics.clone(), req.clone());
+    let stream = serve_stream(body.stream, len, shared.metrics.clone(), req.clone(), started);
     let content_range = format!("bytes {start}-{end}/{total}");
     Ok(blob_response(&req.digest, StatusCode::PARTIAL_CONTENT, len, Some(content_range), Body::from_stream(stream)))
 }
@@ -414,12 +466,14 @@ fn blob_response(digest: &Digest, status: StatusCode, len: u64, content_range: O
 
 /// Hands exactly `len` bytes of `inner` to hyper, counting them. If `inner` fails or
 /// ends early the item is an error, which makes hyper abort the response (the client
-/// sees fewer than `Content-Length` bytes and a closed connection).
+/// sees fewer than `Content-Length` bytes and a closed connection). A response sent
+/// in full is timed from `started` into the delivery histogram.
 fn serve_stream(
     inner: BoxStream<'static, Result<Bytes, std::io::Error>>,
     len: u64,
     metrics: Arc<MirrorMetrics>,
     req: BlobRequest,
+    started: Instant,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
     struct St {
         inner: BoxStream<'static, Result<Bytes, std::io::Error>>,
@@ -435,6 +489,9 @@ fn serve_stream(
               remaining = st.remaining, error = %err, "aborting blob response");
         err
     };
+    if len == 0 {
+        metrics.observe_delivery(&req.registry, started.elapsed());
+    }
     stream::unfold(St { inner, remaining: len, metrics, req, done: len == 0 }, move |mut st| async move {
         if st.done {
             return None;
@@ -448,6 +505,7 @@ fn serve_stream(
                 st.metrics.bytes_served.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 if st.remaining == 0 {
                     st.done = true;
+                    st.metrics.observe_delivery(&st.req.registry, started.elapsed());
                 }
                 Some((Ok(chunk), st))
             }
