@@ -25,3 +25,4 @@ pub mod scheduler;
 pub mod swarm;
 pub mod tracker;
 pub mod upload;
+pub mod lease;

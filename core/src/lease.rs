@@ -1,0 +1,259 @@
+//! How a node gets a blob that nobody in the cluster holds yet: the start-up through
+//! the tracker, the upstream lease holder's publishing, and the takeover of a lease
+//! whose holder stopped making progress. The daemon's mirror provider
+//! (`swarm_peer::agent`) and the simulator both follow these rules; the tracker's
+//! side of the lease (grant, expiry, stall) is [`crate::tracker`]'s.
+//!
+//! # Start-up ([`Startup`])
+//!
+//! 1. Ask the tracker for the blob's layout and piece hashes. If any node registered
+//!    or is publishing them, swarm on them (and, unless every hash is known, watch
+//!    for a stalled holder: see takeover).
+//! 2. Else ask for the **upstream lease**. `Granted`: this node fetches the blob from
+//!    upstream from the piece the tracker names, publishing as it goes. `HeldBy` or
+//!    `NotNeeded`: another node is on it; ask for the layout again after
+//!    [`LAYOUT_RETRY`]. `Failed`: the last upstream fetch failed; the mirror sends the
+//!    client upstream itself.
+//! 3. A node that has seen no layout [`LAYOUT_WAIT`] after it started gives up the
+//!    same way.
+//!
+//! # Publishing ([`Publisher`])
+//!
+//! The holder publishes each piece's hash before it announces the piece (peers can
+//! only verify what they have a hash for), and publishes at least every [`RENEW`],
+//! even with nothing new, which renews its lease.
+//!
+//! # Takeover ([`TakeoverWatch`])
+//!
+//! A node swarming on a blob still streaming in from another node's upstream fetch
+//! watches its progress (hashes known, pieces held). After [`TAKEOVER_AFTER`] with
+//! neither moving, it asks for the lease; the tracker grants it once the holder's
+//! lease lapsed, and the node resumes the upstream fetch at its own first missing
+//! piece (pieces only the old holder had are gone with it).
+
+use std::time::{Duration, Instant};
+
+pub use crate::node::LAYOUT_RETRY;
+
+/// How long a node waits for another node to publish a blob's layout.
+pub const LAYOUT_WAIT: Duration = Duration::from_secs(30);
+/// The lease holder publishes at least this often (it renews the lease).
+pub const RENEW: Duration = Duration::from_secs(2);
+/// A node whose swarm made no progress for this long asks for the lease.
+pub const TAKEOVER_AFTER: Duration = Duration::from_secs(12);
+
+/// What a starting node does next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StartStep {
+    /// Swarm on the published layout and hashes; with `watch`, watch for takeover.
+    Swarm { watch: bool },
+    /// Ask the tracker for the upstream lease.
+    AcquireLease,
+    /// Fetch from upstream from piece `resume_from`, as the lease holder.
+    Lead { resume_from: u32 },
+    /// Ask the tracker for the layout again after this pause.
+    Retry { after: Duration },
+    /// Give up here: the client fetches from upstream itself.
+    Unavailable { reason: String },
+}
+
+/// A blob's start-up at one node. See the module docs.
+#[derive(Clone, Debug)]
+pub struct Startup {
+    started: Instant,
+}
+
+/// What the tracker said about a blob's layout and hashes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayoutReply {
+    /// Published: `complete` when every piece's hash is known.
+    Published { complete: bool },
+    /// Nobody published anything for this blob.
+    Unknown,
+}
+
+/// What the tracker said to a lease request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseAnswer {
+    Granted { resume_from: u32 },
+    /// Another node holds it, or the blob is whole already.
+    Elsewhere,
+    Failed { reason: String },
+}
+
+impl From<&swarm_proto::msg::LeaseReply> for LeaseAnswer {
+    fn from(r: &swarm_proto::msg::LeaseReply) -> Self {
+        use swarm_proto::msg::LeaseReply;
+        match r {
+            LeaseReply::Granted { resume_from, .. } => Self::Granted { resume_from: *resume_from },
+            LeaseReply::HeldBy { .. } | LeaseReply::NotNeeded => Self::Elsewhere,
+            LeaseReply::Failed { reason } => Self::Failed { reason: reason.clone() },
+        }
+    }
+}
+
+impl Startup {
+    /// A start-up beginning at `now`: its first step is asking for the layout.
+    pub fn new(now: Instant) -> Self {
+        Self { started: now }
+    }
+
+    /// The tracker answered the layout request.
+    pub fn layout(&self, reply: LayoutReply) -> StartStep {
+        match reply {
+            LayoutReply::Published { complete } => StartStep::Swarm { watch: !complete },
+            LayoutReply::Unknown => StartStep::AcquireLease,
+        }
+    }
+
+    /// The tracker answered the lease request at `now`.
+    pub fn lease(&self, answer: LeaseAnswer, now: Instant) -> StartStep {
+        match answer {
+            LeaseAnswer::Granted { resume_from } => StartStep::Lead { resume_from },
+            LeaseAnswer::Failed { reason } => StartStep::Unavailable { reason },
+            LeaseAnswer::Elsewhere if now.saturating_duration_since(self.started) > LAYOUT_WAIT => {
+                StartStep::Unavailable {
+                    reason: format!("no layout published within {LAYOUT_WAIT:?} by the node fetching it"),
+                }
+            }
+            LeaseAnswer::Elsewhere => StartStep::Retry { after: LAYOUT_RETRY },
+        }
+    }
+}
+
+/// The lease holder's publishing of piece hashes. See the module docs.
+#[derive(Clone, Debug)]
+pub struct Publisher {
+    next: u32,
+    pending: Vec<[u8; 32]>,
+    last: Instant,
+}
+
+/// Hashes to publish: pieces `first..first + hashes.len()` (possibly none: a renewal).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Publish {
+    pub first: u32,
+    pub hashes: Vec<[u8; 32]>,
+}
+
+impl Publisher {
+    /// Publishing from piece `from` on, starting at `now`.
+    pub fn new(from: u32, now: Instant) -> Self {
+        Self { next: from, pending: Vec::new(), last: now }
+    }
+
+    /// The next piece's hash is known: publish it now (before announcing the piece).
+    pub fn piece(&mut self, hash: [u8; 32], now: Instant) -> Publish {
+        self.pending.push(hash);
+        self.take(now)
+    }
+
+    /// When a renewal is due if nothing else is published before.
+    pub fn renew_at(&self) -> Instant {
+        self.last + RENEW
+    }
+
+    /// A renewal (whatever is pending, possibly nothing), if one is due at `now`.
+    pub fn renew(&mut self, now: Instant) -> Option<Publish> {
+        (now >= self.renew_at()).then(|| self.take(now))
+    }
+
+    fn take(&mut self, now: Instant) -> Publish {
+        let hashes = std::mem::take(&mut self.pending);
+        let first = self.next;
+        self.next += hashes.len() as u32;
+        self.last = now;
+        Publish { first, hashes }
+    }
+}
+
+/// A waiting node's watch on a lease holder's progress. See the module docs.
+#[derive(Clone, Debug)]
+pub struct TakeoverWatch {
+    last: (u32, u32),
+    since: Instant,
+}
+
+impl TakeoverWatch {
+    /// Watching from `now`, with `known` hashes and `held` pieces.
+    pub fn new(known: u32, held: u32, now: Instant) -> Self {
+        Self { last: (known, held), since: now }
+    }
+
+    /// The swarm has `known` of `pieces` hashes and holds `held` pieces at `now`:
+    /// whether to ask for the lease now.
+    pub fn observe(&mut self, known: u32, held: u32, pieces: u32, now: Instant) -> bool {
+        if (known, held) != self.last {
+            self.last = (known, held);
+            self.since = now;
+            return false;
+        }
+        if now.saturating_duration_since(self.since) < TAKEOVER_AFTER || known >= pieces {
+            return false;
+        }
+        self.since = now;
+        true
+    }
+
+    /// When to look again if nothing moves.
+    pub fn poll_timeout(&self) -> Instant {
+        self.since + TAKEOVER_AFTER
+    }
+
+    /// Where a node granted the lease resumes the upstream fetch: its own first
+    /// missing piece, never past what the tracker says is hashed.
+    pub fn resume_from(first_missing: Option<u32>, granted: u32) -> u32 {
+        first_missing.map_or(granted, |m| m.min(granted))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_up_swarms_on_a_layout_else_asks_for_the_lease_else_waits_then_gives_up() {
+        let t = Instant::now();
+        let s = Startup::new(t);
+        assert_eq!(s.layout(LayoutReply::Published { complete: false }), StartStep::Swarm { watch: true });
+        assert_eq!(s.layout(LayoutReply::Published { complete: true }), StartStep::Swarm { watch: false });
+        assert_eq!(s.layout(LayoutReply::Unknown), StartStep::AcquireLease);
+        assert_eq!(s.lease(LeaseAnswer::Granted { resume_from: 3 }, t), StartStep::Lead { resume_from: 3 });
+        assert_eq!(s.lease(LeaseAnswer::Elsewhere, t), StartStep::Retry { after: LAYOUT_RETRY });
+        assert!(matches!(
+            s.lease(LeaseAnswer::Elsewhere, t + LAYOUT_WAIT + Duration::from_millis(1)),
+            StartStep::Unavailable { .. }
+        ));
+        assert_eq!(
+            s.lease(LeaseAnswer::Failed { reason: "401".into() }, t),
+            StartStep::Unavailable { reason: "401".into() }
+        );
+    }
+
+    #[test]
+    fn the_holder_publishes_every_piece_in_order_and_renews_when_idle() {
+        let t = Instant::now();
+        let mut p = Publisher::new(4, t);
+        assert_eq!(p.piece([1; 32], t), Publish { first: 4, hashes: vec![[1; 32]] });
+        assert_eq!(p.piece([2; 32], t), Publish { first: 5, hashes: vec![[2; 32]] });
+        assert_eq!(p.renew(t + RENEW - Duration::from_millis(1)), None);
+        assert_eq!(p.renew(t + RENEW), Some(Publish { first: 6, hashes: vec![] }));
+        assert_eq!(p.renew_at(), t + RENEW + RENEW);
+    }
+
+    #[test]
+    fn takeover_comes_only_after_a_quiet_spell_and_resumes_at_the_first_missing_piece() {
+        let t = Instant::now();
+        let mut w = TakeoverWatch::new(2, 1, t);
+        assert!(!w.observe(2, 1, 10, t + TAKEOVER_AFTER - Duration::from_millis(1)));
+        assert!(!w.observe(3, 1, 10, t + TAKEOVER_AFTER), "progress resets the watch");
+        let quiet = t + TAKEOVER_AFTER + TAKEOVER_AFTER;
+        assert_eq!(w.poll_timeout(), quiet);
+        assert!(w.observe(3, 1, 10, quiet));
+        assert!(!w.observe(3, 1, 10, quiet), "asks once per quiet spell");
+        assert!(!w.observe(10, 1, 10, quiet + TAKEOVER_AFTER * 2), "every hash known: nothing to take over");
+        assert_eq!(TakeoverWatch::resume_from(Some(2), 5), 2);
+        assert_eq!(TakeoverWatch::resume_from(Some(7), 5), 5);
+        assert_eq!(TakeoverWatch::resume_from(None, 5), 5);
+    }
+}
