@@ -89,7 +89,7 @@ pub async fn resolve_with_port(what: &str, hostport: &str, default_port: Option<
     if text.is_empty() {
         bail!("the {what} address is empty (expected HOST:PORT)");
     }
-    let full = if let Some(port) = text.strip_prefix(':') {
+    let full = if let Some(port) = text.strip_prefix(':').filter(|p| p.parse::<u16>().is_ok()) {
         format!("0.0.0.0:{port}")
     } else if let Ok(ip) = text.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>() {
         match default_port {
@@ -125,16 +125,15 @@ pub fn explain_node_error(err: swarm_peer::node::NodeError) -> anyhow::Error {
     use swarm_peer::node::NodeError;
     use swarm_tracker::client::TrackerClientError;
     match err {
-        NodeError::Tracker(TrackerClientError::Net {
-            tracker,
-            source: NetError::HandshakeTimeout { after, .. },
-        }) => anyhow::anyhow!(
-            "cannot reach the tracker at {tracker}: no answer within {}.\n\
+        NodeError::Tracker(TrackerClientError::Net { tracker, source: NetError::HandshakeTimeout { after, .. } }) => {
+            anyhow::anyhow!(
+                "cannot reach the tracker at {tracker}: no answer within {}.\n\
              Check that `swarm tracker` is running there, that --tracker names the right host and port \
              (default port {DEFAULT_TRACKER_PORT}), and that UDP port {} is open between this machine and it.",
-            humantime::format_duration(Duration::from_secs(after.as_secs().max(1))),
-            tracker.port()
-        ),
+                humantime::format_duration(Duration::from_secs(after.as_secs().max(1))),
+                tracker.port()
+            )
+        }
         NodeError::Tracker(TrackerClientError::Net {
             tracker,
             source: source @ (NetError::Handshake { .. } | NetError::Connect { .. }),
@@ -278,7 +277,8 @@ mod tests {
 
     #[tokio::test]
     async fn addresses_take_a_default_port_and_a_bare_port() {
-        let r = |s: &'static str, p: Option<u16>| async move { resolve_with_port("x", s, p).await.map(|a| a.to_string()) };
+        let r =
+            |s: &'static str, p: Option<u16>| async move { resolve_with_port("x", s, p).await.map(|a| a.to_string()) };
         assert_eq!(r(":7001", None).await.ok().as_deref(), Some("0.0.0.0:7001"));
         assert_eq!(r("127.0.0.1", Some(7000)).await.ok().as_deref(), Some("127.0.0.1:7000"));
         assert_eq!(r("::1", Some(7000)).await.ok().as_deref(), Some("[::1]:7000"));

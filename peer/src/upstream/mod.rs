@@ -665,7 +665,10 @@ impl UpstreamClient {
 
 /// A reqwest client with the configured timeouts and redirect policy, and, for
 /// `registry`, its CA, client certificate and verification setting.
-fn build_client(config: &UpstreamConfig, registry: Option<(&str, &RegistryConfig)>) -> Result<reqwest::Client, UpstreamError> {
+fn build_client(
+    config: &UpstreamConfig,
+    registry: Option<(&str, &RegistryConfig)>,
+) -> Result<reqwest::Client, UpstreamError> {
     let redirect = reqwest::redirect::Policy::custom(|attempt| {
         if attempt.previous().len() > MAX_REDIRECTS {
             attempt.error("too many redirects")

@@ -73,11 +73,12 @@ async fn fake_registry(State(st): State<Arc<FakeState>>, req: Request) -> Respon
         // The OAuth2 refresh-token grant: an identity token.
         st.counters.token_requests.fetch_add(1, Ordering::SeqCst);
         let body = axum::body::to_bytes(req.into_body(), 64 * 1024).await.expect("form body");
-        let form: HashMap<String, String> = reqwest::Url::parse(&format!("http://x/?{}", String::from_utf8_lossy(&body)))
-            .expect("form")
-            .query_pairs()
-            .into_owned()
-            .collect();
+        let form: HashMap<String, String> =
+            reqwest::Url::parse(&format!("http://x/?{}", String::from_utf8_lossy(&body)))
+                .expect("form")
+                .query_pairs()
+                .into_owned()
+                .collect();
         let want = |k: &str, v: &str| form.get(k).map(String::as_str) == Some(v);
         if !(want("grant_type", "refresh_token") && want("refresh_token", REFRESH) && want("service", "fake")) {
             return StatusCode::UNAUTHORIZED.into_response();
