@@ -64,8 +64,9 @@ pub struct Args {
     token: TokenArgs,
 }
 
-/// The `--config` file. Every key is optional.
-#[derive(Debug, Default, Deserialize)]
+/// The `--config` file. Every key is optional; docs/configuration.md lists them all
+/// (a test in `common.rs` keeps the two in step).
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub tracker: Option<String>,

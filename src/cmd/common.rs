@@ -338,3 +338,117 @@ impl NodeArgs {
         swarm_peer::node::Node::start(endpoint, tracker, config).context("starting the peer")
     }
 }
+
+/// docs/configuration.md against the code: every flag (with its environment variable)
+/// and every config key has a row, and every row names something that exists.
+#[cfg(test)]
+mod docs_tests {
+    use std::collections::BTreeSet;
+
+    use clap::CommandFactory;
+    use serde_json::Value;
+
+    const DOC: &str = include_str!("../../docs/configuration.md");
+
+    /// The `## heading` section's text, up to the next `## `.
+    fn section(heading: &str) -> &'static str {
+        let start = DOC
+            .find(&format!("\n## {heading}\n"))
+            .unwrap_or_else(|| panic!("docs/configuration.md has no section `## {heading}`"));
+        let body = &DOC[start + heading.len() + 5..];
+        &body[..body.find("\n## ").unwrap_or(body.len())]
+    }
+
+    /// The first cells (without backticks) of a section's table rows, and the rows.
+    fn rows(text: &str) -> Vec<(String, &str)> {
+        text.lines()
+            .filter_map(|l| {
+                let cell = l.strip_prefix("| `")?;
+                Some((cell[..cell.find('`')?].to_string(), l))
+            })
+            .collect()
+    }
+
+    /// Dotted paths of the leaves of a serialized config (empty objects are leaves).
+    fn keys(prefix: &str, v: &Value, out: &mut BTreeSet<String>) {
+        match v {
+            Value::Object(map) if !map.is_empty() => {
+                for (k, v) in map {
+                    let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    keys(&path, v, out);
+                }
+            }
+            _ => {
+                out.insert(prefix.to_string());
+            }
+        }
+    }
+
+    fn table_keys(heading: &str) -> BTreeSet<String> {
+        rows(section(heading)).into_iter().map(|(k, _)| k).collect()
+    }
+
+    #[test]
+    fn docs_configuration_md_matches_the_code() {
+        // Agent config file.
+        let mut file = super::super::agent::FileConfig::default();
+        file.upstream.registries.insert("<registry>".into(), Default::default());
+        let mut want = BTreeSet::new();
+        keys("", &serde_json::to_value(&file).expect("serialize"), &mut want);
+        assert_eq!(table_keys("Agent config file (`--config`)"), want, "config file keys");
+
+        // k3s registries.yaml.
+        use swarm_peer::upstream::k3s;
+        let mut yaml = k3s::RegistriesYaml::default();
+        yaml.mirrors.insert("<registry>".into(), k3s::Mirror::default());
+        let config = k3s::Config { auth: Some(Default::default()), tls: Some(Default::default()) };
+        yaml.configs.insert("<host>".into(), config);
+        let mut want = BTreeSet::new();
+        keys("", &serde_json::to_value(&yaml).expect("serialize"), &mut want);
+        assert_eq!(table_keys("k3s registries.yaml (`--k3s-registries`)"), want, "registries.yaml keys");
+
+        // Flags, per command.
+        let mut cli = crate::Cli::command();
+        cli.build();
+        let global: Vec<_> = cli.get_arguments().filter(|a| a.is_global_set()).filter_map(|a| a.get_long()).collect();
+        let headings = [
+            ("agent", "`swarm agent`"),
+            ("tracker", "`swarm tracker`"),
+            ("seed", "`swarm seed FILE`"),
+            ("pull", "`swarm pull DIGEST`"),
+            ("token", "`swarm token`"),
+            ("containerd-config", "`swarm containerd-config`"),
+            ("demo", "`swarm demo`"),
+        ];
+        let names: BTreeSet<_> =
+            cli.get_subcommands().map(|c| c.get_name().to_string()).filter(|n| n != "help").collect();
+        let documented: BTreeSet<_> = headings.iter().map(|(n, _)| n.to_string()).collect();
+        assert_eq!(names, documented, "every command has a section");
+        for (name, heading) in headings {
+            let cmd = cli.find_subcommand(name).expect("subcommand");
+            let doc_rows = rows(section(heading));
+            let mut flags = BTreeSet::new();
+            for arg in cmd.get_arguments() {
+                let Some(long) = arg.get_long() else { continue };
+                if long == "help" || long == "version" || global.contains(&long) {
+                    continue;
+                }
+                let flag = format!("--{long}");
+                let (_, row) = doc_rows
+                    .iter()
+                    .find(|(k, _)| *k == flag)
+                    .unwrap_or_else(|| panic!("swarm {name} {flag} is not in docs/configuration.md"));
+                if let Some(env) = arg.get_env() {
+                    let env = env.to_string_lossy();
+                    assert!(row.contains(&format!("`{env}`")), "swarm {name} {flag}: the row lacks `{env}`");
+                }
+                flags.insert(flag);
+            }
+            let listed: BTreeSet<_> = doc_rows.into_iter().map(|(k, _)| k).collect();
+            assert_eq!(listed, flags, "swarm {name}: documented flags");
+        }
+        for long in global {
+            assert!(section("Every command").contains(&format!("`--{long}`")), "global --{long} undocumented");
+        }
+    }
+}

@@ -27,7 +27,7 @@ pub struct Args {
     /// The blob to fetch, as `sha256:<64 hex digits>` (what `swarm seed` printed).
     digest: String,
     /// Where to write the blob.
-    #[arg(short, long, value_name = "FILE")]
+    #[arg(short, long, env = "SWARM_OUTPUT", value_name = "FILE")]
     output: PathBuf,
     /// Piece store directory (default: FILE.swarm next to the output, removed on success).
     #[arg(long, env = "SWARM_DATA_DIR", value_name = "DIR")]
@@ -39,7 +39,7 @@ pub struct Args {
     #[arg(long, env = "SWARM_TIMEOUT", value_parser = parse_duration, default_value = "1h", value_name = "DURATION")]
     timeout: Duration,
     /// Print the summary as one JSON object instead of a sentence.
-    #[arg(long)]
+    #[arg(long, env = "SWARM_JSON")]
     json: bool,
     #[command(flatten)]
     node: NodeArgs,

@@ -41,7 +41,7 @@ use serde::Deserialize;
 use super::{RegistryConfig, UpstreamError};
 
 /// The parts of `registries.yaml` the agent reads.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegistriesYaml {
     #[serde(default)]
@@ -51,7 +51,7 @@ pub struct RegistriesYaml {
 }
 
 /// `mirrors.<registry>`.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Mirror {
     #[serde(default)]
@@ -62,7 +62,7 @@ pub struct Mirror {
 }
 
 /// `configs.<host>`.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -72,7 +72,7 @@ pub struct Config {
 }
 
 /// `configs.<host>.auth`.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Auth {
     #[serde(default)]
@@ -90,7 +90,7 @@ pub struct Auth {
 }
 
 /// `configs.<host>.tls`.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tls {
     #[serde(default)]
