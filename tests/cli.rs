@@ -299,3 +299,36 @@ fn the_agent_banner_shows_the_bound_mirror_port() {
     assert!(line.contains("tracker 127.0.0.1:7000"), "a tracker without a port means 7000: {line}");
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(), "nothing listens on the port in {line:?}");
 }
+
+/// Ctrl-C while nothing has been verified: no promise of a resume, no directory left.
+#[test]
+fn an_interrupted_pull_with_nothing_verified_cleans_up() {
+    let dir = test_dir("cli-sigint");
+    let file = dir.path().join("original.bin");
+    random_file(&file, 1 << 20);
+    let s = start(dir.path(), &file, "1Gbit/s");
+    let out = dir.path().join("never.bin");
+    let mut cmd = Command::new(swarm_bin());
+    cmd.args(["pull", &format!("sha256:{}", "ef".repeat(32)), "--tracker", &s.tracker, "--listen", "127.0.0.1:0"])
+        .arg("-o")
+        .arg(&out)
+        .arg("--token-file")
+        .arg(&s.token)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().expect("spawn pull");
+    let partial = dir.path().join("never.bin.swarm");
+    let started = Instant::now();
+    while !partial.exists() {
+        assert!(started.elapsed() < Duration::from_secs(20), "the pull never created {}", partial.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("kill -INT");
+    assert!(status.success());
+    let o = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(stderr.contains("interrupted") && !stderr.contains("resume"), "{stderr}");
+    assert!(!partial.exists(), "{} left behind", partial.display());
+}

@@ -13,11 +13,17 @@
 //!   overrides both.
 //! - Auth: requests go out with whatever the registry asked for last time (cached
 //!   token, or basic credentials). On `401` the `WWW-Authenticate` challenge is parsed;
-//!   for `Bearer` a token is fetched from the realm (anonymously, or with the
-//!   configured basic credentials) and cached until shortly before `expires_in`; for
+//!   for `Bearer` a token is fetched from the realm (anonymously, with the configured
+//!   basic credentials, or, given an [`RegistryConfig::identity_token`], with the
+//!   OAuth2 refresh-token grant) and cached until shortly before `expires_in`; for
 //!   `Basic` the configured credentials are used. The request is retried once; a
-//!   second refusal is [`UpstreamError::Unauthorized`]. Basic credentials are never
-//!   sent to a plain-http token realm of an https registry.
+//!   second refusal is [`UpstreamError::Unauthorized`]. A configured registry token
+//!   ([`RegistryConfig::token`]) is sent as a bearer token with every request.
+//!   Credentials are never sent to a plain-http token realm of an https registry.
+//! - TLS: a registry with a `ca_file`, a client certificate or `insecure_skip_verify`
+//!   gets a client of its own (used for its token realm too); the others share one
+//!   with the system roots.
+//! - [`k3s`] turns k3s's `registries.yaml` into [`RegistryConfig`]s.
 //! - Redirects (blob storage, CDNs) are followed up to [`MAX_REDIRECTS`] hops. reqwest
 //!   drops `Authorization` (and cookies) whenever a hop changes host or port, so the
 //!   registry's token never reaches the storage host; we also refuse https→http
