@@ -110,3 +110,43 @@ async fn skopeo_pulls_through_the_agent_with_the_registry_in_the_path() {
     let rejected = agent.metric("swarm_mirror_requests_total{outcome=\"rejected\"}").await.expect("metric");
     assert_eq!(rejected, 0, "no request was refused\n{}", cluster.logs());
 }
+
+/// The registry serves https with a certificate from a private CA and wants a
+/// password: the agent gets the CA (`tls.ca_file`) and the credentials (`auth`, base64
+/// of `user:password`) from registries.yaml. containerd has neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_pulls_from_an_https_registry_with_a_private_ca_from_registries_yaml() {
+    let dir = test_dir("k3s-tls");
+    let (registry, ca) =
+        Registry::start_with_tls_and_basic_auth(&dir.path().join("registry"), "kairos", "tls-pw").expect("registry");
+    let image = build_image(&registry, "private/tls", "v1", &[MIB, 100 * 1024]).expect("image");
+    let host = registry.host();
+    let yaml = dir.path().join("registries.yaml");
+    let cluster = Cluster::start_with(&dir.path().join("swarm"), 1, &[], |_, mirror| {
+        std::fs::write(
+            &yaml,
+            format!(
+                "mirrors:\n  \"{host}\":\n    endpoint: [\"http://{mirror}\"]\n\
+                 configs:\n  \"{host}\":\n    auth:\n      auth: a2Fpcm9zOnRscy1wdw==  # kairos:tls-pw\n    \
+                 tls:\n      ca_file: {ca}\n",
+                ca = ca.display()
+            ),
+        )
+        .expect("registries.yaml");
+        vec![OsString::from("--k3s-registries"), yaml.clone().into_os_string()]
+    })
+    .expect("cluster");
+    let agent = &cluster.agents[0];
+    let containerd = Containerd::start(&dir.path().join("containerd")).expect("containerd");
+    let hosts = dir.path().join("hosts");
+    write_hosts_toml(&hosts, &host, &agent.mirror_url()).expect("hosts.toml");
+    containerd
+        .pull(&image.reference, &hosts)
+        .await
+        .unwrap_or_else(|e| panic!("pull through the agent failed: {e:#}\n{}", cluster.logs()));
+    for d in image.blob_digests() {
+        assert!(agent.stores_blob(&d), "the agent's store lacks {d}\n{}", cluster.logs());
+    }
+    let fallback = agent.metric("swarm_mirror_requests_total{outcome=\"fallback\"}").await.expect("metric");
+    assert_eq!(fallback, 0, "{}", cluster.logs());
+}
