@@ -53,6 +53,17 @@ fn start(dir: &Path, file: &Path, seed_rate: &str) -> Swarm {
     Swarm { _tracker: tracker_proc, _seed: seed, tracker, token, digest }
 }
 
+/// Pieces verified so far in a pull's scratch directory (its persisted bitfield).
+fn verified_pieces(partial: &Path) -> u32 {
+    std::fs::read_dir(partial.join("blobs"))
+        .ok()
+        .and_then(|mut d| d.next())
+        .and_then(|e| e.ok())
+        .and_then(|e| std::fs::read(e.path().join("have")).ok())
+        .map(|b| b.iter().map(|x| x.count_ones()).sum::<u32>())
+        .unwrap_or(0)
+}
+
 fn pull_cmd(s: &Swarm, out: &Path, token: &Path) -> Command {
     let mut cmd = Command::new(swarm_bin());
     cmd.args(["pull", &s.digest, "--json", "--tracker", &s.tracker, "--listen", "127.0.0.1:0", "--linger", "3s"])
@@ -130,14 +141,7 @@ fn a_killed_pull_resumes_without_refetching_what_it_verified() {
     let started = Instant::now();
     // Kill it (SIGKILL, no clean-up) once about half the pieces are on disk.
     loop {
-        let have = std::fs::read_dir(partial.join("blobs"))
-            .ok()
-            .and_then(|mut d| d.next())
-            .and_then(|e| e.ok())
-            .and_then(|e| std::fs::read(e.path().join("have")).ok())
-            .map(|b| b.iter().map(|x| x.count_ones()).sum::<u32>())
-            .unwrap_or(0);
-        if have >= 64 {
+        if verified_pieces(&partial) >= 64 {
             break;
         }
         assert!(started.elapsed() < Duration::from_secs(30), "the first pull made no progress");
@@ -331,4 +335,32 @@ fn an_interrupted_pull_with_nothing_verified_cleans_up() {
     assert!(!o.status.success());
     assert!(stderr.contains("interrupted") && !stderr.contains("resume"), "{stderr}");
     assert!(!partial.exists(), "{} left behind", partial.display());
+}
+
+/// Ctrl-C halfway: the message counts the verified pieces and says how to resume,
+/// and they are still there.
+#[test]
+fn an_interrupted_pull_says_what_it_kept() {
+    let dir = test_dir("cli-sigint-half");
+    let file = dir.path().join("original.bin");
+    random_file(&file, 16 << 20);
+    let s = start(dir.path(), &file, "32Mbit/s");
+    let out = dir.path().join("copy.bin");
+    let partial = dir.path().join("copy.bin.swarm");
+    let child = pull_cmd(&s, &out, &s.token).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let started = Instant::now();
+    while verified_pieces(&partial) < 4 {
+        assert!(started.elapsed() < Duration::from_secs(30), "the pull made no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("kill -INT");
+    assert!(status.success());
+    let o = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "the pull finished before the interrupt: {stderr}");
+    assert!(
+        stderr.contains("interrupted") && stderr.contains("verified and kept in") && stderr.contains("to resume"),
+        "{stderr}"
+    );
+    assert!(verified_pieces(&partial) >= 4, "the verified pieces are gone");
 }

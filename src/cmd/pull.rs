@@ -81,11 +81,11 @@ pub async fn run(args: Args) -> Result<()> {
                 }
                 return Err(e);
             }
-            return Err(e.context(format!(
-                "{} verified and kept in {}: run the same command again to resume",
+            bail!(
+                "{e:#}; {} verified and kept in {}: run the same command again to resume",
                 plural(u64::from(kept), "piece"),
                 data_dir.display()
-            )));
+            );
         }
     };
     let stored = node.store().root().join("blobs").join(digest.hex()).join("data");
