@@ -1,7 +1,9 @@
 //! `swarm agent`: the per-node daemon. One process holds the QUIC peer, the piece
 //! store and the HTTP registry mirror containerd talks to, plus an optional
 //! Prometheus endpoint. Settings come from flags, `SWARM_*` variables and an optional
-//! TOML file (`--config`); a flag wins over the file.
+//! TOML file (`--config`); a flag wins over the file. Registry credentials and TLS
+//! settings may also come from k3s's `registries.yaml` (`--k3s-registries`), under
+//! the file's `[upstream.registries]`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,10 +29,10 @@ pub struct Args {
     /// endpoints under [upstream].
     #[arg(long, env = "SWARM_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Tracker address.
-    #[arg(long, env = "SWARM_TRACKER", value_name = "HOST:PORT")]
+    /// Tracker address (HOST alone means port 7000).
+    #[arg(long, env = "SWARM_TRACKER", value_name = "HOST[:PORT]")]
     tracker: Option<String>,
-    /// UDP address of the QUIC peer [default: 0.0.0.0:7001].
+    /// UDP address of the QUIC peer; `:PORT` is every interface [default: 0.0.0.0:7001].
     #[arg(long, env = "SWARM_LISTEN", value_name = "ADDR:PORT")]
     listen: Option<String>,
     /// HTTP address of the registry mirror; keep it on loopback, only the local
