@@ -75,10 +75,14 @@ pub enum LayoutReply {
 /// What the tracker said to a lease request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LeaseAnswer {
-    Granted { resume_from: u32 },
+    Granted {
+        resume_from: u32,
+    },
     /// Another node holds it, or the blob is whole already.
     Elsewhere,
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
 }
 
 impl From<&swarm_proto::msg::LeaseReply> for LeaseAnswer {

@@ -20,9 +20,9 @@
 //! - [`tracker`]: the tracker's state: who holds or wants which blob, the metainfo,
 //!   upstream leases and the piece hashes published while a blob streams in.
 
+pub mod lease;
 pub mod node;
 pub mod scheduler;
 pub mod swarm;
 pub mod tracker;
 pub mod upload;
-pub mod lease;

@@ -3,9 +3,10 @@
 //! Prometheus endpoint. The mirror's address also answers `/healthz` and `/readyz`
 //! (ready: the tracker answers and accepted the token; see [`super::health`]), as does
 //! the metrics address. Settings come from flags, `SWARM_*` variables and an optional
-//! TOML file (`--config`); a flag wins over the file.
+//! TOML file (`--config`); a flag wins over the file. Registry credentials and TLS
+//! settings may also come from k3s's `registries.yaml` (`--k3s-registries`), under
+//! the file's `[upstream.registries]`.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -15,11 +16,11 @@ use swarm_net::{Endpoint, EndpointConfig};
 use swarm_peer::agent::SwarmProvider;
 use swarm_peer::mirror::{self, MirrorConfig, MirrorMetrics};
 use swarm_peer::node::{Node, NodeConfig};
-use swarm_peer::upstream::{UpstreamClient, UpstreamConfig};
+use swarm_peer::upstream::{UpstreamClient, UpstreamConfig, k3s};
 use swarm_tracker::TrackerClient;
 use tokio_util::sync::CancellationToken;
 
-use super::common::{TokenArgs, parse_rate, resolve, shutdown_signal};
+use super::common::{TokenArgs, parse_rate, resolve, resolve_tracker, shutdown_signal};
 use super::health::{self, CHECK_TIMEOUT, Readiness};
 use crate::STATUS;
 
@@ -33,10 +34,10 @@ pub struct Args {
     /// endpoints under [upstream].
     #[arg(long, env = "SWARM_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Tracker address.
-    #[arg(long, env = "SWARM_TRACKER", value_name = "HOST:PORT")]
+    /// Tracker address (HOST alone means port 7000).
+    #[arg(long, env = "SWARM_TRACKER", value_name = "HOST[:PORT]")]
     tracker: Option<String>,
-    /// UDP address of the QUIC peer [default: 0.0.0.0:7001].
+    /// UDP address of the QUIC peer; `:PORT` is every interface [default: 0.0.0.0:7001].
     #[arg(long, env = "SWARM_LISTEN", value_name = "ADDR:PORT")]
     listen: Option<String>,
     /// HTTP address of the registry mirror; keep it on loopback, only the local
@@ -55,9 +56,14 @@ pub struct Args {
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics.
     #[arg(long, env = "SWARM_METRICS", value_name = "ADDR:PORT")]
     metrics: Option<String>,
-    /// Address other peers should use to reach this node.
-    #[arg(long, env = "SWARM_ADVERTISE", value_name = "ADDR:PORT")]
-    advertise: Option<SocketAddr>,
+    /// Address other peers should use to reach this node (a host name is resolved
+    /// once at start).
+    #[arg(long, env = "SWARM_ADVERTISE", value_name = "HOST:PORT")]
+    advertise: Option<String>,
+    /// k3s's registries.yaml to read registry credentials and TLS settings from
+    /// (configs.<registry>.auth and .tls), e.g. /etc/rancher/k3s/registries.yaml.
+    #[arg(long, env = "SWARM_K3S_REGISTRIES", value_name = "PATH")]
+    k3s_registries: Option<PathBuf>,
     /// Cap on this node's upload rate to peers, e.g. 200Mbit/s.
     #[arg(long, env = "SWARM_UPLOAD_RATE", value_name = "RATE")]
     upload_rate: Option<String>,
@@ -65,8 +71,9 @@ pub struct Args {
     token: TokenArgs,
 }
 
-/// The `--config` file. Every key is optional.
-#[derive(Debug, Default, Deserialize)]
+/// The `--config` file. Every key is optional; docs/configuration.md lists them all
+/// (a test in `common.rs` keeps the two in step).
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub tracker: Option<String>,
@@ -76,8 +83,9 @@ pub struct FileConfig {
     pub token_file: Option<PathBuf>,
     pub zone: Option<String>,
     pub metrics: Option<String>,
-    pub advertise: Option<SocketAddr>,
+    pub advertise: Option<String>,
     pub upload_rate: Option<String>,
+    pub k3s_registries: Option<PathBuf>,
     #[serde(default)]
     pub upstream: UpstreamConfig,
 }
@@ -98,8 +106,9 @@ struct Settings {
     token: TokenArgs,
     zone: String,
     metrics: Option<String>,
-    advertise: Option<SocketAddr>,
+    advertise: Option<String>,
     upload_rate: Option<u64>,
+    k3s_registries: Option<PathBuf>,
     upstream: UpstreamConfig,
 }
 
@@ -127,6 +136,7 @@ fn settings(args: Args) -> Result<Settings> {
         metrics: args.metrics.or(file.metrics),
         advertise: args.advertise.or(file.advertise),
         upload_rate,
+        k3s_registries: args.k3s_registries.or(file.k3s_registries),
         upstream,
     })
 }
@@ -134,10 +144,21 @@ fn settings(args: Args) -> Result<Settings> {
 pub async fn run(args: Args) -> Result<()> {
     let s = settings(args)?;
     let token = s.token.load()?;
-    let upstream = UpstreamClient::new(s.upstream).context("upstream registry settings")?;
-    let tracker = resolve("tracker", &s.tracker).await?;
+    let tracker = resolve_tracker(&s.tracker).await?;
     let listen = resolve("listen", &s.listen).await?;
     let mirror_addr = resolve("mirror", &s.mirror).await?;
+    let mut upstream = s.upstream;
+    if let Some(path) = &s.k3s_registries {
+        // registries.yaml first; [upstream.registries] in --config wins per registry.
+        let mut registries = k3s::load(path, mirror_addr).context("--k3s-registries")?;
+        registries.append(&mut upstream.registries);
+        upstream.registries = registries;
+    }
+    let upstream = UpstreamClient::new(upstream).context("upstream registry settings")?;
+    let advertise = match &s.advertise {
+        Some(a) => Some(resolve("advertise", a).await?),
+        None => None,
+    };
     let endpoint = Endpoint::bind(listen, token, &EndpointConfig::default())
         .with_context(|| format!("cannot listen on {listen} (UDP)"))?;
     // Its own client (own cached connection, short timeout) so that checks never
@@ -145,7 +166,7 @@ pub async fn run(args: Args) -> Result<()> {
     let tracker_check = TrackerClient::with_timeout(endpoint.clone(), tracker, CHECK_TIMEOUT);
     let mut config = NodeConfig::new(s.data_dir.clone());
     config.zone = s.zone;
-    config.advertise = s.advertise;
+    config.advertise = advertise;
     config.upload_rate = s.upload_rate;
     let node = Node::start(endpoint, tracker, config).context("starting the peer")?;
 
@@ -163,6 +184,7 @@ pub async fn run(args: Args) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(mirror_addr)
         .await
         .with_context(|| format!("cannot listen on {mirror_addr} for the mirror (TCP)"))?;
+    let mirror_addr = listener.local_addr().context("the mirror's address")?;
     let mirror_task = tokio::spawn(mirror::serve(listener, router, cancel.clone()));
     let metrics_task = match &s.metrics {
         Some(addr) => {

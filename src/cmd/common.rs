@@ -11,42 +11,140 @@ use swarm_net::ClusterToken;
 /// How a command finds the cluster token.
 #[derive(clap::Args, Clone, Debug)]
 pub struct TokenArgs {
-    /// File holding the cluster token (make one with `swarm token > FILE`).
+    /// File holding the cluster token (make one with `swarm token --output FILE`).
     /// The token itself may instead be given in SWARM_TOKEN.
     #[arg(long, env = "SWARM_TOKEN_FILE", value_name = "PATH")]
     pub token_file: Option<PathBuf>,
 }
 
+/// Hex digits in a token made by `swarm token` (32 random bytes).
+pub const TOKEN_HEX_LEN: usize = 64;
+
 impl TokenArgs {
-    /// Loads the token from `--token-file`, else from `SWARM_TOKEN`.
+    /// Loads the token from `--token-file`, else from `SWARM_TOKEN`. Only what
+    /// `swarm token` makes is accepted: 64 random-looking hex digits.
     pub fn load(&self) -> Result<ClusterToken> {
+        let make_one = "Make one with `swarm token --output /etc/swarm/token` and copy that file to every node \
+                        and the tracker.";
         if let Some(path) = &self.token_file {
-            return ClusterToken::from_file(path)
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the cluster token file {}", path.display()))?;
+            check_token_text(&text)
+                .map_err(|why| anyhow::anyhow!("the cluster token in {} {why}.\n{make_one}", path.display()))?;
+            return ClusterToken::from_text(&text)
                 .with_context(|| format!("loading the cluster token from {}", path.display()));
         }
         match std::env::var("SWARM_TOKEN") {
-            Ok(text) if !text.trim().is_empty() => ClusterToken::from_text(&text).context("SWARM_TOKEN"),
+            Ok(text) if !text.trim().is_empty() => {
+                check_token_text(&text).map_err(|why| anyhow::anyhow!("SWARM_TOKEN {why}.\n{make_one}"))?;
+                ClusterToken::from_text(&text).context("SWARM_TOKEN")
+            }
             _ => bail!(
                 "no cluster token: pass --token-file PATH or set SWARM_TOKEN.\n\
                  Every node of a cluster needs the same token; make one with\n  \
-                 swarm token > /etc/swarm/token && chmod 600 /etc/swarm/token\n\
+                 swarm token --output /etc/swarm/token\n\
                  and copy that file to each node."
             ),
         }
     }
 }
 
-/// Resolves `HOST:PORT` (a name or an address) to one socket address.
+/// Refuses token text that `swarm token` cannot have made: anything but 64 hex
+/// digits, and hex that is plainly not random (few distinct digits, repeated
+/// blocks), such as a placeholder or a pattern typed by hand.
+pub fn check_token_text(text: &str) -> Result<(), String> {
+    let t = text.trim();
+    if t.len() != TOKEN_HEX_LEN || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let shown: String = t.chars().take(24).collect();
+        let ellipsis = if t.chars().count() > 24 { "..." } else { "" };
+        return Err(format!(
+            "is not a cluster token: expected {TOKEN_HEX_LEN} hex digits, found {} characters ({shown:?}{ellipsis})",
+            t.chars().count()
+        ));
+    }
+    let lower = t.to_ascii_lowercase();
+    let distinct_digits = lower.bytes().collect::<std::collections::BTreeSet<_>>().len();
+    let blocks = lower.as_bytes().chunks(4).collect::<std::collections::BTreeSet<_>>().len();
+    // 64 random hex digits have about 16 distinct digits and 16 distinct 4-digit
+    // blocks; these bounds fail a random token with odds far below one in a million.
+    if distinct_digits < 10 || blocks < 12 {
+        return Err("does not look random (too few distinct digits or repeated blocks)".into());
+    }
+    Ok(())
+}
+
+/// The tracker's port when `--tracker` gives none.
+pub const DEFAULT_TRACKER_PORT: u16 = 7000;
+
+/// Resolves `HOST:PORT` (a name or an address) to one socket address. `:PORT`
+/// means every interface (`0.0.0.0:PORT`).
 pub async fn resolve(what: &str, hostport: &str) -> Result<SocketAddr> {
-    if let Ok(addr) = hostport.parse() {
+    resolve_with_port(what, hostport, None).await
+}
+
+/// Like [`resolve`], but `HOST` alone (a name, an IPv4 address or a bracketed or bare
+/// IPv6 address) gets `default_port`.
+pub async fn resolve_with_port(what: &str, hostport: &str, default_port: Option<u16>) -> Result<SocketAddr> {
+    let text = hostport.trim();
+    if text.is_empty() {
+        bail!("the {what} address is empty (expected HOST:PORT)");
+    }
+    let full = if let Some(port) = text.strip_prefix(':').filter(|p| p.parse::<u16>().is_ok()) {
+        format!("0.0.0.0:{port}")
+    } else if let Ok(ip) = text.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>() {
+        match default_port {
+            Some(port) => SocketAddr::new(ip, port).to_string(),
+            None => bail!("the {what} address {hostport:?} has no port (expected HOST:PORT, e.g. {ip}:7001)"),
+        }
+    } else if text.starts_with('[') || text.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+        text.to_string()
+    } else {
+        match default_port {
+            Some(port) => format!("{text}:{port}"),
+            None => bail!("the {what} address {hostport:?} has no port (expected HOST:PORT, e.g. {text}:7001)"),
+        }
+    };
+    if let Ok(addr) = full.parse() {
         return Ok(addr);
     }
-    let mut addrs = tokio::net::lookup_host(hostport)
+    let mut addrs = tokio::net::lookup_host(full.as_str())
         .await
         .with_context(|| format!("cannot resolve the {what} address {hostport:?} (expected HOST:PORT)"))?;
     addrs.next().with_context(|| format!("the {what} address {hostport:?} resolves to nothing"))
 }
 
+/// Resolves a `--tracker` value: `HOST:PORT`, or `HOST` for port 7000.
+pub async fn resolve_tracker(hostport: &str) -> Result<SocketAddr> {
+    resolve_with_port("tracker", hostport, Some(DEFAULT_TRACKER_PORT)).await
+}
+
+/// Turns a node error into a message that says what to check: an unreachable
+/// tracker names the address and UDP port instead of the handshake's internals.
+pub fn explain_node_error(err: swarm_peer::node::NodeError) -> anyhow::Error {
+    use swarm_net::NetError;
+    use swarm_peer::node::NodeError;
+    use swarm_tracker::client::TrackerClientError;
+    match err {
+        NodeError::Tracker(TrackerClientError::Net { tracker, source: NetError::HandshakeTimeout { after, .. } }) => {
+            anyhow::anyhow!(
+                "cannot reach the tracker at {tracker}: no answer within {}.\n\
+             Check that `swarm tracker` is running there, that --tracker names the right host and port \
+             (default port {DEFAULT_TRACKER_PORT}), and that UDP port {} is open between this machine and it.",
+                humantime::format_duration(Duration::from_secs(after.as_secs().max(1))),
+                tracker.port()
+            )
+        }
+        NodeError::Tracker(TrackerClientError::Net {
+            tracker,
+            source: source @ (NetError::Handshake { .. } | NetError::Connect { .. }),
+        }) => anyhow::anyhow!(
+            "cannot reach the tracker at {tracker} ({source}).\n\
+             Check that `swarm tracker` is running there and that UDP port {} is open.",
+            tracker.port()
+        ),
+        other => anyhow::Error::new(other),
+    }
+}
 /// Parses a duration such as `30s`, `5m`, `1h 30m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 30s, 5m, 1h)"))
@@ -101,6 +199,16 @@ pub fn human_bytes(n: u64) -> String {
     if u == 0 { format!("{n} B") } else { format!("{v:.2} {}", UNITS[u]) }
 }
 
+/// `n` followed by `word`, with an `s` unless `n` is 1: `1 peer`, `3 peers`.
+pub fn plural(n: u64, word: &str) -> String {
+    if n == 1 { format!("1 {word}") } else { format!("{n} {word}s") }
+}
+
+/// Mebibytes (2^20) per second, to go with [`human_bytes`] in the same line.
+pub fn mib_per_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64().max(1e-9) / (1024.0 * 1024.0)
+}
+
 /// Megabytes (10^6) per second.
 pub fn mb_per_s(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64().max(1e-9) / 1e6
@@ -145,22 +253,58 @@ mod tests {
         assert!(parse_rate("0").is_err());
         assert_eq!(human_bytes(1536), "1.50 KiB");
         assert_eq!(human_bytes(12), "12 B");
+        assert_eq!(plural(1, "peer"), "1 peer");
+        assert_eq!(plural(0, "peer"), "0 peers");
+    }
+
+    #[test]
+    fn only_random_looking_64_hex_digit_tokens_pass() {
+        for _ in 0..1000 {
+            let t = ClusterToken::generate().to_text();
+            assert_eq!(check_token_text(&format!("{t}\n")), Ok(()), "{t}");
+        }
+        for bad in [
+            "YOUR_SWARM_TOKEN_HERE",
+            "",
+            &"ab".repeat(16),
+            &"0".repeat(64),
+            &"0123456789abcdef".repeat(4),
+            &"deadbeef".repeat(8),
+        ] {
+            assert!(check_token_text(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[tokio::test]
+    async fn addresses_take_a_default_port_and_a_bare_port() {
+        let r =
+            |s: &'static str, p: Option<u16>| async move { resolve_with_port("x", s, p).await.map(|a| a.to_string()) };
+        assert_eq!(r(":7001", None).await.ok().as_deref(), Some("0.0.0.0:7001"));
+        assert_eq!(r("127.0.0.1", Some(7000)).await.ok().as_deref(), Some("127.0.0.1:7000"));
+        assert_eq!(r("::1", Some(7000)).await.ok().as_deref(), Some("[::1]:7000"));
+        assert_eq!(r("[::1]:9", None).await.ok().as_deref(), Some("[::1]:9"));
+        assert_eq!(r("localhost", Some(7000)).await.ok().map(|a| a.ends_with(":7000")), Some(true));
+        assert_eq!(r("localhost:7001", None).await.ok().map(|a| a.ends_with(":7001")), Some(true));
+        let err = r("127.0.0.1", None).await.expect_err("no port").to_string();
+        assert!(err.contains("has no port"), "{err}");
     }
 }
 
 /// Options of every command that runs a peer node.
 #[derive(clap::Args, Clone, Debug)]
 pub struct NodeArgs {
-    /// Tracker address.
-    #[arg(long, env = "SWARM_TRACKER", value_name = "HOST:PORT")]
+    /// Tracker address (HOST alone means port 7000).
+    #[arg(long, env = "SWARM_TRACKER", value_name = "HOST[:PORT]")]
     pub tracker: String,
-    /// UDP address for this node's QUIC endpoint (port 0 picks a free one).
+    /// UDP address for this node's QUIC endpoint (port 0 picks a free one; `:PORT`
+    /// is every interface).
     #[arg(long, env = "SWARM_LISTEN", default_value = "0.0.0.0:0", value_name = "ADDR:PORT")]
     pub listen: String,
     /// Address other peers should use to reach this node, when it differs from the
-    /// one the tracker sees (NAT, several interfaces).
-    #[arg(long, env = "SWARM_ADVERTISE", value_name = "ADDR:PORT")]
-    pub advertise: Option<SocketAddr>,
+    /// one the tracker sees (NAT, several interfaces). A host name is resolved once
+    /// at start.
+    #[arg(long, env = "SWARM_ADVERTISE", value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
     /// Locality label (rack, site): peers in the same zone are preferred.
     #[arg(long, env = "SWARM_ZONE", default_value = "")]
     pub zone: String,
@@ -174,15 +318,137 @@ pub struct NodeArgs {
 impl NodeArgs {
     /// Binds the endpoint and starts a node storing its blobs in `data_dir`.
     pub async fn start(&self, data_dir: PathBuf) -> Result<swarm_peer::node::Node> {
+        self.start_with(swarm_peer::node::NodeConfig::new(data_dir)).await
+    }
+
+    /// Like [`NodeArgs::start`], from a config the caller adjusted (the flags set
+    /// its advertise address, zone and upload rate).
+    pub async fn start_with(&self, mut config: swarm_peer::node::NodeConfig) -> Result<swarm_peer::node::Node> {
         let token = self.token.load()?;
-        let tracker = resolve("tracker", &self.tracker).await?;
+        let tracker = resolve_tracker(&self.tracker).await?;
         let listen = resolve("listen", &self.listen).await?;
         let endpoint = swarm_net::Endpoint::bind(listen, token, &swarm_net::EndpointConfig::default())
             .with_context(|| format!("cannot listen on {listen}"))?;
-        let mut config = swarm_peer::node::NodeConfig::new(data_dir);
-        config.advertise = self.advertise;
+        config.advertise = match &self.advertise {
+            Some(a) => Some(resolve("advertise", a).await?),
+            None => None,
+        };
         config.zone = self.zone.clone();
         config.upload_rate = self.upload_rate;
         swarm_peer::node::Node::start(endpoint, tracker, config).context("starting the peer")
+    }
+}
+
+/// docs/configuration.md against the code: every flag (with its environment variable)
+/// and every config key has a row, and every row names something that exists.
+#[cfg(test)]
+mod docs_tests {
+    use std::collections::BTreeSet;
+
+    use clap::CommandFactory;
+    use serde_json::Value;
+
+    const DOC: &str = include_str!("../../docs/configuration.md");
+
+    /// The `## heading` section's text, up to the next `## `.
+    fn section(heading: &str) -> &'static str {
+        let start = DOC
+            .find(&format!("\n## {heading}\n"))
+            .unwrap_or_else(|| panic!("docs/configuration.md has no section `## {heading}`"));
+        let body = &DOC[start + heading.len() + 5..];
+        &body[..body.find("\n## ").unwrap_or(body.len())]
+    }
+
+    /// The first cells (without backticks) of a section's table rows, and the rows.
+    fn rows(text: &str) -> Vec<(String, &str)> {
+        text.lines()
+            .filter_map(|l| {
+                let cell = l.strip_prefix("| `")?;
+                Some((cell[..cell.find('`')?].to_string(), l))
+            })
+            .collect()
+    }
+
+    /// Dotted paths of the leaves of a serialized config (empty objects are leaves).
+    fn keys(prefix: &str, v: &Value, out: &mut BTreeSet<String>) {
+        match v {
+            Value::Object(map) if !map.is_empty() => {
+                for (k, v) in map {
+                    let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    keys(&path, v, out);
+                }
+            }
+            _ => {
+                out.insert(prefix.to_string());
+            }
+        }
+    }
+
+    fn table_keys(heading: &str) -> BTreeSet<String> {
+        rows(section(heading)).into_iter().map(|(k, _)| k).collect()
+    }
+
+    #[test]
+    fn docs_configuration_md_matches_the_code() {
+        // Agent config file.
+        let mut file = super::super::agent::FileConfig::default();
+        file.upstream.registries.insert("<registry>".into(), Default::default());
+        let mut want = BTreeSet::new();
+        keys("", &serde_json::to_value(&file).expect("serialize"), &mut want);
+        assert_eq!(table_keys("Agent config file (`--config`)"), want, "config file keys");
+
+        // k3s registries.yaml.
+        use swarm_peer::upstream::k3s;
+        let mut yaml = k3s::RegistriesYaml::default();
+        yaml.mirrors.insert("<registry>".into(), k3s::Mirror::default());
+        let config = k3s::Config { auth: Some(Default::default()), tls: Some(Default::default()) };
+        yaml.configs.insert("<host>".into(), config);
+        let mut want = BTreeSet::new();
+        keys("", &serde_json::to_value(&yaml).expect("serialize"), &mut want);
+        assert_eq!(table_keys("k3s registries.yaml (`--k3s-registries`)"), want, "registries.yaml keys");
+
+        // Flags, per command.
+        let mut cli = crate::Cli::command();
+        cli.build();
+        let global: Vec<_> = cli.get_arguments().filter(|a| a.is_global_set()).filter_map(|a| a.get_long()).collect();
+        let headings = [
+            ("agent", "`swarm agent`"),
+            ("tracker", "`swarm tracker`"),
+            ("seed", "`swarm seed FILE`"),
+            ("pull", "`swarm pull DIGEST`"),
+            ("token", "`swarm token`"),
+            ("containerd-config", "`swarm containerd-config`"),
+            ("demo", "`swarm demo`"),
+        ];
+        let names: BTreeSet<_> =
+            cli.get_subcommands().map(|c| c.get_name().to_string()).filter(|n| n != "help").collect();
+        let documented: BTreeSet<_> = headings.iter().map(|(n, _)| n.to_string()).collect();
+        assert_eq!(names, documented, "every command has a section");
+        for (name, heading) in headings {
+            let cmd = cli.find_subcommand(name).expect("subcommand");
+            let doc_rows = rows(section(heading));
+            let mut flags = BTreeSet::new();
+            for arg in cmd.get_arguments() {
+                let Some(long) = arg.get_long() else { continue };
+                if long == "help" || long == "version" || global.contains(&long) {
+                    continue;
+                }
+                let flag = format!("--{long}");
+                let (_, row) = doc_rows
+                    .iter()
+                    .find(|(k, _)| *k == flag)
+                    .unwrap_or_else(|| panic!("swarm {name} {flag} is not in docs/configuration.md"));
+                if let Some(env) = arg.get_env() {
+                    let env = env.to_string_lossy();
+                    assert!(row.contains(&format!("`{env}`")), "swarm {name} {flag}: the row lacks `{env}`");
+                }
+                flags.insert(flag);
+            }
+            let listed: BTreeSet<_> = doc_rows.into_iter().map(|(k, _)| k).collect();
+            assert_eq!(listed, flags, "swarm {name}: documented flags");
+        }
+        for long in global {
+            assert!(section("Every command").contains(&format!("`--{long}`")), "global --{long} undocumented");
+        }
     }
 }

@@ -39,7 +39,13 @@
 //!
 //! `--k3s` prints the equivalent `/etc/rancher/k3s/registries.yaml` instead: k3s
 //! generates its own `certs.d` from that file at every start, so writing `hosts.toml`
-//! files for k3s's containerd would be overwritten.
+//! files for k3s's containerd would be overwritten. `--k3s --write` merges the mirror
+//! entries into the file at `--k3s-registries` (created if missing): the agent's
+//! endpoint goes first in each named registry's `endpoint` list, and every other
+//! mirror, endpoint, `rewrite` and `configs` entry is kept (YAML comments are not; the
+//! previous file is kept as a backup, with its mode). Without `--k3s`, on a node
+//! where that file's directory exists (k3s is installed), a warning says that k3s
+//! ignores `/etc/containerd/certs.d`.
 
 use std::fs;
 use std::io::{self, Write};
@@ -55,6 +61,8 @@ pub const DEFAULT_NAMESPACE: &str = "_default";
 pub const DEFAULT_MIRROR_URL: &str = "http://127.0.0.1:5001";
 /// containerd's conventional `config_path`.
 pub const DEFAULT_CERTS_DIR: &str = "/etc/containerd/certs.d";
+/// Where k3s reads its registry settings.
+pub const DEFAULT_K3S_REGISTRIES: &str = "/etc/rancher/k3s/registries.yaml";
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -74,9 +82,18 @@ pub struct Args {
     /// containerd's hosts directory (`config_path`; `ctr --hosts-dir`).
     #[arg(long, env = "SWARM_CONTAINERD_HOSTS_DIR", default_value = DEFAULT_CERTS_DIR, value_name = "DIR")]
     dir: PathBuf,
-    /// Print the equivalent /etc/rancher/k3s/registries.yaml to stdout and write nothing.
+    /// Print the equivalent /etc/rancher/k3s/registries.yaml to stdout (with --write:
+    /// merge it into the file at --k3s-registries).
     #[arg(long, env = "SWARM_K3S")]
     k3s: bool,
+    /// With --k3s: merge the mirror entries into the existing registries.yaml, keeping
+    /// its other mirrors and configs (the previous file is kept as a backup).
+    #[arg(long, env = "SWARM_WRITE", requires = "k3s")]
+    write: bool,
+    /// k3s's registries.yaml, written by --k3s --write; its directory existing is
+    /// how a k3s node is recognised.
+    #[arg(long, env = "SWARM_K3S_REGISTRIES", default_value = DEFAULT_K3S_REGISTRIES, value_name = "PATH")]
+    k3s_registries: PathBuf,
     /// Print the files that would be written, write nothing.
     #[arg(long, env = "SWARM_DRY_RUN")]
     dry_run: bool,
@@ -228,6 +245,105 @@ pub fn registries_yaml(namespaces: &[Namespace], mirror: &str, plain_http: &[Str
     out
 }
 
+/// Merges the mirror entries for `namespaces` into the `registries.yaml` text `existing`
+/// (empty for a new file): each named registry's `endpoint` list starts with the
+/// agent (and `http://R` for a plain-http registry), followed by the endpoints it
+/// already had; everything else in the file is kept as it was.
+pub fn merge_registries_yaml(
+    existing: &str,
+    namespaces: &[Namespace],
+    mirror: &str,
+    plain_http: &[String],
+) -> Result<String> {
+    use serde_norway::{Mapping, Value};
+    let mut root = if existing.trim().is_empty() {
+        Value::Mapping(Mapping::new())
+    } else {
+        serde_norway::from_str::<Value>(existing).context("the existing file is not valid YAML")?
+    };
+    let Value::Mapping(top) = &mut root else {
+        bail!("the existing file is not a YAML mapping (expected `mirrors:` and `configs:` keys)");
+    };
+    let mirrors = top.entry(Value::from("mirrors")).or_insert_with(|| Value::Mapping(Mapping::new()));
+    if mirrors.is_null() {
+        *mirrors = Value::Mapping(Mapping::new());
+    }
+    let Value::Mapping(mirrors) = mirrors else {
+        bail!("`mirrors` in the existing file is not a mapping");
+    };
+    for ns in namespaces {
+        let key = ns.k3s_key();
+        let entry = mirrors.entry(Value::from(key)).or_insert_with(|| Value::Mapping(Mapping::new()));
+        if entry.is_null() {
+            *entry = Value::Mapping(Mapping::new());
+        }
+        let Value::Mapping(entry) = entry else {
+            bail!("`mirrors.{key}` in the existing file is not a mapping");
+        };
+        let mut ours = vec![mirror.to_string()];
+        if let Namespace::Registry(r) = ns
+            && plain_http.contains(r)
+        {
+            ours.push(format!("http://{r}"));
+        }
+        let old: Vec<String> = match entry.get("endpoint") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Sequence(seq)) => seq
+                .iter()
+                .map(|v| v.as_str().map(str::to_string))
+                .collect::<Option<_>>()
+                .with_context(|| format!("`mirrors.{key}.endpoint` holds something that is not a URL string"))?,
+            Some(_) => bail!("`mirrors.{key}.endpoint` in the existing file is not a list"),
+        };
+        let same = |a: &str, b: &str| a.trim_end_matches('/') == b.trim_end_matches('/');
+        let mut endpoints = ours.clone();
+        endpoints.extend(old.into_iter().filter(|e| !ours.iter().any(|o| same(o, e))));
+        entry.insert(Value::from("endpoint"), Value::Sequence(endpoints.into_iter().map(Value::from).collect()));
+    }
+    serde_norway::to_string(&root).context("writing YAML")
+}
+
+/// `--k3s --write`: merge into the registries.yaml at `--k3s-registries`.
+fn write_k3s(args: &Args, plan: &Plan, now: u64, out: &mut dyn Write, err: &mut dyn Write) -> Result<()> {
+    let path = &args.k3s_registries;
+    let existing = match fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let content = merge_registries_yaml(&existing, &plan.namespaces, &plan.mirror, &plan.plain_http)
+        .with_context(|| format!("merging into {}", path.display()))?;
+    let outcome = plan_outcome(path, &content, now)?;
+    let verb = match (&outcome, args.dry_run) {
+        (Outcome::Unchanged, _) => "unchanged, already has these mirrors".to_string(),
+        (Outcome::Created, false) => "written".to_string(),
+        (Outcome::Created, true) => "would be written (dry run)".to_string(),
+        (Outcome::Replaced { backup }, false) => format!("updated, previous file kept as {}", backup.display()),
+        (Outcome::Replaced { backup }, true) => {
+            format!("would be updated, previous file kept as {} (dry run)", backup.display())
+        }
+    };
+    if !args.dry_run {
+        // registries.yaml may hold registry passwords: a new file is 0600.
+        apply_with_mode(path, &content, &outcome, 0o600)?;
+    }
+    writeln!(
+        out,
+        "# {}: {verb}
+{content}",
+        path.display()
+    )?;
+    if existing.contains('#') {
+        writeln!(err, "note: comments in the previous file are not carried over (see the backup)")?;
+    }
+    writeln!(
+        err,
+        "Restart k3s to apply it (`systemctl restart k3s` on servers, `k3s-agent` on agents). \
+         Do not enable k3s's embedded registry (Spegel) as well: its P2P port is also 5001."
+    )?;
+    Ok(())
+}
+
 /// What happened (or would happen) to one file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -265,14 +381,29 @@ fn apply(path: &Path, content: &str, outcome: &Outcome) -> Result<()> {
     if *outcome == Outcome::Unchanged {
         return Ok(());
     }
-    let dir = path.parent().context("the hosts.toml path has no parent directory")?;
+    apply_with_mode(path, content, outcome, 0o644)
+}
+
+/// [`apply`] for a file created with `new_mode`; a replaced file keeps its mode.
+fn apply_with_mode(path: &Path, content: &str, outcome: &Outcome, new_mode: u32) -> Result<()> {
+    if *outcome == Outcome::Unchanged {
+        return Ok(());
+    }
+    let dir = path.parent().context("the path has no parent directory")?;
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut mode = new_mode;
     if let Outcome::Replaced { backup } = outcome {
         fs::copy(path, backup)
             .with_context(|| format!("cannot keep a backup of {} at {}", path.display(), backup.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            mode = fs::metadata(path).map(|m| m.permissions().mode() & 0o7777).unwrap_or(new_mode);
+        }
     }
-    let tmp = dir.join(format!(".hosts.toml.swarm-{}", std::process::id()));
-    let written = write_synced(&tmp, content).and_then(|()| {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.swarm-{}", std::process::id()));
+    let written = write_synced(&tmp, content, mode).and_then(|()| {
         fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
     });
     if written.is_err() {
@@ -281,13 +412,13 @@ fn apply(path: &Path, content: &str, outcome: &Outcome) -> Result<()> {
     written
 }
 
-fn write_synced(path: &Path, content: &str) -> Result<()> {
+fn write_synced(path: &Path, content: &str, mode: u32) -> Result<()> {
     let mut f = fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     f.write_all(content.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(fs::Permissions::from_mode(0o644))
+        f.set_permissions(fs::Permissions::from_mode(mode))
             .with_context(|| format!("cannot set the mode of {}", path.display()))?;
     }
     f.sync_all().with_context(|| format!("cannot sync {}", path.display()))
@@ -379,6 +510,9 @@ fn check(args: &Args) -> Result<Plan> {
 /// The command, with the clock and the output streams passed in (for tests).
 fn execute(args: &Args, now: u64, out: &mut dyn Write, err: &mut dyn Write) -> Result<()> {
     let plan = check(args)?;
+    if args.k3s && args.write {
+        return write_k3s(args, &plan, now, out, err);
+    }
     if args.k3s {
         out.write_all(registries_yaml(&plan.namespaces, &plan.mirror, &plan.plain_http).as_bytes())?;
         writeln!(
@@ -397,6 +531,16 @@ fn execute(args: &Args, now: u64, out: &mut dyn Write, err: &mut dyn Write) -> R
         return Ok(());
     }
 
+    if let Some(k3s_dir) = args.k3s_registries.parent().filter(|d| d.is_dir()) {
+        writeln!(
+            err,
+            "warning: this looks like a k3s node ({} exists). k3s's containerd ignores {} and reads registry \
+             mirrors only from {}: run `swarm containerd-config --k3s --write` instead.",
+            k3s_dir.display(),
+            args.dir.display(),
+            args.k3s_registries.display()
+        )?;
+    }
     let dir_text = args.dir.to_string_lossy();
     if dir_text.contains("rancher/k3s") || dir_text.contains("rancher/rke2") {
         writeln!(
@@ -602,6 +746,79 @@ mod tests {
             "{out}"
         );
         assert_eq!(fs::read_dir(tmp.path()).expect("ls").count(), 0);
+    }
+
+    #[test]
+    fn k3s_write_merges_and_keeps_other_entries() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let file = tmp.path().join("rancher/k3s/registries.yaml");
+        fs::create_dir_all(file.parent().expect("parent")).expect("mkdir");
+        let before = "# mine\nmirrors:\n  quay.io:\n    endpoint: [\"https://q.cache\"]\n  docker.io:\n    endpoint:\n      - \"https://d.cache\"\n    rewrite:\n      \"^x/(.*)\": \"y/$1\"\nconfigs:\n  docker.io:\n    auth: {username: u, password: p}\n";
+        fs::write(&file, before).expect("write");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).expect("chmod");
+        }
+        let k3s_file = file.to_str().expect("utf8");
+        let a = args(
+            tmp.path(),
+            &[
+                "--k3s",
+                "--write",
+                "--k3s-registries",
+                k3s_file,
+                "--registry",
+                "docker.io,10.0.0.5:5000",
+                "--plain-http",
+                "10.0.0.5:5000",
+            ],
+        );
+        let (out, err) = exec(&a, 7).expect("run");
+        assert!(out.contains("updated"), "{out}");
+        assert!(err.contains("comments"), "{err}");
+        let after: serde_norway::Value = serde_norway::from_str(&read(&file)).expect("yaml");
+        let endpoints = |r: &str| -> Vec<String> {
+            after["mirrors"][r]["endpoint"]
+                .as_sequence()
+                .expect("list")
+                .iter()
+                .map(|v| v.as_str().expect("str").to_string())
+                .collect()
+        };
+        assert_eq!(endpoints("docker.io"), ["http://127.0.0.1:5001", "https://d.cache"]);
+        assert_eq!(endpoints("10.0.0.5:5000"), ["http://127.0.0.1:5001", "http://10.0.0.5:5000"]);
+        assert_eq!(endpoints("quay.io"), ["https://q.cache"]);
+        assert_eq!(after["mirrors"]["docker.io"]["rewrite"]["^x/(.*)"].as_str(), Some("y/$1"));
+        assert_eq!(after["configs"]["docker.io"]["auth"]["username"].as_str(), Some("u"));
+        assert_eq!(read(&tmp.path().join("rancher/k3s/registries.yaml.bak-7")), before);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(fs::metadata(&file).expect("stat").permissions().mode() & 0o777, 0o600);
+        }
+        // A second run changes nothing.
+        let (out, _) = exec(&a, 8).expect("run");
+        assert!(out.contains("unchanged"), "{out}");
+        // --write needs --k3s.
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct W {
+            #[command(flatten)]
+            a: Args,
+        }
+        assert!(W::try_parse_from(["containerd-config", "--write"]).is_err());
+    }
+
+    #[test]
+    fn plain_hosts_toml_on_a_k3s_node_warns() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        fs::create_dir_all(tmp.path().join("rancher/k3s")).expect("mkdir");
+        let k3s_file = tmp.path().join("rancher/k3s/registries.yaml");
+        let hosts = tmp.path().join("certs.d");
+        let a = args(&hosts, &["--k3s-registries", k3s_file.to_str().expect("utf8")]);
+        let (_, err) = exec(&a, 1).expect("run");
+        assert!(err.contains("k3s's containerd ignores") && err.contains("--k3s --write"), "{err}");
     }
 
     #[test]

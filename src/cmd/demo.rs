@@ -20,7 +20,7 @@ use swarm_proto::{Digest, PeerId};
 use swarm_tracker::state::TrackerConfig;
 use tokio_util::sync::CancellationToken;
 
-use super::common::{human_bytes, mb_per_s, parse_rate, parse_size};
+use super::common::{human_bytes, mib_per_s, parse_rate, parse_size, plural};
 use super::demo_upstream;
 
 #[derive(clap::Args, Debug)]
@@ -85,8 +85,8 @@ pub async fn run(args: Args) -> Result<()> {
         pullers.push(Node::start(Endpoint::bind(loopback, token.clone(), &endpoint_config)?, tracker_addr, config)?);
     }
     println!(
-        "swarm demo: 1 seed + {} peers on loopback, blob {} ({}, {} pieces of {})",
-        args.peers,
+        "swarm demo: 1 seed + {} on loopback, blob {} ({}, {} pieces of {})",
+        plural(args.peers as u64, "peer"),
         metainfo.digest,
         human_bytes(metainfo.length),
         metainfo.piece_count(),
@@ -298,14 +298,14 @@ fn print_table(rows: &[Row], length: u64) {
     println!();
     println!(
         "{:<10} {:>9} {:>10} {:>12} {:>12} {:>12}",
-        "peer", "time (s)", "MB/s", "from seed", "from peers", "uploaded"
+        "peer", "time (s)", "MiB/s", "from seed", "from peers", "uploaded"
     );
     for r in rows {
         println!(
             "{:<10} {:>9.2} {:>10.1} {:>12} {:>12} {:>12}",
             r.peer_id.short(),
             r.elapsed.as_secs_f64(),
-            mb_per_s(length, r.elapsed),
+            mib_per_s(length, r.elapsed),
             human_bytes(r.from_seed),
             human_bytes(r.from_peers),
             human_bytes(r.uploaded)

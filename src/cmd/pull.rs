@@ -3,23 +3,31 @@
 //!
 //! Without `--data-dir`, pieces collect in `FILE.swarm/` next to the output; running
 //! the same command again after an interruption resumes from the verified pieces
-//! there. On success the blob is moved to FILE and the directory removed.
+//! there. On success the blob is moved to FILE and the directory removed; on a failure
+//! before any piece was verified it is removed too, since there is nothing to resume.
+//!
+//! `--timeout` bounds the whole pull, including the wait for the tracker to learn the
+//! blob (someone must be seeding it).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use swarm_proto::Digest;
 
-use super::common::{NodeArgs, human_bytes, mb_per_s, parse_duration, shutdown_signal};
+use super::common::{
+    NodeArgs, explain_node_error, human_bytes, mb_per_s, mib_per_s, parse_duration, plural, shutdown_signal,
+};
+use swarm_peer::node::{NodeConfig, NodeError};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The blob to fetch, as `sha256:<64 hex digits>` (what `swarm seed` printed).
     digest: String,
     /// Where to write the blob.
-    #[arg(short, long, value_name = "FILE")]
+    #[arg(short, long, env = "SWARM_OUTPUT", value_name = "FILE")]
     output: PathBuf,
     /// Piece store directory (default: FILE.swarm next to the output, removed on success).
     #[arg(long, env = "SWARM_DATA_DIR", value_name = "DIR")]
@@ -31,7 +39,7 @@ pub struct Args {
     #[arg(long, env = "SWARM_TIMEOUT", value_parser = parse_duration, default_value = "1h", value_name = "DURATION")]
     timeout: Duration,
     /// Print the summary as one JSON object instead of a sentence.
-    #[arg(long)]
+    #[arg(long, env = "SWARM_JSON")]
     json: bool,
     #[command(flatten)]
     node: NodeArgs,
@@ -43,17 +51,41 @@ pub async fn run(args: Args) -> Result<()> {
         Some(d) => (d.clone(), false),
         None => (partial_dir(&args.output), true),
     };
-    let node = args.node.start(data_dir.clone()).await?;
+    let scratch_existed = data_dir.exists();
+    let mut config = NodeConfig::new(data_dir.clone());
+    // The wait for the tracker to learn the blob counts against --timeout.
+    config.metainfo_wait = args.timeout;
     let started = Instant::now();
+    let node = match args.node.start_with(config).await {
+        Ok(node) => node,
+        Err(e) => {
+            if scratch && !scratch_existed {
+                let _ = std::fs::remove_dir_all(&data_dir);
+            }
+            return Err(e);
+        }
+    };
+    let verified = AtomicU32::new(0);
     let outcome = tokio::select! {
-        r = pull(&node, digest, &args, started) => r,
-        _ = shutdown_signal() => Err(anyhow::anyhow!("interrupted; run the same command again to resume")),
+        r = pull(&node, digest, &args, started, &verified) => r,
+        _ = shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
     };
     let summary = match outcome {
         Ok(s) => s,
         Err(e) => {
             node.shutdown().await;
-            return Err(e);
+            let kept = verified.load(Ordering::Relaxed);
+            if kept == 0 {
+                if scratch {
+                    let _ = std::fs::remove_dir_all(&data_dir);
+                }
+                return Err(e);
+            }
+            bail!(
+                "{e:#}; {} verified and kept in {}: run the same command again to resume",
+                plural(u64::from(kept), "piece"),
+                data_dir.display()
+            );
         }
     };
     let stored = node.store().root().join("blobs").join(digest.hex()).join("data");
@@ -107,11 +139,24 @@ struct Summary {
     peers_used: usize,
 }
 
-async fn pull(node: &swarm_peer::node::Node, digest: Digest, args: &Args, started: Instant) -> Result<Summary> {
-    let mut download = node.fetch(digest).await?;
+async fn pull(
+    node: &swarm_peer::node::Node,
+    digest: Digest,
+    args: &Args,
+    started: Instant,
+    verified: &AtomicU32,
+) -> Result<Summary> {
+    let mut download = node.fetch(digest).await.map_err(|e| match e {
+        NodeError::UnknownBlob { digest, waited } => anyhow::anyhow!(
+            "the tracker does not know {digest} after {}: is a `swarm seed` for it running?",
+            humantime::format_duration(Duration::from_secs(waited.as_secs_f64().round() as u64))
+        ),
+        other => explain_node_error(other),
+    })?;
     let length = download.layout().length;
     let mut progress = download.progress();
     let first = progress.borrow().clone();
+    verified.store(first.pieces, Ordering::Relaxed);
     let resumed = first.bytes;
     let bar = if args.json { ProgressBar::hidden() } else { ProgressBar::new(first.total) };
     bar.set_style(
@@ -119,7 +164,7 @@ async fn pull(node: &swarm_peer::node::Node, digest: Digest, args: &Args, starte
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_position(first.bytes);
-    let deadline = tokio::time::sleep(args.timeout);
+    let deadline = tokio::time::sleep_until((started + args.timeout).into());
     tokio::pin!(deadline);
     let finished = download.finished();
     tokio::pin!(finished);
@@ -132,15 +177,17 @@ async fn pull(node: &swarm_peer::node::Node, digest: Digest, args: &Args, starte
             }
             _ = progress.changed() => {
                 let p = progress.borrow_and_update().clone();
+                verified.store(p.pieces, Ordering::Relaxed);
                 bar.set_position(p.bytes);
-                bar.set_message(format!("{} peers", p.peers));
+                bar.set_message(plural(p.peers as u64, "peer"));
             }
             _ = &mut deadline => {
                 bar.abandon();
                 let p = progress.borrow().clone();
+                verified.store(p.pieces, Ordering::Relaxed);
                 bail!(
-                    "timed out after {} with {} of {} pieces ({} peers connected); verified pieces are kept for a resume",
-                    humantime::format_duration(args.timeout), p.pieces, p.piece_count, p.peers
+                    "timed out after {} with {} of {} pieces ({} connected)",
+                    humantime::format_duration(args.timeout), p.pieces, p.piece_count, plural(p.peers as u64, "peer")
                 );
             }
         }
@@ -178,12 +225,12 @@ fn print_summary(s: &Summary, args: &Args) -> Result<()> {
             String::new()
         };
         println!(
-            "pulled {} ({}) in {:.2} s at {:.1} MB/s from {} peers{}; uploaded {} meanwhile; wrote {}",
+            "pulled {} ({}) in {:.2} s at {:.1} MiB/s from {}{}; uploaded {} meanwhile; wrote {}",
             s.digest,
             human_bytes(s.length),
             s.elapsed.as_secs_f64(),
-            mb_per_s(s.length - s.resumed, s.elapsed),
-            s.peers_used,
+            mib_per_s(s.length - s.resumed, s.elapsed),
+            plural(s.peers_used as u64, "peer"),
             resumed,
             human_bytes(s.uploaded),
             args.output.display()

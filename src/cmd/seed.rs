@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::common::{NodeArgs, human_bytes, shutdown_signal};
+use super::common::{NodeArgs, explain_node_error, human_bytes, shutdown_signal};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -55,7 +55,10 @@ pub async fn run(args: Args) -> Result<()> {
         }
     };
     let node = args.node.start(data_dir).await?;
-    node.seed(&args.file, metainfo.clone()).await.context("registering with the tracker")?;
+    if let Err(e) = node.seed(&args.file, metainfo.clone()).await {
+        node.shutdown().await;
+        return Err(explain_node_error(e).context("registering the file with the tracker"));
+    }
     println!("{}", metainfo.digest);
     eprintln!(
         "seeding {} ({}, {} pieces of {}) from {} on {}; Ctrl-C to stop",

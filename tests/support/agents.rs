@@ -67,6 +67,13 @@ impl Agent {
         format!("http://{}", self.mirror)
     }
 
+    /// Whether the agent's piece store holds the whole blob `digest`, its bytes
+    /// hashing to the digest.
+    pub fn stores_blob(&self, digest: &swarm_proto::Digest) -> bool {
+        let path = self.data_dir.join("blobs").join(digest.hex()).join("data");
+        std::fs::read(path).is_ok_and(|bytes| swarm_proto::Digest::of(&bytes) == *digest)
+    }
+
     /// One metric's value from `/metrics` (labels included in `name`, e.g.
     /// `swarm_mirror_requests_total{outcome="ok"}`).
     pub async fn metric(&self, name: &str) -> anyhow::Result<u64> {
@@ -100,6 +107,17 @@ impl Cluster {
     /// Starts a tracker and `n` agents that reach the registries in `plain_http` over
     /// plain HTTP.
     pub fn start(dir: &Path, n: usize, plain_http: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with(dir, n, plain_http, |_, _| Vec::new())
+    }
+
+    /// Like [`Cluster::start`], with more arguments for agent `i` whose mirror will
+    /// listen on the given address (`extra(i, mirror)`).
+    pub fn start_with(
+        dir: &Path,
+        n: usize,
+        plain_http: &[&str],
+        mut extra: impl FnMut(usize, SocketAddr) -> Vec<std::ffi::OsString>,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let token_file = dir.join("token");
         write_token(&token_file)?;
@@ -110,19 +128,27 @@ impl Cluster {
         let mut cluster =
             Self { tracker, tracker_addr, tracker_http, token_file, agents: Vec::new(), dir: dir.to_path_buf() };
         for i in 0..n {
-            cluster.add_agent(i, plain_http)?;
+            let mirror: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+            let args = extra(i, mirror);
+            cluster.add_agent(i, mirror, plain_http, &args)?;
         }
         Ok(cluster)
     }
 
-    fn add_agent(&mut self, i: usize, plain_http: &[&str]) -> anyhow::Result<()> {
-        let mirror: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    fn add_agent(
+        &mut self,
+        i: usize,
+        mirror: SocketAddr,
+        plain_http: &[&str],
+        extra: &[std::ffi::OsString],
+    ) -> anyhow::Result<()> {
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let data_dir = self.dir.join(format!("agent-{i}"));
         let mut cmd = agent_command(self.tracker_addr, mirror, metrics, &data_dir, &self.token_file);
         for r in plain_http {
             cmd.args(["--plain-http", r]);
         }
+        cmd.args(extra);
         let mut child = ChildGuard::spawn(&format!("agent-{i}"), cmd, &self.dir.join("logs"))?;
         wait_until(&format!("agent {i} mirror on {mirror}"), Duration::from_secs(20), &mut child, || tcp_open(mirror))?;
         self.agents.push(Agent { child, mirror, metrics, data_dir });

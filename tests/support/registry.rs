@@ -1,5 +1,6 @@
 //! A real registry: Debian's `docker-registry` (CNCF distribution 2.8) on
-//! 127.0.0.1 with filesystem storage in a temp dir.
+//! 127.0.0.1 with filesystem storage in a temp dir; optionally with htpasswd auth and
+//! https from a CA made for the test.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -35,13 +36,22 @@ impl Registry {
     /// (Apache combined format, one line per completed request) is the process's
     /// stdout, `<dir>/docker-registry.out`.
     pub fn start(dir: &Path) -> anyhow::Result<Self> {
-        Self::start_inner(dir, None)
+        Self::start_inner(dir, None, None)
     }
 
     /// Like [`Registry::start`], but every request needs HTTP basic credentials
     /// (`htpasswd` auth; the registry answers `401` with `WWW-Authenticate: Basic`).
     /// The bcrypt hash is made with python3's `crypt` module.
     pub fn start_with_basic_auth(dir: &Path, username: &str, password: &str) -> anyhow::Result<Self> {
+        Self::start_with_basic_auth_and(dir, username, password, None)
+    }
+
+    fn start_with_basic_auth_and(
+        dir: &Path,
+        username: &str,
+        password: &str,
+        tls: Option<(PathBuf, PathBuf)>,
+    ) -> anyhow::Result<Self> {
         require_tool("python3", "python3");
         std::fs::create_dir_all(dir)?;
         let script =
@@ -55,17 +65,67 @@ impl Registry {
         }
         let htpasswd = dir.join("htpasswd");
         std::fs::write(&htpasswd, format!("{username}:{hash}\n"))?;
-        let mut registry = Self::start_inner(dir, Some(htpasswd))?;
+        let mut registry = Self::start_inner(dir, Some(htpasswd), tls)?;
         registry.credentials = Some((username.to_string(), password.to_string()));
         Ok(registry)
     }
 
-    fn start_inner(dir: &Path, htpasswd: Option<PathBuf>) -> anyhow::Result<Self> {
+    /// Like [`Registry::start_with_basic_auth`], but serving https only, with a
+    /// certificate for `127.0.0.1` signed by a CA made for the test (with `openssl`).
+    /// Returns the registry and the CA's PEM file, which no system trust store holds.
+    pub fn start_with_tls_and_basic_auth(
+        dir: &Path,
+        username: &str,
+        password: &str,
+    ) -> anyhow::Result<(Self, PathBuf)> {
+        require_tool("openssl", "openssl");
+        let tls = dir.join("tls");
+        std::fs::create_dir_all(&tls)?;
+        let openssl = |args: &[&str]| {
+            let mut cmd = Command::new("openssl");
+            cmd.args(args).current_dir(&tls);
+            run(cmd, Duration::from_secs(30))
+        };
+        let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+        let ca = format!(
+            "req -x509 {ec} -keyout ca.key -out ca.pem -days 2 -addext basicConstraints=critical,CA:TRUE \
+             -addext keyUsage=critical,keyCertSign -subj /CN=swarm-test-ca"
+        );
+        openssl(&ca.split(' ').collect::<Vec<_>>())?;
+        let csr = format!("req {ec} -keyout server.key -out server.csr -subj /CN=127.0.0.1");
+        openssl(&csr.split(' ').collect::<Vec<_>>())?;
+        std::fs::write(
+            tls.join("server.ext"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+        )?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ])?;
+        let tls_files = Some((tls.join("server.pem"), tls.join("server.key")));
+        let registry = Self::start_with_basic_auth_and(dir, username, password, tls_files)?;
+        Ok((registry, tls.join("ca.pem")))
+    }
+
+    fn start_inner(dir: &Path, htpasswd: Option<PathBuf>, tls: Option<(PathBuf, PathBuf)>) -> anyhow::Result<Self> {
         require_tool(REGISTRY_BIN, "docker-registry");
         let mut last_error = None;
         // The port is picked before the registry binds it: retry if someone took it.
         for _ in 0..3 {
-            match Self::try_start(dir, htpasswd.as_deref()) {
+            match Self::try_start(dir, htpasswd.as_deref(), tls.as_ref()) {
                 Ok(registry) => return Ok(registry),
                 Err(e) => last_error = Some(e),
             }
@@ -76,7 +136,7 @@ impl Registry {
         }
     }
 
-    fn try_start(dir: &Path, htpasswd: Option<&Path>) -> anyhow::Result<Self> {
+    fn try_start(dir: &Path, htpasswd: Option<&Path>, tls: Option<&(PathBuf, PathBuf)>) -> anyhow::Result<Self> {
         let port = free_port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         std::fs::create_dir_all(dir.join("storage"))?;
@@ -87,8 +147,14 @@ impl Registry {
                 "version: 0.1\n\
                  log:\n  level: warn\n  formatter: text\n\
                  storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n\
-                 http:\n  addr: {addr}\n  secret: swarm-test-secret\n{auth}",
+                 http:\n  addr: {addr}\n  secret: swarm-test-secret\n{tls}{auth}",
                 storage = dir.join("storage").display(),
+                tls = match tls {
+                    Some((cert, key)) => {
+                        format!("  tls:\n    certificate: {}\n    key: {}\n", cert.display(), key.display())
+                    }
+                    None => String::new(),
+                },
                 auth = match htpasswd {
                     Some(path) => format!("auth:\n  htpasswd:\n    realm: swarm-test\n    path: {}\n", path.display()),
                     None => String::new(),

@@ -1,5 +1,14 @@
 //! The wire side of the mirror: request paths, `?ns=`, `Range` headers, and OCI error
 //! bodies. Pure functions, no I/O.
+//!
+//! Two ways of naming the upstream registry are understood:
+//!
+//! - containerd (`hosts.toml`) sends `/v2/<name>/...?ns=<registry>`;
+//! - CRI-O, podman and skopeo (containers/image, a `registries.conf` mirror with
+//!   `location = "127.0.0.1:5001/quay.io"`) send `/v2/quay.io/<name>/...` and no `ns`.
+//!
+//! [`Route::registry_in_path`] turns the second form into the first, so everything
+//! after it sees one shape; [`Route::accept_registry_in_path`] applies that to a router.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -16,6 +25,49 @@ pub enum Route {
     Manifest { name: String, reference: Reference },
     /// `/v2/<name>/blobs/<digest>`.
     Blob { name: String, digest: Digest },
+}
+
+impl Route {
+    /// The containerd form of a request that names its registry as the first path
+    /// component instead of in `?ns=`: `/v2/quay.io/app/blobs/sha256:..` becomes
+    /// `/v2/app/blobs/sha256:..?ns=quay.io`. `None` (leave the request alone) when the
+    /// query already has `ns`, or when the first component does not look like a
+    /// registry host: it must contain a `.` or a `:` or be `localhost` (the rule image
+    /// references use to tell a registry from a repository) and be a valid
+    /// `host[:port]`, and a repository must follow it.
+    pub fn registry_in_path(path: &str, query: Option<&str>) -> Option<String> {
+        if query.unwrap_or("").split('&').any(|pair| pair.split_once('=').map_or(pair, |(k, _)| k) == "ns") {
+            return None;
+        }
+        let rest = path.strip_prefix("/v2/")?;
+        let (first, tail) = rest.split_once('/')?;
+        let looks_like_host = first.contains('.') || first.contains(':') || first == "localhost";
+        if !looks_like_host || !names::is_valid_registry(first) || tail.is_empty() {
+            return None;
+        }
+        Some(match query.filter(|q| !q.is_empty()) {
+            Some(q) => format!("/v2/{tail}?{q}&ns={first}"),
+            None => format!("/v2/{tail}?ns={first}"),
+        })
+    }
+
+    /// `router` with [`Route::registry_in_path`] applied to every request before
+    /// routing, so that CRI-O, podman and skopeo are served like containerd.
+    pub fn accept_registry_in_path(router: axum::Router) -> axum::Router {
+        router.layer(axum::middleware::map_request(|mut req: axum::extract::Request| async move {
+            let uri = req.uri();
+            if let Some(rewritten) = Self::registry_in_path(uri.path(), uri.query())
+                && let Ok(pq) = rewritten.parse::<axum::http::uri::PathAndQuery>()
+            {
+                let mut parts = uri.clone().into_parts();
+                parts.path_and_query = Some(pq);
+                if let Ok(new) = axum::http::Uri::from_parts(parts) {
+                    *req.uri_mut() = new;
+                }
+            }
+            req
+        }))
+    }
 }
 
 /// A manifest reference: a tag or a digest.
@@ -154,7 +206,8 @@ pub fn parse_ns(query: Option<&str>) -> Result<String, ApiError> {
         ApiError::rejected(
             StatusCode::BAD_REQUEST,
             "UNSUPPORTED",
-            "the ns query parameter naming the upstream registry is required",
+            "the upstream registry is missing: containerd sends it as ?ns=REGISTRY, \
+             containers/image (CRI-O, podman, skopeo) as the first path component, /v2/REGISTRY/NAME/...",
         )
     };
     let mut found: Option<String> = None;
@@ -346,6 +399,29 @@ mod tests {
             let err = parse_ns(bad).expect_err("refused");
             assert_eq!(err.status, StatusCode::BAD_REQUEST, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn registry_in_the_path_becomes_ns() {
+        let rw = |p: &str, q: Option<&str>| Route::registry_in_path(p, q);
+        assert_eq!(rw(&format!("/v2/quay.io/app/blobs/{D}"), None), Some(format!("/v2/app/blobs/{D}?ns=quay.io")));
+        assert_eq!(
+            rw("/v2/127.0.0.1:5000/a/b/manifests/v1", Some("x=1")).as_deref(),
+            Some("/v2/a/b/manifests/v1?x=1&ns=127.0.0.1:5000")
+        );
+        assert_eq!(rw("/v2/localhost/a/manifests/v1", None).as_deref(), Some("/v2/a/manifests/v1?ns=localhost"));
+        // containerd's form is left alone, as are names without a registry.
+        assert_eq!(rw("/v2/quay.io/app/manifests/v1", Some("ns=docker.io")), None);
+        assert_eq!(rw("/v2/library/ubuntu/manifests/v1", None), None);
+        assert_eq!(rw("/v2/", None), None);
+        assert_eq!(rw("/v2/quay.io/", None), None);
+        assert_eq!(rw("/v2/bad..host/a/manifests/v1", None), None);
+        // What the rewrite produces parses like a containerd request.
+        let rewritten = rw(&format!("/v2/ghcr.io/o/r/blobs/{D}"), None).expect("rewritten");
+        let (path, query) = rewritten.split_once('?').expect("query");
+        let d: Digest = D.parse().expect("digest");
+        assert_eq!(parse_route(path).ok(), Some(Route::Blob { name: "o/r".into(), digest: d }));
+        assert_eq!(parse_ns(Some(query)).ok().as_deref(), Some("ghcr.io"));
     }
 
     #[test]

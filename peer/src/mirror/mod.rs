@@ -223,7 +223,8 @@ pub fn router<P: BlobProvider>(
     metrics: Arc<MirrorMetrics>,
 ) -> axum::Router {
     let shared = Arc::new(Shared { provider, upstream, cache: ManifestCache::new(config.manifest_cache_dir), metrics });
-    axum::Router::new().fallback(handle::<P>).with_state(shared)
+    // CRI-O, podman and skopeo name the registry in the path instead of `?ns=`.
+    Route::accept_registry_in_path(axum::Router::new().fallback(handle::<P>).with_state(shared))
 }
 
 /// Serves `router` on `listener` until `cancel` fires; in-flight responses then get

@@ -19,6 +19,8 @@ struct MemProvider {
     /// Streams for blobs whose bytes the test feeds by hand.
     live: Mutex<LiveBlobs>,
     unavailable: bool,
+    /// The registry and repository of every blob request, in order.
+    seen: Mutex<Vec<(String, String)>>,
 }
 
 impl BlobProvider for MemProvider {
@@ -33,6 +35,7 @@ impl BlobProvider for MemProvider {
     }
 
     async fn open_blob(&self, req: &BlobRequest, offset: u64) -> Result<BlobBody, ProviderError> {
+        self.seen.lock().expect("lock").push((req.registry.clone(), req.repository.clone()));
         if self.unavailable {
             return Err(ProviderError::Unavailable("test says no".into()));
         }
@@ -63,6 +66,12 @@ impl Drop for TestMirror {
 }
 
 async fn start(provider: MemProvider) -> TestMirror {
+    start_with(Arc::new(provider), false).await
+}
+
+/// A mirror over `provider`; with `registry_in_path`, wrapped in
+/// [`Route::accept_registry_in_path`] as the agent serves it.
+async fn start_with(provider: Arc<MemProvider>, registry_in_path: bool) -> TestMirror {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = UpstreamConfig::default();
     // Manifests are not under test here; point the registry at a closed port.
@@ -72,7 +81,10 @@ async fn start(provider: MemProvider) -> TestMirror {
     );
     let upstream = UpstreamClient::new(config).expect("client");
     let metrics = Arc::new(MirrorMetrics::default());
-    let router = router(Arc::new(provider), upstream, MirrorConfig::new(dir.path().join("m")), metrics.clone());
+    let mut router = router(provider, upstream, MirrorConfig::new(dir.path().join("m")), metrics.clone());
+    if registry_in_path {
+        router = Route::accept_registry_in_path(router);
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let cancel = CancellationToken::new();
@@ -128,6 +140,28 @@ async fn blob_get_head_and_ranges() {
     let snap = m.metrics.snapshot();
     assert_eq!(snap.requests_ok, 7);
     assert_eq!(snap.requests_rejected, 1);
+}
+
+/// containers/image (CRI-O, podman, skopeo) names the registry in the path; containerd
+/// in `?ns=`. Both reach the provider as the same request.
+#[tokio::test]
+async fn the_registry_may_be_named_in_the_path() {
+    let b = blob();
+    let d = Digest::of(&b);
+    let provider = Arc::new(MemProvider { blobs: HashMap::from([(d, b.clone())]), ..Default::default() });
+    let m = start_with(provider.clone(), true).await;
+    let http = reqwest::Client::new();
+    for path in [format!("/v2/reg.test/a/b/blobs/{d}"), format!("/v2/a/b/blobs/{d}?ns=reg.test")] {
+        let resp = http.get(format!("http://{}{path}", m.addr)).send().await.expect("get");
+        assert_eq!(resp.status(), 200, "{path}");
+        assert_eq!(resp.bytes().await.expect("body"), b, "{path}");
+    }
+    let want = ("reg.test".to_string(), "a/b".to_string());
+    assert_eq!(*provider.seen.lock().expect("lock"), vec![want.clone(), want]);
+    // Without a registry in either place the request is refused, and says how to name it.
+    let resp = http.get(format!("http://{}/v2/a/b/blobs/{d}", m.addr)).send().await.expect("get");
+    assert_eq!(resp.status(), 400);
+    assert!(resp.text().await.expect("body").contains("/v2/REGISTRY/NAME/"));
 }
 
 #[tokio::test]

@@ -13,11 +13,17 @@
 //!   overrides both.
 //! - Auth: requests go out with whatever the registry asked for last time (cached
 //!   token, or basic credentials). On `401` the `WWW-Authenticate` challenge is parsed;
-//!   for `Bearer` a token is fetched from the realm (anonymously, or with the
-//!   configured basic credentials) and cached until shortly before `expires_in`; for
+//!   for `Bearer` a token is fetched from the realm (anonymously, with the configured
+//!   basic credentials, or, given an [`RegistryConfig::identity_token`], with the
+//!   OAuth2 refresh-token grant) and cached until shortly before `expires_in`; for
 //!   `Basic` the configured credentials are used. The request is retried once; a
-//!   second refusal is [`UpstreamError::Unauthorized`]. Basic credentials are never
-//!   sent to a plain-http token realm of an https registry.
+//!   second refusal is [`UpstreamError::Unauthorized`]. A configured registry token
+//!   ([`RegistryConfig::token`]) is sent as a bearer token with every request.
+//!   Credentials are never sent to a plain-http token realm of an https registry.
+//! - TLS: a registry with a `ca_file`, a client certificate or `insecure_skip_verify`
+//!   gets a client of its own (used for its token realm too); the others share one
+//!   with the system roots.
+//! - [`k3s`] turns k3s's `registries.yaml` into [`RegistryConfig`]s.
 //! - Redirects (blob storage, CDNs) are followed up to [`MAX_REDIRECTS`] hops. reqwest
 //!   drops `Authorization` (and cookies) whenever a hop changes host or port, so the
 //!   registry's token never reaches the storage host; we also refuse https→http
@@ -27,9 +33,11 @@
 //!   Small requests (manifests, HEADs, tokens) also get a total timeout.
 
 mod auth;
+pub mod k3s;
 pub mod names;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -62,24 +70,52 @@ pub const DEFAULT_MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+js
      application/vnd.docker.distribution.manifest.list.v2+json, \
      application/vnd.docker.distribution.manifest.v2+json";
 
-/// How to reach one registry.
-#[derive(Clone, Debug, Default, serde::Deserialize)]
+/// How to reach one registry: where, with which credentials, and how to check its TLS
+/// certificate. The fields mirror k3s's `registries.yaml` (see [`k3s`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryConfig {
     /// Base URL, e.g. `https://registry-1.docker.io` or `http://127.0.0.1:5000`.
     #[serde(default)]
     pub endpoint: Option<String>,
+    /// Basic credentials (sent as basic auth, or to the token realm).
     #[serde(default)]
     pub username: Option<String>,
     #[serde(default)]
     pub password: Option<String>,
+    /// An OAuth2 refresh token, exchanged at the token realm for access tokens
+    /// (docker's `identitytoken`, k3s's `identity_token`).
+    #[serde(default)]
+    pub identity_token: Option<String>,
+    /// A bearer token sent as is with every request (k3s's `token`).
+    #[serde(default)]
+    pub token: Option<String>,
     /// Use `http://` instead of `https://` (ignored when `endpoint` is set).
     #[serde(default)]
     pub plain_http: bool,
+    /// PEM file of CA certificates trusted for this registry, besides the system roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate presented to the registry (with `key_file`).
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Accept any certificate from this registry. Only for tests and labs.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+}
+
+impl RegistryConfig {
+    /// Whether requests to this registry need a client of their own (TLS settings).
+    fn has_tls_settings(&self) -> bool {
+        self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some() || self.insecure_skip_verify
+    }
 }
 
 /// Upstream registries the agent may talk to.
-#[derive(Clone, Debug, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// Per-registry settings, keyed by the registry host as containerd names it in
@@ -90,13 +126,13 @@ pub struct UpstreamConfig {
     #[serde(default)]
     pub plain_http: Vec<String>,
     /// Connect timeout, e.g. `10s`.
-    #[serde(default = "default_connect_timeout", deserialize_with = "de_duration")]
+    #[serde(default = "default_connect_timeout", deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub connect_timeout: Duration,
     /// Read timeout: a response or stream idle for this long fails, e.g. `30s`.
-    #[serde(default = "default_read_timeout", deserialize_with = "de_duration")]
+    #[serde(default = "default_read_timeout", deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub read_timeout: Duration,
     /// Total timeout for manifests, HEADs and token requests, e.g. `60s`.
-    #[serde(default = "default_request_timeout", deserialize_with = "de_duration")]
+    #[serde(default = "default_request_timeout", deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub request_timeout: Duration,
 }
 
@@ -126,6 +162,11 @@ fn default_request_timeout() -> Duration {
 fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = <String as serde::Deserialize>::deserialize(d)?;
     humantime::parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
+/// Serializes a duration the way [`de_duration`] reads it.
+fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
 }
 
 /// Errors talking to an upstream registry.
@@ -217,7 +258,10 @@ pub struct UpstreamClient {
 }
 
 struct Inner {
+    /// The client for registries without TLS settings of their own.
     http: reqwest::Client,
+    /// Clients for registries with a CA, a client certificate or no verification.
+    tls_clients: HashMap<String, reqwest::Client>,
     config: UpstreamConfig,
     /// Never held across an `.await`.
     auth: Mutex<AuthCache>,
@@ -229,11 +273,14 @@ impl std::fmt::Debug for UpstreamClient {
     }
 }
 
-/// The endpoint and credentials for one request.
+/// The endpoint, client and credentials for one request.
 struct Target {
     registry: String,
     base: Url,
+    http: reqwest::Client,
     credentials: Option<(String, String)>,
+    identity_token: Option<String>,
+    token: Option<String>,
 }
 
 impl UpstreamClient {
@@ -257,26 +304,12 @@ impl UpstreamClient {
                 });
             }
         }
-        let redirect = reqwest::redirect::Policy::custom(|attempt| {
-            if attempt.previous().len() > MAX_REDIRECTS {
-                attempt.error("too many redirects")
-            } else if attempt.url().scheme() == "http"
-                && attempt.previous().last().is_some_and(|prev| prev.scheme() == "https")
-            {
-                attempt.error("refusing a redirect from https to http")
-            } else {
-                attempt.follow()
-            }
-        });
-        let http = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout)
-            .read_timeout(config.read_timeout)
-            .redirect(redirect)
-            .referer(false)
-            .user_agent(concat!("swarm/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| UpstreamError::Config { reason: format!("building the HTTP client: {e}") })?;
-        Ok(Self { inner: Arc::new(Inner { http, config, auth: Mutex::new(AuthCache::default()) }) })
+        let http = build_client(&config, None)?;
+        let mut tls_clients = HashMap::new();
+        for (registry, rc) in config.registries.iter().filter(|(_, rc)| rc.has_tls_settings()) {
+            tls_clients.insert(registry.clone(), build_client(&config, Some((registry, rc)))?);
+        }
+        Ok(Self { inner: Arc::new(Inner { http, tls_clients, config, auth: Mutex::new(AuthCache::default()) }) })
     }
 
     /// The base URL requests for `registry` go to.
@@ -303,7 +336,15 @@ impl UpstreamClient {
             reason: format!("registry {registry}: endpoint {endpoint:?}: {e}"),
         })?;
         let credentials = rc.and_then(|rc| Some((rc.username.clone()?, rc.password.clone()?)));
-        Ok(Target { registry: registry.to_string(), base, credentials })
+        let http = self.inner.tls_clients.get(registry).unwrap_or(&self.inner.http).clone();
+        Ok(Target {
+            registry: registry.to_string(),
+            base,
+            http,
+            credentials,
+            identity_token: rc.and_then(|rc| rc.identity_token.clone()),
+            token: rc.and_then(|rc| rc.token.clone()),
+        })
     }
 
     fn url(target: &Target, repository: &str, kind: &str, reference: &str) -> Result<Url, UpstreamError> {
@@ -465,7 +506,7 @@ impl UpstreamClient {
         let scope = format!("repository:{repository}:pull");
         let mut authorization = self.authorization(target, &scope, None).await?;
         for attempt in 0..2 {
-            let mut req = self.inner.http.request(method.clone(), url.clone()).headers(headers.clone());
+            let mut req = target.http.request(method.clone(), url.clone()).headers(headers.clone());
             if small {
                 req = req.timeout(self.inner.config.request_timeout);
             }
@@ -520,6 +561,10 @@ impl UpstreamClient {
         scope: &str,
         challenge: Option<Challenge>,
     ) -> Result<Option<HeaderValue>, UpstreamError> {
+        if let Some(token) = &target.token {
+            // A registry token is sent as is, whatever the registry asked for.
+            return Ok(Some(bearer_header(token)?));
+        }
         let (challenge, cached) = {
             let cache =
                 self.inner.auth.lock().map_err(|_| UpstreamError::Config { reason: "auth cache poisoned".into() })?;
@@ -569,11 +614,30 @@ impl UpstreamClient {
                 query.append_pair("scope", one);
             }
         }
-        let mut req = self.inner.http.get(url.clone()).timeout(self.inner.config.request_timeout);
-        if let Some((user, pass)) = &target.credentials {
-            if url.scheme() == "http" && target.base.scheme() == "https" {
-                return Err(invalid_text(realm, "refusing to send credentials to a plain-http token realm".into()));
+        let has_secret = target.credentials.is_some() || target.identity_token.is_some();
+        if has_secret && url.scheme() == "http" && target.base.scheme() == "https" {
+            return Err(invalid_text(realm, "refusing to send credentials to a plain-http token realm".into()));
+        }
+        let mut req = match &target.identity_token {
+            // The OAuth2 refresh-token grant (what docker and containerd do with an
+            // identity token): a POST of the form to the realm.
+            Some(refresh) => {
+                let scopes = scope.split(' ').filter(|s| !s.is_empty()).collect::<Vec<_>>().join(" ");
+                let mut form = vec![
+                    ("grant_type", "refresh_token"),
+                    ("refresh_token", refresh.as_str()),
+                    ("client_id", "swarm"),
+                    ("scope", scopes.as_str()),
+                ];
+                if let Some(service) = service {
+                    form.push(("service", service));
+                }
+                target.http.post(realm).form(&form)
             }
+            None => target.http.get(url.clone()),
+        };
+        req = req.timeout(self.inner.config.request_timeout);
+        if let (None, Some((user, pass))) = (&target.identity_token, &target.credentials) {
             req = req.basic_auth(user, Some(pass));
         }
         let resp = req.send().await.map_err(|source| UpstreamError::Unreachable {
@@ -603,6 +667,78 @@ impl UpstreamClient {
         }
         Ok(token.to_string())
     }
+}
+
+/// A reqwest client with the configured timeouts and redirect policy, and, for
+/// `registry`, its CA, client certificate and verification setting.
+fn build_client(
+    config: &UpstreamConfig,
+    registry: Option<(&str, &RegistryConfig)>,
+) -> Result<reqwest::Client, UpstreamError> {
+    let redirect = reqwest::redirect::Policy::custom(|attempt| {
+        if attempt.previous().len() > MAX_REDIRECTS {
+            attempt.error("too many redirects")
+        } else if attempt.url().scheme() == "http"
+            && attempt.previous().last().is_some_and(|prev| prev.scheme() == "https")
+        {
+            attempt.error("refusing a redirect from https to http")
+        } else {
+            attempt.follow()
+        }
+    });
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(config.connect_timeout)
+        .read_timeout(config.read_timeout)
+        .redirect(redirect)
+        .referer(false)
+        .user_agent(concat!("swarm/", env!("CARGO_PKG_VERSION")));
+    if let Some((registry, rc)) = registry {
+        let read = |what: &str, path: &Path| {
+            std::fs::read(path).map_err(|e| UpstreamError::Config {
+                reason: format!("registry {registry}: cannot read {what} {}: {e}", path.display()),
+            })
+        };
+        if let Some(ca) = &rc.ca_file {
+            let pem = read("ca_file", ca)?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| UpstreamError::Config {
+                reason: format!("registry {registry}: ca_file {} is not PEM certificates: {e}", ca.display()),
+            })?;
+            if certs.is_empty() {
+                return Err(UpstreamError::Config {
+                    reason: format!("registry {registry}: ca_file {} holds no certificate", ca.display()),
+                });
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        match (&rc.cert_file, &rc.key_file) {
+            (Some(cert), Some(key)) => {
+                let mut pem = read("cert_file", cert)?;
+                pem.push(b'\n');
+                pem.extend(read("key_file", key)?);
+                let identity = reqwest::Identity::from_pem(&pem).map_err(|e| UpstreamError::Config {
+                    reason: format!(
+                        "registry {registry}: cert_file {} and key_file {} are not a PEM certificate and key: {e}",
+                        cert.display(),
+                        key.display()
+                    ),
+                })?;
+                builder = builder.identity(identity);
+            }
+            (None, None) => {}
+            _ => {
+                return Err(UpstreamError::Config {
+                    reason: format!("registry {registry}: cert_file and key_file must be given together"),
+                });
+            }
+        }
+        if rc.insecure_skip_verify {
+            warn!(registry, "TLS certificate verification is off for this registry (insecure_skip_verify)");
+            builder = builder.danger_accept_invalid_certs(true);
+        }
+    }
+    builder.build().map_err(|e| UpstreamError::Config { reason: format!("building the HTTP client: {e}") })
 }
 
 /// The repository named in the first `repository:<name>:<actions>` scope.
@@ -645,6 +781,34 @@ fn base64_encode(input: &[u8]) -> String {
         }
     }
     out
+}
+
+/// Decodes standard base64 (padding optional); `None` on anything else.
+fn base64_decode(input: &str) -> Option<Vec<u8>> {
+    let value = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let body = input.trim_end_matches('=');
+    if input.len() - body.len() > 2 || body.len() % 4 == 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(body.len() * 3 / 4);
+    for chunk in body.as_bytes().chunks(4) {
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            n |= value(c)? << (18 - 6 * i);
+        }
+        let bytes = n.to_be_bytes();
+        out.extend_from_slice(&bytes[1..chunk.len()]);
+    }
+    Some(out)
 }
 
 fn accept_headers(accept: &str) -> Result<HeaderMap, UpstreamError> {

@@ -55,6 +55,7 @@ struct FakeState {
 const USER: &str = "alice";
 const PASS: &str = "s3cret";
 const TOKEN: &str = "tok-123";
+const REFRESH: &str = "refresh-456";
 
 fn basic_value(user: &str, pass: &str) -> String {
     format!("Basic {}", base64_encode(format!("{user}:{pass}").as_bytes()))
@@ -68,6 +69,23 @@ async fn fake_registry(State(st): State<Arc<FakeState>>, req: Request) -> Respon
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     let auth = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
+    if path == "/token" && req.method() == "POST" {
+        // The OAuth2 refresh-token grant: an identity token.
+        st.counters.token_requests.fetch_add(1, Ordering::SeqCst);
+        let body = axum::body::to_bytes(req.into_body(), 64 * 1024).await.expect("form body");
+        let form: HashMap<String, String> =
+            reqwest::Url::parse(&format!("http://x/?{}", String::from_utf8_lossy(&body)))
+                .expect("form")
+                .query_pairs()
+                .into_owned()
+                .collect();
+        let want = |k: &str, v: &str| form.get(k).map(String::as_str) == Some(v);
+        if !(want("grant_type", "refresh_token") && want("refresh_token", REFRESH) && want("service", "fake")) {
+            return StatusCode::UNAUTHORIZED.into_response();
+        }
+        assert!(form.get("scope").is_some_and(|s| s.contains("repository:repo/x:pull")), "scope missing: {form:?}");
+        return (StatusCode::OK, format!(r#"{{"access_token":"{TOKEN}","expires_in":300}}"#)).into_response();
+    }
     if path == "/token" {
         st.counters.token_requests.fetch_add(1, Ordering::SeqCst);
         if matches!(st.auth, AuthMode::Bearer { creds_required: true }) && auth != Some(basic_value(USER, PASS)) {
@@ -250,7 +268,7 @@ fn client_for(fake: &Fake, creds: Option<(&str, &str)>) -> UpstreamClient {
             endpoint: Some(format!("http://{}", fake.addr)),
             username: creds.map(|c| c.0.to_string()),
             password: creds.map(|c| c.1.to_string()),
-            plain_http: false,
+            ..RegistryConfig::default()
         },
     );
     UpstreamClient::new(config).expect("client")
@@ -310,6 +328,48 @@ async fn token_realm_with_credentials() {
     let anonymous = client_for(&fake, None);
     let err = anonymous.manifest("fake.test", "repo/x", "v1", "").await.expect_err("no credentials");
     assert!(matches!(err, UpstreamError::Unauthorized { .. }), "{err:?}");
+}
+
+fn client_with(fake: &Fake, edit: impl FnOnce(&mut RegistryConfig)) -> UpstreamClient {
+    let mut rc = RegistryConfig { endpoint: Some(format!("http://{}", fake.addr)), ..RegistryConfig::default() };
+    edit(&mut rc);
+    let mut config = UpstreamConfig { read_timeout: Duration::from_secs(2), ..UpstreamConfig::default() };
+    config.registries.insert("fake.test".to_string(), rc);
+    UpstreamClient::new(config).expect("client")
+}
+
+#[tokio::test]
+async fn an_identity_token_is_exchanged_at_the_realm() {
+    let fake = start_fake(FakeOptions { auth: AuthMode::Bearer { creds_required: true }, ..Default::default() }).await;
+    let client = client_with(&fake, |rc| rc.identity_token = Some(REFRESH.into()));
+    client.manifest("fake.test", "repo/x", "v1", "").await.expect("manifest with an identity token");
+    client.head_manifest("fake.test", "repo/x", "v1", "").await.expect("head");
+    assert_eq!(fake.state.counters.token_requests.load(Ordering::SeqCst), 1, "the access token is cached");
+    let wrong = client_with(&fake, |rc| rc.identity_token = Some("stale".into()));
+    let err = wrong.manifest("fake.test", "repo/x", "v1", "").await.expect_err("refused refresh token");
+    assert!(matches!(err, UpstreamError::Unauthorized { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_registry_token_is_sent_as_is() {
+    let fake = start_fake(FakeOptions { auth: AuthMode::Bearer { creds_required: true }, ..Default::default() }).await;
+    let client = client_with(&fake, |rc| rc.token = Some(TOKEN.into()));
+    client.manifest("fake.test", "repo/x", "v1", "").await.expect("manifest with a registry token");
+    assert_eq!(fake.state.counters.token_requests.load(Ordering::SeqCst), 0, "no trip to the realm");
+    assert_eq!(fake.state.counters.requests.load(Ordering::SeqCst), 1, "no 401 first");
+}
+
+#[test]
+fn unreadable_tls_files_are_reported_with_their_path() {
+    let rc = RegistryConfig { ca_file: Some("/nonexistent/ca.pem".into()), ..RegistryConfig::default() };
+    let mut config = UpstreamConfig::default();
+    config.registries.insert("r.test".into(), rc);
+    let err = UpstreamClient::new(config.clone()).expect_err("missing CA file").to_string();
+    assert!(err.contains("/nonexistent/ca.pem") && err.contains("r.test"), "{err}");
+    let rc = RegistryConfig { cert_file: Some("/x.pem".into()), ..RegistryConfig::default() };
+    config.registries.insert("r.test".into(), rc);
+    let err = UpstreamClient::new(config).expect_err("cert without key").to_string();
+    assert!(err.contains("key_file"), "{err}");
 }
 
 #[tokio::test]
@@ -494,6 +554,11 @@ fn content_range_and_base64() {
         ("alice:s3cret", "YWxpY2U6czNjcmV0"),
     ] {
         assert_eq!(base64_encode(input.as_bytes()), expected);
+        assert_eq!(base64_decode(expected).as_deref(), Some(input.as_bytes()));
+        assert_eq!(base64_decode(expected.trim_end_matches('=')).as_deref(), Some(input.as_bytes()));
+    }
+    for bad in ["!", "Zg===", "Z", "Zm9v$"] {
+        assert_eq!(base64_decode(bad), None, "{bad}");
     }
     assert_eq!(scope_repository("repository:a/b:pull,push"), Some("a/b"));
     assert_eq!(scope_repository("registry:catalog:*"), None);
