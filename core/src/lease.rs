@@ -58,7 +58,7 @@ pub enum StartStep {
 }
 
 /// A blob's start-up at one node. See the module docs.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct Startup {
     started: Instant,
 }

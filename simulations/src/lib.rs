@@ -75,3 +75,4 @@ pub mod world;
 
 pub use report::Report;
 pub use scenario::{Params, Rates, Scenario, run};
+pub use world::Faults;

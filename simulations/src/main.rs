@@ -110,6 +110,15 @@ struct Args {
     /// Log a progress line to stderr this often (simulated time), e.g. 1s.
     #[arg(long, value_parser = humantime::parse_duration, env = "SWARM_SIM_PROGRESS")]
     progress: Option<Duration>,
+    /// Fault: the upstream lease holder crashes this long after the start (edge).
+    #[arg(long, value_parser = humantime::parse_duration, env = "SWARM_SIM_KILL_HOLDER_AT")]
+    kill_holder_at: Option<Duration>,
+    /// Fault: the tracker stops answering this long after the start ...
+    #[arg(long, value_parser = humantime::parse_duration, env = "SWARM_SIM_TRACKER_DOWN_AT", requires = "tracker_down_for")]
+    tracker_down_at: Option<Duration>,
+    /// ... for this long.
+    #[arg(long, value_parser = humantime::parse_duration, env = "SWARM_SIM_TRACKER_DOWN_FOR", requires = "tracker_down_at")]
+    tracker_down_for: Option<Duration>,
     /// Print JSON (an array with one report per scenario) instead of a table.
     #[arg(long, env = "SWARM_SIM_JSON")]
     json: bool,
@@ -167,6 +176,13 @@ fn params(a: &Args) -> anyhow::Result<Params> {
         driver,
         tracker: Default::default(),
         progress: a.progress,
+        faults: swarm_simulations::Faults {
+            kill_holder_at: a.kill_holder_at.map(swarm_simulations::model::nanos),
+            tracker_down: a
+                .tracker_down_at
+                .zip(a.tracker_down_for)
+                .map(|(at, len)| (swarm_simulations::model::nanos(at), swarm_simulations::model::nanos(len))),
+        },
     })
 }
 

@@ -12,15 +12,16 @@
 //! (one RTT after the last byte left). The receive budget (KiB permits, FIFO) is the
 //! daemon's semaphore, modelled here.
 //!
-//! Still written here and in `peer/src/agent.rs` both (to move into the core with the
-//! agent's lease state machine): the edge start-up (`GetHashes(0)`, else
-//! `AcquireLease`, else wait [`node::LAYOUT_RETRY`] and ask again), the holder's
-//! per-piece publish before announcing, and the receive budget's FIFO.
+//! The edge upgrade's start-up, the holder's publishing and the takeover of a stalled
+//! lease follow `swarm_core::lease` ([`Startup`], [`Publisher`], [`TakeoverWatch`]),
+//! as `peer/src/agent.rs` does. The receive budget's FIFO is the one rule still
+//! written here and in the daemon (a tokio semaphore there).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use swarm_core::node::{self, NodePolicy};
+use swarm_core::lease::{LayoutReply, LeaseAnswer, Publisher, StartStep, Startup, TAKEOVER_AFTER, TakeoverWatch};
+use swarm_core::node::NodePolicy;
 use swarm_core::scheduler::{PeerKey, RequestFailure};
 use swarm_core::swarm::{AnnounceReply, HashesReply, PieceOutcome, Swarm, SwarmAction};
 use swarm_core::upload::{Admit, SlotRequest, UploadLedger, UploadSlots};
@@ -103,6 +104,16 @@ pub struct SimNode {
     /// source and its per-piece upload counts; a refused requester is named by its
     /// node and its key for this node.
     pub ledger: UploadLedger<(u32, PeerKey)>,
+    /// The blob's start-up (edge upgrade), from the first `Startup` event.
+    pub startup: Option<Startup>,
+    /// While swarming on a blob another node streams in: the watch for a stalled holder.
+    pub takeover: Option<TakeoverWatch>,
+    /// As the lease holder: the piece-hash publisher.
+    pub publisher: Option<Publisher>,
+    /// The upstream flow of the holder's feed.
+    pub upstream_flow: Option<FlowId>,
+    /// The node gave the swarm up; its containerd fetches the rest from the registry.
+    pub fallback: bool,
     /// Piece bytes verified from peers or upstream.
     pub downloaded: u64,
     /// Piece bytes fully sent to peers.
@@ -141,6 +152,11 @@ impl SimNode {
             swarming: false,
             publish_free_at: 0,
             ledger: UploadLedger::new(pieces, role == Role::Seed),
+            startup: None,
+            takeover: None,
+            publisher: None,
+            upstream_flow: None,
+            fallback: false,
             downloaded: 0,
             uploaded: 0,
         }
@@ -264,11 +280,17 @@ impl World {
     pub(crate) fn drain(&mut self, n: u32) {
         self.drain_actions(n);
         self.arm_timer(n);
+        if self.nodes[n as usize].takeover.is_some() {
+            self.watch_progress(n);
+        }
     }
 
     /// Carries out every pending action of node `n`'s swarm; returns how many.
     fn drain_actions(&mut self, n: u32) -> usize {
         let mut count = 0;
+        if self.nodes[n as usize].fallback {
+            return 0;
+        }
         while let Some(action) = self.nodes[n as usize].swarm.poll_action() {
             count += 1;
             match action {
@@ -285,6 +307,7 @@ impl World {
                 SwarmAction::Announce => self.announce(n),
                 SwarmAction::GetHashes { first } => self.hash_sync(n, first),
                 SwarmAction::CheckBlob => self.on_complete(n),
+                SwarmAction::ReleaseLease { .. } if !self.tracker_up() => {}
                 SwarmAction::ReleaseLease { failed } => {
                     let release = TrackerRequest::ReleaseLease {
                         peer_id: self.nodes[n as usize].peer_id,
@@ -314,7 +337,7 @@ impl World {
         let now = self.now;
         let at = self.clock.at(now);
         let node = &mut self.nodes[n as usize];
-        if !node.alive {
+        if !node.alive || node.fallback {
             return;
         }
         if node.timer_at == Some(now) {
@@ -692,6 +715,11 @@ impl World {
     /// `Announce`: the real tracker core answers; the reply arrives one RTT later.
     fn announce(&mut self, n: u32) {
         let now = self.now;
+        if !self.tracker_up() {
+            let failed = Ev::TrackerReply { node: n, peers: Box::new([]), interval: 0 };
+            self.events.push(now + 2 * self.half_rtt, failed);
+            return;
+        }
         let node = &self.nodes[n as usize];
         let state = node.swarm.announce_state();
         let ann = Announce {
@@ -805,46 +833,105 @@ impl World {
     /// if someone else holds it, ask again after a pause.
     pub(crate) fn on_startup(&mut self, n: u32) {
         let now = self.now;
-        let node = &self.nodes[n as usize];
-        if !node.alive || node.swarming {
-            return;
-        }
         let at = self.clock.at(now);
-        let get = TrackerRequest::GetHashes { blob: self.digest, first: 0 };
-        if let TrackerResponse::Hashes { first, hashes, .. } = self.tracker.handle(get, node_addr(n), at) {
-            let known = first.saturating_add(hashes.len() as u32);
-            self.events.push(now + 2 * self.half_rtt, Ev::SwarmStart { node: n, known });
+        let node = &mut self.nodes[n as usize];
+        if !node.alive || node.swarming || node.fallback {
             return;
         }
-        let acquire = TrackerRequest::AcquireLease { peer_id: node.peer_id, blob: self.digest };
-        let granted = match self.tracker.handle(acquire, node_addr(n), at) {
-            TrackerResponse::Lease(LeaseReply::Granted { .. }) => true,
-            TrackerResponse::Lease(LeaseReply::HeldBy { .. } | LeaseReply::NotNeeded) => false,
-            other => {
-                tracing::warn!(node = n, ?other, "lease request refused");
-                false
-            }
+        let startup = *node.startup.get_or_insert_with(|| Startup::new(at));
+        if !self.tracker_up() {
+            // `ask_tracker` fails: the mirror answers 503 and containerd goes upstream.
+            self.fall_back(n, "the tracker does not answer");
+            return;
+        }
+        let get = TrackerRequest::GetHashes { blob: self.digest, first: 0 };
+        if let TrackerResponse::Hashes { first, hashes, complete, .. } = self.tracker.handle(get, node_addr(n), at) {
+            let known = first.saturating_add(hashes.len() as u32);
+            let StartStep::Swarm { watch } = startup.layout(LayoutReply::Published { complete }) else { return };
+            self.events.push(now + 2 * self.half_rtt, Ev::SwarmStart { node: n, known, watch });
+            return;
+        }
+        let acquire = TrackerRequest::AcquireLease { peer_id: self.nodes[n as usize].peer_id, blob: self.digest };
+        let answer = match self.tracker.handle(acquire, node_addr(n), at) {
+            TrackerResponse::Lease(reply) => LeaseAnswer::from(&reply),
+            other => LeaseAnswer::Failed { reason: format!("lease request refused: {other:?}") },
         };
         // Two round trips: GetHashes, then AcquireLease.
-        self.events.push(now + 4 * self.half_rtt, Ev::LeaseReply { node: n, granted });
+        self.events.push(now + 4 * self.half_rtt, Ev::LeaseReply { node: n, answer });
     }
 
-    pub(crate) fn on_lease_reply(&mut self, n: u32, granted: bool) {
+    pub(crate) fn on_lease_reply(&mut self, n: u32, answer: LeaseAnswer) {
         let now = self.now;
-        if !granted {
-            let retry = crate::model::nanos(node::LAYOUT_RETRY);
-            self.events.push(now + retry, Ev::Startup { node: n });
+        let at = self.clock.at(now);
+        let node = &mut self.nodes[n as usize];
+        if !node.alive {
             return;
         }
-        let node = &mut self.nodes[n as usize];
-        if node.role != Role::Holder {
-            tracing::warn!(node = n, "the upstream lease went to a node not planned as the holder");
-            node.role = Role::Holder;
+        let Some(startup) = node.startup else { return };
+        match startup.lease(answer, at) {
+            StartStep::Lead { resume_from } => {
+                if node.role != Role::Holder {
+                    tracing::debug!(node = n, "the upstream lease went to a node not planned as the holder");
+                    node.role = Role::Holder;
+                }
+                node.swarm.hold_lease();
+                node.ledger.enable_hold();
+                node.publisher = Some(Publisher::new(resume_from, at));
+                // `lead`: open the upstream blob (one WAN round trip), publish the layout.
+                self.events.push(now + self.wan_rtt, Ev::UpstreamOpen { node: n });
+            }
+            StartStep::Retry { after } => {
+                self.events.push(now + crate::model::nanos(after), Ev::Startup { node: n });
+            }
+            StartStep::Unavailable { reason } => self.fall_back(n, &reason),
+            StartStep::Swarm { .. } | StartStep::AcquireLease => {}
         }
+    }
+
+    /// A waiting node's takeover watch looks at its progress (`agent.rs`'s
+    /// `watch_for_takeover`): after a quiet spell it asks for the lease, and when
+    /// granted resumes the upstream fetch at its first missing piece.
+    pub(crate) fn watch_progress(&mut self, n: u32) {
+        let at = self.clock.at(self.now);
+        let node = &mut self.nodes[n as usize];
+        let Some(watch) = node.takeover.as_mut() else { return };
+        if !node.alive || node.swarm.is_complete() {
+            node.takeover = None;
+            return;
+        }
+        let held = node.swarm.scheduler().have().count();
+        if !watch.observe(node.swarm.known_hashes(), held, self.pieces, at) {
+            return;
+        }
+        let peer_id = node.peer_id;
+        if !self.tracker_up() {
+            return;
+        }
+        let acquire = TrackerRequest::AcquireLease { peer_id, blob: self.digest };
+        let reply = self.tracker.handle(acquire, node_addr(n), at);
+        let TrackerResponse::Lease(LeaseReply::Granted { resume_from, .. }) = reply else { return };
+        let node = &mut self.nodes[n as usize];
+        let first_missing = node.swarm.scheduler().have().zeros().next();
+        let from = TakeoverWatch::resume_from(first_missing, resume_from);
+        tracing::info!(node = n, from, t = crate::model::secs(self.now), "taking the upstream lease over");
+        node.takeover = None;
+        node.role = Role::Holder;
         node.swarm.hold_lease();
         node.ledger.enable_hold();
-        // `lead`: open the upstream blob (one WAN round trip), publish the layout.
-        self.events.push(now + self.wan_rtt, Ev::UpstreamOpen { node: n });
+        node.publisher = Some(Publisher::new(from, at));
+        self.takeovers += 1;
+        // The lease reply comes back one RTT later; the ranged GET takes a WAN RTT.
+        let t = self.now + 2 * self.half_rtt + self.wan_rtt;
+        self.events.push(t, Ev::UpstreamFrom { node: n, piece: from });
+    }
+
+    /// A `TakeoverCheck` event: look at the watch, and come back when it is due again.
+    pub(crate) fn on_takeover_check(&mut self, n: u32) {
+        self.watch_progress(n);
+        if let Some(w) = &self.nodes[n as usize].takeover {
+            let t = self.clock.nanos(w.poll_timeout()).max(self.now + 1);
+            self.events.push(t, Ev::TakeoverCheck { node: n });
+        }
     }
 
     /// The upstream answered the holder's GET: publish the layout, start the swarm;
@@ -862,12 +949,13 @@ impl World {
             tracing::warn!(node = n, ?reply, "layout publish refused");
         }
         self.nodes[n as usize].publish_free_at = now + 2 * self.half_rtt;
-        self.events.push(now + 2 * self.half_rtt, Ev::SwarmStart { node: n, known: 0 });
-        self.start_upstream(n);
+        self.events.push(now + 2 * self.half_rtt, Ev::SwarmStart { node: n, known: 0, watch: false });
+        self.start_upstream_piece(n, 0);
     }
 
-    /// The swarm of node `n` starts (`fetch_partial`), knowing `known` piece hashes.
-    pub(crate) fn on_swarm_start(&mut self, n: u32, known: u32) {
+    /// The swarm of node `n` starts (`fetch_partial`), knowing `known` piece hashes;
+    /// with `watch`, it watches the lease holder's progress.
+    pub(crate) fn on_swarm_start(&mut self, n: u32, known: u32, watch: bool) {
         let at = self.clock.at(self.now);
         let node = &mut self.nodes[n as usize];
         if !node.alive || node.swarming {
@@ -876,12 +964,21 @@ impl World {
         node.swarming = true;
         node.swarm.hashes_known(known, at);
         node.swarm.start(at);
+        if watch {
+            let held = node.swarm.scheduler().have().count();
+            node.takeover = Some(TakeoverWatch::new(node.swarm.known_hashes(), held, at));
+            self.events.push(self.now + crate::model::nanos(TAKEOVER_AFTER), Ev::TakeoverCheck { node: n });
+        }
         self.drain(n);
     }
 
     /// `GetHashes`: the tracker core holds the request until the next publish when it
     /// has nothing new, else the answer arrives one RTT later.
     fn hash_sync(&mut self, n: u32, first: u32) {
+        if !self.tracker_up() {
+            self.events.push_after(self.now, 2 * self.half_rtt, Ev::HashesReply { node: n, known: None });
+            return;
+        }
         let get = TrackerRequest::GetHashes { blob: self.digest, first };
         let (known, complete) = match self.tracker.handle(get, node_addr(n), self.clock.at(self.now)) {
             TrackerResponse::Hashes { first, hashes, complete, .. } => {
@@ -896,17 +993,17 @@ impl World {
             self.hash_waiters.push(n);
             return;
         }
-        self.events.push_after(self.now, 2 * self.half_rtt, Ev::HashesReply { node: n, known });
+        self.events.push_after(self.now, 2 * self.half_rtt, Ev::HashesReply { node: n, known: Some(known) });
     }
 
     /// The tracker's hashes reach the node.
-    pub(crate) fn on_hashes_reply(&mut self, n: u32, known: u32) {
+    pub(crate) fn on_hashes_reply(&mut self, n: u32, known: Option<u32>) {
         let at = self.clock.at(self.now);
         let node = &mut self.nodes[n as usize];
-        if !node.alive {
+        if !node.alive || node.fallback {
             return;
         }
-        node.swarm.hashes(HashesReply::Known(known), at);
+        node.swarm.hashes(known.map_or(HashesReply::Failed, HashesReply::Known), at);
         self.drain(n);
     }
 
@@ -920,20 +1017,32 @@ impl World {
     }
 
     pub(crate) fn on_published(&mut self, n: u32, piece: u32) {
+        let at = self.clock.at(self.now);
+        if !self.nodes[n as usize].alive {
+            return;
+        }
+        if !self.tracker_up() {
+            // The feed awaits every publish: with the tracker gone it fails, the holder
+            // gives the blob up and its containerd fetches it from the registry.
+            self.fall_back(n, "publishing a piece hash failed: the tracker does not answer");
+            return;
+        }
+        let hash = self.piece_hash(piece);
+        let Some(publish) = self.nodes[n as usize].publisher.as_mut().map(|p| p.piece(hash, at)) else { return };
         let publish = TrackerRequest::PublishHashes {
             peer_id: self.nodes[n as usize].peer_id,
             layout: self.layout(),
-            first: piece,
-            hashes: vec![self.piece_hash(piece)],
+            first: publish.first,
+            hashes: publish.hashes,
         };
-        let reply = self.tracker.handle(publish, node_addr(n), self.clock.at(self.now));
+        let reply = self.tracker.handle(publish, node_addr(n), at);
         if !matches!(reply, TrackerResponse::Registered) {
             tracing::warn!(node = n, piece, ?reply, "hash publish refused");
         }
         // The held `GetHashes` are answered: one way back to each waiting node.
         let known = self.tracker.hashes(&self.digest).map_or(0, |(_, h, _)| h.len() as u32);
         for w in std::mem::take(&mut self.hash_waiters) {
-            self.events.push_after(self.now, self.half_rtt, Ev::HashesReply { node: w, known });
+            self.events.push_after(self.now, self.half_rtt, Ev::HashesReply { node: w, known: Some(known) });
         }
         let at = self.clock.at(self.now);
         self.nodes[n as usize].swarm.upstream_piece(piece, at);
@@ -954,7 +1063,7 @@ impl World {
         h
     }
 
-    fn piece_len(&self, piece: u32) -> u32 {
+    pub(crate) fn piece_len(&self, piece: u32) -> u32 {
         let start = u64::from(piece) * u64::from(self.piece_length);
         (self.blob_len.saturating_sub(start)).min(u64::from(self.piece_length)) as u32
     }

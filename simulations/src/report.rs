@@ -88,6 +88,10 @@ pub struct Report {
     pub haves_delivered: u64,
     /// The most connections any node had at once.
     pub peak_links: usize,
+    /// Upstream leases taken over from a stalled holder (faults).
+    pub takeovers: u32,
+    /// Nodes that gave the swarm up and fetched from the registry (faults).
+    pub fallbacks: u32,
     /// That node's role (`seed`, `holder`, `leecher`).
     pub peak_links_role: String,
     pub events: u64,
@@ -173,6 +177,8 @@ impl Report {
             },
             haves_delivered: outcome.haves_delivered,
             peak_links: outcome.peak_links.0,
+            takeovers: outcome.takeovers,
+            fallbacks: outcome.fallbacks,
             peak_links_role: outcome
                 .nodes
                 .get(outcome.peak_links.1 as usize)

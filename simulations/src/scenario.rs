@@ -29,7 +29,7 @@ use swarm_core::tracker::TrackerConfig;
 use crate::model::{FlowNet, Nanos, nanos};
 use crate::node::{DriverConfig, Role};
 use crate::report::Report;
-use crate::world::{NodeOutcome, NodeSpec, RunOutcome, Setup, World};
+use crate::world::{Faults, NodeOutcome, NodeSpec, RunOutcome, Setup, World};
 
 /// Which experiment to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -106,6 +106,8 @@ pub struct Params {
     pub tracker: TrackerConfig,
     /// Log a progress line this often (virtual time), at info level.
     pub progress: Option<Duration>,
+    /// Faults to inject (edge upgrade).
+    pub faults: Faults,
 }
 
 impl Default for Params {
@@ -130,6 +132,7 @@ impl Default for Params {
             driver: DriverConfig::default(),
             tracker: TrackerConfig::default(),
             progress: None,
+            faults: Faults::default(),
         }
     }
 }
@@ -256,6 +259,7 @@ pub fn run(p: &Params) -> anyhow::Result<Report> {
         tracker: p.tracker.clone(),
         max_time,
         progress: p.progress,
+        faults: p.faults.clone(),
         lease: matches!(p.scenario, Scenario::Edge | Scenario::Churn),
     };
     let outcome = World::new(setup)?.run();
@@ -352,6 +356,8 @@ fn run_direct(p: &Params, specs: &[NodeSpec], max_time: Duration) -> RunOutcome 
         zone_in_bytes: 0.0,
         haves_delivered: 0,
         peak_links: (0, 0),
+        takeovers: 0,
+        fallbacks: 0,
         events,
         events_by_kind: {
             let mut k = [0; crate::world::EVENT_KINDS.len()];

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use swarm_core::lease::LeaseAnswer;
 use swarm_core::scheduler::{PeerKey, SchedulerStats};
 use swarm_core::swarm::Swarm;
 use swarm_core::tracker::{TrackerConfig, TrackerState};
@@ -82,17 +83,33 @@ pub(crate) enum Ev {
     /// The answer to the node's `AcquireLease`.
     LeaseReply {
         node: u32,
-        granted: bool,
+        answer: LeaseAnswer,
     },
-    /// The layout (and `known` hashes) are known: the node's swarm starts.
+    /// The layout (and `known` hashes) are known: the node's swarm starts (with
+    /// `watch`, watching the holder's progress for a takeover).
     SwarmStart {
         node: u32,
         known: u32,
+        watch: bool,
     },
-    /// The tracker's hashes reach the node: it now knows `known` of them.
+    /// Time to look at the node's takeover watch.
+    TakeoverCheck {
+        node: u32,
+    },
+    /// A node that took the lease over starts streaming from `piece`.
+    UpstreamFrom {
+        node: u32,
+        piece: u32,
+    },
+    /// Fault: the lease holder crashes.
+    KillHolder,
+    /// Fault: the tracker stops answering (until the window ends).
+    TrackerDown,
+    /// The tracker's hashes reach the node: it now knows `known` of them (`None`:
+    /// the request failed).
     HashesReply {
         node: u32,
-        known: u32,
+        known: Option<u32>,
     },
     /// The tracker acknowledged the holder's publish of `piece`'s hash.
     Published {
@@ -121,6 +138,10 @@ impl Ev {
             | Ev::Startup { .. }
             | Ev::LeaseReply { .. }
             | Ev::SwarmStart { .. }
+            | Ev::TakeoverCheck { .. }
+            | Ev::UpstreamFrom { .. }
+            | Ev::KillHolder
+            | Ev::TrackerDown
             | Ev::Published { .. } => 10,
             Ev::HashesReply { .. } => 11,
         }
@@ -152,6 +173,8 @@ pub(crate) enum FlowTag {
     Fetch(FetchId),
     /// Piece `piece` of the upstream stream to the lease holder.
     Upstream { node: u32, piece: u32 },
+    /// A node that gave the swarm up fetching the rest of the blob from the registry.
+    Fallback { node: u32 },
 }
 
 /// One node of a scenario.
@@ -189,6 +212,8 @@ pub struct Setup {
     pub max_time: Duration,
     /// Log progress (pieces held, active flows) this often, at info level.
     pub progress: Option<Duration>,
+    /// Faults to inject.
+    pub faults: Faults,
     /// Edge upgrade: the blob is not registered; nodes go through the upstream lease
     /// and incremental hashes (`agent.rs`). Otherwise the seed has registered the
     /// metainfo before the run and every node knows every hash.
@@ -228,6 +253,10 @@ pub struct RunOutcome {
     pub haves_delivered: u64,
     /// The most connections any node had at once, and that node.
     pub peak_links: (usize, u32),
+    /// Upstream leases taken over from a stalled holder, and nodes that fell back to
+    /// the registry.
+    pub takeovers: u32,
+    pub fallbacks: u32,
     pub events: u64,
     /// Events by kind, in the order of [`EVENT_KINDS`].
     pub events_by_kind: [u64; EVENT_KINDS.len()],
@@ -284,6 +313,21 @@ pub struct World {
     /// `Have`s delivered to a peer.
     pub(crate) haves_delivered: u64,
     pub(crate) peak_links: (usize, u32),
+    pub(crate) faults: Faults,
+    /// The node killed as lease holder.
+    pub(crate) killed: Option<u32>,
+    /// Lease takeovers and fallbacks to the registry.
+    pub(crate) takeovers: u32,
+    pub(crate) fallbacks: u32,
+}
+
+/// Faults injected into a run (virtual times from the start).
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
+    /// The upstream lease holder crashes at this time.
+    pub kill_holder_at: Option<Nanos>,
+    /// The tracker answers nothing from `.0` for `.1`.
+    pub tracker_down: Option<(Nanos, Nanos)>,
 }
 
 impl World {
@@ -303,6 +347,7 @@ impl World {
             tracker,
             max_time,
             progress,
+            faults,
             lease,
         } = setup;
         anyhow::ensure!(blob_len > 0 && piece_length > 0, "empty blob");
@@ -377,11 +422,21 @@ impl World {
             scratch_keys: Vec::new(),
             haves_delivered: 0,
             peak_links: (0, 0),
+            faults,
+            killed: None,
+            takeovers: 0,
+            fallbacks: 0,
         })
     }
 
     /// Runs until every counted node that stays has the blob (or `max_time`).
     pub fn run(mut self) -> RunOutcome {
+        if let Some(t) = self.faults.kill_holder_at {
+            self.events.push(t, Ev::KillHolder);
+        }
+        if let Some((t, _)) = self.faults.tracker_down {
+            self.events.push(t, Ev::TrackerDown);
+        }
         for i in 0..self.nodes.len() as u32 {
             let spec = &self.specs[i as usize];
             let (join, leave) = (spec.join_at, spec.leave_at);
@@ -460,6 +515,8 @@ impl World {
             timed_out,
             haves_delivered: self.haves_delivered,
             peak_links: self.peak_links,
+            takeovers: self.takeovers,
+            fallbacks: self.fallbacks,
             zone_in_bytes: self.zone_links.iter().map(|&(_, inbound)| self.net.carried(inbound)).sum(),
             all_out_at: self.all_out_at,
             upstream_done_at: self.upstream_done_at,
@@ -515,8 +572,16 @@ impl World {
             }
             Ev::UpstreamOpen { node } => self.on_upstream_open(node),
             Ev::Startup { node } => self.on_startup(node),
-            Ev::LeaseReply { node, granted } => self.on_lease_reply(node, granted),
-            Ev::SwarmStart { node, known } => self.on_swarm_start(node, known),
+            Ev::LeaseReply { node, answer } => self.on_lease_reply(node, answer),
+            Ev::TakeoverCheck { node } => self.on_takeover_check(node),
+            Ev::UpstreamFrom { node, piece } => {
+                let done = self.now + 2 * self.half_rtt;
+                self.nodes[node as usize].publish_free_at = done;
+                self.start_upstream_piece(node, piece);
+            }
+            Ev::KillHolder => self.kill_holder(),
+            Ev::TrackerDown => self.tracker_down(),
+            Ev::SwarmStart { node, known, watch } => self.on_swarm_start(node, known, watch),
             Ev::HashesReply { node, known } => self.on_hashes_reply(node, known),
             Ev::Published { node, piece } => self.on_published(node, piece),
             Ev::Progress => self.log_progress(),
@@ -526,8 +591,24 @@ impl World {
     fn on_flow_done(&mut self, tag: FlowTag, bytes: u64) {
         match tag {
             FlowTag::Fetch(id) => self.on_upload_done(id),
+            FlowTag::Fallback { node } => {
+                self.uplink_bytes += bytes;
+                self.received_bytes += bytes;
+                let n = &mut self.nodes[node as usize];
+                n.downloaded += bytes;
+                if n.completed_at.is_none() {
+                    n.completed_at = Some(self.now);
+                    if n.counted && n.alive {
+                        self.pending_nodes -= 1;
+                    }
+                }
+            }
             FlowTag::Upstream { node, piece } => {
                 self.uplink_bytes += bytes;
+                self.nodes[node as usize].upstream_flow = None;
+                if !self.nodes[node as usize].alive || self.nodes[node as usize].fallback {
+                    return;
+                }
                 self.received_bytes += bytes;
                 self.nodes[node as usize].downloaded += bytes;
                 self.on_upstream_piece(node, piece);
@@ -554,13 +635,8 @@ impl World {
         }
     }
 
-    /// Starts the holder's upstream body at piece 0.
-    pub(crate) fn start_upstream(&mut self, node: u32) {
-        self.start_upstream_piece(node, 0);
-    }
-
     /// Streams piece `piece` from the upstream registry to `node`.
-    fn start_upstream_piece(&mut self, node: u32, piece: u32) {
+    pub(crate) fn start_upstream_piece(&mut self, node: u32, piece: u32) {
         let n = &self.nodes[node as usize];
         if !n.alive {
             return;
@@ -572,7 +648,8 @@ impl World {
         path.push(n.down);
         let start = u64::from(piece) * u64::from(self.piece_length);
         let len = self.blob_len.saturating_sub(start).min(u64::from(self.piece_length));
-        self.net.start(self.now, len, &path, FlowTag::Upstream { node, piece });
+        let flow = self.net.start(self.now, len, &path, FlowTag::Upstream { node, piece });
+        self.nodes[node as usize].upstream_flow = Some(flow);
     }
 
     fn log_progress(&mut self) {
@@ -609,6 +686,84 @@ impl World {
     }
 
     /// Node `n` shuts down: tells the tracker, closes every connection.
+    /// Whether the tracker answers now (see [`Faults::tracker_down`]).
+    pub(crate) fn tracker_up(&self) -> bool {
+        self.faults.tracker_down.is_none_or(|(from, len)| self.now < from || self.now >= from + len)
+    }
+
+    /// The tracker goes away: the `GetHashes` it was holding fail.
+    fn tracker_down(&mut self) {
+        for w in std::mem::take(&mut self.hash_waiters) {
+            self.events.push_after(self.now, self.half_rtt, Ev::HashesReply { node: w, known: None });
+        }
+    }
+
+    /// Crashes the node holding the upstream lease (no `Leave`, no release).
+    fn kill_holder(&mut self) {
+        let holder = self.nodes.iter().position(|n| n.alive && !n.fallback && n.swarm.is_lease_holder());
+        let Some(n) = holder.and_then(|n| u32::try_from(n).ok()) else {
+            tracing::warn!("no lease holder to kill");
+            return;
+        };
+        tracing::info!(node = n, t = crate::model::secs(self.now), "killing the lease holder");
+        self.killed = Some(n);
+        self.crash(n);
+    }
+
+    /// Node `n` stops at once: its connections drop, its upstream stream ends, the
+    /// tracker is not told.
+    fn crash(&mut self, n: u32) {
+        let now = self.now;
+        let node = &mut self.nodes[n as usize];
+        if !node.alive {
+            return;
+        }
+        node.alive = false;
+        node.left_at = Some(now);
+        if node.counted && node.completed_at.is_none() {
+            self.pending_nodes -= 1;
+        }
+        if let Some(flow) = node.upstream_flow.take() {
+            self.net.end(flow, now);
+        }
+        let keys: Vec<_> = node.links.keys().copied().collect();
+        for key in keys {
+            self.unlink(n, key, false);
+        }
+    }
+
+    /// Node `n` gives the swarm up (the mirror answered 503 or cut the response):
+    /// its containerd fetches what it lacks from the registry itself.
+    pub(crate) fn fall_back(&mut self, n: u32, reason: &str) {
+        let now = self.now;
+        tracing::info!(node = n, t = crate::model::secs(now), reason, "falling back to the registry");
+        let node = &mut self.nodes[n as usize];
+        if node.fallback || node.completed_at.is_some() {
+            return;
+        }
+        node.fallback = true;
+        node.swarming = false;
+        node.takeover = None;
+        if let Some(flow) = node.upstream_flow.take() {
+            self.net.end(flow, now);
+        }
+        let (zone, down) = (node.zone, node.down);
+        let node = &self.nodes[n as usize];
+        let held: u64 = node.swarm.scheduler().have().ones().map(|p| u64::from(self.piece_len(p))).sum();
+        self.fallbacks += 1;
+        let keys: Vec<_> = self.nodes[n as usize].links.keys().copied().collect();
+        for key in keys {
+            self.unlink(n, key, false);
+        }
+        let mut path = vec![self.upstream];
+        if let Some(&(_, inbound)) = self.zone_links.get(zone as usize) {
+            path.push(inbound);
+        }
+        path.push(down);
+        let rest = self.blob_len.saturating_sub(held).max(1);
+        self.net.start(now, rest, &path, FlowTag::Fallback { node: n });
+    }
+
     fn leave(&mut self, n: u32) {
         let now = self.now;
         let node = &mut self.nodes[n as usize];

@@ -126,3 +126,56 @@ fn churn_completes_for_the_nodes_that_stay() {
         assert_eq!(r.uplink_bytes, F, "the lease holder never leaves");
     }
 }
+
+/// Whole nodes in virtual time: 8 nodes, each the real node cores (swarm, upload
+/// slots and ledger, lease rules) over modelled links, complete a blob in the edge
+/// upgrade and in-cluster, with no sockets and no sleeps.
+#[test]
+fn eight_whole_nodes_complete_a_blob() {
+    for scenario in [Scenario::Edge, Scenario::InCluster] {
+        let r = go(&Params { nodes: 8, ..small(scenario, 3) });
+        assert_eq!((r.completed, r.incomplete), (r.downloaders, 0), "{}", scenario.name());
+        assert!(r.last_over_t_min < 1.5, "{}: {:.3} x T_min", scenario.name(), r.last_over_t_min);
+        assert_eq!((r.takeovers, r.fallbacks), (0, 0));
+    }
+}
+
+/// The lease holder crashes partway: the tracker lets its lease lapse, a waiting node
+/// takes it over after its quiet spell and resumes the upstream fetch where the swarm
+/// is, and every other node completes with the uplink still carrying the blob about
+/// once.
+#[test]
+fn a_killed_lease_holder_is_taken_over_and_the_rest_complete() {
+    let p = Params {
+        nodes: 8,
+        faults: swarm_simulations::Faults { kill_holder_at: Some(1_000_000_000), ..Default::default() },
+        ..small(Scenario::Edge, 3)
+    };
+    let r = go(&p);
+    assert_eq!(r.left, 1, "the holder is gone");
+    assert_eq!((r.completed, r.incomplete), (r.downloaders, 0));
+    assert_eq!(r.downloaders, 7);
+    assert_eq!(r.takeovers, 1);
+    assert!(r.uplink_over_f < 1.1, "uplink {:.3} x F", r.uplink_over_f);
+    // A quiet spell (12 s) must pass before the takeover: far slower than unhurt.
+    assert!(r.last_s > 12.0, "finished at {:.2} s", r.last_s);
+}
+
+/// The tracker is unreachable for 10 s from 1 s on: the holder's feed, which awaits
+/// every publish, fails and its node falls back to the registry; the others wait,
+/// take the lease over once the tracker is back and complete.
+#[test]
+fn a_tracker_outage_costs_a_fallback_and_a_takeover_but_everyone_completes() {
+    let s = 1_000_000_000;
+    let p = Params {
+        nodes: 8,
+        faults: swarm_simulations::Faults { tracker_down: Some((s, 10 * s)), ..Default::default() },
+        ..small(Scenario::Edge, 3)
+    };
+    let r = go(&p);
+    assert_eq!((r.completed, r.incomplete), (r.downloaders, 0));
+    assert_eq!(r.fallbacks, 1, "the holder falls back");
+    assert_eq!(r.takeovers, 1);
+    assert!(r.last_s > 11.0, "nothing can finish before the tracker is back: {:.2} s", r.last_s);
+    assert!(r.uplink_over_f < 2.5, "uplink {:.3} x F", r.uplink_over_f);
+}
