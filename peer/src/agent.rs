@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
+use swarm_core::lease::{LayoutReply, LeaseAnswer, Publisher, StartStep, Startup, TakeoverWatch};
 use swarm_proto::msg::LeaseReply;
 use swarm_proto::{Digest, Layout, piece_length_for};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -40,16 +41,11 @@ use crate::mirror::{BlobBody, BlobProvider, BlobRequest, ProviderError, provider
 use crate::node::{Download, DownloadState, Node};
 use crate::upstream::{UpstreamBlob, UpstreamClient};
 
-/// How often the lease holder publishes at the latest (it renews the lease).
-pub const RENEW: Duration = Duration::from_secs(2);
-/// How long a node waits for the lease holder to publish the layout.
-const LAYOUT_WAIT: Duration = Duration::from_secs(30);
+pub use swarm_core::lease::RENEW;
 /// How long one tracker request of a blob's start may take before the mirror gives
 /// up and lets containerd go upstream itself: 3 s more than the tracker may hold a
 /// `GetHashes`.
 const TRACKER_WAIT: Duration = Duration::from_secs(swarm_tracker::server::HASHES_WAIT.as_secs() + 3);
-/// A waiting swarm with no new piece for this long tries to take the lease over.
-const TAKEOVER_AFTER: Duration = Duration::from_secs(12);
 /// A mirror response with no new piece for this long is aborted (containerd resumes).
 const STREAM_STALL: Duration = Duration::from_secs(120);
 
@@ -96,26 +92,27 @@ impl SwarmProvider {
         if let Ok(Some(_)) = self.node.store().metainfo(&digest) {
             return self.node.fetch(digest).await.map_err(|e| other(&e));
         }
-        let waited = Instant::now();
+        // The steps are `swarm_core::lease`'s; this loop only carries them out.
+        let startup = Startup::new(Instant::now());
         loop {
             if let Some(h) = ask_tracker("get-hashes", self.node.tracker().get_hashes(digest, 0)).await? {
+                let step = startup.layout(LayoutReply::Published { complete: h.complete });
                 let d = self.node.fetch_partial(h.layout, h.first, h.hashes).await.map_err(|e| other(&e))?;
-                if !h.complete {
+                if step == (StartStep::Swarm { watch: true }) {
                     self.watch_for_takeover(req.clone(), &d);
                 }
                 return Ok(d);
             }
-            match ask_tracker("acquire-lease", self.node.tracker().acquire_lease(self.node.peer_id(), digest)).await? {
-                LeaseReply::Granted { resume_from, .. } => return self.lead(req, resume_from).await,
-                LeaseReply::Failed { reason } => return Err(ProviderError::Unavailable(reason)),
-                LeaseReply::NotNeeded | LeaseReply::HeldBy { .. } => {}
+            let reply =
+                ask_tracker("acquire-lease", self.node.tracker().acquire_lease(self.node.peer_id(), digest)).await?;
+            match startup.lease(LeaseAnswer::from(&reply), Instant::now()) {
+                StartStep::Lead { resume_from } => return self.lead(req, resume_from).await,
+                StartStep::Unavailable { reason } => {
+                    return Err(ProviderError::Unavailable(format!("{digest}: {reason}")));
+                }
+                StartStep::Retry { after } => tokio::time::sleep(after).await,
+                StartStep::Swarm { .. } | StartStep::AcquireLease => {}
             }
-            if waited.elapsed() > LAYOUT_WAIT {
-                return Err(ProviderError::Unavailable(format!(
-                    "no layout for {digest} published within {LAYOUT_WAIT:?} by the node fetching it"
-                )));
-            }
-            tokio::time::sleep(swarm_core::node::LAYOUT_RETRY).await;
         }
     }
 
@@ -161,28 +158,21 @@ impl SwarmProvider {
         let span = info_span!("takeover", blob = %req.digest.short());
         self.node.spawn(
             async move {
-                let mut last = (blob.known_hashes(), progress.borrow().pieces);
-                let mut since = Instant::now();
+                let count = blob.layout().piece_count();
+                let mut watch = TakeoverWatch::new(blob.known_hashes(), progress.borrow().pieces, Instant::now());
                 loop {
-                    let changed = tokio::time::timeout(Duration::from_secs(1), progress.changed()).await;
+                    let due = tokio::time::Instant::from_std(watch.poll_timeout());
+                    let changed = tokio::time::timeout_at(due, progress.changed()).await;
                     if matches!(changed, Ok(Err(_))) || progress.borrow().state != DownloadState::Running {
                         return;
                     }
-                    let now = (blob.known_hashes(), progress.borrow().pieces);
-                    if now != last {
-                        last = now;
-                        since = Instant::now();
+                    let held = progress.borrow().pieces;
+                    if !watch.observe(blob.known_hashes(), held, count, Instant::now()) {
                         continue;
                     }
-                    if since.elapsed() < TAKEOVER_AFTER || blob.known_hashes() == blob.layout().piece_count() {
-                        continue;
-                    }
-                    since = Instant::now();
                     match node.tracker().acquire_lease(node.peer_id(), req.digest).await {
                         Ok(LeaseReply::Granted { resume_from, .. }) => {
-                            // Pieces before `resume_from` that only the old holder had
-                            // are gone with it: start at our first missing piece.
-                            let resume_from = blob.have().zeros().next().unwrap_or(resume_from).min(resume_from);
+                            let resume_from = TakeoverWatch::resume_from(blob.have().zeros().next(), resume_from);
                             warn!(resume_from, "upstream fetch stalled elsewhere; taking over the lease");
                             node.hold_lease(&req.digest).await;
                             spawn_feed(node.clone(), upstream.clone(), req.clone(), blob.clone(), None, resume_from);
@@ -263,13 +253,13 @@ async fn feed(
     let me = node.peer_id();
     let mut piece = from;
     let mut buf: Vec<u8> = Vec::with_capacity(layout.piece_length as usize);
-    let mut unpublished: Vec<[u8; 32]> = Vec::new();
-    let mut first_unpublished = from;
-    let mut last_publish = Instant::now();
+    // What to publish when is `swarm_core::lease::Publisher`'s.
+    let mut publisher = Publisher::new(from, Instant::now());
     while piece < count {
         let want = layout.piece_len(piece) as usize;
         while buf.len() < want {
-            match tokio::time::timeout(RENEW, body.next_chunk()).await {
+            let renew_at = tokio::time::Instant::from_std(publisher.renew_at());
+            match tokio::time::timeout_at(renew_at, body.next_chunk()).await {
                 Ok(Some(Ok(bytes))) => buf.extend_from_slice(&bytes),
                 Ok(Some(Err(e))) => return Err(format!("upstream stream: {e}")),
                 Ok(None) => {
@@ -277,12 +267,9 @@ async fn feed(
                 }
                 Err(_) => {}
             }
-            if last_publish.elapsed() >= RENEW {
-                // Slow upstream: renew the lease even without a whole new piece.
-                tracker.publish_hashes(me, layout, first_unpublished, &unpublished).await.map_err(|e| e.to_string())?;
-                first_unpublished += unpublished.len() as u32;
-                unpublished.clear();
-                last_publish = Instant::now();
+            // Slow upstream: renew the lease even without a whole new piece.
+            if let Some(p) = publisher.renew(Instant::now()) {
+                tracker.publish_hashes(me, layout, p.first, &p.hashes).await.map_err(|e| e.to_string())?;
             }
         }
         let rest = buf.split_off(want);
@@ -292,12 +279,9 @@ async fn feed(
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
-        unpublished.push(hash);
         // Publish before announcing, so peers can verify the piece when they get it.
-        tracker.publish_hashes(me, layout, first_unpublished, &unpublished).await.map_err(|e| e.to_string())?;
-        first_unpublished += unpublished.len() as u32;
-        unpublished.clear();
-        last_publish = Instant::now();
+        let p = publisher.piece(hash, Instant::now());
+        tracker.publish_hashes(me, layout, p.first, &p.hashes).await.map_err(|e| e.to_string())?;
         if stored {
             node.upstream_piece(&req.digest, piece).await;
         }
