@@ -723,10 +723,15 @@ impl World {
         if node.counted && node.completed_at.is_none() {
             self.pending_nodes -= 1;
         }
-        if let Some(flow) = node.upstream_flow.take() {
-            self.net.end(flow, now);
+        self.disconnect(n);
+    }
+
+    /// Ends node `n`'s upstream stream and closes all its connections.
+    fn disconnect(&mut self, n: u32) {
+        if let Some(flow) = self.nodes[n as usize].upstream_flow.take() {
+            self.net.end(flow, self.now);
         }
-        let keys: Vec<_> = node.links.keys().copied().collect();
+        let keys: Vec<_> = self.nodes[n as usize].links.keys().copied().collect();
         for key in keys {
             self.unlink(n, key, false);
         }
@@ -744,17 +749,11 @@ impl World {
         node.fallback = true;
         node.swarming = false;
         node.takeover = None;
-        if let Some(flow) = node.upstream_flow.take() {
-            self.net.end(flow, now);
-        }
         let (zone, down) = (node.zone, node.down);
         let node = &self.nodes[n as usize];
         let held: u64 = node.swarm.scheduler().have().ones().map(|p| u64::from(self.piece_len(p))).sum();
         self.fallbacks += 1;
-        let keys: Vec<_> = self.nodes[n as usize].links.keys().copied().collect();
-        for key in keys {
-            self.unlink(n, key, false);
-        }
+        self.disconnect(n);
         let mut path = vec![self.upstream];
         if let Some(&(_, inbound)) = self.zone_links.get(zone as usize) {
             path.push(inbound);
