@@ -19,6 +19,9 @@
 //!
 //! A request waits at most [`SLOT_WAIT`] for a slot; then it is answered `Busy` and
 //! the requester asks elsewhere.
+//!
+//! The download side's one shared resource, the [`ReceiveBudget`] of piece buffers,
+//! lives here too.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -240,6 +243,84 @@ impl<W> UploadSlots<W> {
     }
 }
 
+/// The node's receive budget: KiB of piece buffers that downloads may hold at once,
+/// granted strictly first come, first served (a large piece is not overtaken by
+/// small ones). A piece needs its length in KiB, at most the whole budget (so a
+/// budget smaller than a piece slows downloads to one at a time instead of
+/// blocking them). `W` names a waiting download.
+#[derive(Debug)]
+pub struct ReceiveBudget<W> {
+    total: u32,
+    free: u32,
+    next_seq: u64,
+    queue: BTreeMap<u64, (u32, W)>,
+}
+
+/// What becomes of a request for receive budget.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BudgetRequest {
+    /// Granted at once: this many KiB, to [`ReceiveBudget::release`] when done.
+    Granted(u32),
+    /// Waiting (ticket `seq`) until [`ReceiveBudget::poll_granted`] hands it out.
+    Queued { seq: u64 },
+}
+
+impl<W> ReceiveBudget<W> {
+    /// A budget of `total_kib` KiB (at least one).
+    pub fn new(total_kib: u32) -> Self {
+        let total = total_kib.max(1);
+        Self { total, free: total, next_seq: 0, queue: BTreeMap::new() }
+    }
+
+    /// KiB a piece of `piece_len` bytes needs.
+    pub fn need(&self, piece_len: u32) -> u32 {
+        piece_len.div_ceil(1024).clamp(1, self.total)
+    }
+
+    /// Asks for the buffer of a piece of `piece_len` bytes.
+    pub fn request(&mut self, waiter: W, piece_len: u32) -> BudgetRequest {
+        let need = self.need(piece_len);
+        if self.queue.is_empty() && self.free >= need {
+            self.free -= need;
+            return BudgetRequest::Granted(need);
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.queue.insert(seq, (need, waiter));
+        BudgetRequest::Queued { seq }
+    }
+
+    /// `kib` come back (a download ended or was cancelled).
+    pub fn release(&mut self, kib: u32) {
+        self.free = (self.free + kib).min(self.total);
+    }
+
+    /// The oldest waiting download, if its buffer fits now: it holds the returned KiB.
+    pub fn poll_granted(&mut self) -> Option<(W, u32)> {
+        let (&seq, &(need, _)) = self.queue.first_key_value()?;
+        if self.free < need {
+            return None;
+        }
+        self.free -= need;
+        self.queue.remove(&seq).map(|(need, w)| (w, need))
+    }
+
+    /// Withdraws waiting download `seq` (cancelled before it got its buffer).
+    pub fn withdraw(&mut self, seq: u64) -> Option<W> {
+        self.queue.remove(&seq).map(|(_, w)| w)
+    }
+
+    /// KiB free now.
+    pub fn free(&self) -> u32 {
+        self.free
+    }
+
+    /// Downloads waiting now.
+    pub fn waiting(&self) -> usize {
+        self.queue.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -305,6 +386,26 @@ mod tests {
         assert_eq!(ledger.poll_timeout(), Some(t1), "the refused requester is due at once");
         assert_eq!(ledger.poll_reannounce(t1), Some(("b", 0)));
         assert_eq!(ledger.admit(1, "c", t1), Admit::Send);
+    }
+
+    #[test]
+    fn the_receive_budget_is_first_come_first_served_and_caps_a_piece_at_the_whole() {
+        let mut b = ReceiveBudget::new(1024);
+        assert_eq!(b.request('a', 600 * 1024), BudgetRequest::Granted(600));
+        assert_eq!(b.request('b', 600 * 1024), BudgetRequest::Queued { seq: 0 });
+        // A small piece does not overtake the waiting large one.
+        assert_eq!(b.request('c', 1024), BudgetRequest::Queued { seq: 1 });
+        assert_eq!(b.poll_granted(), None);
+        b.release(600);
+        assert_eq!(b.poll_granted(), Some(('b', 600)));
+        assert_eq!(b.poll_granted(), Some(('c', 1)));
+        assert_eq!(b.free(), 1024 - 601);
+        // A piece larger than the whole budget takes the whole budget, not forever.
+        b.release(601);
+        assert_eq!(b.request('d', 4 << 20), BudgetRequest::Granted(1024));
+        assert_eq!(b.request('e', 1), BudgetRequest::Queued { seq: 2 });
+        assert_eq!(b.withdraw(2), Some('e'));
+        assert_eq!(b.waiting(), 0);
     }
 
     #[test]

@@ -38,14 +38,14 @@ use swarm_proto::codec::MAX_PEER_FRAME_LEN;
 use swarm_proto::msg::{Announce, PeerInfo, PeerMessage, RejectReason};
 use swarm_proto::{Digest, Layout, Metainfo, PROTOCOL_VERSION, PeerId};
 use swarm_tracker::client::{HashesReply, TrackerClient, TrackerClientError};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, trace, warn};
 
 use crate::store::{BlobFile, Store, StoreError};
-use crate::upload::{UploadLedger, UploadSlots};
+use crate::upload::{ReceiveBudget, UploadLedger, UploadSlots};
 use swarm_core::node::NodePolicy;
 use swarm_core::scheduler::{PeerKey, RequestFailure};
 use swarm_core::swarm::{
@@ -237,7 +237,7 @@ struct Inner {
     swarms: Mutex<HashMap<Digest, SwarmHandle>>,
     upload_slots: Arc<UploadSlots>,
     /// Permits are KiB of piece buffers.
-    receive_budget: Arc<Semaphore>,
+    receive_budget: Arc<ReceiveBudget>,
     counters: Counters,
     upload_limit: Option<RateLimiter>,
     cancel: CancellationToken,
@@ -257,7 +257,7 @@ impl Node {
     pub fn start(endpoint: Endpoint, tracker: SocketAddr, config: NodeConfig) -> Result<Self, NodeError> {
         let store = Store::open(&config.data_dir)?;
         let peer_id = PeerId(rand::thread_rng().r#gen());
-        let budget_kib = config.policy.receive_budget_kib() as usize;
+        let budget_kib = config.policy.receive_budget_kib();
         let config_rate = config.upload_rate;
         let inner = Arc::new(Inner {
             peer_id,
@@ -265,7 +265,7 @@ impl Node {
             endpoint,
             store,
             upload_slots: UploadSlots::new(config.policy.upload_slots),
-            receive_budget: Arc::new(Semaphore::new(budget_kib)),
+            receive_budget: ReceiveBudget::new(budget_kib),
             config,
             swarms: Mutex::new(HashMap::new()),
             counters: Counters::default(),
@@ -1116,12 +1116,9 @@ async fn control_reader(key: PeerKey, mut recv: quinn::RecvStream, inbox: mpsc::
 }
 
 /// Requests one piece on a new stream, verifies it and stores it.
-async fn fetch_piece(conn: quinn::Connection, blob: Arc<BlobFile>, piece: u32, budget: Arc<Semaphore>) -> Outcome {
+async fn fetch_piece(conn: quinn::Connection, blob: Arc<BlobFile>, piece: u32, budget: Arc<ReceiveBudget>) -> Outcome {
     let len = blob.layout().piece_len(piece);
-    let kib = len.div_ceil(1024).max(1);
-    let Ok(_permit) = budget.acquire_many_owned(kib).await else {
-        return Outcome::Failed("node shutting down".into());
-    };
+    let _permit = budget.acquire(len).await;
     let result = async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
         write_msg(&mut send, &PeerMessage::Request { piece }).await.map_err(|e| e.to_string())?;

@@ -1,6 +1,6 @@
-//! The daemon's driver of the upload policy of `swarm_core::upload`: the node's
-//! upload slots and each blob's upload ledger, shared by the tasks that serve piece
-//! requests. The decisions (who gets a freed slot, how long a request may wait,
+//! The daemon's driver of the policy of `swarm_core::upload`: the node's upload slots
+//! and each blob's upload ledger, shared by the tasks that serve piece requests, and
+//! the receive budget shared by the tasks that fetch pieces. The decisions (who gets a freed slot, how long a request may wait,
 //! which fresh piece a source holds back and when it is re-announced) are the core's;
 //! this module only makes tasks wait for them and wakes them.
 //!
@@ -10,7 +10,10 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use swarm_core::upload::{Admit, SlotRequest, UploadLedger as LedgerCore, UploadSlots as SlotsCore};
+use swarm_core::upload::{
+    Admit, BudgetRequest, ReceiveBudget as BudgetCore, SlotRequest, UploadLedger as LedgerCore,
+    UploadSlots as SlotsCore,
+};
 pub use swarm_core::upload::{FRESH_HOLD, SLOT_WAIT};
 use swarm_proto::msg::PeerMessage;
 use tokio::sync::oneshot;
@@ -176,11 +179,112 @@ impl UploadSlots {
     }
 }
 
+/// The node's receive budget of piece buffers (see
+/// `swarm_core::upload::ReceiveBudget`): a download waits for its piece's buffer,
+/// first come, first served.
+pub(crate) struct ReceiveBudget {
+    core: Mutex<BudgetCore<oneshot::Sender<u32>>>,
+}
+
+/// A piece's buffer; dropping it returns the KiB and wakes the next waiters.
+pub(crate) struct BudgetPermit {
+    budget: Arc<ReceiveBudget>,
+    kib: u32,
+}
+
+impl Drop for BudgetPermit {
+    fn drop(&mut self) {
+        self.budget.release(self.kib);
+    }
+}
+
+/// Withdraws a download that stopped waiting; returns a grant it never took.
+struct BudgetWait<'a> {
+    budget: &'a Arc<ReceiveBudget>,
+    seq: u64,
+    grant: Option<oneshot::Receiver<u32>>,
+}
+
+impl Drop for BudgetWait<'_> {
+    fn drop(&mut self) {
+        let Some(mut grant) = self.grant.take() else { return };
+        let withdrawn = self.budget.lock().withdraw(self.seq).is_some();
+        if !withdrawn && let Ok(kib) = grant.try_recv() {
+            self.budget.release(kib);
+        }
+    }
+}
+
+impl ReceiveBudget {
+    /// A budget of `kib` KiB.
+    pub(crate) fn new(kib: u32) -> Arc<Self> {
+        Arc::new(Self { core: Mutex::new(BudgetCore::new(kib)) })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BudgetCore<oneshot::Sender<u32>>> {
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The buffer for a piece of `piece_len` bytes, once the core grants it.
+    pub(crate) async fn acquire(self: &Arc<Self>, piece_len: u32) -> BudgetPermit {
+        let (tx, rx) = oneshot::channel();
+        let request = self.lock().request(tx, piece_len);
+        let seq = match request {
+            BudgetRequest::Granted(kib) => return BudgetPermit { budget: self.clone(), kib },
+            BudgetRequest::Queued { seq } => seq,
+        };
+        let mut wait = BudgetWait { budget: self, seq, grant: Some(rx) };
+        let granted = match wait.grant.as_mut() {
+            Some(rx) => rx.await,
+            None => return BudgetPermit { budget: self.clone(), kib: 0 },
+        };
+        wait.grant = None;
+        // The sender lives in the core's queue until granted, so an error cannot
+        // happen; a zero grant releases nothing.
+        BudgetPermit { budget: self.clone(), kib: granted.unwrap_or(0) }
+    }
+
+    /// `kib` come back: grant the waiters at the head of the queue that now fit.
+    fn release(&self, kib: u32) {
+        let mut core = self.lock();
+        core.release(kib);
+        while let Some((waiter, granted)) = core.poll_granted() {
+            if let Err(granted) = waiter.send(granted) {
+                // Its task is gone: the grant goes back.
+                core.release(granted);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[tokio::test]
+    async fn the_receive_budget_wakes_waiters_in_order_and_forgets_dropped_ones() {
+        let budget = ReceiveBudget::new(2);
+        let a = budget.acquire(2048).await;
+        let waiting = {
+            let b = budget.clone();
+            tokio::spawn(async move { b.acquire(1024).await.kib })
+        };
+        let dropped = {
+            let b = budget.clone();
+            tokio::spawn(async move { b.acquire(1024).await.kib })
+        };
+        while budget.lock().waiting() < 2 {
+            tokio::task::yield_now().await;
+        }
+        dropped.abort();
+        let _ = dropped.await;
+        drop(a);
+        assert_eq!(waiting.await.expect("task"), 1);
+        assert_eq!(budget.lock().free(), 2, "every KiB came back");
+        assert_eq!(budget.lock().waiting(), 0);
+    }
 
     #[tokio::test]
     async fn free_slots_are_granted_at_once_and_come_back() {

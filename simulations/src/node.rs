@@ -9,13 +9,12 @@
 //! takes 2 RTTs (QUIC handshake + the blob handshake), a tracker request is answered
 //! by the real tracker core one RTT later, a piece is a flow sender up → receiver
 //! down, and the upload slot is held until the requester's acknowledgement arrives
-//! (one RTT after the last byte left). The receive budget (KiB permits, FIFO) is the
-//! daemon's semaphore, modelled here.
+//! (one RTT after the last byte left). The receive budget is the core's
+//! `ReceiveBudget` here as in the daemon.
 //!
 //! The edge upgrade's start-up, the holder's publishing and the takeover of a stalled
 //! lease follow `swarm_core::lease` ([`Startup`], [`Publisher`], [`TakeoverWatch`]),
-//! as `peer/src/agent.rs` does. The receive budget's FIFO is the one rule still
-//! written here and in the daemon (a tokio semaphore there).
+//! as `peer/src/agent.rs` does.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -24,7 +23,7 @@ use swarm_core::lease::{LayoutReply, LeaseAnswer, Publisher, StartStep, Startup,
 use swarm_core::node::NodePolicy;
 use swarm_core::scheduler::{PeerKey, RequestFailure};
 use swarm_core::swarm::{AnnounceReply, HashesReply, PieceOutcome, Swarm, SwarmAction};
-use swarm_core::upload::{Admit, SlotRequest, UploadLedger, UploadSlots};
+use swarm_core::upload::{Admit, BudgetRequest, ReceiveBudget, SlotRequest, UploadLedger, UploadSlots};
 use swarm_proto::msg::{Announce, LeaseReply, PeerInfo, TrackerRequest, TrackerResponse};
 use swarm_proto::{Layout, PeerId};
 
@@ -90,9 +89,8 @@ pub struct SimNode {
     pub timer_at: Option<Nanos>,
     /// Our fetches by (peer, piece).
     pub outstanding: BTreeMap<(PeerKey, u32), FetchId>,
-    /// Free receive budget in KiB, and fetches waiting for it (FIFO by sequence).
-    pub budget_free: u32,
-    pub budget_queue: BTreeMap<u64, FetchId>,
+    /// The receive budget (the core's `ReceiveBudget`); a waiting download is its fetch.
+    pub budget: ReceiveBudget<FetchId>,
     /// The node's upload slots (the core's `UploadSlots`); a waiting request is its fetch.
     pub slots: UploadSlots<FetchId>,
     /// Whether the swarm runs: from the start in-cluster; in the edge upgrade once the
@@ -146,8 +144,7 @@ impl SimNode {
             links: BTreeMap::new(),
             timer_at: None,
             outstanding: BTreeMap::new(),
-            budget_free: policy.receive_budget_kib(),
-            budget_queue: BTreeMap::new(),
+            budget: ReceiveBudget::new(policy.receive_budget_kib()),
             slots: UploadSlots::new(policy.upload_slots),
             swarming: false,
             publish_free_at: 0,
@@ -372,7 +369,6 @@ impl World {
         let node = &self.nodes[n as usize];
         let Some(link) = node.links.get(&key).copied() else { return };
         let len = self.piece_len(piece);
-        let need = len.div_ceil(1024).max(1).min(self.budget_kib);
         let fetch = Fetch {
             receiver: n,
             sender: link.remote,
@@ -387,15 +383,12 @@ impl World {
         if let Some(old) = self.nodes[n as usize].outstanding.insert((key, piece), id) {
             self.abort(old);
         }
-        let node = &mut self.nodes[n as usize];
-        if node.budget_queue.is_empty() && node.budget_free >= need {
-            node.budget_free -= need;
-            self.send_request(id, need);
-        } else {
-            self.seq += 1;
-            node.budget_queue.insert(self.seq, id);
-            if let Some(f) = self.fetches.get_mut(id) {
-                f.state = FetchState::WaitBudget(self.seq);
+        match self.nodes[n as usize].budget.request(id, len) {
+            BudgetRequest::Granted(kib) => self.send_request(id, kib),
+            BudgetRequest::Queued { seq } => {
+                if let Some(f) = self.fetches.get_mut(id) {
+                    f.state = FetchState::WaitBudget(seq);
+                }
             }
         }
     }
@@ -411,24 +404,17 @@ impl World {
     /// Returns budget to node `n` and starts the fetches at the head of its queue.
     fn release_budget(&mut self, n: u32, kib: u32) {
         let node = &mut self.nodes[n as usize];
-        node.budget_free += kib;
+        node.budget.release(kib);
         if !node.alive {
             return;
         }
-        loop {
-            let node = &mut self.nodes[n as usize];
-            let Some((&seq, &id)) = node.budget_queue.first_key_value() else { break };
-            let Some(f) = self.fetches.get(id) else {
-                node.budget_queue.remove(&seq);
-                continue;
-            };
-            let need = f.len.div_ceil(1024).max(1).min(self.budget_kib);
-            if node.budget_free < need {
-                break;
+        while let Some((id, kib)) = self.nodes[n as usize].budget.poll_granted() {
+            if self.fetches.get(id).is_some() {
+                self.send_request(id, kib);
+            } else {
+                // A fetch aborted while waiting: its grant goes back.
+                self.nodes[n as usize].budget.release(kib);
             }
-            node.budget_free -= need;
-            node.budget_queue.remove(&seq);
-            self.send_request(id, need);
         }
     }
 
@@ -444,7 +430,7 @@ impl World {
         let Some(f) = self.fetches.get_mut(id) else { return };
         let (receiver, budget, state) = (f.receiver, f.budget, f.state);
         if let FetchState::WaitBudget(seq) = state {
-            self.nodes[receiver as usize].budget_queue.remove(&seq);
+            self.nodes[receiver as usize].budget.withdraw(seq);
             self.fetches.remove(id);
             return;
         }
@@ -487,7 +473,7 @@ impl World {
             let Some(f) = self.fetches.get(id).copied() else { continue };
             self.nodes[n as usize].outstanding.remove(&(key, f.piece));
             if let FetchState::WaitBudget(seq) = f.state {
-                self.nodes[n as usize].budget_queue.remove(&seq);
+                self.nodes[n as usize].budget.withdraw(seq);
             }
             self.fetches.remove(id);
             if f.budget > 0 {

@@ -281,7 +281,6 @@ pub struct World {
     pub(crate) blob_len: u64,
     pub(crate) piece_length: u32,
     pub(crate) pieces: u32,
-    pub(crate) budget_kib: u32,
     pub(crate) half_rtt: Nanos,
     /// Nodes whose `GetHashes` the tracker holds until the next publish.
     pub(crate) hash_waiters: Vec<u32>,
@@ -294,7 +293,6 @@ pub struct World {
     progress: Option<Nanos>,
     lease: bool,
     /// Sequence numbers for FIFO queues.
-    pub(crate) seq: u64,
     /// Counted nodes alive and not complete.
     pub(crate) pending_nodes: usize,
     /// Joins and leaves still to happen.
@@ -372,7 +370,6 @@ impl World {
         } else {
             Vec::new()
         };
-        let budget_kib = driver.receive_budget_kib();
         let mut nodes = Vec::with_capacity(specs.len());
         for spec in &specs {
             let up = net.add_resource(spec.up);
@@ -397,7 +394,6 @@ impl World {
             blob_len,
             piece_length,
             pieces,
-            budget_kib,
             half_rtt: nanos(rtt) / 2,
             hash_waiters: Vec::new(),
             zone_links,
@@ -407,7 +403,6 @@ impl World {
             specs,
             progress: progress.map(nanos).filter(|&p| p > 0),
             lease,
-            seq: 0,
             pending_nodes: 0,
             pending_churn: 0,
             received_bytes: 0,
@@ -661,7 +656,7 @@ impl World {
         let links = alive.iter().map(|n| n.links.len()).sum::<usize>() as f64 / alive.len().max(1) as f64;
         let in_flight: usize = alive.iter().map(|n| n.outstanding.len()).sum();
         let queued: usize = self.nodes.iter().map(|n| n.slots.waiting()).sum();
-        let budget_wait: usize = self.nodes.iter().map(|n| n.budget_queue.len()).sum();
+        let budget_wait: usize = self.nodes.iter().map(|n| n.budget.waiting()).sum();
         let busy_up = self.nodes.iter().filter(|n| n.alive && self.net.load(n.up) > 0).count();
         let up_used: f64 = self.nodes.iter().filter(|n| n.alive).map(|n| self.net.used(n.up)).sum();
         let up_cap: f64 = self.nodes.iter().filter(|n| n.alive).map(|n| self.net.capacity(n.up)).sum();
