@@ -27,7 +27,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use swarm_proto::msg::{
-    Announce, BlobView, ClusterView, HolderView, LeaseViewState, LeaseView, MAX_PEERS_PER_REPLY, MAX_VIEW_BLOBS,
+    Announce, BlobView, ClusterView, HolderView, LeaseView, LeaseViewState, MAX_PEERS_PER_REPLY, MAX_VIEW_BLOBS,
     MAX_VIEW_HOLDINGS, MAX_VIEW_NODES, MAX_ZONE_LEN, NodeView, PeerInfo, TrackerErrorCode, TrackerRequest,
     TrackerResponse,
 };

@@ -444,10 +444,8 @@ fn agent_table(s: &AgentStatus) -> String {
     out += &match (&s.leases, &s.leases_error) {
         (Some(l), _) if l.is_empty() => "leases held: none\n".to_string(),
         (Some(l), _) => {
-            let list: Vec<String> = l
-                .iter()
-                .map(|l| format!("{} ({}{})", short_digest(&l.digest), l.state, held(l.held_secs)))
-                .collect();
+            let list: Vec<String> =
+                l.iter().map(|l| format!("{} ({}{})", short_digest(&l.digest), l.state, held(l.held_secs))).collect();
             format!("leases held: {}\n", list.join(", "))
         }
         (None, e) => format!("leases held: unknown ({})\n", e.as_deref().unwrap_or("tracker not asked")),
@@ -600,9 +598,8 @@ fn merge(views: Vec<ClusterView>) -> ClusterStatus {
                     None => known.holders.push(h),
                 }
             }
-            let live = |l: &Option<swarm_proto::msg::LeaseView>| {
-                l.as_ref().is_some_and(|l| l.state == LeaseViewState::Live)
-            };
+            let live =
+                |l: &Option<swarm_proto::msg::LeaseView>| l.as_ref().is_some_and(|l| l.state == LeaseViewState::Live);
             if known.lease.is_none() || (!live(&known.lease) && live(&b.lease)) {
                 known.lease = b.lease.or(known.lease.take());
             }

@@ -412,7 +412,9 @@ fn note_seen(state: &Shared, announcer: Option<PeerId>, response: &TrackerRespon
         _ => None,
     };
     let lease = match (response, before) {
-        (TrackerResponse::Lease(LeaseReply::Granted { .. }), Before::Acquire { peer, blob, .. }) => Some((*blob, *peer)),
+        (TrackerResponse::Lease(LeaseReply::Granted { .. }), Before::Acquire { peer, blob, .. }) => {
+            Some((*blob, *peer))
+        }
         _ => None,
     };
     if node.is_none() && lease.is_none() {
