@@ -35,6 +35,8 @@ enum Command {
     Pull(cmd::pull::Args),
     /// Run a tracker and several peers on loopback and show how a blob spreads.
     Demo(cmd::demo::Args),
+    /// Show what the local agent (or, with --cluster, the whole cluster) is doing.
+    Status(cmd::status::Args),
     /// Print a new random cluster token.
     Token(cmd::token::Args),
     /// Write containerd hosts.toml files (or print k3s registries.yaml) that pull through the agent.
@@ -93,6 +95,7 @@ fn main() -> ExitCode {
             Command::Seed(a) => cmd::seed::run(a).await,
             Command::Pull(a) => cmd::pull::run(a).await,
             Command::Demo(a) => cmd::demo::run(a).await,
+            Command::Status(a) => cmd::status::run(a).await,
             Command::Token(a) => cmd::token::run(a),
             Command::ContainerdConfig(a) => cmd::containerd_config::run(a),
         }

@@ -27,7 +27,9 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use swarm_proto::msg::{
-    Announce, MAX_PEERS_PER_REPLY, MAX_ZONE_LEN, PeerInfo, TrackerErrorCode, TrackerRequest, TrackerResponse,
+    Announce, BlobView, ClusterView, HolderView, LeaseView, LeaseViewState, MAX_PEERS_PER_REPLY, MAX_VIEW_BLOBS,
+    MAX_VIEW_HOLDINGS, MAX_VIEW_NODES, MAX_ZONE_LEN, NodeView, PeerInfo, TrackerErrorCode, TrackerRequest,
+    TrackerResponse,
 };
 use swarm_proto::{Digest, Metainfo, PeerId, ProtoError};
 
@@ -338,6 +340,7 @@ impl TrackerState {
                 }
                 None => Err(TrackerError::NoHashes { blob }),
             },
+            TrackerRequest::ClusterView { blobs } => Ok(TrackerResponse::ClusterView(self.cluster_view(&blobs, now))),
         };
         result.unwrap_or_else(|e| TrackerResponse::Error { code: e.code(), message: e.to_string() })
     }
@@ -437,6 +440,69 @@ impl TrackerState {
     /// Blobs with peers, metainfo or upstream state (hashes, a lease, a failure).
     pub fn blob_count(&self) -> usize {
         self.blobs.len()
+    }
+
+    /// The read-only view of the cluster `swarm status --cluster` shows: every node
+    /// tracked for some blob (address and zone of its most recent announce) and, for
+    /// `filter`'s blobs (every blob if empty), the layout, holders and lease, within
+    /// the caps of [`ClusterView`]. Lease ages are not known here (`held_ms: None`).
+    pub fn cluster_view(&self, filter: &[Digest], now: Instant) -> ClusterView {
+        let mut view = ClusterView::default();
+        let mut nodes: HashMap<PeerId, NodeView> = HashMap::new();
+        let mut holdings = 0usize;
+        let chosen: Box<dyn Iterator<Item = (&Digest, &BlobEntry)>> = if filter.is_empty() {
+            Box::new(self.blobs.iter())
+        } else {
+            Box::new(filter.iter().take(MAX_VIEW_BLOBS).filter_map(|d| self.blobs.get_key_value(d)))
+        };
+        for (digest, entry) in chosen {
+            if view.blobs.len() >= MAX_VIEW_BLOBS {
+                view.truncated = true;
+                break;
+            }
+            let mut holders = Vec::with_capacity(entry.peers.len());
+            for e in &entry.peers.entries {
+                let age = u64::try_from(now.saturating_duration_since(e.last_seen).as_millis()).unwrap_or(u64::MAX);
+                let known = nodes.contains_key(&e.info.peer_id);
+                if holdings >= MAX_VIEW_HOLDINGS || (!known && nodes.len() >= MAX_VIEW_NODES) {
+                    view.truncated = true;
+                    continue;
+                }
+                holdings += 1;
+                holders.push(HolderView { peer_id: e.info.peer_id, have: e.info.have, complete: e.info.complete });
+                let node = NodeView {
+                    peer_id: e.info.peer_id,
+                    addr: e.info.addr,
+                    zone: e.info.zone.clone(),
+                    last_seen_ms: age,
+                };
+                match nodes.get_mut(&e.info.peer_id) {
+                    Some(n) if n.last_seen_ms <= age => {}
+                    Some(n) => *n = node,
+                    None => {
+                        nodes.insert(e.info.peer_id, node);
+                    }
+                }
+            }
+            holders.sort_by_key(|h| h.peer_id);
+            let (layout, known_hashes) = match self.hashes(digest) {
+                Some((layout, known, _)) => (Some(layout), u32::try_from(known.len()).unwrap_or(u32::MAX)),
+                None => (None, 0),
+            };
+            let lease = self.lease_status(digest, now).map(|l| LeaseView {
+                holder: l.holder,
+                state: match l.state {
+                    LeaseState::Live => LeaseViewState::Live,
+                    LeaseState::Expired => LeaseViewState::Expired,
+                    LeaseState::Stalled => LeaseViewState::Stalled,
+                },
+                held_ms: None,
+            });
+            view.blobs.push(BlobView { digest: *digest, layout, known_hashes, holders, lease });
+        }
+        view.nodes = nodes.into_values().collect();
+        view.nodes.sort_by_key(|n| n.peer_id);
+        view
     }
 
     #[cfg(test)]

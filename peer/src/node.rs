@@ -1268,3 +1268,52 @@ impl RateLimiter {
         tokio::time::sleep_until(start).await;
     }
 }
+
+/// What `swarm status` shows of a node: a snapshot taken by [`Node::status`].
+#[derive(Clone, Debug)]
+pub struct NodeStatus {
+    pub peer_id: PeerId,
+    pub zone: String,
+    /// The tracker the node announces to.
+    pub tracker: SocketAddr,
+    /// The UDP address of the node's QUIC endpoint.
+    pub listen: Option<SocketAddr>,
+    /// Where the piece store lives.
+    pub data_dir: PathBuf,
+    /// The upload cap in bytes per second (None: unlimited).
+    pub upload_rate: Option<u64>,
+    /// Every blob the node fetches or serves, by digest.
+    pub blobs: Vec<BlobStatus>,
+    /// The node's byte counters.
+    pub stats: NodeStats,
+}
+
+/// One blob of a [`NodeStatus`].
+#[derive(Clone, Debug)]
+pub struct BlobStatus {
+    pub digest: Digest,
+    pub progress: Progress,
+}
+
+impl Node {
+    /// A snapshot of the node: identity, settings, every blob's latest progress and
+    /// the byte counters. Cheap: reads the progress each swarm last published.
+    pub fn status(&self) -> NodeStatus {
+        let mut blobs: Vec<BlobStatus> = {
+            let swarms = self.inner.swarms.lock().unwrap_or_else(|e| e.into_inner());
+            swarms.iter().map(|(d, h)| BlobStatus { digest: *d, progress: h.progress.borrow().clone() }).collect()
+        };
+        blobs.sort_by_key(|b| b.digest);
+        let config = &self.inner.config;
+        NodeStatus {
+            peer_id: self.inner.peer_id,
+            zone: config.zone.clone(),
+            tracker: self.inner.tracker.tracker(),
+            listen: self.inner.endpoint.local_addr().ok(),
+            data_dir: config.data_dir.clone(),
+            upload_rate: config.upload_rate,
+            blobs,
+            stats: self.stats(),
+        }
+    }
+}

@@ -41,6 +41,11 @@ pub enum TrackerRequest {
     /// Ask for the layout and the hashes known so far, from piece `first` on.
     /// Answered with [`TrackerResponse::Hashes`] or `Error { UnknownBlob }`.
     GetHashes { blob: Digest, first: u32 },
+    /// Read-only: the tracker's view of the cluster (`swarm status --cluster`): the
+    /// nodes it tracks, which blobs each holds and the upstream leases. `blobs` empty
+    /// asks for every blob, else for those only (at most [`MAX_VIEW_BLOBS`]).
+    /// Answered with [`TrackerResponse::ClusterView`].
+    ClusterView { blobs: Vec<Digest> },
 }
 
 /// The body of [`TrackerRequest::Announce`].
@@ -86,6 +91,8 @@ pub enum TrackerResponse {
         hashes: Vec<[u8; 32]>,
         complete: bool,
     },
+    /// The answer to [`TrackerRequest::ClusterView`].
+    ClusterView(ClusterView),
 }
 
 /// The answer to [`TrackerRequest::AcquireLease`].
@@ -153,4 +160,120 @@ pub enum RejectReason {
     Missing,
     /// The connection's handshake named a blob the sender does not serve.
     UnknownBlob,
+}
+
+/// Most blobs in one [`ClusterView`] (and in a `ClusterView` request's filter).
+pub const MAX_VIEW_BLOBS: usize = 1024;
+/// Most nodes in one [`ClusterView`].
+pub const MAX_VIEW_NODES: usize = 4096;
+/// Most (blob, holder) pairs in one [`ClusterView`]: at about 25 bytes each, the
+/// reply stays far below the frame limit (about 25 MiB at worst).
+pub const MAX_VIEW_HOLDINGS: usize = 1 << 20;
+
+/// A tracker's view of its cluster, as of when it answered. Times are ages in
+/// milliseconds (the tracker's clock is not the reader's).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Encode, Decode)]
+pub struct ClusterView {
+    /// Every node tracked for at least one blob, by peer id.
+    pub nodes: Vec<NodeView>,
+    /// Every blob with holders, metainfo or a lease, by digest.
+    pub blobs: Vec<BlobView>,
+    /// Whether the caps ([`MAX_VIEW_NODES`], [`MAX_VIEW_BLOBS`],
+    /// [`MAX_VIEW_HOLDINGS`]) left something out.
+    pub truncated: bool,
+}
+
+/// One node as the tracker last saw it (its most recent announce of any blob).
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct NodeView {
+    pub peer_id: PeerId,
+    /// The address handed to other peers.
+    pub addr: SocketAddr,
+    pub zone: String,
+    /// Milliseconds since its last announce.
+    pub last_seen_ms: u64,
+}
+
+/// One blob: its size if known, who holds it and its upstream lease.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct BlobView {
+    pub digest: Digest,
+    /// The layout, once registered or published by a lease holder.
+    pub layout: Option<Layout>,
+    /// Piece hashes the tracker knows (all of them once the metainfo is registered).
+    pub known_hashes: u32,
+    pub holders: Vec<HolderView>,
+    pub lease: Option<LeaseView>,
+}
+
+/// A node tracked for a blob, with what it announced.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct HolderView {
+    pub peer_id: PeerId,
+    /// Pieces held.
+    pub have: u32,
+    pub complete: bool,
+}
+
+/// Who holds (or last held) a blob's upstream lease.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct LeaseView {
+    pub holder: PeerId,
+    pub state: LeaseViewState,
+    /// Milliseconds since the holder was granted the lease, when the tracker noted it.
+    pub held_ms: Option<u64>,
+}
+
+/// Whether a lease still counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum LeaseViewState {
+    /// Renewed in time and making progress.
+    Live,
+    /// Not renewed in time: the holder went silent.
+    Expired,
+    /// Renewed, but without new pieces for too long.
+    Stalled,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{MAX_FRAME_LEN, decode_frame, encode_frame};
+
+    #[test]
+    fn cluster_view_messages_round_trip() {
+        let peer_id = PeerId([7; 16]);
+        let digest = Digest([3; 32]);
+        let req = TrackerRequest::ClusterView { blobs: vec![digest] };
+        let f = encode_frame(&req).expect("encode");
+        assert_eq!(decode_frame::<TrackerRequest>(&f, MAX_FRAME_LEN).expect("decode"), req);
+        let view = ClusterView {
+            nodes: vec![NodeView {
+                peer_id,
+                addr: "127.0.0.1:7001".parse().expect("addr"),
+                zone: "rack-1".into(),
+                last_seen_ms: 1500,
+            }],
+            blobs: vec![BlobView {
+                digest,
+                layout: Some(Layout { digest, length: 1 << 20, piece_length: 1 << 18 }),
+                known_hashes: 4,
+                holders: vec![HolderView { peer_id, have: 2, complete: false }],
+                lease: Some(LeaseView { holder: peer_id, state: LeaseViewState::Stalled, held_ms: Some(10) }),
+            }],
+            truncated: false,
+        };
+        let resp = TrackerResponse::ClusterView(view);
+        let f = encode_frame(&resp).expect("encode");
+        assert_eq!(decode_frame::<TrackerResponse>(&f, MAX_FRAME_LEN).expect("decode"), resp);
+    }
+
+    #[test]
+    fn the_largest_cluster_view_fits_a_frame() {
+        // Worst case per holding: a 16-byte peer id and two varints.
+        let holding = 16 + 5 + 1;
+        let node = 16 + 19 + 1 + MAX_ZONE_LEN + 9;
+        let blob = 32 + 1 + 32 + 9 + 5 + 5 + 1 + 16 + 1 + 1 + 9 + 5;
+        assert!(MAX_VIEW_HOLDINGS * holding + MAX_VIEW_NODES * node + MAX_VIEW_BLOBS * blob < MAX_FRAME_LEN);
+    }
 }

@@ -2,10 +2,11 @@
 //! store and the HTTP registry mirror containerd talks to, plus an optional
 //! Prometheus endpoint. The mirror's address also answers `/healthz` and `/readyz`
 //! (ready: the tracker answers and accepted the token; see [`super::health`]), as does
-//! the metrics address. Settings come from flags, `SWARM_*` variables and an optional
-//! TOML file (`--config`); a flag wins over the file. Registry credentials and TLS
-//! settings may also come from k3s's `registries.yaml` (`--k3s-registries`), under
-//! the file's `[upstream.registries]`.
+//! the metrics address, and `/status` (JSON for `swarm status`; see [`super::status`]).
+//! Settings come from flags, `SWARM_*` variables and an optional TOML file
+//! (`--config`); a flag wins over the file. Registry credentials and TLS settings may
+//! also come from k3s's `registries.yaml` (`--k3s-registries`), under the file's
+//! `[upstream.registries]`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -174,8 +175,11 @@ pub async fn run(args: Args) -> Result<()> {
     let metrics = Arc::new(MirrorMetrics::default());
     let provider = Arc::new(SwarmProvider::new(node.clone(), upstream.clone()));
     let readiness = Readiness::new(format!("tracker {tracker} not checked yet"));
-    // Probes are routed ahead of the mirror's fallback: they never count as mirror requests.
-    let router = health::router(readiness.clone()).merge(mirror::router(
+    let status = super::status::StatusSource::new(node.clone(), readiness.clone(), tracker_check.clone());
+    let sampler = tokio::spawn(status.clone().sample(cancel.clone()));
+    // Probes and /status are routed ahead of the mirror's fallback: they never count
+    // as mirror requests.
+    let router = health::router(readiness.clone()).merge(super::status::router(status)).merge(mirror::router(
         provider,
         upstream,
         MirrorConfig::new(s.data_dir.join("manifests")),
@@ -215,6 +219,7 @@ pub async fn run(args: Args) -> Result<()> {
     tracing::info!(target: STATUS, "swarm agent stopping");
     cancel.cancel();
     watch_task.await.context("tracker check task")?;
+    sampler.await.context("status sampler task")?;
     node.shutdown().await;
     mirror_task.await.context("mirror task")?.context("mirror")?;
     if let Some(t) = metrics_task {

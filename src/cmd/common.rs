@@ -419,6 +419,7 @@ mod docs_tests {
             ("token", "`swarm token`"),
             ("containerd-config", "`swarm containerd-config`"),
             ("demo", "`swarm demo`"),
+            ("status", "`swarm status`"),
         ];
         let names: BTreeSet<_> =
             cli.get_subcommands().map(|c| c.get_name().to_string()).filter(|n| n != "help").collect();

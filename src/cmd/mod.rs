@@ -9,5 +9,6 @@ pub mod health;
 pub mod metrics;
 pub mod pull;
 pub mod seed;
+pub mod status;
 pub mod token;
 pub mod tracker;

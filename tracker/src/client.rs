@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use swarm_net::{Endpoint, NetError, codes, read_msg, write_msg};
 use swarm_proto::codec::MAX_FRAME_LEN;
-use swarm_proto::msg::{Announce, LeaseReply, PeerInfo, TrackerErrorCode, TrackerRequest, TrackerResponse};
+use swarm_proto::msg::{
+    Announce, ClusterView, LeaseReply, PeerInfo, TrackerErrorCode, TrackerRequest, TrackerResponse,
+};
 use swarm_proto::{Digest, Layout, Metainfo, PeerId, ProtoError};
 use tracing::debug;
 
@@ -305,6 +307,16 @@ impl TrackerClient {
             other => Err(unexpected("get-hashes", other)),
         }
     }
+
+    /// The tracker's view of the cluster (read-only): every node, and the holders and
+    /// lease of `blobs` (every blob if empty; at most [`MAX_VIEW_BLOBS`](swarm_proto::msg::MAX_VIEW_BLOBS) are looked
+    /// at). A tracker older than this request refuses it as malformed.
+    pub async fn cluster_view(&self, blobs: Vec<Digest>) -> Result<ClusterView, TrackerClientError> {
+        match self.request(&TrackerRequest::ClusterView { blobs }).await? {
+            TrackerResponse::ClusterView(view) => Ok(view),
+            other => Err(unexpected("cluster-view", other)),
+        }
+    }
 }
 
 /// The answer to [`TrackerClient::get_hashes`]: the hashes of pieces
@@ -347,6 +359,7 @@ fn unexpected(request: &'static str, response: TrackerResponse) -> TrackerClient
         TrackerResponse::Left => "Left",
         TrackerResponse::Lease(_) => "Lease",
         TrackerResponse::Hashes { .. } => "Hashes",
+        TrackerResponse::ClusterView(_) => "ClusterView",
     };
     TrackerClientError::UnexpectedResponse { request, response }
 }

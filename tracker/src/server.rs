@@ -11,7 +11,7 @@
 //! The nodes and lease digests it needs are noted beside the state, in a second mutex
 //! (`Seen`); lock order: the state before `Seen`, never the other way round.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -56,13 +56,23 @@ struct SharedState {
 struct Seen {
     /// Every peer id that announced, with its last announce.
     nodes: HashMap<PeerId, Instant>,
-    /// Blobs whose upstream lease was granted at some point (pruned when read).
-    leases: HashSet<Digest>,
+    /// Blobs whose upstream lease was granted at some point (pruned when read), with
+    /// the holder and when it was granted the lease (renewals keep that time).
+    leases: HashMap<Digest, (PeerId, Instant)>,
 }
 
 /// The kinds of tracker request, as counted in [`TrackerStats::requests`].
-pub const REQUEST_KINDS: [&str; 8] =
-    ["register", "get-metainfo", "announce", "leave", "acquire-lease", "publish-hashes", "release-lease", "get-hashes"];
+pub const REQUEST_KINDS: [&str; 9] = [
+    "register",
+    "get-metainfo",
+    "announce",
+    "leave",
+    "acquire-lease",
+    "publish-hashes",
+    "release-lease",
+    "get-hashes",
+    "cluster-view",
+];
 
 /// A read-only snapshot of the tracker, for health and metrics endpoints.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -115,10 +125,10 @@ impl Tracker {
         let mut seen = self.shared.seen.lock().unwrap_or_else(PoisonError::into_inner);
         let ttl = self.shared.peer_ttl;
         let nodes = seen.nodes.values().filter(|at| now.saturating_duration_since(**at) <= ttl).count();
-        seen.leases.retain(|blob| state.lease_status(blob, now).is_some());
+        seen.leases.retain(|blob, _| state.lease_status(blob, now).is_some());
         let leases = seen
             .leases
-            .iter()
+            .keys()
             .filter(|blob| state.lease_status(blob, now).is_some_and(|l| l.state == LeaseState::Live))
             .count();
         let blobs = state.blob_count();
@@ -334,7 +344,7 @@ fn answer(state: &Shared, req: TrackerRequest, remote: SocketAddr) -> TrackerRes
         TrackerRequest::Announce(a) => Some(a.peer_id),
         _ => None,
     };
-    let (response, before, completed) = {
+    let (mut response, before, completed) = {
         let mut st = lock(state);
         let now = Instant::now();
         let before = match &req {
@@ -366,6 +376,7 @@ fn answer(state: &Shared, req: TrackerRequest, remote: SocketAddr) -> TrackerRes
         state.published.notify_waiters();
     }
     note_seen(state, announcer, &response, &before);
+    add_lease_ages(state, &mut response);
     match (&response, before) {
         (TrackerResponse::Error { code, message }, _) => match code {
             TrackerErrorCode::UnknownBlob => debug!(%remote, request = what, "{message}"),
@@ -401,7 +412,9 @@ fn note_seen(state: &Shared, announcer: Option<PeerId>, response: &TrackerRespon
         _ => None,
     };
     let lease = match (response, before) {
-        (TrackerResponse::Lease(LeaseReply::Granted { .. }), Before::Acquire { blob, .. }) => Some(*blob),
+        (TrackerResponse::Lease(LeaseReply::Granted { .. }), Before::Acquire { peer, blob, .. }) => {
+            Some((*blob, *peer))
+        }
         _ => None,
     };
     if node.is_none() && lease.is_none() {
@@ -411,8 +424,28 @@ fn note_seen(state: &Shared, announcer: Option<PeerId>, response: &TrackerRespon
     if let Some(peer) = node {
         seen.nodes.insert(peer, Instant::now());
     }
-    if let Some(blob) = lease {
-        seen.leases.insert(blob);
+    if let Some((blob, holder)) = lease {
+        let now = Instant::now();
+        let since = seen.leases.entry(blob).or_insert((holder, now));
+        if since.0 != holder {
+            *since = (holder, now);
+        }
+    }
+}
+
+/// Adds what only the server notes to a cluster view: how long each lease has been
+/// held by its current holder.
+fn add_lease_ages(state: &Shared, response: &mut TrackerResponse) {
+    let TrackerResponse::ClusterView(view) = response else { return };
+    let now = Instant::now();
+    let seen = state.seen.lock().unwrap_or_else(PoisonError::into_inner);
+    for blob in &mut view.blobs {
+        if let Some(lease) = &mut blob.lease
+            && let Some((holder, since)) = seen.leases.get(&blob.digest)
+            && *holder == lease.holder
+        {
+            lease.held_ms = Some(u64::try_from(now.saturating_duration_since(*since).as_millis()).unwrap_or(u64::MAX));
+        }
     }
 }
 
@@ -455,5 +488,6 @@ fn describe(req: &TrackerRequest) -> &'static str {
         TrackerRequest::PublishHashes { .. } => "publish-hashes",
         TrackerRequest::ReleaseLease { .. } => "release-lease",
         TrackerRequest::GetHashes { .. } => "get-hashes",
+        TrackerRequest::ClusterView { .. } => "cluster-view",
     }
 }
