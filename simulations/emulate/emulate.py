@@ -788,6 +788,10 @@ class System:
     def setup(self, ctx):
         """Before the common start: servers, seeds, trackers, agents."""
 
+    def lease_holders(self, ctx):
+        """Nodes fetching from upstream for the cluster (edge-killholder); none here."""
+        return []
+
     def launch(self, ctx, i, restart=False):
         """Starts node i's download; returns (procs, done_proc, output_path)."""
         raise NotImplementedError
@@ -894,7 +898,8 @@ class Swarm(System):
         with open(self.token, "w") as f:
             f.write(sh([b, "token"]).strip() + "\n")
         os.chmod(self.token, 0o600)
-        self.env = dict(os.environ, SWARM_LOG=os.environ.get("SWARM_LOG", "warn"))
+        level = "warn,swarm_peer::agent=info" if getattr(ctx, "scenario", "") == "edge-killholder" else "warn"
+        self.env = dict(os.environ, SWARM_LOG=os.environ.get("SWARM_LOG", level))
         tr = ctx.spawn("tracker", ctx.topo.ns(1),
                        [b, "tracker", "--listen", "%s:%d" % (ctx.topo.ip(1), TRACKER_PORT), "--token-file", self.token],
                        ctx.workdir, node=1, env=self.env)
@@ -919,6 +924,18 @@ class Swarm(System):
             line = seed.wait_line(lambda s: s.startswith("sha256:"), 120)
             if line.strip() != "sha256:" + ctx.digest:
                 raise Fail("swarm seed printed %s, expected sha256:%s" % (line.strip(), ctx.digest))
+
+    def lease_holders(self, ctx):
+        """Nodes whose agent logged that it fetches from upstream as the lease holder."""
+        found = []
+        for i, p in sorted(getattr(self, "agents", {}).items()):
+            try:
+                with open(p.log_path, errors="replace") as f:
+                    if "as the lease holder" in f.read():
+                        found.append(i)
+            except OSError:
+                pass
+        return found
 
     def _start_agent(self, ctx, i, restart=False):
         b = self._bin(ctx.args)
@@ -1042,7 +1059,10 @@ SYSTEMS = {"direct": Direct, "swarm": Swarm, "swarm-seed": SwarmSeed, "libtorren
 # scenario -> (layout, churn, containerd)
 SCENARIOS = {"edge": ("edge", False, False), "incluster": ("incluster", False, False),
              "churn": ("incluster", True, False), "edge-churn": ("edge", True, False),
-             "edge-containerd": ("edge", False, True)}
+             "edge-containerd": ("edge", False, True), "edge-killholder": ("edge", True, False)}
+# edge-killholder: the churn kill hits the node holding the upstream lease (found in
+# its agent's log) and nobody restarts; the others must take the lease over. Its
+# simulator twin: swarm-sim --scenario edge --kill-holder-at <churn-at>.
 
 
 def scenario_tmin(topo, size, layout):
@@ -1088,6 +1108,7 @@ def run_system(sysobj, topo, args, blob, digest, size, registry, scenario, workd
     ctx = Ctx(topo, args, blob, digest, size, workdir, layout, timeout, image if containerd else None)
     ctx.sysdir = sysdir
     ctx.reg_root = registry.root
+    ctx.scenario = scenario
     nodes = {i: {"node": i, "done_s": None, "status": "pending", "killed": False, "restarted": False,
                  "sha256_ok": None} for i in ctx.downloaders}
     done_proc, outputs, node_procs = {}, {}, {}
@@ -1106,7 +1127,10 @@ def run_system(sysobj, topo, args, blob, digest, size, registry, scenario, workd
             k = args.churn_kill if args.churn_kill is not None else max(1, math.ceil(n_down / 4))
             victims = ctx.downloaders[-k:]
             at = args.churn_at if args.churn_at is not None else 0.5 * tm
-            churn_plan = {"victims": victims, "kill_at_s": at, "restart": not args.no_restart,
+            if scenario == "edge-killholder":
+                victims = []
+            churn_plan = {"victims": victims, "kill_at_s": at,
+                          "restart": not args.no_restart and scenario != "edge-killholder",
                           "restart_at_s": at + args.churn_down, "killed": False, "restarted_done": False}
         # CPU spent before the start (hashing by a seed, interpreter start-up) is not
         # part of the distribution: it is reported apart as cpu_setup_s.
@@ -1132,6 +1156,9 @@ def run_system(sysobj, topo, args, blob, digest, size, registry, scenario, workd
                     st["error"] = "%s exited %s: %s" % (dp.name, dp.rc, dp.tail())
             if churn_plan and not churn_plan["killed"] and now >= churn_plan["kill_at_s"]:
                 churn_plan["killed"] = True
+                if scenario == "edge-killholder":
+                    churn_plan["victims"] = sysobj.lease_holders(ctx)
+                    res["killed_holders"] = churn_plan["victims"]
                 for i in churn_plan["victims"]:
                     if nodes[i]["status"] == "pending":
                         for p in node_procs[i]:
