@@ -105,6 +105,18 @@ else
             --node-up-spread "$sim_spread" --json
         sims+=(--sim "$out")
     done
+    # Faults on the first size: the lease holder crashes at 30 s; the tracker is away
+    # from 30 s for 20 s.
+    for n in ${sim_nodes%% *}; do
+        for fault in "kill-holder --kill-holder-at 30s" "tracker-down --tracker-down-at 30s --tracker-down-for 20s"; do
+            read -r name flags <<<"$fault"
+            out="$results/sim-edge-$name-$n.json"
+            # shellcheck disable=SC2086 # flags is a list of words on purpose
+            run "$out" target/release/swarm-sim --scenario edge -n "$n" --blob "$sim_blob" \
+                --node-up-spread "$sim_spread" $flags --json
+            sims+=(--sim "$out")
+        done
+    done
 fi
 chmod 644 "$new_commands"
 mv "$new_commands" "$commands"

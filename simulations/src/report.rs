@@ -31,6 +31,8 @@ pub struct SchedulerTotals {
 /// Everything a run reports. All times in seconds, sizes in bytes, rates in bits/s.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
+    /// The scenario's name; `edge-kill-holder`, `edge-tracker-down` or `edge-faults`
+    /// with injected faults.
     pub scenario: &'static str,
     pub seed: u64,
     /// Nodes at the start.
@@ -130,7 +132,14 @@ impl Report {
         let sched = &outcome.sched;
         let source = outcome.nodes.iter().find(|n| matches!(n.role, Role::Seed | Role::Holder));
         Self {
-            scenario: p.scenario.name(),
+            // A run with injected faults gets its own name, so that nothing mistakes it
+            // for the plain scenario (the report's targets select by name).
+            scenario: match (p.faults.kill_holder_at.is_some(), p.faults.tracker_down.is_some()) {
+                (false, false) => p.scenario.name(),
+                (true, false) => "edge-kill-holder",
+                (false, true) => "edge-tracker-down",
+                (true, true) => "edge-faults",
+            },
             seed: p.seed,
             nodes: p.nodes,
             downloaders: stayed.len(),
