@@ -119,6 +119,15 @@ struct Args {
     /// ... for this long.
     #[arg(long, value_parser = humantime::parse_duration, env = "SWARM_SIM_TRACKER_DOWN_FOR", requires = "tracker_down_at")]
     tracker_down_for: Option<Duration>,
+    /// Fault: this long after the start, `--restart-nodes` downloading nodes crash ...
+    #[arg(long, value_parser = humantime::parse_duration, env = "SWARM_SIM_RESTART_AT")]
+    restart_at: Option<Duration>,
+    /// ... this many of them (not the lease holder) ...
+    #[arg(long, default_value_t = 1, env = "SWARM_SIM_RESTART_NODES")]
+    restart_nodes: u32,
+    /// ... and each restarts this long later, with its verified pieces and nothing else.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s", env = "SWARM_SIM_RESTART_DOWN")]
+    restart_down: Duration,
     /// Print JSON (an array with one report per scenario) instead of a table.
     #[arg(long, env = "SWARM_SIM_JSON")]
     json: bool,
@@ -182,6 +191,10 @@ fn params(a: &Args) -> anyhow::Result<Params> {
                 .tracker_down_at
                 .zip(a.tracker_down_for)
                 .map(|(at, len)| (swarm_simulations::model::nanos(at), swarm_simulations::model::nanos(len))),
+            restart: a.restart_at.map(|at| {
+                let nanos = swarm_simulations::model::nanos;
+                (nanos(at), a.restart_nodes, nanos(a.restart_down))
+            }),
         },
     })
 }

@@ -31,8 +31,8 @@ pub struct SchedulerTotals {
 /// Everything a run reports. All times in seconds, sizes in bytes, rates in bits/s.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
-    /// The scenario's name; `edge-kill-holder`, `edge-tracker-down` or `edge-faults`
-    /// with injected faults.
+    /// The scenario's name; with injected faults `edge-kill-holder`,
+    /// `edge-tracker-down`, `edge-restarts`, `in-cluster-restarts` or `faults`.
     pub scenario: &'static str,
     pub seed: u64,
     /// Nodes at the start.
@@ -94,6 +94,8 @@ pub struct Report {
     pub takeovers: u32,
     /// Nodes that gave the swarm up and fetched from the registry (faults).
     pub fallbacks: u32,
+    /// Nodes crashed and restarted (faults).
+    pub restarts: u32,
     /// That node's role (`seed`, `holder`, `leecher`).
     pub peak_links_role: String,
     pub events: u64,
@@ -134,11 +136,13 @@ impl Report {
         Self {
             // A run with injected faults gets its own name, so that nothing mistakes it
             // for the plain scenario (the report's targets select by name).
-            scenario: match (p.faults.kill_holder_at.is_some(), p.faults.tracker_down.is_some()) {
-                (false, false) => p.scenario.name(),
-                (true, false) => "edge-kill-holder",
-                (false, true) => "edge-tracker-down",
-                (true, true) => "edge-faults",
+            scenario: match (p.faults.kill_holder_at.is_some(), p.faults.tracker_down.is_some(), p.faults.restart) {
+                (false, false, None) => p.scenario.name(),
+                (true, false, None) => "edge-kill-holder",
+                (false, true, None) => "edge-tracker-down",
+                (false, false, Some(_)) if p.scenario == crate::Scenario::InCluster => "in-cluster-restarts",
+                (false, false, Some(_)) => "edge-restarts",
+                _ => "faults",
             },
             seed: p.seed,
             nodes: p.nodes,
@@ -188,6 +192,7 @@ impl Report {
             peak_links: outcome.peak_links.0,
             takeovers: outcome.takeovers,
             fallbacks: outcome.fallbacks,
+            restarts: outcome.restarts,
             peak_links_role: outcome
                 .nodes
                 .get(outcome.peak_links.1 as usize)

@@ -358,6 +358,7 @@ fn run_direct(p: &Params, specs: &[NodeSpec], max_time: Duration) -> RunOutcome 
         peak_links: (0, 0),
         takeovers: 0,
         fallbacks: 0,
+        restarts: 0,
         events,
         events_by_kind: {
             let mut k = [0; crate::world::EVENT_KINDS.len()];

@@ -105,6 +105,12 @@ pub(crate) enum Ev {
     KillHolder,
     /// Fault: the tracker stops answering (until the window ends).
     TrackerDown,
+    /// Fault: some downloading nodes crash (to come back with `Rejoin`).
+    RestartCrash,
+    /// A crashed node restarts.
+    Rejoin {
+        node: u32,
+    },
     /// The tracker's hashes reach the node: it now knows `known` of them (`None`:
     /// the request failed).
     HashesReply {
@@ -142,6 +148,8 @@ impl Ev {
             | Ev::UpstreamFrom { .. }
             | Ev::KillHolder
             | Ev::TrackerDown
+            | Ev::RestartCrash
+            | Ev::Rejoin { .. }
             | Ev::Published { .. } => 10,
             Ev::HashesReply { .. } => 11,
         }
@@ -257,6 +265,7 @@ pub struct RunOutcome {
     /// the registry.
     pub takeovers: u32,
     pub fallbacks: u32,
+    pub restarts: u32,
     pub events: u64,
     /// Events by kind, in the order of [`EVENT_KINDS`].
     pub events_by_kind: [u64; EVENT_KINDS.len()],
@@ -314,9 +323,12 @@ pub struct World {
     pub(crate) faults: Faults,
     /// The node killed as lease holder.
     pub(crate) killed: Option<u32>,
-    /// Lease takeovers and fallbacks to the registry.
+    /// Lease takeovers, fallbacks to the registry and restarted nodes.
     pub(crate) takeovers: u32,
     pub(crate) fallbacks: u32,
+    pub(crate) restarts: u32,
+    /// The nodes' policy (a restarted node gets new cores).
+    pub(crate) policy: DriverConfig,
 }
 
 /// Faults injected into a run (virtual times from the start).
@@ -326,6 +338,9 @@ pub struct Faults {
     pub kill_holder_at: Option<Nanos>,
     /// The tracker answers nothing from `.0` for `.1`.
     pub tracker_down: Option<(Nanos, Nanos)>,
+    /// At `.0`, `.1` downloading nodes (not the lease holder) crash; each comes back
+    /// `.2` later with its verified pieces, a new peer id and nothing else.
+    pub restart: Option<(Nanos, u32, Nanos)>,
 }
 
 impl World {
@@ -421,6 +436,8 @@ impl World {
             killed: None,
             takeovers: 0,
             fallbacks: 0,
+            restarts: 0,
+            policy: driver.clone(),
         })
     }
 
@@ -431,6 +448,10 @@ impl World {
         }
         if let Some((t, _)) = self.faults.tracker_down {
             self.events.push(t, Ev::TrackerDown);
+        }
+        if let Some((t, _, _)) = self.faults.restart {
+            self.pending_churn += 1;
+            self.events.push(t, Ev::RestartCrash);
         }
         for i in 0..self.nodes.len() as u32 {
             let spec = &self.specs[i as usize];
@@ -512,6 +533,7 @@ impl World {
             peak_links: self.peak_links,
             takeovers: self.takeovers,
             fallbacks: self.fallbacks,
+            restarts: self.restarts,
             zone_in_bytes: self.zone_links.iter().map(|&(_, inbound)| self.net.carried(inbound)).sum(),
             all_out_at: self.all_out_at,
             upstream_done_at: self.upstream_done_at,
@@ -576,6 +598,14 @@ impl World {
             }
             Ev::KillHolder => self.kill_holder(),
             Ev::TrackerDown => self.tracker_down(),
+            Ev::RestartCrash => {
+                self.pending_churn -= 1;
+                self.restart_crash();
+            }
+            Ev::Rejoin { node } => {
+                self.pending_churn -= 1;
+                self.rejoin(node);
+            }
             Ev::SwarmStart { node, known, watch } => self.on_swarm_start(node, known, watch),
             Ev::HashesReply { node, known } => self.on_hashes_reply(node, known),
             Ev::Published { node, piece } => self.on_published(node, piece),
@@ -703,6 +733,46 @@ impl World {
         tracing::info!(node = n, t = crate::model::secs(self.now), "killing the lease holder");
         self.killed = Some(n);
         self.crash(n);
+    }
+
+    /// Crashes the last downloading nodes (never the lease holder) and schedules their
+    /// restart.
+    fn restart_crash(&mut self) {
+        let Some((_, count, down)) = self.faults.restart else { return };
+        let victims: Vec<u32> = (0..self.nodes.len() as u32)
+            .rev()
+            .filter(|&i| {
+                let n = &self.nodes[i as usize];
+                n.alive && n.counted && !n.fallback && n.completed_at.is_none() && !n.swarm.is_lease_holder()
+            })
+            .take(count as usize)
+            .collect();
+        tracing::info!(?victims, t = crate::model::secs(self.now), "crashing nodes to restart them");
+        for &n in &victims {
+            self.crash(n);
+            self.restarts += 1;
+            self.pending_churn += 1;
+            self.events.push(self.now + down, Ev::Rejoin { node: n });
+        }
+    }
+
+    /// A crashed node comes back: the pieces it verified are on its disk; its peers,
+    /// requests, hashes and peer id are new.
+    fn rejoin(&mut self, n: u32) {
+        let now = self.now;
+        let at = self.clock.at(now);
+        let old = &self.nodes[n as usize];
+        let have = old.swarm.scheduler().have().clone();
+        let mut id = old.peer_id;
+        id.0[0] ^= 0x80;
+        let known = if self.lease { 0 } else { self.pieces };
+        let seed = u64::from_le_bytes([id.0[0], id.0[1], id.0[2], id.0[3], id.0[4], id.0[5], id.0[6], id.0[7]]);
+        let swarm = Swarm::new(id, zone_name(old.zone), &self.policy, self.piece_length, have, known, seed, at);
+        let mut fresh = SimNode::new(id, old.zone, Role::Leecher, (old.up, old.down), swarm, &self.policy);
+        (fresh.downloaded, fresh.uploaded) = (old.downloaded, old.uploaded);
+        self.nodes[n as usize] = fresh;
+        self.start_node(n);
+        self.nodes[n as usize].joined_at = self.specs[n as usize].join_at.unwrap_or(0);
     }
 
     /// Node `n` stops at once: its connections drop, its upstream stream ends, the

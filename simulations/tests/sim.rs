@@ -179,3 +179,25 @@ fn a_tracker_outage_costs_a_fallback_and_a_takeover_but_everyone_completes() {
     assert!(r.last_s > 11.0, "nothing can finish before the tracker is back: {:.2} s", r.last_s);
     assert!(r.uplink_over_f < 2.5, "uplink {:.3} x F", r.uplink_over_f);
 }
+
+/// Five nodes crash at 1 s and restart 1 s later with their verified pieces, a new
+/// peer id and fresh cores: they complete without fetching a verified piece again.
+#[test]
+fn restarted_nodes_keep_their_verified_pieces_and_complete() {
+    for scenario in [Scenario::Edge, Scenario::InCluster] {
+        let s = 1_000_000_000;
+        let p = Params {
+            faults: swarm_simulations::Faults { restart: Some((s, 5, s)), ..Default::default() },
+            ..small(scenario, 3)
+        };
+        let r = go(&p);
+        assert_eq!(r.restarts, 5, "{}", r.scenario);
+        assert_eq!((r.completed, r.incomplete), (r.downloaders, 0), "{}", r.scenario);
+        assert!(
+            (r.received_over_nf - 1.0).abs() < 1e-9,
+            "{}: every verified piece arrives once: {:.4} x N·F",
+            r.scenario,
+            r.received_over_nf
+        );
+    }
+}
