@@ -22,6 +22,10 @@ pub const LAYOUT_RETRY: Duration = Duration::from_millis(100);
 pub const FRESH_HOLD: Duration = Duration::from_millis(400);
 /// How long a piece request waits for an upload slot before it is answered `Busy`.
 pub const SLOT_WAIT: Duration = Duration::from_millis(500);
+/// A connection whose peer sent nothing for this long is closed (QUIC's idle
+/// timeout; keep-alives flow every few seconds while the peer lives). Until then a
+/// crashed peer's requests only end by their own timeouts.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What a node does in its swarms: the settings both drivers take their defaults from.
 #[derive(Clone, Debug)]

@@ -35,7 +35,7 @@ impl Default for EndpointConfig {
     /// (12.5 MB in flight) with room for many parallel piece streams.
     fn default() -> Self {
         Self {
-            idle_timeout: Duration::from_secs(30),
+            idle_timeout: swarm_core::node::IDLE_TIMEOUT,
             keep_alive: Duration::from_secs(5),
             stream_receive_window: 8 * 1024 * 1024,
             receive_window: 64 * 1024 * 1024,

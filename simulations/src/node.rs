@@ -261,6 +261,15 @@ impl Fetches {
         Some(f)
     }
 
+    /// Every live fetch.
+    pub fn ids(&self) -> impl Iterator<Item = FetchId> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, f))| f.is_some())
+            .map(|(i, (g, _))| FetchId { idx: i as u32, generation: *g })
+    }
+
     /// Fetches alive.
     pub fn len(&self) -> usize {
         self.live
@@ -285,7 +294,7 @@ impl World {
     /// Carries out every pending action of node `n`'s swarm; returns how many.
     fn drain_actions(&mut self, n: u32) -> usize {
         let mut count = 0;
-        if self.nodes[n as usize].fallback {
+        if self.nodes[n as usize].fallback || !self.nodes[n as usize].alive {
             return 0;
         }
         while let Some(action) = self.nodes[n as usize].swarm.poll_action() {
@@ -466,7 +475,7 @@ impl World {
 
     /// Aborts every fetch of node `n` whose peer is `key` (the connection is gone):
     /// no scheduler call, the caller removes the peer from the scheduler.
-    fn abort_all_with(&mut self, n: u32, key: PeerKey) {
+    pub(crate) fn abort_all_with(&mut self, n: u32, key: PeerKey) {
         let ids: Vec<FetchId> =
             self.nodes[n as usize].outstanding.range((key, 0)..=(key, u32::MAX)).map(|(_, &id)| id).collect();
         for id in ids {
@@ -616,6 +625,10 @@ impl World {
         }
         let FetchState::ToReceiver(reply) = f.state else { return };
         self.fetches.remove(id);
+        if !self.nodes[f.receiver as usize].alive {
+            // A crashed receiver takes nothing in.
+            return;
+        }
         let n = f.receiver;
         let node = &mut self.nodes[n as usize];
         if node.outstanding.get(&(f.key, f.piece)) == Some(&id) {

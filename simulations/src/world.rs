@@ -14,6 +14,7 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use swarm_core::lease::LeaseAnswer;
+use swarm_core::node::IDLE_TIMEOUT;
 use swarm_core::scheduler::{PeerKey, SchedulerStats};
 use swarm_core::swarm::Swarm;
 use swarm_core::tracker::{TrackerConfig, TrackerState};
@@ -21,7 +22,7 @@ use swarm_proto::msg::{PeerInfo, TrackerRequest, TrackerResponse};
 use swarm_proto::{Bitfield, Digest, Metainfo, PeerId};
 
 use crate::model::{Clock, EventQueue, FlowNet, Nanos, NetStats, ResId, nanos};
-use crate::node::{DriverConfig, FetchId, Fetches, Link, Role, SimNode, node_addr, zone_name};
+use crate::node::{DriverConfig, FetchId, FetchState, Fetches, Link, Role, SimNode, node_addr, zone_name};
 
 /// Something that happens at an instant.
 #[derive(Debug)]
@@ -111,6 +112,10 @@ pub(crate) enum Ev {
     Rejoin {
         node: u32,
     },
+    /// QUIC's idle timeout closes what is left of a crashed node's connections.
+    IdleClose {
+        node: u32,
+    },
     /// The tracker's hashes reach the node: it now knows `known` of them (`None`:
     /// the request failed).
     HashesReply {
@@ -150,6 +155,7 @@ impl Ev {
             | Ev::TrackerDown
             | Ev::RestartCrash
             | Ev::Rejoin { .. }
+            | Ev::IdleClose { .. }
             | Ev::Published { .. } => 10,
             Ev::HashesReply { .. } => 11,
         }
@@ -606,6 +612,11 @@ impl World {
                 self.pending_churn -= 1;
                 self.rejoin(node);
             }
+            Ev::IdleClose { node } => {
+                if !self.nodes[node as usize].alive {
+                    self.disconnect(node);
+                }
+            }
             Ev::SwarmStart { node, known, watch } => self.on_swarm_start(node, known, watch),
             Ev::HashesReply { node, known } => self.on_hashes_reply(node, known),
             Ev::Published { node, piece } => self.on_published(node, piece),
@@ -759,6 +770,8 @@ impl World {
     /// A crashed node comes back: the pieces it verified are on its disk; its peers,
     /// requests, hashes and peer id are new.
     fn rejoin(&mut self, n: u32) {
+        // The new process answers the old connections with a stateless reset.
+        self.disconnect(n);
         let now = self.now;
         let at = self.clock.at(now);
         let old = &self.nodes[n as usize];
@@ -775,8 +788,10 @@ impl World {
         self.nodes[n as usize].joined_at = self.specs[n as usize].join_at.unwrap_or(0);
     }
 
-    /// Node `n` stops at once: its connections drop, its upstream stream ends, the
-    /// tracker is not told.
+    /// Node `n` stops at once: its upstream stream and its uploads end, nothing it
+    /// was sent is answered, the tracker is not told. Its peers only notice through
+    /// their requests' timeouts, until QUIC's idle timeout closes the connections
+    /// ([`Ev::IdleClose`]), as with a real crashed process.
     fn crash(&mut self, n: u32) {
         let now = self.now;
         let node = &mut self.nodes[n as usize];
@@ -788,7 +803,28 @@ impl World {
         if node.counted && node.completed_at.is_none() {
             self.pending_nodes -= 1;
         }
-        self.disconnect(n);
+        if let Some(flow) = node.upstream_flow.take() {
+            self.net.end(flow, now);
+        }
+        // Its downloads die with it (their senders' slots come free) ...
+        let keys: Vec<PeerKey> = self.nodes[n as usize].links.keys().copied().collect();
+        for key in keys {
+            self.abort_all_with(n, key);
+        }
+        // ... and its uploads stop; the requesters wait for their timeouts.
+        let ids: Vec<FetchId> =
+            self.fetches.ids().filter(|&id| self.fetches.get(id).is_some_and(|f| f.sender == n)).collect();
+        for id in ids {
+            if let Some(FetchState::Flowing(flow)) = self.fetches.get(id).map(|f| f.state)
+                && let Some((_, _, moved)) = self.net.end(flow, now)
+            {
+                self.wasted_bytes += moved;
+                if let Some(f) = self.fetches.get_mut(id) {
+                    f.state = FetchState::ToSender;
+                }
+            }
+        }
+        self.events.push(now + nanos(IDLE_TIMEOUT), Ev::IdleClose { node: n });
     }
 
     /// Ends node `n`'s upstream stream and closes all its connections.
