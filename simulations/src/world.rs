@@ -794,16 +794,10 @@ impl World {
     /// ([`Ev::IdleClose`]), as with a real crashed process.
     fn crash(&mut self, n: u32) {
         let now = self.now;
-        let node = &mut self.nodes[n as usize];
-        if !node.alive {
+        if !self.mark_gone(n) {
             return;
         }
-        node.alive = false;
-        node.left_at = Some(now);
-        if node.counted && node.completed_at.is_none() {
-            self.pending_nodes -= 1;
-        }
-        if let Some(flow) = node.upstream_flow.take() {
+        if let Some(flow) = self.nodes[n as usize].upstream_flow.take() {
             self.net.end(flow, now);
         }
         // Its downloads die with it (their senders' slots come free) ...
@@ -864,17 +858,27 @@ impl World {
         self.net.start(now, rest, &path, FlowTag::Fallback { node: n });
     }
 
-    fn leave(&mut self, n: u32) {
+    /// Node `n` is gone from now on (false: it was already).
+    fn mark_gone(&mut self, n: u32) -> bool {
         let now = self.now;
         let node = &mut self.nodes[n as usize];
         if !node.alive {
-            return;
+            return false;
         }
         node.alive = false;
         node.left_at = Some(now);
         if node.counted && node.completed_at.is_none() {
             self.pending_nodes -= 1;
         }
+        true
+    }
+
+    fn leave(&mut self, n: u32) {
+        let now = self.now;
+        if !self.mark_gone(n) {
+            return;
+        }
+        let node = &self.nodes[n as usize];
         let leave = TrackerRequest::Leave { peer_id: node.peer_id, blob: self.digest };
         let _ = self.tracker.handle(leave, node_addr(n), self.clock.at(now));
         let keys: Vec<_> = node.links.keys().copied().collect();
