@@ -286,9 +286,6 @@ impl World {
     pub(crate) fn drain(&mut self, n: u32) {
         self.drain_actions(n);
         self.arm_timer(n);
-        if self.nodes[n as usize].takeover.is_some() {
-            self.watch_progress(n);
-        }
     }
 
     /// Carries out every pending action of node `n`'s swarm; returns how many.
@@ -649,6 +646,10 @@ impl World {
             Reply::Missing => PieceOutcome::Rejected(RequestFailure::Missing),
         };
         node.swarm.piece_done(f.key, f.piece, outcome, at);
+        // Progress (held pieces, known hashes) only moves here and in `on_hashes_reply`.
+        if node.takeover.is_some() {
+            self.watch_progress(n);
+        }
         if reply == Reply::Piece {
             self.note_copy(f.piece);
         }
@@ -1003,6 +1004,9 @@ impl World {
             return;
         }
         node.swarm.hashes(known.map_or(HashesReply::Failed, HashesReply::Known), at);
+        if node.takeover.is_some() {
+            self.watch_progress(n);
+        }
         self.drain(n);
     }
 
