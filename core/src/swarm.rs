@@ -155,7 +155,6 @@ pub struct Swarm {
     me: PeerId,
     zone: String,
     policy: NodePolicy,
-    max_peers: usize,
     scheduler: Scheduler,
     rng: StdRng,
     pieces: u32,
@@ -202,7 +201,6 @@ impl Swarm {
             me,
             zone,
             policy: policy.clone(),
-            max_peers: policy.max_peers,
             scheduler,
             rng,
             pieces,
@@ -426,7 +424,7 @@ impl Swarm {
         AnnounceState {
             have: self.scheduler.have().count(),
             complete: self.checked,
-            num_want: u32::try_from(self.max_peers).unwrap_or(u32::MAX),
+            num_want: u32::try_from(self.policy.max_peers).unwrap_or(u32::MAX),
         }
     }
 
@@ -450,7 +448,7 @@ impl Swarm {
         if self.scheduler.is_complete() {
             return;
         }
-        let wanted = self.max_peers.saturating_sub(self.peers.len() + self.dialling.len());
+        let wanted = self.policy.max_peers.saturating_sub(self.peers.len() + self.dialling.len());
         if wanted == 0 {
             return;
         }
