@@ -19,9 +19,17 @@
 //!
 //! # Publishing ([`Publisher`])
 //!
-//! The holder publishes each piece's hash before it announces the piece (peers can
-//! only verify what they have a hash for), and publishes at least every [`RENEW`],
-//! even with nothing new, which renews its lease.
+//! The holder's peers get each piece's hash with the piece's `Have`
+//! ([`crate::swarm`]); the tracker gets a copy for late joiners and version-1 nodes.
+//! The upstream fetch never waits for the tracker: the holder publishes in the
+//! background, one request at a time, whatever hashes it learned since the last
+//! answer, and at least every [`RENEW`] (an empty publish renews the lease). While
+//! the tracker does not answer it keeps fetching and retries every
+//! [`PUBLISH_RETRY`]; when a tracker refuses a publish that does not start at piece
+//! 0 (a restarted tracker knows nothing), it publishes everything from piece 0 again,
+//! which re-asserts its lease (the tracker grants a lease nobody holds to the node
+//! publishing its hashes from the start). A refusal of that too means another node
+//! holds the lease now: the holder stops.
 //!
 //! # Takeover ([`TakeoverWatch`])
 //!
@@ -41,6 +49,8 @@ pub const LAYOUT_WAIT: Duration = Duration::from_secs(30);
 pub const RENEW: Duration = Duration::from_secs(2);
 /// A node whose swarm made no progress for this long asks for the lease.
 pub const TAKEOVER_AFTER: Duration = Duration::from_secs(12);
+/// The holder retries a publish the tracker did not answer after this long.
+pub const PUBLISH_RETRY: Duration = Duration::from_secs(1);
 
 /// What a starting node does next.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -125,49 +135,103 @@ impl Startup {
     }
 }
 
-/// The lease holder's publishing of piece hashes. See the module docs.
+/// The lease holder's publishing of piece hashes to the tracker. See the module docs.
 #[derive(Clone, Debug)]
 pub struct Publisher {
-    next: u32,
-    pending: Vec<[u8; 32]>,
+    /// The tracker has the hashes of pieces `0..confirmed`, as far as this node knows.
+    confirmed: u32,
+    /// This node knows the hashes of pieces `0..known`.
+    known: u32,
+    /// The publish awaiting an answer: it covers pieces up to this one.
+    in_flight: Option<u32>,
+    /// When the last publish was sent.
     last: Instant,
+    /// No publish before this (after one the tracker did not answer).
+    retry_at: Instant,
 }
 
-/// Hashes to publish: pieces `first..first + hashes.len()` (possibly none: a renewal).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A publish to send: the hashes of pieces `first..first + count` (possibly none: a
+/// renewal). The driver reads them from its copy of the blob.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Publish {
     pub first: u32,
-    pub hashes: Vec<[u8; 32]>,
+    pub count: u32,
+}
+
+/// How the tracker answered a publish.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Published {
+    /// Accepted.
+    Ok,
+    /// No answer (unreachable, timed out).
+    Unreachable,
+    /// Refused: this node is not (or no longer) the lease holder there, or the
+    /// tracker lacks the earlier hashes.
+    Refused,
+}
+
+/// What the holder does after a publish's answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PublishStep {
+    /// Go on (fetching, and publishing as [`Publisher::poll`] says).
+    Continue,
+    /// Another node holds the lease: stop the upstream fetch.
+    Lost,
 }
 
 impl Publisher {
-    /// Publishing from piece `from` on, starting at `now`.
+    /// Publishing from piece `from` on (the tracker has the hashes before it),
+    /// starting at `now` (the layout was just published).
     pub fn new(from: u32, now: Instant) -> Self {
-        Self { next: from, pending: Vec::new(), last: now }
+        Self { confirmed: from, known: from, in_flight: None, last: now, retry_at: now }
     }
 
-    /// The next piece's hash is known: publish it now (before announcing the piece).
-    pub fn piece(&mut self, hash: [u8; 32], now: Instant) -> Publish {
-        self.pending.push(hash);
-        self.take(now)
+    /// This node now knows the hashes of pieces `0..known`.
+    pub fn known(&mut self, known: u32) {
+        self.known = self.known.max(known);
     }
 
-    /// When a renewal is due if nothing else is published before.
-    pub fn renew_at(&self) -> Instant {
-        self.last + RENEW
+    /// The tracker has the hashes of pieces `0..confirmed()`, as far as this node knows.
+    pub fn confirmed(&self) -> u32 {
+        self.confirmed
     }
 
-    /// A renewal (whatever is pending, possibly nothing), if one is due at `now`.
-    pub fn renew(&mut self, now: Instant) -> Option<Publish> {
-        (now >= self.renew_at()).then(|| self.take(now))
-    }
-
-    fn take(&mut self, now: Instant) -> Publish {
-        let hashes = std::mem::take(&mut self.pending);
-        let first = self.next;
-        self.next += hashes.len() as u32;
+    /// The publish to send at `now`, if one is due: new hashes, or a renewal.
+    pub fn poll(&mut self, now: Instant) -> Option<Publish> {
+        if self.in_flight.is_some() || now < self.retry_at {
+            return None;
+        }
+        if self.known <= self.confirmed && now < self.last + RENEW {
+            return None;
+        }
+        let first = self.confirmed.min(self.known);
+        self.in_flight = Some(self.known);
         self.last = now;
-        Publish { first, hashes }
+        Some(Publish { first, count: self.known - first })
+    }
+
+    /// The tracker answered the publish in flight.
+    pub fn published(&mut self, answer: Published, now: Instant) -> PublishStep {
+        let Some(end) = self.in_flight.take() else { return PublishStep::Continue };
+        match answer {
+            Published::Ok => self.confirmed = self.confirmed.max(end),
+            Published::Unreachable => self.retry_at = now + PUBLISH_RETRY,
+            // From piece 0 and still refused: somebody else holds the lease.
+            Published::Refused if self.confirmed == 0 => return PublishStep::Lost,
+            // The tracker may have restarted: everything again, from piece 0.
+            Published::Refused => self.confirmed = 0,
+        }
+        PublishStep::Continue
+    }
+
+    /// When [`Publisher::poll`] may have something next (`None`: when the publish
+    /// in flight is answered).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.in_flight.is_some() {
+            return None;
+        }
+        let due = if self.known > self.confirmed { self.retry_at } else { self.last + RENEW };
+        Some(due.max(self.retry_at))
     }
 }
 
@@ -235,14 +299,42 @@ mod tests {
     }
 
     #[test]
-    fn the_holder_publishes_every_piece_in_order_and_renews_when_idle() {
+    fn the_holder_publishes_what_it_learned_one_request_at_a_time_and_renews_when_idle() {
         let t = Instant::now();
         let mut p = Publisher::new(4, t);
-        assert_eq!(p.piece([1; 32], t), Publish { first: 4, hashes: vec![[1; 32]] });
-        assert_eq!(p.piece([2; 32], t), Publish { first: 5, hashes: vec![[2; 32]] });
-        assert_eq!(p.renew(t + RENEW - Duration::from_millis(1)), None);
-        assert_eq!(p.renew(t + RENEW), Some(Publish { first: 6, hashes: vec![] }));
-        assert_eq!(p.renew_at(), t + RENEW + RENEW);
+        assert_eq!(p.poll(t), None, "nothing new, renewal not due");
+        p.known(5);
+        assert_eq!(p.poll(t), Some(Publish { first: 4, count: 1 }));
+        p.known(7);
+        assert_eq!(p.poll(t), None, "one publish in flight");
+        assert_eq!(p.poll_timeout(), None);
+        assert_eq!(p.published(Published::Ok, t), PublishStep::Continue);
+        assert_eq!(p.poll(t), Some(Publish { first: 5, count: 2 }), "what arrived meanwhile, batched");
+        p.published(Published::Ok, t);
+        assert_eq!(p.poll_timeout(), Some(t + RENEW));
+        assert_eq!(p.poll(t + RENEW - Duration::from_millis(1)), None);
+        assert_eq!(p.poll(t + RENEW), Some(Publish { first: 7, count: 0 }), "an empty renewal");
+    }
+
+    #[test]
+    fn an_unreachable_tracker_never_stops_the_holder_and_a_restarted_one_gets_everything_again() {
+        let t = Instant::now();
+        let mut p = Publisher::new(0, t);
+        p.known(3);
+        assert_eq!(p.poll(t), Some(Publish { first: 0, count: 3 }));
+        p.published(Published::Ok, t);
+        p.known(5);
+        assert_eq!(p.poll(t), Some(Publish { first: 3, count: 2 }));
+        assert_eq!(p.published(Published::Unreachable, t), PublishStep::Continue);
+        assert_eq!(p.poll(t), None, "retry after a pause");
+        assert_eq!(p.poll_timeout(), Some(t + PUBLISH_RETRY));
+        let back = t + PUBLISH_RETRY;
+        assert_eq!(p.poll(back), Some(Publish { first: 3, count: 2 }), "nothing lost");
+        // The tracker restarted: it refuses a publish that does not start at 0.
+        assert_eq!(p.published(Published::Refused, back), PublishStep::Continue);
+        assert_eq!(p.poll(back), Some(Publish { first: 0, count: 5 }), "re-asserts with every hash");
+        // Refused from piece 0 too: another node holds the lease.
+        assert_eq!(p.published(Published::Refused, back), PublishStep::Lost);
     }
 
     #[test]

@@ -39,6 +39,19 @@
 //!   next publish), after [`HASH_SYNC`] otherwise. An answer saying the tracker
 //!   forgot the blob means the upstream fetch failed: the download is abandoned.
 //! - **`Have`s** go to every connected peer that has not itself announced the piece.
+//! - **Hashes travel peer to peer** (protocol version 2). Before its bitfield and
+//!   before each `Have`, a node sends a version-2 peer the piece hashes it learned
+//!   since it last sent that peer any ([`Swarm::hashes_for`], [`HaveTo`]), so whoever
+//!   learns of a piece can verify it, and the hashes the lease holder publishes reach
+//!   every node through the swarm, tracker or not. A node whose peers all speak
+//!   version 2 stops asking the tracker for hashes (the tracker keeps a copy for late
+//!   joiners and version-1 peers). A hash that conflicts with one already known
+//!   closes and bans the peer that sent it. A blob that fails its whole-blob check is
+//!   abandoned: its pieces and the hashes learned with them are dropped, and the next
+//!   request fetches it afresh.
+//! - **Peer exchange** (version 2). When a version-2 peer connects, it is sent up to
+//!   `max_peers` (at most [`MAX_PEX_PEERS`]) of the swarm's other peers; peers offered this way are dialled
+//!   by the same rule as the tracker's, so a swarm keeps growing without a tracker.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -46,7 +59,7 @@ use std::time::{Duration, Instant};
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use swarm_proto::msg::PeerInfo;
+use swarm_proto::msg::{MAX_PEX_PEERS, PeerInfo};
 use swarm_proto::{Bitfield, PeerId};
 
 use crate::node::{CONNECT_BACKOFF, HASH_SYNC, NodePolicy};
@@ -59,8 +72,13 @@ pub enum SwarmAction {
     Request { peer: PeerKey, piece: u32 },
     /// Abandon the outstanding request of `piece` to `peer`.
     Cancel { peer: PeerKey, piece: u32 },
-    /// `piece` is now held: send a `Have` to each of [`Swarm::have_recipients`].
+    /// `piece` is now held: send a `Have` to each of [`Swarm::have_recipients`]
+    /// (with the hashes it names first).
     Have { piece: u32 },
+    /// Send `peer` the piece hashes `range` (then, for a new connection, the bitfield).
+    SendHashes { peer: PeerKey, range: HashRange },
+    /// Send `peer` these peers of the blob (peer exchange).
+    SendPeers { peer: PeerKey, peers: Vec<PeerInfo> },
     /// Dial `addr` for this blob.
     Dial { addr: SocketAddr },
     /// Close the connection of `peer`; the swarm has already forgotten it.
@@ -87,6 +105,46 @@ pub enum CloseReason {
     BadPieces,
     /// A second connection to the same peer won (see the module docs).
     Duplicate,
+    /// The peer sent a piece hash that conflicts with a known one; it is banned.
+    BadHashes,
+}
+
+/// Piece hashes to send: pieces `first..first + count`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HashRange {
+    pub first: u32,
+    pub count: u32,
+}
+
+/// One recipient of a `Have`: send it `hashes` first, if any.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HaveTo {
+    pub peer: PeerKey,
+    pub hashes: Option<HashRange>,
+}
+
+/// A connection whose handshake succeeded, as the driver reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerConn {
+    pub peer_id: PeerId,
+    /// The peer's address: the one dialled, or where an inbound connection came from.
+    pub addr: SocketAddr,
+    /// Whether this node dialled it.
+    pub outbound: bool,
+    /// The protocol version the connection settled on.
+    pub version: u32,
+}
+
+/// What became of piece hashes a peer sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerHashes {
+    /// Stored: the node now knows the hashes of pieces `0..known`. (The sender is not
+    /// marked as knowing them: at worst this node sends it some again, 32 bytes each,
+    /// which costs less than the bookkeeping on every `Have`.)
+    Stored { known: u32 },
+    /// One conflicts with a hash already known (or leaves a gap, or names another
+    /// layout).
+    Conflict,
 }
 
 /// Why a new connection is refused.
@@ -148,6 +206,11 @@ pub struct AnnounceState {
 struct Peer {
     peer_id: PeerId,
     outbound: bool,
+    addr: SocketAddr,
+    /// Speaks version 2: piece hashes and peer exchange.
+    exchange: bool,
+    /// The peer knows (or was sent) the hashes of pieces `0..hashes_sent`.
+    hashes_sent: u32,
 }
 
 /// One blob's swarm on one node. See the module docs.
@@ -166,6 +229,8 @@ pub struct Swarm {
     /// Addresses whose dial failed, and when (forgotten after [`CONNECT_BACKOFF`]).
     failed: BTreeMap<SocketAddr, Instant>,
     banned: BTreeSet<PeerId>,
+    /// Connected peers that speak only version 1 (no hashes from them).
+    v1_peers: usize,
     next_announce: Instant,
     announcing: bool,
     /// Piece hashes known: pieces `0..known`.
@@ -211,6 +276,7 @@ impl Swarm {
             dialling: BTreeSet::new(),
             failed: BTreeMap::new(),
             banned: BTreeSet::new(),
+            v1_peers: 0,
             next_announce: now,
             announcing: false,
             known: known.min(pieces),
@@ -253,16 +319,13 @@ impl Swarm {
 
     // ----------------------------------------------------------------- peers
 
-    /// A connection to `peer_id` is up (`outbound`: we dialled `dialled`). Returns
-    /// the key the swarm knows it by, or why it is refused (then close it). A
-    /// duplicate it replaces is closed through [`SwarmAction::Close`].
-    pub fn connected(
-        &mut self,
-        peer_id: PeerId,
-        outbound: Option<SocketAddr>,
-        now: Instant,
-    ) -> Result<PeerKey, Refused> {
-        if let Some(addr) = outbound {
+    /// A connection is up. Returns the key the swarm knows the peer by, or why it is
+    /// refused (then close it). A duplicate it replaces is closed through
+    /// [`SwarmAction::Close`]. A version-2 peer is sent the hashes this node knows
+    /// and the other peers of the swarm; the driver sends the bitfield after them.
+    pub fn connected(&mut self, conn: PeerConn, now: Instant) -> Result<PeerKey, Refused> {
+        let PeerConn { peer_id, addr, outbound, version } = conn;
+        if outbound {
             self.dialling.remove(&addr);
         }
         if peer_id == self.me {
@@ -275,7 +338,7 @@ impl Swarm {
             // Simultaneous connections: keep the one opened by the smaller peer id.
             let opener = |outbound: bool| if outbound { self.me } else { peer_id };
             let existing_opener = self.peers.get(&existing).map_or(peer_id, |p| opener(p.outbound));
-            if opener(outbound.is_some()) >= existing_opener {
+            if opener(outbound) >= existing_opener {
                 return Err(Refused::Duplicate);
             }
             self.forget_peer(existing, now);
@@ -283,11 +346,68 @@ impl Swarm {
         }
         let key = PeerKey(self.next_key);
         self.next_key += 1;
-        self.peers.insert(key, Peer { peer_id, outbound: outbound.is_some() });
+        let exchange = version >= 2;
+        if exchange {
+            let others: Vec<PeerInfo> = self
+                .peers
+                .values()
+                .take(self.policy.max_peers.min(MAX_PEX_PEERS))
+                .map(|p| PeerInfo { peer_id: p.peer_id, addr: p.addr, zone: String::new(), have: 0, complete: false })
+                .collect();
+            if !others.is_empty() {
+                self.actions.push_back(SwarmAction::SendPeers { peer: key, peers: others });
+            }
+        } else {
+            self.v1_peers += 1;
+        }
+        self.peers.insert(key, Peer { peer_id, outbound, addr, exchange, hashes_sent: 0 });
         self.by_id.insert(peer_id, key);
+        if let Some(range) = self.hashes_for(key) {
+            self.actions.push_back(SwarmAction::SendHashes { peer: key, range });
+        }
         self.scheduler.add_peer(key, now);
         self.drain_scheduler();
         Ok(key)
+    }
+
+    /// The hashes to send `peer` before a bitfield or a `Have`: those it has not
+    /// been sent (version-2 peers only). Counts them as sent.
+    pub fn hashes_for(&mut self, peer: PeerKey) -> Option<HashRange> {
+        let known = self.known;
+        let p = self.peers.get_mut(&peer)?;
+        Self::take_hashes(p, known)
+    }
+
+    fn take_hashes(p: &mut Peer, known: u32) -> Option<HashRange> {
+        if !p.exchange || p.hashes_sent >= known {
+            return None;
+        }
+        let range = HashRange { first: p.hashes_sent, count: known - p.hashes_sent };
+        p.hashes_sent = known;
+        Some(range)
+    }
+
+    /// `peer` sent piece hashes; the driver checked them against what it knows.
+    pub fn peer_hashes(&mut self, peer: PeerKey, outcome: PeerHashes, now: Instant) {
+        match outcome {
+            PeerHashes::Stored { known } => self.hashes_known(known, now),
+            PeerHashes::Conflict => {
+                if let Some(p) = self.peers.get(&peer) {
+                    self.banned.insert(p.peer_id);
+                }
+                self.forget_peer(peer, now);
+                self.actions.push_back(SwarmAction::Close { peer, reason: CloseReason::BadHashes });
+                self.drain_scheduler();
+            }
+        }
+    }
+
+    /// A peer told this node about other peers of the blob (peer exchange): they
+    /// are dialled like the tracker's offers.
+    pub fn peers_offered(&mut self, peers: &[PeerInfo], now: Instant) {
+        if self.started {
+            self.dial(peers, now);
+        }
     }
 
     /// A dial of `addr` failed: not again for [`CONNECT_BACKOFF`].
@@ -304,6 +424,9 @@ impl Swarm {
 
     fn forget_peer(&mut self, peer: PeerKey, now: Instant) {
         let Some(p) = self.peers.remove(&peer) else { return };
+        if !p.exchange {
+            self.v1_peers -= 1;
+        }
         if self.by_id.get(&p.peer_id) == Some(&peer) {
             self.by_id.remove(&p.peer_id);
         }
@@ -344,14 +467,16 @@ impl Swarm {
     }
 
     /// The peers to tell that this node holds `piece`, in key order: every connected
-    /// peer that has not announced it itself.
-    pub fn have_recipients(&self, piece: u32, out: &mut Vec<PeerKey>) {
+    /// peer that has not announced it itself, each with the hashes to send it first
+    /// (counted as sent).
+    pub fn have_recipients(&mut self, piece: u32, out: &mut Vec<HaveTo>) {
         out.clear();
+        let known = self.known;
         let mut holding = self.scheduler.peers_holding(piece).peekable();
-        for &k in self.peers.keys() {
+        for (&k, p) in self.peers.iter_mut() {
             while holding.next_if(|&h| h < k).is_some() {}
             if holding.peek() != Some(&k) {
-                out.push(k);
+                out.push(HaveTo { peer: k, hashes: Self::take_hashes(p, known) });
             }
         }
     }
@@ -399,11 +524,16 @@ impl Swarm {
             self.lease_holder = false;
             self.actions.push_back(SwarmAction::ReleaseLease { failed: result.as_ref().err().cloned() });
         }
-        if result.is_ok() {
-            self.checked = true;
-            // Tell the tracker at once that this node is now a seed.
-            self.next_announce = now;
-            self.handle_timeout(now);
+        match result {
+            Ok(()) => {
+                self.checked = true;
+                // Tell the tracker at once that this node is now a seed.
+                self.next_announce = now;
+                self.handle_timeout(now);
+            }
+            // Some piece or hash was wrong (hashes may have come from peers): drop
+            // everything learned and let the next request start afresh.
+            Err(reason) => self.actions.push_back(SwarmAction::Abandon { reason }),
         }
     }
 
@@ -477,7 +607,13 @@ impl Swarm {
     }
 
     fn needs_hashes(&self) -> bool {
-        self.started && !self.syncing && !self.lease_holder && self.known < self.pieces
+        self.started && !self.syncing && !self.lease_holder && self.known < self.pieces && !self.hashes_from_peers()
+    }
+
+    /// Whether every connected peer passes hashes on (and there is one): then the
+    /// tracker is not asked for them.
+    fn hashes_from_peers(&self) -> bool {
+        !self.peers.is_empty() && self.v1_peers == 0
     }
 
     /// Hashes the node knows: pieces `0..known`.
@@ -583,6 +719,9 @@ impl Swarm {
                 Action::DropPeer { peer, reason: DropReason::BadPieces } => {
                     if let Some(p) = self.peers.remove(&peer) {
                         self.banned.insert(p.peer_id);
+                        if !p.exchange {
+                            self.v1_peers -= 1;
+                        }
                         if self.by_id.get(&p.peer_id) == Some(&peer) {
                             self.by_id.remove(&p.peer_id);
                         }
@@ -611,6 +750,15 @@ mod tests {
 
     fn info(i: u8) -> PeerInfo {
         PeerInfo { peer_id: PeerId([i; 16]), addr: addr(i), zone: String::new(), have: 0, complete: false }
+    }
+
+    /// A connection to node `i` speaking version 1 (no hashes, no peer exchange).
+    fn v1(i: u8, outbound: bool) -> PeerConn {
+        PeerConn { peer_id: PeerId([i; 16]), addr: addr(i), outbound, version: 1 }
+    }
+
+    fn v2(i: u8, outbound: bool) -> PeerConn {
+        PeerConn { version: 2, ..v1(i, outbound) }
     }
 
     fn swarm(me: u8, have: Bitfield, known: u32, now: Instant) -> Swarm {
@@ -679,17 +827,17 @@ mod tests {
         actions(&mut a);
         actions(&mut b);
         // Connection X: opened by b (the larger id); connection Y: opened by a.
-        let xa = a.connected(PeerId([2; 16]), None, t).expect("a takes x");
-        let _xb = b.connected(PeerId([1; 16]), Some(addr(1)), t).expect("b takes x");
-        let ya = a.connected(PeerId([2; 16]), Some(addr(2)), t).expect("a prefers y");
+        let xa = a.connected(v1(2, false), t).expect("a takes x");
+        let _xb = b.connected(v1(1, true), t).expect("b takes x");
+        let ya = a.connected(v1(2, true), t).expect("a prefers y");
         assert_ne!(xa, ya);
         assert_eq!(actions(&mut a), vec![SwarmAction::Close { peer: xa, reason: CloseReason::Duplicate }]);
-        let yb = b.connected(PeerId([1; 16]), None, t);
+        let yb = b.connected(v1(1, false), t);
         assert!(yb.is_ok(), "b prefers y too");
         assert_eq!(actions(&mut b).len(), 1, "b closes x");
         // A third connection opened by b loses on both sides.
-        assert_eq!(a.connected(PeerId([2; 16]), None, t), Err(Refused::Duplicate));
-        assert_eq!(a.connected(PeerId([1; 16]), None, t), Err(Refused::ToSelf));
+        assert_eq!(a.connected(v1(2, false), t), Err(Refused::Duplicate));
+        assert_eq!(a.connected(v1(1, false), t), Err(Refused::ToSelf));
         assert_eq!(a.peer_count(), 1);
     }
 
@@ -698,7 +846,7 @@ mod tests {
         let t = Instant::now();
         let mut s = swarm(1, Bitfield::new(PIECES), 2, t);
         assert_eq!(actions(&mut s), vec![SwarmAction::Announce, SwarmAction::GetHashes { first: 2 }]);
-        let p = s.connected(PeerId([2; 16]), None, t).expect("peer");
+        let p = s.connected(v1(2, false), t).expect("peer");
         for _ in 0..1000 {
             assert!(!s.have(p, 5, t), "piece 5 has no known hash yet");
         }
@@ -739,13 +887,94 @@ mod tests {
     fn a_have_goes_to_every_peer_that_did_not_announce_the_piece() {
         let t = Instant::now();
         let mut s = swarm(1, Bitfield::new(PIECES), PIECES, t);
-        let keys: Vec<PeerKey> = (2..=4).map(|i| s.connected(PeerId([i; 16]), None, t).expect("peer")).collect();
+        let keys: Vec<PeerKey> = (2..=4).map(|i| s.connected(v1(i, false), t).expect("peer")).collect();
         s.have(keys[1], 3, t);
         let mut out = Vec::new();
         s.have_recipients(3, &mut out);
-        assert_eq!(out, vec![keys[0], keys[2]]);
+        let to = |peer| HaveTo { peer, hashes: None };
+        assert_eq!(out, vec![to(keys[0]), to(keys[2])]);
         s.closed(keys[0], t);
         s.have_recipients(3, &mut out);
-        assert_eq!(out, vec![keys[2]]);
+        assert_eq!(out, vec![to(keys[2])]);
+    }
+
+    #[test]
+    fn hashes_go_to_version_2_peers_once_before_the_haves_that_need_them() {
+        let t = Instant::now();
+        // The lease holder, with the hashes of pieces 0..2 known.
+        let mut s = swarm(1, Bitfield::new(PIECES), 2, t);
+        s.hold_lease();
+        actions(&mut s);
+        let old = s.connected(v1(2, false), t).expect("v1 peer");
+        let new = s.connected(v2(3, false), t).expect("v2 peer");
+        let acts = actions(&mut s);
+        let range = |first, count| HashRange { first, count };
+        assert!(acts.contains(&SwarmAction::SendHashes { peer: new, range: range(0, 2) }), "{acts:?}");
+        assert!(!acts.iter().any(|a| matches!(a, SwarmAction::SendHashes { peer, .. } if *peer == old)), "{acts:?}");
+        // A new piece from upstream: its hash rides with its Have, to the v2 peer only.
+        s.upstream_piece(2, t);
+        assert!(actions(&mut s).contains(&SwarmAction::Have { piece: 2 }));
+        let mut out = Vec::new();
+        s.have_recipients(2, &mut out);
+        assert_eq!(out, vec![HaveTo { peer: old, hashes: None }, HaveTo { peer: new, hashes: Some(range(2, 1)) }]);
+        // Sent once: the next Have of an older piece carries nothing.
+        s.have_recipients(1, &mut out);
+        assert!(out.iter().all(|h| h.hashes.is_none()), "{out:?}");
+        // Hashes from a peer make them known here, to send on to the others.
+        s.peer_hashes(new, PeerHashes::Stored { known: 4 }, t);
+        assert_eq!(s.hashes_for(new), Some(range(3, 1)));
+        assert_eq!(s.hashes_for(old), None, "version 1: no hashes");
+    }
+
+    #[test]
+    fn with_only_version_2_peers_hashes_come_from_them_not_the_tracker() {
+        let t = Instant::now();
+        let mut s = swarm(1, Bitfield::new(PIECES), 2, t);
+        assert!(actions(&mut s).contains(&SwarmAction::GetHashes { first: 2 }));
+        s.hashes(HashesReply::Known(2), t);
+        let p = s.connected(v2(2, false), t).expect("peer");
+        actions(&mut s);
+        s.handle_timeout(t + HASH_SYNC);
+        assert!(!actions(&mut s).iter().any(|a| matches!(a, SwarmAction::GetHashes { .. })));
+        // The peer's hashes make its deferred Have usable.
+        assert!(!s.have(p, 4, t));
+        s.peer_hashes(p, PeerHashes::Stored { known: 5 }, t);
+        assert!(actions(&mut s).contains(&SwarmAction::Request { peer: p, piece: 4 }));
+        // A version-1 peer joins: its Haves carry no hashes, so the tracker is asked again.
+        s.connected(v1(3, false), t).expect("v1 peer");
+        s.handle_timeout(t + HASH_SYNC);
+        assert!(actions(&mut s).contains(&SwarmAction::GetHashes { first: 5 }));
+    }
+
+    #[test]
+    fn a_conflicting_hash_bans_the_peer_and_a_failed_check_abandons_the_blob() {
+        let t = Instant::now();
+        let mut s = swarm(1, Bitfield::new(PIECES), 2, t);
+        let p = s.connected(v2(2, false), t).expect("peer");
+        actions(&mut s);
+        s.peer_hashes(p, PeerHashes::Conflict, t);
+        assert!(actions(&mut s).contains(&SwarmAction::Close { peer: p, reason: CloseReason::BadHashes }));
+        assert_eq!(s.peer_count(), 0);
+        assert_eq!(s.connected(v2(2, false), t), Err(Refused::Banned));
+        s.blob_checked(Err("digest mismatch".into()), t);
+        assert_eq!(actions(&mut s), vec![SwarmAction::Abandon { reason: "digest mismatch".into() }]);
+    }
+
+    #[test]
+    fn a_version_2_peer_learns_the_other_peers_and_offered_peers_are_dialled() {
+        let t = Instant::now();
+        let mut s = swarm(1, Bitfield::new(PIECES), PIECES, t);
+        actions(&mut s);
+        s.connected(v1(2, true), t).expect("peer");
+        let q = s.connected(v2(3, false), t).expect("peer");
+        let acts = actions(&mut s);
+        let sent = acts.iter().find_map(|a| match a {
+            SwarmAction::SendPeers { peer, peers } if *peer == q => Some(peers.clone()),
+            _ => None,
+        });
+        let sent = sent.expect("peers sent to the v2 peer");
+        assert_eq!(sent.iter().map(|p| p.addr).collect::<Vec<_>>(), vec![addr(2)]);
+        s.peers_offered(&[info(4), info(2), info(1)], t);
+        assert_eq!(actions(&mut s), vec![SwarmAction::Dial { addr: addr(4) }], "not itself, not a connected peer");
     }
 }

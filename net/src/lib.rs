@@ -16,8 +16,10 @@
 //! (at least 16 bytes; `swarm token` makes 32 random ones). There is no CA and no
 //! per-node identity: holding the token is what makes a node part of the cluster.
 //!
-//! **TLS.** Every connection is QUIC with TLS 1.3 only (ring provider), ALPN
-//! `swarm/1` ([`swarm_proto::ALPN`]). Each [`Endpoint`] generates its own self-signed
+//! **TLS.** Every connection is QUIC with TLS 1.3 only (ring provider). ALPN carries
+//! the protocol version: both sides offer [`swarm_proto::ALPNS`] (`swarm/2`, then
+//! `swarm/1`) and the handshake settles on the best one both speak, which
+//! [`protocol_version`] reads back. Each [`Endpoint`] generates its own self-signed
 //! ECDSA P-256 certificate when it binds (subject alternative name `swarm`). The
 //! client accepts any end-entity certificate, since identity comes from the token, but
 //! still verifies the TLS 1.3 `CertificateVerify` signature with the provider's
@@ -83,6 +85,15 @@ pub use endpoint::{Endpoint, EndpointConfig, Incoming};
 pub use error::NetError;
 pub use framing::{read_msg, write_msg};
 pub use token::{ClusterToken, MIN_TOKEN_LEN};
+
+/// The protocol version a connection's TLS handshake settled on (its ALPN), or
+/// [`swarm_proto::MIN_PROTOCOL_VERSION`] if it names none this build knows.
+pub fn protocol_version(conn: &quinn::Connection) -> u32 {
+    conn.handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol.as_deref().and_then(swarm_proto::alpn_version))
+        .unwrap_or(swarm_proto::MIN_PROTOCOL_VERSION)
+}
 
 /// QUIC application error codes, used both to close connections and to reset or
 /// stop streams. Values are part of the wire protocol: never renumber.

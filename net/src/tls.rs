@@ -1,5 +1,5 @@
 //! TLS and QUIC configuration: the per-endpoint self-signed certificate, the rustls
-//! client and server configs (TLS 1.3 only, ALPN `swarm/1`, ring provider), the
+//! client and server configs (TLS 1.3 only, ALPN `swarm/2` or `swarm/1`, ring provider), the
 //! certificate verifier that checks handshake signatures but not identities, the
 //! transport parameters and the stateless-reset key.
 
@@ -26,7 +26,8 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 /// The rustls server config: a fresh self-signed ECDSA P-256 certificate for
-/// [`SERVER_NAME`], no client certificates, TLS 1.3 only, ALPN `swarm/1`.
+/// [`SERVER_NAME`], no client certificates, TLS 1.3 only, ALPNs
+/// [`swarm_proto::ALPNS`] in preference order.
 pub(crate) fn server_crypto() -> Result<quinn::crypto::rustls::QuicServerConfig, NetError> {
     let certified = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string()])
         .map_err(|e| config_err("cannot generate the endpoint certificate", e))?;
@@ -38,13 +39,14 @@ pub(crate) fn server_crypto() -> Result<quinn::crypto::rustls::QuicServerConfig,
         .with_no_client_auth()
         .with_single_cert(vec![cert], key)
         .map_err(|e| config_err("cannot use the endpoint certificate", e))?;
-    tls.alpn_protocols = vec![swarm_proto::ALPN.to_vec()];
+    tls.alpn_protocols = swarm_proto::ALPNS.iter().map(|a| a.to_vec()).collect();
     // No 0-RTT: early data could be replayed, and nothing is sent before the token proof.
     tls.max_early_data_size = 0;
     quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| config_err("QUIC server TLS", e))
 }
 
-/// The rustls client config: TLS 1.3 only, ALPN `swarm/1`, [`TokenAuthVerifier`].
+/// The rustls client config: TLS 1.3 only, ALPNs [`swarm_proto::ALPNS`],
+/// [`TokenAuthVerifier`].
 pub(crate) fn client_crypto() -> Result<quinn::crypto::rustls::QuicClientConfig, NetError> {
     let provider = provider();
     let verifier = Arc::new(TokenAuthVerifier { algorithms: provider.signature_verification_algorithms });
@@ -54,7 +56,7 @@ pub(crate) fn client_crypto() -> Result<quinn::crypto::rustls::QuicClientConfig,
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
-    tls.alpn_protocols = vec![swarm_proto::ALPN.to_vec()];
+    tls.alpn_protocols = swarm_proto::ALPNS.iter().map(|a| a.to_vec()).collect();
     quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| config_err("QUIC client TLS", e))
 }
 

@@ -10,14 +10,17 @@
 //! 3. else asks the tracker for the blob's **upstream lease**. The tracker grants it
 //!    to one node of the cluster. That node opens the upstream blob (from the piece the
 //!    swarm has not hashed yet, with an HTTP Range when resuming a lease that moved),
-//!    and as each piece arrives it hashes it, publishes the hash to the tracker,
-//!    stores it and announces it to its peers: everybody else swarms on those pieces
-//!    while the upstream fetch is still running (cut-through). Nodes that were not
-//!    granted the lease wait for the layout to appear (step 2).
+//!    and as each piece arrives it hashes it, stores it and announces it to its peers
+//!    with its hash: everybody else swarms on those pieces while the upstream fetch is
+//!    still running (cut-through), and the hashes spread peer to peer. Nodes that
+//!    were not granted the lease wait for the layout to appear (step 2).
 //!
-//! The holder renews the lease by publishing (at least every [`RENEW`]); if it dies or
-//! stalls, the tracker lets the lease go and the next node whose swarm stops making
-//! progress takes it over, resuming from the pieces the swarm already has.
+//! Beside the feed, a publisher sends the tracker a copy of the hashes (for late
+//! joiners) and renews the lease (at least every [`RENEW`]); the feed never waits
+//! for it, so a tracker that goes away mid-transfer stops nothing, and one that comes
+//! back is told everything again (`swarm_core::lease`). If the holder dies or stalls,
+//! the tracker lets the lease go and the next node whose swarm stops making progress
+//! takes it over, resuming from the pieces the swarm already has.
 //!
 //! The HTTP body streams the blob in order, each piece as soon as it is verified
 //! against its hash; the last piece is held back until the whole blob matched its
@@ -32,9 +35,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
-use swarm_core::lease::{LayoutReply, LeaseAnswer, Publisher, StartStep, Startup, TakeoverWatch};
+use swarm_core::lease::{
+    LayoutReply, LeaseAnswer, PublishStep, Published, Publisher, StartStep, Startup, TakeoverWatch,
+};
 use swarm_proto::msg::LeaseReply;
 use swarm_proto::{Digest, Layout, piece_length_for};
+use swarm_tracker::client::TrackerClientError;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::mirror::{BlobBody, BlobProvider, BlobRequest, ProviderError, provider_error};
@@ -202,8 +208,8 @@ async fn ask_tracker<T>(
     }
 }
 
-/// Runs the upstream feed of a lease holder; on failure abandons the download and
-/// gives the lease back with the reason.
+/// Runs the upstream feed of a lease holder, with its publisher beside it; on
+/// failure abandons the download and gives the lease back with the reason.
 fn spawn_feed(
     node: Node,
     upstream: UpstreamClient,
@@ -213,10 +219,14 @@ fn spawn_feed(
     resume_from: u32,
 ) {
     let span = info_span!("upstream", blob = %req.digest.short(), registry = %req.registry);
+    let (known_tx, known_rx) = tokio::sync::watch::channel(resume_from);
+    let lost = tokio_util::sync::CancellationToken::new();
+    node.spawn(publish(node.clone(), blob.clone(), known_rx, resume_from, lost.clone()).instrument(span.clone()));
     node.clone().spawn(
         async move {
             let result = tokio::select! {
-                r = feed(&node, &upstream, &req, &blob, opened, resume_from) => r,
+                r = feed(&node, &upstream, &req, &blob, opened, resume_from, &known_tx) => r,
+                _ = lost.cancelled() => Err("another node holds the upstream lease now".to_string()),
                 _ = node.cancelled() => return,
             };
             if let Err(reason) = result {
@@ -230,7 +240,8 @@ fn spawn_feed(
 }
 
 /// Streams the blob from upstream starting at piece `from`, turning bytes into
-/// verified, published, announced pieces.
+/// verified, stored pieces, each announced to the swarm (its hash with its `Have`)
+/// and handed to the publisher through `known`. Never waits for the tracker.
 async fn feed(
     node: &Node,
     upstream: &UpstreamClient,
@@ -238,6 +249,7 @@ async fn feed(
     blob: &Arc<crate::store::BlobFile>,
     opened: Option<UpstreamBlob>,
     from: u32,
+    known: &tokio::sync::watch::Sender<u32>,
 ) -> Result<(), String> {
     let layout = *blob.layout();
     let count = layout.piece_count();
@@ -249,46 +261,98 @@ async fn feed(
     if body.total_length != layout.length {
         return Err(format!("upstream length {} differs from the published {}", body.total_length, layout.length));
     }
-    let tracker = node.tracker();
-    let me = node.peer_id();
     let mut piece = from;
     let mut buf: Vec<u8> = Vec::with_capacity(layout.piece_length as usize);
-    // What to publish when is `swarm_core::lease::Publisher`'s.
-    let mut publisher = Publisher::new(from, Instant::now());
     while piece < count {
         let want = layout.piece_len(piece) as usize;
         while buf.len() < want {
-            let renew_at = tokio::time::Instant::from_std(publisher.renew_at());
-            match tokio::time::timeout_at(renew_at, body.next_chunk()).await {
-                Ok(Some(Ok(bytes))) => buf.extend_from_slice(&bytes),
-                Ok(Some(Err(e))) => return Err(format!("upstream stream: {e}")),
-                Ok(None) => {
+            match body.next_chunk().await {
+                Some(Ok(bytes)) => buf.extend_from_slice(&bytes),
+                Some(Err(e)) => return Err(format!("upstream stream: {e}")),
+                None => {
                     return Err(format!("upstream ended {} bytes early", layout.length - layout.piece_offset(piece)));
                 }
-                Err(_) => {}
-            }
-            // Slow upstream: renew the lease even without a whole new piece.
-            if let Some(p) = publisher.renew(Instant::now()) {
-                tracker.publish_hashes(me, layout, p.first, &p.hashes).await.map_err(|e| e.to_string())?;
             }
         }
         let rest = buf.split_off(want);
         let data = std::mem::replace(&mut buf, rest);
         let b = blob.clone();
-        let (hash, stored) = tokio::task::spawn_blocking(move || b.write_source_piece(piece, &data))
+        let (_hash, stored) = tokio::task::spawn_blocking(move || b.write_source_piece(piece, &data))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
-        // Publish before announcing, so peers can verify the piece when they get it.
-        let p = publisher.piece(hash, Instant::now());
-        tracker.publish_hashes(me, layout, p.first, &p.hashes).await.map_err(|e| e.to_string())?;
         if stored {
             node.upstream_piece(&req.digest, piece).await;
         }
+        known.send_replace(blob.known_hashes());
         piece += 1;
     }
     debug!(pieces = count - from, "upstream fetch done");
     Ok(())
+}
+
+/// The lease holder's publishing to the tracker, beside its feed: what and when is
+/// `swarm_core::lease::Publisher`'s. Ends once the tracker has every hash, or the
+/// download is over; cancels `lost` when another node holds the lease.
+async fn publish(
+    node: Node,
+    blob: Arc<crate::store::BlobFile>,
+    mut known: tokio::sync::watch::Receiver<u32>,
+    from: u32,
+    lost: tokio_util::sync::CancellationToken,
+) {
+    let layout = *blob.layout();
+    let count = layout.piece_count();
+    let mut publisher = Publisher::new(from, Instant::now());
+    let mut feeding = true;
+    let mut unreachable = false;
+    loop {
+        publisher.known(*known.borrow_and_update());
+        if publisher.confirmed() >= count {
+            return;
+        }
+        if let Some(p) = publisher.poll(Instant::now()) {
+            let hashes = blob.hashes(p.first, p.count);
+            let answer = match node.tracker().publish_hashes(node.peer_id(), layout, p.first, &hashes).await {
+                Ok(()) => {
+                    if std::mem::take(&mut unreachable) {
+                        info!("the tracker answers again; its copy of the piece hashes is being brought up to date");
+                    }
+                    Published::Ok
+                }
+                Err(TrackerClientError::Refused { message, .. }) => {
+                    debug!(%message, first = p.first, "publish refused");
+                    Published::Refused
+                }
+                Err(e) => {
+                    if !std::mem::replace(&mut unreachable, true) {
+                        warn!(error = %e, "cannot publish piece hashes to the tracker; the upstream fetch goes on and peers get the hashes from this node");
+                    }
+                    Published::Unreachable
+                }
+            };
+            if publisher.published(answer, Instant::now()) == PublishStep::Lost {
+                lost.cancel();
+                return;
+            }
+            continue;
+        }
+        // Once the feed is over, a download that ended needs no more publishing (a
+        // complete blob registers its metainfo with its announces).
+        if !feeding
+            && node.download(&layout.digest).is_none_or(|d| d.progress().borrow().state != DownloadState::Running)
+        {
+            return;
+        }
+        let wake = publisher.poll_timeout().map_or(Instant::now() + RENEW, |t| t);
+        let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(wake));
+        tokio::select! {
+            _ = node.cancelled() => return,
+            _ = lost.cancelled() => return,
+            changed = known.changed(), if feeding => feeding = changed.is_ok(),
+            _ = sleep => {}
+        }
+    }
 }
 
 impl BlobProvider for SwarmProvider {

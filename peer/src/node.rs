@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use swarm_net::{Endpoint, NetError, codes, read_msg, write_msg};
 use swarm_proto::codec::MAX_PEER_FRAME_LEN;
-use swarm_proto::msg::{Announce, PeerInfo, PeerMessage, RejectReason};
-use swarm_proto::{Digest, Layout, Metainfo, PROTOCOL_VERSION, PeerId};
+use swarm_proto::msg::{Announce, MAX_HASHES_PER_MESSAGE, MAX_PEX_PEERS, PeerInfo, PeerMessage, RejectReason};
+use swarm_proto::{Digest, Layout, Metainfo, PeerId};
 use swarm_tracker::client::{HashesReply, TrackerClient, TrackerClientError};
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
@@ -49,7 +49,8 @@ use crate::upload::{ReceiveBudget, UploadLedger, UploadSlots};
 use swarm_core::node::NodePolicy;
 use swarm_core::scheduler::{PeerKey, RequestFailure};
 use swarm_core::swarm::{
-    AnnounceReply, CloseReason, HashesReply as SwarmHashes, PieceOutcome, Refused, Swarm, SwarmAction,
+    AnnounceReply, CloseReason, HashRange, HashesReply as SwarmHashes, PeerConn, PeerHashes, PieceOutcome, Refused,
+    Swarm, SwarmAction,
 };
 
 /// How long a handshake may take before the connection is dropped.
@@ -539,20 +540,43 @@ impl Node {
             conn.close(codes::PROTOCOL_ERROR.into(), b"expected a handshake");
             return Ok(());
         };
-        if version != PROTOCOL_VERSION {
-            warn!(version, "peer speaks another protocol version");
+        // The TLS handshake settled the version (ALPN); the peer's message must agree.
+        let negotiated = swarm_net::protocol_version(&conn);
+        if version != negotiated {
+            warn!(version, negotiated, "peer's handshake names another protocol version than its connection");
             conn.close(codes::PROTOCOL_ERROR.into(), b"unsupported protocol version");
             return Ok(());
         }
-        let Some(swarm) = self.swarm(&blob) else {
-            conn.close(codes::UNKNOWN_BLOB.into(), b"blob not served here");
-            return Ok(());
+        let swarm = match self.swarm(&blob) {
+            Some(swarm) => swarm,
+            None => match self.serve_stored(blob).await {
+                Some(swarm) => swarm,
+                None => {
+                    conn.close(codes::UNKNOWN_BLOB.into(), b"blob not served here");
+                    return Ok(());
+                }
+            },
         };
-        let reply = PeerMessage::Handshake { version: PROTOCOL_VERSION, peer_id: self.inner.peer_id, blob };
+        let reply = PeerMessage::Handshake { version, peer_id: self.inner.peer_id, blob };
         write_msg(&mut send, &reply).await?;
-        let _ =
-            swarm.inbox.send(Event::Connected(Box::new(NewPeer { conn, peer_id, send, recv, outbound: false }))).await;
+        let p = NewPeer { conn, peer_id, send, recv, outbound: false, version };
+        let _ = swarm.inbox.send(Event::Connected(Box::new(p))).await;
         Ok(())
+    }
+
+    /// Starts serving a complete blob of the store that no swarm serves yet (one kept
+    /// from before a restart, or announced to the tracker with the whole store).
+    async fn serve_stored(&self, digest: Digest) -> Option<SwarmHandle> {
+        let store = self.inner.store.clone();
+        let blob = tokio::task::spawn_blocking(move || {
+            let metainfo = store.metainfo(&digest).ok()??;
+            let blob = store.open_blob(&metainfo).ok()?;
+            blob.is_complete().then_some(blob)
+        })
+        .await
+        .ok()??;
+        debug!(%digest, "serving a stored blob");
+        Some(self.start_swarm(Arc::new(blob)))
     }
 }
 
@@ -569,6 +593,8 @@ struct NewPeer {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     outbound: bool,
+    /// The protocol version the connection settled on.
+    version: u32,
 }
 
 /// The queue of control messages to one peer (drained by its control writer task).
@@ -650,7 +676,7 @@ struct SwarmActor {
     /// First-upload times, for spreading fresh pieces (see [`UploadLedger`]).
     ledger: Arc<UploadLedger>,
     /// Scratch list of a `Have`'s recipients.
-    recipients: Vec<PeerKey>,
+    recipients: Vec<swarm_core::swarm::HaveTo>,
 }
 
 impl SwarmActor {
@@ -800,9 +826,9 @@ impl SwarmActor {
     }
 
     fn add_peer(&mut self, p: NewPeer, now: Instant) {
-        let NewPeer { conn, peer_id, send, recv, outbound } = p;
-        let dialled = outbound.then(|| conn.remote_address());
-        let key = match self.swarm.connected(peer_id, dialled, now) {
+        let NewPeer { conn, peer_id, send, recv, outbound, version } = p;
+        let addr = conn.remote_address();
+        let key = match self.swarm.connected(PeerConn { peer_id, addr, outbound, version }, now) {
             Ok(key) => key,
             Err(Refused::ToSelf) => {
                 conn.close(codes::PROTOCOL_ERROR.into(), b"connected to self");
@@ -819,6 +845,9 @@ impl SwarmActor {
         };
         let (tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let control_tx = ControlTx { tx, conn: conn.clone() };
+        self.links.insert(key, PeerLink { conn: conn.clone(), control: control_tx.clone() });
+        // The hashes and peers the swarm sends a new peer go before the bitfield.
+        self.drain_actions();
         control_tx.send(PeerMessage::Bitfield(self.blob.have()));
         self.node.spawn(control_writer(send, control_rx).in_current_span());
         self.node.spawn(
@@ -834,8 +863,7 @@ impl SwarmActor {
             watcher.closed().await;
             let _ = inbox.send(Event::Closed { key }).await;
         });
-        debug!(peer = %peer_id.short(), outbound, "peer connected");
-        self.links.insert(key, PeerLink { conn, control: control_tx });
+        debug!(peer = %peer_id.short(), outbound, version, "peer connected");
         self.publish_progress();
     }
 
@@ -867,6 +895,25 @@ impl SwarmActor {
             PeerMessage::Have { piece } => {
                 self.swarm.have(key, piece, now);
             }
+            PeerMessage::Hashes { layout, first, hashes } => {
+                let outcome = if layout != *self.blob.layout() {
+                    PeerHashes::Conflict
+                } else {
+                    match self.blob.add_hashes(first, &hashes) {
+                        Ok(_) => PeerHashes::Stored { known: self.blob.known_hashes() },
+                        Err(StoreError::Conflict { .. }) => PeerHashes::Conflict,
+                        Err(e) => {
+                            warn!(error = %e, "cannot store piece hashes from a peer");
+                            return;
+                        }
+                    }
+                };
+                if outcome == PeerHashes::Conflict {
+                    warn!(peer = ?self.swarm.peer_id(key), "a peer sent piece hashes that conflict with known ones");
+                }
+                self.swarm.peer_hashes(key, outcome, now);
+            }
+            PeerMessage::Peers { peers } => self.swarm.peers_offered(&peers, now),
             other => {
                 debug!(?other, "unexpected message on the control stream");
                 if let Some(p) = self.links.get(&key) {
@@ -888,18 +935,33 @@ impl SwarmActor {
                 }
                 SwarmAction::Have { piece } => {
                     self.swarm.have_recipients(piece, &mut self.recipients);
-                    for key in &self.recipients {
-                        if let Some(p) = self.links.get(key) {
+                    for to in &self.recipients {
+                        if let Some(p) = self.links.get(&to.peer) {
+                            if let Some(range) = to.hashes {
+                                send_hashes(&p.control, &self.blob, range);
+                            }
                             p.control.send(PeerMessage::Have { piece });
                         }
                     }
                     self.publish_progress();
+                }
+                SwarmAction::SendHashes { peer, range } => {
+                    if let Some(p) = self.links.get(&peer) {
+                        send_hashes(&p.control, &self.blob, range);
+                    }
+                }
+                SwarmAction::SendPeers { peer, mut peers } => {
+                    if let Some(p) = self.links.get(&peer) {
+                        peers.truncate(MAX_PEX_PEERS);
+                        p.control.send(PeerMessage::Peers { peers });
+                    }
                 }
                 SwarmAction::Dial { addr } => self.dial(addr),
                 SwarmAction::Close { peer, reason } => {
                     let (code, text): (u32, &'static [u8]) = match reason {
                         CloseReason::BadPieces => (codes::BAD_PIECES, b"too many bad pieces"),
                         CloseReason::Duplicate => (codes::SHUTDOWN, b"duplicate connection"),
+                        CloseReason::BadHashes => (codes::PROTOCOL_ERROR, b"conflicting piece hash"),
                     };
                     if reason == CloseReason::BadPieces {
                         warn!(?peer, "dropping a peer that sent bad pieces");
@@ -1066,16 +1128,34 @@ impl SwarmActor {
 async fn connect_peer(node: &Node, addr: SocketAddr, blob: Digest) -> Result<NewPeer, NodeError> {
     let conn = node.inner.endpoint.connect(addr).await?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|source| NetError::ConnectionLost { source })?;
-    let hello = PeerMessage::Handshake { version: PROTOCOL_VERSION, peer_id: node.inner.peer_id, blob };
+    let version = swarm_net::protocol_version(&conn);
+    let hello = PeerMessage::Handshake { version, peer_id: node.inner.peer_id, blob };
     write_msg(&mut send, &hello).await?;
     match read_msg::<PeerMessage>(&mut recv, MAX_PEER_FRAME_LEN).await? {
-        Some(PeerMessage::Handshake { version: PROTOCOL_VERSION, peer_id, blob: b }) if b == blob => {
-            Ok(NewPeer { conn, peer_id, send, recv, outbound: true })
+        Some(PeerMessage::Handshake { version: v, peer_id, blob: b }) if b == blob && v == version => {
+            Ok(NewPeer { conn, peer_id, send, recv, outbound: true, version })
         }
         other => {
             conn.close(codes::PROTOCOL_ERROR.into(), b"bad handshake");
             Err(NodeError::Protocol(format!("unexpected handshake reply {other:?}")))
         }
+    }
+}
+
+/// Queues the hashes of `range` for a peer, in messages of at most
+/// [`MAX_HASHES_PER_MESSAGE`].
+fn send_hashes(control: &ControlTx, blob: &BlobFile, range: HashRange) {
+    let end = range.first.saturating_add(range.count);
+    let mut first = range.first;
+    while first < end {
+        let count = (end - first).min(MAX_HASHES_PER_MESSAGE as u32);
+        let hashes = blob.hashes(first, count);
+        if hashes.is_empty() {
+            return;
+        }
+        let sent = hashes.len() as u32;
+        control.send(PeerMessage::Hashes { layout: *blob.layout(), first, hashes });
+        first += sent;
     }
 }
 
@@ -1095,6 +1175,8 @@ async fn control_reader(key: PeerKey, mut recv: quinn::RecvStream, inbox: mpsc::
                 let valid = match &msg {
                     PeerMessage::Bitfield(b) => b.len() == pieces,
                     PeerMessage::Have { piece } => *piece < pieces,
+                    PeerMessage::Hashes { hashes, .. } => hashes.len() <= MAX_HASHES_PER_MESSAGE,
+                    PeerMessage::Peers { peers } => peers.len() <= MAX_PEX_PEERS,
                     _ => false,
                 };
                 if !valid {

@@ -406,6 +406,14 @@ impl BlobFile {
         self.state().hashes.len() as u32
     }
 
+    /// The known hashes of pieces `first..first + count` (fewer if not all known).
+    pub fn hashes(&self, first: u32, count: u32) -> Vec<[u8; 32]> {
+        let st = self.state();
+        let start = (first as usize).min(st.hashes.len());
+        let end = (start + count as usize).min(st.hashes.len());
+        st.hashes[start..end].to_vec()
+    }
+
     /// Learns the hashes of pieces `first..first + hashes.len()`. Hashes already known
     /// must agree ([`StoreError::Conflict`] otherwise); a gap after the known prefix is
     /// refused the same way. Returns how many were new.

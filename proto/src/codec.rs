@@ -160,8 +160,76 @@ mod tests {
                 PeerMessage::Request { piece: 0 },
                 PeerMessage::Piece { piece: 0, length: 1 << 18 },
                 PeerMessage::Reject { piece: 1, reason: RejectReason::Busy },
+                PeerMessage::Hashes {
+                    layout: crate::Layout { digest: blob, length: 600_000, piece_length: 1 << 18 },
+                    first: 1,
+                    hashes: vec![[3; 32]],
+                },
+                PeerMessage::Peers {
+                    peers: vec![PeerInfo {
+                        peer_id,
+                        addr: "198.18.0.2:7001".parse().expect("addr"),
+                        zone: "a".into(),
+                        have: 3,
+                        complete: false,
+                    }],
+                },
             ],
         )
+    }
+
+    #[test]
+    fn the_largest_version_2_peer_messages_fit_a_peer_frame() {
+        let blob = Digest([9; 32]);
+        let hashes = PeerMessage::Hashes {
+            layout: crate::Layout { digest: blob, length: u64::MAX, piece_length: u32::MAX },
+            first: u32::MAX,
+            hashes: vec![[0xff; 32]; crate::msg::MAX_HASHES_PER_MESSAGE],
+        };
+        let peer = PeerInfo {
+            peer_id: PeerId([0xff; 16]),
+            addr: "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535".parse().expect("addr"),
+            zone: "z".repeat(crate::msg::MAX_ZONE_LEN),
+            have: u32::MAX,
+            complete: true,
+        };
+        let peers = PeerMessage::Peers { peers: vec![peer; crate::msg::MAX_PEX_PEERS] };
+        for m in [hashes, peers] {
+            let f = encode_frame(&m).expect("encode");
+            assert!(f.len() <= MAX_PEER_FRAME_LEN, "{} bytes", f.len());
+            assert_eq!(decode_frame::<PeerMessage>(&f, MAX_PEER_FRAME_LEN).expect("decode"), m);
+        }
+    }
+
+    const V1_HANDSHAKE: &str = "00000032 00 01 07070707070707070707070707070707 \
+        0909090909090909090909090909090909090909090909090909090909090909";
+    const V1_BITFIELD: &str = "00000005 01 0a 02 2000";
+
+    /// Frames of every version-1 peer message, recorded from the release that spoke
+    /// only version 1: this build must encode them byte for byte the same, so a node
+    /// of the previous release still understands what it is sent on a `swarm/1`
+    /// connection.
+    #[test]
+    fn version_1_peer_frames_are_unchanged() {
+        let peer_id = PeerId([7; 16]);
+        let blob = Digest([9; 32]);
+        let mut bits = crate::Bitfield::new(10);
+        bits.set(2, true);
+        let recorded: [(PeerMessage, &str); 6] = [
+            (PeerMessage::Handshake { version: 1, peer_id, blob }, V1_HANDSHAKE),
+            (PeerMessage::Bitfield(bits), V1_BITFIELD),
+            (PeerMessage::Have { piece: 2 }, "0000000202 02"),
+            (PeerMessage::Request { piece: 700 }, "0000000403 fbbc02"),
+            (PeerMessage::Piece { piece: 0, length: 1 << 18 }, "00000007 04 00 fc00000400"),
+            (PeerMessage::Reject { piece: 1, reason: RejectReason::Busy }, "0000000305 0100"),
+        ];
+        for (m, hex) in recorded {
+            let hex: String = hex.split_whitespace().collect();
+            let f = encode_frame(&m).expect("encode");
+            let got: String = f.iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(got, hex, "{m:?}");
+            assert_eq!(decode_frame::<PeerMessage>(&f, MAX_PEER_FRAME_LEN).expect("decode"), m);
+        }
     }
 
     #[test]

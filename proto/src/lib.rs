@@ -23,11 +23,29 @@ pub use bitfield::Bitfield;
 pub use ids::{Digest, PeerId};
 pub use metainfo::{Layout, Metainfo, PieceHasher, piece_length_for};
 
-/// Version of the wire protocol, sent in every handshake.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version of the wire protocol this build speaks best, sent in every handshake.
+/// Version 2 added [`msg::PeerMessage::Hashes`] and [`msg::PeerMessage::Peers`].
+pub const PROTOCOL_VERSION: u32 = 2;
 
-/// ALPN token negotiated by every swarm QUIC connection.
-pub const ALPN: &[u8] = b"swarm/1";
+/// The oldest version this build still speaks (to nodes of the previous release
+/// during a rolling upgrade).
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+
+/// ALPN token of this build's protocol version.
+pub const ALPN: &[u8] = b"swarm/2";
+
+/// Every ALPN token this build accepts, best first: a TLS handshake settles on the
+/// best version both sides speak (the server's preference order wins).
+pub const ALPNS: [&[u8]; 2] = [b"swarm/2", b"swarm/1"];
+
+/// The protocol version an ALPN token stands for, if this build speaks it.
+pub fn alpn_version(alpn: &[u8]) -> Option<u32> {
+    match alpn {
+        b"swarm/2" => Some(2),
+        b"swarm/1" => Some(1),
+        _ => None,
+    }
+}
 
 /// Errors from parsing or validating protocol data.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

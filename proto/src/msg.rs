@@ -149,7 +149,20 @@ pub enum PeerMessage {
     Piece { piece: u32, length: u32 },
     /// Answers a request the sender will not serve.
     Reject { piece: u32, reason: RejectReason },
+    /// Version 2, control stream only. The blob's layout and the hashes of pieces
+    /// `first..first + hashes.len()` (at most [`MAX_HASHES_PER_MESSAGE`]): piece hashes
+    /// travel peer to peer, so a blob still streaming in from upstream needs no
+    /// tracker to be verified. Sent before the `Have`s they cover.
+    Hashes { layout: Layout, first: u32, hashes: Vec<[u8; 32]> },
+    /// Version 2, control stream only. Peers of this blob the sender knows (peer
+    /// exchange), at most [`MAX_PEX_PEERS`].
+    Peers { peers: Vec<PeerInfo> },
 }
+
+/// Most piece hashes in one [`PeerMessage::Hashes`]: 128 KiB, half a peer frame.
+pub const MAX_HASHES_PER_MESSAGE: usize = 4096;
+/// Most peers in one [`PeerMessage::Peers`].
+pub const MAX_PEX_PEERS: usize = 50;
 
 /// Why a piece request was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]

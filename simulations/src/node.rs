@@ -19,13 +19,15 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use swarm_core::lease::{LayoutReply, LeaseAnswer, Publisher, StartStep, Startup, TAKEOVER_AFTER, TakeoverWatch};
+use swarm_core::lease::{
+    LayoutReply, LeaseAnswer, PublishStep, Published, Publisher, StartStep, Startup, TAKEOVER_AFTER, TakeoverWatch,
+};
 use swarm_core::node::NodePolicy;
 use swarm_core::scheduler::{PeerKey, RequestFailure};
-use swarm_core::swarm::{AnnounceReply, HashesReply, PieceOutcome, Swarm, SwarmAction};
+use swarm_core::swarm::{AnnounceReply, HashesReply, PeerConn, PeerHashes, PieceOutcome, Swarm, SwarmAction};
 use swarm_core::upload::{Admit, BudgetRequest, ReceiveBudget, SlotRequest, UploadLedger, UploadSlots};
 use swarm_proto::msg::{Announce, LeaseReply, PeerInfo, TrackerRequest, TrackerResponse};
-use swarm_proto::{Layout, PeerId};
+use swarm_proto::{Layout, PROTOCOL_VERSION, PeerId};
 
 use crate::model::{FlowId, Nanos, ResId};
 use crate::world::{Ev, FlowTag, World};
@@ -96,8 +98,8 @@ pub struct SimNode {
     /// Whether the swarm runs: from the start in-cluster; in the edge upgrade once the
     /// layout is known (`fetch_partial` in `agent.rs`).
     pub swarming: bool,
-    /// The holder's publishes are sequential: when the current one is answered.
-    pub publish_free_at: Nanos,
+    /// When a `PublishTimer` is queued for the holder's publisher.
+    pub publish_timer: Option<Nanos>,
     /// The blob's upload ledger (the core's `UploadLedger`): the fresh-piece hold of a
     /// source and its per-piece upload counts; a refused requester is named by its
     /// node and its key for this node.
@@ -147,7 +149,7 @@ impl SimNode {
             budget: ReceiveBudget::new(policy.receive_budget_kib()),
             slots: UploadSlots::new(policy.upload_slots),
             swarming: false,
-            publish_free_at: 0,
+            publish_timer: None,
             ledger: UploadLedger::new(pieces, role == Role::Seed),
             startup: None,
             takeover: None,
@@ -301,6 +303,19 @@ impl World {
                 SwarmAction::Cancel { peer, piece } => self.cancel(n, peer, piece),
                 SwarmAction::Have { piece } => {
                     self.events.push_after(self.now, self.half_rtt, Ev::Have { node: n, piece });
+                }
+                SwarmAction::SendHashes { peer, range } => {
+                    if let Some(l) = self.nodes[n as usize].links.get(&peer).copied() {
+                        let end = range.first + range.count;
+                        let ev = Ev::PeerHashes { node: l.remote, key: l.remote_key, from: n, first: range.first, end };
+                        self.events.push_after(self.now, self.half_rtt, ev);
+                    }
+                }
+                SwarmAction::SendPeers { peer, peers } => {
+                    if let Some(l) = self.nodes[n as usize].links.get(&peer).copied() {
+                        let ev = Ev::PexPeers { node: l.remote, key: l.remote_key, from: n, peers: peers.into() };
+                        self.events.push_after(self.now, self.half_rtt, ev);
+                    }
                 }
                 SwarmAction::Dial { addr } => match addr_node(&addr) {
                     Some(to) => self.events.push(self.now + 4 * self.half_rtt, Ev::ConnectDone { from: n, to }),
@@ -662,16 +677,16 @@ impl World {
         let mut peers = std::mem::take(&mut self.scratch_links);
         peers.clear();
         {
-            let sender = &self.nodes[n as usize];
+            let sender = &mut self.nodes[n as usize];
             sender.swarm.have_recipients(piece, &mut keys);
             // Both in key order: one merged pass instead of a lookup per recipient.
             let mut links = sender.links.iter().peekable();
-            for k in &keys {
-                while links.next_if(|(lk, _)| *lk < k).is_some() {}
+            for to in &keys {
+                while links.next_if(|(lk, _)| **lk < to.peer).is_some() {}
                 if let Some((lk, l)) = links.peek()
-                    && *lk == k
+                    && **lk == to.peer
                 {
-                    peers.push(**l);
+                    peers.push((**l, to.hashes.map(|r| (r.first, r.first + r.count))));
                 }
             }
         }
@@ -680,11 +695,16 @@ impl World {
         // the other (a drain touches no other node's swarm — except for a `Close`
         // after bad pieces, never simulated), and the independent core updates back to
         // back let the CPU overlap their cache misses.
-        for l in &peers {
+        for (l, hashes) in &peers {
             self.haves_delivered += 1;
-            self.nodes[l.remote as usize].swarm.have(l.remote_key, piece, at);
+            let swarm = &mut self.nodes[l.remote as usize].swarm;
+            // The piece's hash rides with its `Have` (the driver sends it first).
+            if let Some((first, end)) = *hashes {
+                swarm.peer_hashes(l.remote_key, stored_hashes(swarm.known_hashes(), first, end), at);
+            }
+            swarm.have(l.remote_key, piece, at);
         }
-        for l in &peers {
+        for (l, _) in &peers {
             // A `have` adds a deadline only with a `Request`: a node that emitted
             // nothing needs no timer check (`poll_timeout` is a cache miss per node,
             // a few percent of a large run).
@@ -694,6 +714,32 @@ impl World {
         }
         self.scratch_links = peers;
         self.scratch_keys = keys;
+    }
+
+    /// Piece hashes from `from` reach `n` (its key for `from` is `key`).
+    pub(crate) fn on_peer_hashes(&mut self, n: u32, key: PeerKey, from: u32, first: u32, end: u32) {
+        let at = self.clock.at(self.now);
+        let node = &mut self.nodes[n as usize];
+        if !node.alive || node.links.get(&key).is_none_or(|l| l.remote != from) {
+            return;
+        }
+        let stored = stored_hashes(node.swarm.known_hashes(), first, end);
+        node.swarm.peer_hashes(key, stored, at);
+        if node.takeover.is_some() {
+            self.watch_progress(n);
+        }
+        self.drain(n);
+    }
+
+    /// Peers of the blob from `from` (peer exchange) reach `n`.
+    pub(crate) fn on_pex_peers(&mut self, n: u32, key: PeerKey, from: u32, peers: &[PeerInfo]) {
+        let at = self.clock.at(self.now);
+        let node = &mut self.nodes[n as usize];
+        if !node.alive || node.links.get(&key).is_none_or(|l| l.remote != from) {
+            return;
+        }
+        node.swarm.peers_offered(peers, at);
+        self.drain(n);
     }
 
     /// A source's re-announcement of a piece it refused while fresh reaches one peer.
@@ -781,11 +827,12 @@ impl World {
     fn link(&mut self, a: u32, b: u32) {
         let at = self.clock.at(self.now);
         let (id_a, id_b) = (self.nodes[a as usize].peer_id, self.nodes[b as usize].peer_id);
-        let Ok(ka) = self.nodes[a as usize].swarm.connected(id_b, Some(node_addr(b)), at) else {
+        let conn = |peer_id, addr, outbound| PeerConn { peer_id, addr, outbound, version: PROTOCOL_VERSION };
+        let Ok(ka) = self.nodes[a as usize].swarm.connected(conn(id_b, node_addr(b), true), at) else {
             self.drain(a);
             return;
         };
-        let Ok(kb) = self.nodes[b as usize].swarm.connected(id_a, None, at) else {
+        let Ok(kb) = self.nodes[b as usize].swarm.connected(conn(id_a, node_addr(a), false), at) else {
             self.nodes[a as usize].swarm.closed(ka, at);
             self.drain(a);
             self.drain(b);
@@ -948,7 +995,6 @@ impl World {
         if !matches!(reply, TrackerResponse::Registered) {
             tracing::warn!(node = n, ?reply, "layout publish refused");
         }
-        self.nodes[n as usize].publish_free_at = now + 2 * self.half_rtt;
         self.events.push(now + 2 * self.half_rtt, Ev::SwarmStart { node: n, known: 0, watch: false });
         self.start_upstream_piece(n, 0);
     }
@@ -1010,46 +1056,95 @@ impl World {
         self.drain(n);
     }
 
-    /// The holder stored a piece from upstream: publish its hash (a tracker round trip,
-    /// one publish at a time), then announce it.
+    /// The holder stored a piece from upstream: its swarm announces it (the hash
+    /// rides with the `Have`s) and the publisher hears of the new hash; the feed
+    /// never waits for the tracker.
     pub(crate) fn on_upstream_piece(&mut self, n: u32, piece: u32) {
+        let at = self.clock.at(self.now);
         let node = &mut self.nodes[n as usize];
-        let done = node.publish_free_at.max(self.now) + 2 * self.half_rtt;
-        node.publish_free_at = done;
-        self.events.push(done, Ev::Published { node: n, piece });
+        node.swarm.upstream_piece(piece, at);
+        if let Some(p) = node.publisher.as_mut() {
+            p.known(node.swarm.known_hashes());
+        }
+        self.drain(n);
+        self.publish(n);
     }
 
-    pub(crate) fn on_published(&mut self, n: u32, piece: u32) {
-        let at = self.clock.at(self.now);
-        if !self.nodes[n as usize].alive {
+    /// Sends the publish the holder's publisher has due, if any (the real tracker core
+    /// answers it; the answer arrives one RTT later, as does a failure while the
+    /// tracker is down), else queues a `PublishTimer` for when one is due.
+    pub(crate) fn publish(&mut self, n: u32) {
+        let now = self.now;
+        let at = self.clock.at(now);
+        let node = &mut self.nodes[n as usize];
+        if !node.alive || node.fallback || node.swarm.is_complete() {
+            node.publisher = None;
             return;
         }
-        if !self.tracker_up() {
-            // The feed awaits every publish: with the tracker gone it fails, the holder
-            // gives the blob up and its containerd fetches it from the registry.
-            self.fall_back(n, "publishing a piece hash failed: the tracker does not answer");
+        let Some(publisher) = node.publisher.as_mut() else { return };
+        if publisher.confirmed() >= self.pieces {
+            node.publisher = None;
             return;
         }
-        let hash = self.piece_hash(piece);
-        let Some(publish) = self.nodes[n as usize].publisher.as_mut().map(|p| p.piece(hash, at)) else { return };
-        let publish = TrackerRequest::PublishHashes {
-            peer_id: self.nodes[n as usize].peer_id,
-            layout: self.layout(),
-            first: publish.first,
-            hashes: publish.hashes,
+        let Some(p) = publisher.poll(at) else {
+            if let Some(t) = publisher.poll_timeout().map(|t| self.clock.nanos(t).max(now + 1))
+                && node.publish_timer.is_none_or(|q| t < q)
+            {
+                node.publish_timer = Some(t);
+                self.events.push(t, Ev::PublishTimer { node: n });
+            }
+            return;
         };
-        let reply = self.tracker.handle(publish, node_addr(n), at);
-        if !matches!(reply, TrackerResponse::Registered) {
-            tracing::warn!(node = n, piece, ?reply, "hash publish refused");
-        }
-        // The held `GetHashes` are answered: one way back to each waiting node.
-        let known = self.tracker.hashes(&self.digest).map_or(0, |(_, h, _)| h.len() as u32);
-        for w in std::mem::take(&mut self.hash_waiters) {
-            self.events.push_after(self.now, self.half_rtt, Ev::HashesReply { node: w, known: Some(known) });
-        }
+        let peer_id = node.peer_id;
+        let answer = if self.tracker_up() {
+            let publish = TrackerRequest::PublishHashes {
+                peer_id,
+                layout: self.layout(),
+                first: p.first,
+                hashes: (p.first..p.first + p.count).map(|i| self.piece_hash(i)).collect(),
+            };
+            let reply = self.tracker.handle(publish, node_addr(n), at);
+            // The held `GetHashes` are answered: one way back to each waiting node.
+            let known = self.tracker.hashes(&self.digest).map_or(0, |(_, h, _)| h.len() as u32);
+            for w in std::mem::take(&mut self.hash_waiters) {
+                self.events.push_after(now, self.half_rtt, Ev::HashesReply { node: w, known: Some(known) });
+            }
+            match reply {
+                TrackerResponse::Registered => Published::Ok,
+                other => {
+                    tracing::debug!(node = n, ?other, "hash publish refused");
+                    Published::Refused
+                }
+            }
+        } else {
+            Published::Unreachable
+        };
+        self.events.push(now + 2 * self.half_rtt, Ev::PublishReply { node: n, answer });
+    }
+
+    /// The tracker's answer to the holder's publish arrives.
+    pub(crate) fn on_publish_reply(&mut self, n: u32, answer: Published) {
         let at = self.clock.at(self.now);
-        self.nodes[n as usize].swarm.upstream_piece(piece, at);
-        self.drain(n);
+        let node = &mut self.nodes[n as usize];
+        let Some(publisher) = node.publisher.as_mut() else { return };
+        if !node.alive {
+            return;
+        }
+        if publisher.published(answer, at) == PublishStep::Lost {
+            node.publisher = None;
+            self.fall_back(n, "another node holds the upstream lease now");
+            return;
+        }
+        self.publish(n);
+    }
+
+    /// A `PublishTimer` is due.
+    pub(crate) fn on_publish_timer(&mut self, n: u32) {
+        let node = &mut self.nodes[n as usize];
+        if node.publish_timer == Some(self.now) {
+            node.publish_timer = None;
+        }
+        self.publish(n);
     }
 
     /// The blob's layout as the lease holder publishes it.
@@ -1075,4 +1170,11 @@ impl World {
 /// The zone label node `z` announces.
 pub fn zone_name(z: u32) -> String {
     format!("site-{z}")
+}
+
+/// What a node knowing the hashes of pieces `0..known` makes of hashes `first..end`
+/// from a peer (the daemon checks and stores them; here every hash is right).
+fn stored_hashes(known: u32, first: u32, end: u32) -> PeerHashes {
+    let known = if first <= known { known.max(end) } else { known };
+    PeerHashes::Stored { known }
 }

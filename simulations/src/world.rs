@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use swarm_core::lease::LeaseAnswer;
+use swarm_core::lease::{LeaseAnswer, Published};
 use swarm_core::node::IDLE_TIMEOUT;
 use swarm_core::scheduler::{PeerKey, SchedulerStats};
 use swarm_core::swarm::Swarm;
@@ -122,10 +122,29 @@ pub(crate) enum Ev {
         node: u32,
         known: Option<u32>,
     },
-    /// The tracker acknowledged the holder's publish of `piece`'s hash.
-    Published {
+    /// The tracker's answer to the holder's publish reaches it.
+    PublishReply {
         node: u32,
-        piece: u32,
+        answer: Published,
+    },
+    /// The holder's publisher may have a publish (or a renewal) due.
+    PublishTimer {
+        node: u32,
+    },
+    /// Piece hashes `first..end` from `from` reach `node` (its key for `from` is `key`).
+    PeerHashes {
+        node: u32,
+        key: PeerKey,
+        from: u32,
+        first: u32,
+        end: u32,
+    },
+    /// Peers of the blob from `from` reach `node` (peer exchange).
+    PexPeers {
+        node: u32,
+        key: PeerKey,
+        from: u32,
+        peers: Box<[PeerInfo]>,
     },
     /// Log a progress line (with `--progress`).
     Progress,
@@ -156,7 +175,9 @@ impl Ev {
             | Ev::RestartCrash
             | Ev::Rejoin { .. }
             | Ev::IdleClose { .. }
-            | Ev::Published { .. } => 10,
+            | Ev::PublishReply { .. }
+            | Ev::PublishTimer { .. } => 10,
+            Ev::PeerHashes { .. } | Ev::PexPeers { .. } => 8,
             Ev::HashesReply { .. } => 11,
         }
     }
@@ -321,8 +342,8 @@ pub struct World {
     pieces_out: u32,
     all_out_at: Option<Nanos>,
     upstream_done_at: Option<Nanos>,
-    pub(crate) scratch_links: Vec<Link>,
-    pub(crate) scratch_keys: Vec<PeerKey>,
+    pub(crate) scratch_links: Vec<(Link, Option<(u32, u32)>)>,
+    pub(crate) scratch_keys: Vec<swarm_core::swarm::HaveTo>,
     /// `Have`s delivered to a peer.
     pub(crate) haves_delivered: u64,
     pub(crate) peak_links: (usize, u32),
@@ -598,8 +619,7 @@ impl World {
             Ev::LeaseReply { node, answer } => self.on_lease_reply(node, answer),
             Ev::TakeoverCheck { node } => self.on_takeover_check(node),
             Ev::UpstreamFrom { node, piece } => {
-                let done = self.now + 2 * self.half_rtt;
-                self.nodes[node as usize].publish_free_at = done;
+                self.publish(node);
                 self.start_upstream_piece(node, piece);
             }
             Ev::KillHolder => self.kill_holder(),
@@ -619,7 +639,10 @@ impl World {
             }
             Ev::SwarmStart { node, known, watch } => self.on_swarm_start(node, known, watch),
             Ev::HashesReply { node, known } => self.on_hashes_reply(node, known),
-            Ev::Published { node, piece } => self.on_published(node, piece),
+            Ev::PublishReply { node, answer } => self.on_publish_reply(node, answer),
+            Ev::PublishTimer { node } => self.on_publish_timer(node),
+            Ev::PeerHashes { node, key, from, first, end } => self.on_peer_hashes(node, key, from, first, end),
+            Ev::PexPeers { node, key, from, peers } => self.on_pex_peers(node, key, from, &peers),
             Ev::Progress => self.log_progress(),
         }
     }

@@ -161,23 +161,23 @@ fn a_killed_lease_holder_is_taken_over_and_the_rest_complete() {
     assert!(r.last_s > 12.0, "finished at {:.2} s", r.last_s);
 }
 
-/// The tracker is unreachable for 10 s from 1 s on: the holder's feed, which awaits
-/// every publish, fails and its node falls back to the registry; the others wait,
-/// take the lease over once the tracker is back and complete.
+/// The tracker is unreachable for 10 s from 1 s on: the holder's feed goes on
+/// (its publishes wait), the piece hashes reach the others through the swarm, and
+/// the transfer neither falls back, nor moves the lease, nor slows down.
 #[test]
-fn a_tracker_outage_costs_a_fallback_and_a_takeover_but_everyone_completes() {
+fn a_tracker_outage_changes_nothing_once_the_swarm_has_formed() {
     let s = 1_000_000_000;
+    let calm = Params { nodes: 8, ..small(Scenario::Edge, 3) };
     let p = Params {
-        nodes: 8,
         faults: swarm_simulations::Faults { tracker_down: Some((s, 10 * s)), ..Default::default() },
-        ..small(Scenario::Edge, 3)
+        ..calm.clone()
     };
+    let calm = go(&calm);
     let r = go(&p);
     assert_eq!((r.completed, r.incomplete), (r.downloaders, 0));
-    assert_eq!(r.fallbacks, 1, "the holder falls back");
-    assert_eq!(r.takeovers, 1);
-    assert!(r.last_s > 11.0, "nothing can finish before the tracker is back: {:.2} s", r.last_s);
-    assert!(r.uplink_over_f < 2.5, "uplink {:.3} x F", r.uplink_over_f);
+    assert_eq!((r.fallbacks, r.takeovers), (0, 0));
+    assert!(r.uplink_over_f < 1.01, "uplink {:.3} x F", r.uplink_over_f);
+    assert!(r.last_s < calm.last_s * 1.1, "{:.2} s against {:.2} s undisturbed", r.last_s, calm.last_s);
 }
 
 /// Five nodes crash at 1 s and restart 1 s later with their verified pieces, a new

@@ -30,7 +30,13 @@
 //! 4. a failure recorded less than `failure_memory` ago → `Failed`;
 //! 5. otherwise a new lease for the caller, `resume_from` = number of known hashes.
 //!
-//! `PublishHashes` is accepted only from the live holder; the hashes must continue
+//! `PublishHashes` is accepted only from the live holder, with one exception, the
+//! **re-assert**: a publish starting at piece 0, for a blob without metainfo whose
+//! lease nobody holds (a restarted tracker) or whose lease the publisher itself let
+//! expire (it could not reach the tracker), and with no failure remembered, makes the publisher the holder again. The
+//! holder's upstream fetch goes on while the tracker is away, so this is how a
+//! tracker that comes back learns who is fetching the blob instead of granting a
+//! second lease. The hashes must continue
 //! the known prefix without a gap and agree where they overlap, under the same
 //! layout. The first publish may carry no hash at all: it records the layout, so
 //! the other nodes can prepare their copy (`GetHashes` answers it with an empty
@@ -284,13 +290,21 @@ impl TrackerState {
         let blob = layout.digest;
         let stall_timeout = self.config.stall_timeout;
         let not_holder = || TrackerError::NotLeaseHolder { peer_id, blob };
-        let entry = self.blobs.get_mut(&blob).ok_or_else(not_holder)?;
-        let is_holder = entry
-            .upstream
-            .lease
-            .as_ref()
-            .is_some_and(|l| l.holder == peer_id && l.state(now, stall_timeout) == LeaseState::Live);
-        if !is_holder {
+        let entry = self.blobs.entry(blob).or_default();
+        let state = entry.upstream.lease.as_ref().map(|l| (l.holder == peer_id, l.state(now, stall_timeout)));
+        let failed_lately = (entry.upstream.failure.as_ref())
+            .is_some_and(|f| now.saturating_duration_since(f.at) < self.config.failure_memory);
+        let reassert = first == 0
+            && entry.metainfo.is_none()
+            && !failed_lately
+            && match state {
+                None => true,
+                Some((own, state)) => own && state == LeaseState::Expired,
+            };
+        if state != Some((true, LeaseState::Live)) && !reassert {
+            if entry.is_empty() {
+                self.blobs.remove(&blob);
+            }
             return Err(not_holder());
         }
         layout.validate().map_err(|source| TrackerError::InvalidLayout { blob, source })?;
@@ -324,6 +338,9 @@ impl TrackerState {
                 });
                 entry.upstream.from_lease = true;
             }
+        }
+        if reassert {
+            entry.upstream.lease = Some(Lease { holder: peer_id, expires: now, last_progress: now });
         }
         if let Some(lease) = entry.upstream.lease.as_mut() {
             lease.expires = now + self.config.lease_ttl;

@@ -272,8 +272,8 @@ fn the_lease_moves_with_the_right_resume_point() {
 #[test]
 fn only_the_holder_publishes_or_releases() {
     let mut f = Fixture::new();
-    // No lease at all.
-    assert_refused(f.publish(7, 4, 0, hashes(0..1), 0.0), TrackerErrorCode::Invalid, "not the lease holder");
+    // No lease at all, and not from piece 0 (no re-assert).
+    assert_refused(f.publish(7, 4, 1, hashes(1..2), 0.0), TrackerErrorCode::Invalid, "not the lease holder");
     assert_eq!(f.s.blob_count(), 0, "a refused publish records nothing");
     assert_eq!(f.release(7, None, 0.0), TrackerResponse::Left, "nothing to release: a no-op (retries are safe)");
     assert_eq!(f.acquire(1, 0.0), granted(0));
@@ -308,9 +308,10 @@ fn a_layout_differing_from_the_recorded_one_is_a_conflict() {
     assert_refused(f.req(req, 1, 2.0), TrackerErrorCode::Invalid, "length is zero");
     assert_eq!(f.get_hashes(0, 2.0), hashes_reply(4, 0, 0..1, false), "refusals change nothing");
 
-    // A layout naming another blob: the caller holds no lease for that digest.
+    // A layout naming another blob: the caller holds no lease for that digest (and
+    // does not publish from piece 0, which would re-assert one).
     let other = Layout { digest: Digest::of(b"other"), ..layout(4) };
-    let req = TrackerRequest::PublishHashes { peer_id: pid(1), layout: other, first: 0, hashes: hashes(0..1) };
+    let req = TrackerRequest::PublishHashes { peer_id: pid(1), layout: other, first: 1, hashes: hashes(1..2) };
     assert_refused(f.req(req, 1, 2.0), TrackerErrorCode::Invalid, "not the lease holder");
 }
 
@@ -650,4 +651,25 @@ fn leases_are_deterministic() {
     let failed = count(&|r| matches!(r, TrackerResponse::Lease(LeaseReply::Failed { .. })));
     let complete = count(&|r| matches!(r, TrackerResponse::Hashes { complete: true, .. }));
     assert!(resumed > 0 && held > 0 && failed > 0 && complete > 0, "{resumed} {held} {failed} {complete}");
+}
+
+#[test]
+fn a_holder_publishing_from_piece_0_re_asserts_a_lease_nobody_holds() {
+    let mut f = Fixture::new();
+    // A restarted tracker knows nothing: the holder's publish from piece 0 makes it
+    // the holder again, and nobody else gets a second lease.
+    assert_eq!(f.publish(1, 4, 0, hashes(0..2), 0.0), TrackerResponse::Registered);
+    assert_eq!(f.holder(0.0), Some((pid(1), LeaseState::Live)));
+    assert_eq!(f.acquire(2, 0.5), LeaseReply::HeldBy { holder: pid(1) });
+    assert_eq!(f.get_hashes(0, 0.5), hashes_reply(4, 0, 0..2, false));
+    // Its lease lapsed while it could not reach the tracker: it re-asserts it too.
+    let later = 0.5 + 11.0;
+    assert_eq!(f.holder(later).map(|h| h.1), Some(LeaseState::Expired));
+    assert_eq!(f.publish(1, 4, 0, hashes(0..3), later), TrackerResponse::Registered);
+    assert_eq!(f.holder(later), Some((pid(1), LeaseState::Live)));
+    // Another node's live lease is never taken this way.
+    assert_refused(f.publish(2, 4, 0, hashes(0..3), later), TrackerErrorCode::Invalid, "not the lease holder");
+    // A failure remembered blocks a re-assert as it blocks a grant.
+    assert_eq!(f.release(1, Some("401"), later + 1.0), TrackerResponse::Left);
+    assert_refused(f.publish(3, 4, 0, hashes(0..1), later + 2.0), TrackerErrorCode::Invalid, "not the lease holder");
 }
