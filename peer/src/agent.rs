@@ -6,7 +6,9 @@
 //! 1. joins a download this node already runs or holds (concurrent requests for one
 //!    blob inside one agent share it);
 //! 2. else asks the tracker for the blob's layout and piece hashes: if any node
-//!    registered or is publishing them, swarms on them;
+//!    registered or is publishing them, swarms on them; if no tracker answers, asks
+//!    the peers it knows from before (`Node::fetch_from_peers`) and swarms with one
+//!    that holds the blob, else lets containerd go upstream;
 //! 3. else asks the tracker for the blob's **upstream lease**. The tracker grants it
 //!    to one node of the cluster. That node opens the upstream blob (from the piece the
 //!    swarm has not hashed yet, with an HTTP Range when resuming a lease that moved),
@@ -101,7 +103,11 @@ impl SwarmProvider {
         // The steps are `swarm_core::lease`'s; this loop only carries them out.
         let startup = Startup::new(Instant::now());
         loop {
-            if let Some(h) = ask_tracker("get-hashes", self.node.tracker().get_hashes(digest, 0)).await? {
+            let hashes = match ask_tracker("get-hashes", self.node.tracker().get_hashes(digest, 0)).await {
+                Ok(h) => h,
+                Err(e) => return self.from_known_peers(digest, e).await,
+            };
+            if let Some(h) = hashes {
                 let step = startup.layout(LayoutReply::Published { complete: h.complete });
                 let d = self.node.fetch_partial(h.layout, h.first, h.hashes).await.map_err(|e| other(&e))?;
                 if step == (StartStep::Swarm { watch: true }) {
@@ -109,8 +115,15 @@ impl SwarmProvider {
                 }
                 return Ok(d);
             }
-            let reply =
-                ask_tracker("acquire-lease", self.node.tracker().acquire_lease(self.node.peer_id(), digest)).await?;
+            let reply = match ask_tracker(
+                "acquire-lease",
+                self.node.tracker().acquire_lease(self.node.peer_id(), digest),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(e) => return self.from_known_peers(digest, e).await,
+            };
             match startup.lease(LeaseAnswer::from(&reply), Instant::now()) {
                 StartStep::Lead { resume_from } => return self.lead(req, resume_from).await,
                 StartStep::Unavailable { reason } => {
@@ -118,6 +131,18 @@ impl SwarmProvider {
                 }
                 StartStep::Retry { after } => tokio::time::sleep(after).await,
                 StartStep::Swarm { .. } | StartStep::AcquireLease => {}
+            }
+        }
+    }
+
+    /// No tracker answers: before the mirror answers 503 (`unavailable`), ask the
+    /// peers this node knows from before whether one holds the blob.
+    async fn from_known_peers(&self, digest: Digest, unavailable: ProviderError) -> Result<Download, ProviderError> {
+        match self.node.fetch_from_peers(digest).await {
+            Ok(d) => Ok(d),
+            Err(e) => {
+                debug!(%digest, error = %e, "no known peer has the blob either");
+                Err(unavailable)
             }
         }
     }

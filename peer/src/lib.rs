@@ -9,8 +9,11 @@
 //! - [`upload`]: who gets the next upload slot (least-sent piece first) and which
 //!   fresh pieces a source holds back.
 //! - [`agent`]: the mirror's blob source backed by the swarm, with upstream leases.
+//! - [`known_peers`]: the peers a node talked to, kept across restarts for when no
+//!   tracker answers.
 
 pub mod agent;
+pub mod known_peers;
 pub mod mirror;
 pub mod node;
 pub use swarm_core::scheduler;

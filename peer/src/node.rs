@@ -44,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, trace, warn};
 
+use crate::known_peers::{KnownPeers, write_atomically};
 use crate::store::{BlobFile, Store, StoreError};
 use crate::upload::{ReceiveBudget, UploadLedger, UploadSlots};
 use swarm_core::node::NodePolicy;
@@ -55,6 +56,11 @@ use swarm_core::swarm::{
 
 /// How long a handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many known peers `fetch_from_peers` asks (at once).
+pub const PEER_ASKS: usize = 8;
+/// How long `fetch_from_peers` waits for one of them to hand over a blob's hashes
+/// before the mirror gives up (and containerd goes upstream).
+pub const PEER_ASK_WAIT: Duration = Duration::from_secs(3);
 /// How long `shutdown` waits for the node's tasks to end.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
@@ -241,6 +247,8 @@ struct Inner {
     receive_budget: Arc<ReceiveBudget>,
     counters: Counters,
     upload_limit: Option<RateLimiter>,
+    /// Peers connected before, for when no tracker answers.
+    known_peers: Mutex<KnownPeers>,
     cancel: CancellationToken,
     /// Every task that holds the node or one of its blobs, so `shutdown` can wait for them.
     tasks: TaskTracker,
@@ -260,6 +268,7 @@ impl Node {
         let peer_id = PeerId(rand::thread_rng().r#gen());
         let budget_kib = config.policy.receive_budget_kib();
         let config_rate = config.upload_rate;
+        let known_peers = KnownPeers::load(&config.data_dir);
         let inner = Arc::new(Inner {
             peer_id,
             tracker: TrackerClient::new(endpoint.clone(), tracker),
@@ -271,6 +280,7 @@ impl Node {
             swarms: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             upload_limit: config_rate.map(RateLimiter::new),
+            known_peers: Mutex::new(known_peers),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
@@ -421,6 +431,7 @@ impl Node {
 
     /// Stops every swarm, tells the tracker this node is leaving, and closes the endpoint.
     pub async fn shutdown(&self) {
+        self.save_known_peers(true).await;
         let digests: Vec<Digest> =
             self.inner.swarms.lock().unwrap_or_else(|e| e.into_inner()).keys().copied().collect();
         self.inner.cancel.cancel();
@@ -434,6 +445,102 @@ impl Node {
         self.inner.tasks.close();
         if tokio::time::timeout(SHUTDOWN_WAIT, self.inner.tasks.wait()).await.is_err() {
             warn!(tasks = self.inner.tasks.len(), "tasks still running after {SHUTDOWN_WAIT:?}; leaving them");
+        }
+    }
+
+    /// Notes a peer this node connected with (see [`crate::known_peers`]).
+    fn remember_peer(&self, addr: SocketAddr) {
+        let save = {
+            let mut known = self.inner.known_peers.lock().unwrap_or_else(|e| e.into_inner());
+            known.remember(addr);
+            known.to_save(Instant::now(), false)
+        };
+        if let Some(save) = save {
+            self.spawn(write_known_peers(save));
+        }
+    }
+
+    async fn save_known_peers(&self, force: bool) {
+        let save = self.inner.known_peers.lock().unwrap_or_else(|e| e.into_inner()).to_save(Instant::now(), force);
+        if let Some(save) = save {
+            write_known_peers(save).await;
+        }
+    }
+
+    /// Fetches `digest` from the peers this node knows from before, without a
+    /// tracker: asks up to [`PEER_ASKS`] of them at once (most recent first) and
+    /// swarms with the first that holds every piece hash of the blob; that peer tells
+    /// it of the others (peer exchange). Gives up after [`PEER_ASK_WAIT`].
+    pub async fn fetch_from_peers(&self, digest: Digest) -> Result<Download, NodeError> {
+        use futures_util::stream::{FuturesUnordered, StreamExt};
+        if let Some(h) = self.swarm(&digest) {
+            return Ok(h.into());
+        }
+        let addrs = self.inner.known_peers.lock().unwrap_or_else(|e| e.into_inner()).addrs();
+        let mut asks: FuturesUnordered<_> = addrs
+            .into_iter()
+            .take(PEER_ASKS)
+            .map(|addr| async move { (addr, self.probe(addr, digest).await) })
+            .collect();
+        let deadline = tokio::time::Instant::now() + PEER_ASK_WAIT;
+        let mut last = NodeError::Protocol("no peer known from before".into());
+        loop {
+            let next = tokio::time::timeout_at(deadline, asks.next()).await;
+            match next {
+                Ok(Some((addr, Ok((peer, layout, hashes))))) => {
+                    let d = self.fetch_partial(layout, 0, hashes).await?;
+                    if let Some(h) = self.swarm(&digest) {
+                        let _ = h.inbox.send(Event::Connected(Box::new(peer))).await;
+                    }
+                    info!(%digest, %addr, "no tracker: swarming with a peer known from before");
+                    return Ok(d);
+                }
+                Ok(Some((addr, Err(e)))) => {
+                    debug!(%addr, error = %e, "known peer cannot serve the blob");
+                    last = e;
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    last = NodeError::Protocol(format!("no known peer answered within {PEER_ASK_WAIT:?}"));
+                    break;
+                }
+            }
+        }
+        Err(NodeError::DownloadFailed { digest, reason: format!("no known peer serves it ({last})") })
+    }
+
+    /// Connects to `addr` for `digest` and reads the blob's layout and every piece
+    /// hash from the start of its control stream (version 2), stopping before its
+    /// bitfield so the swarm takes the connection over where it stands.
+    async fn probe(&self, addr: SocketAddr, digest: Digest) -> Result<(NewPeer, Layout, Vec<[u8; 32]>), NodeError> {
+        let mut peer = connect_peer(self, addr, digest).await?;
+        let refuse = |peer: &NewPeer, why: &str| {
+            peer.conn.close(codes::SHUTDOWN.into(), b"not what was asked");
+            NodeError::Protocol(format!("{addr}: {why}"))
+        };
+        if peer.version < 2 {
+            return Err(refuse(&peer, "speaks protocol version 1 (no hashes from peers)"));
+        }
+        let mut layout: Option<Layout> = None;
+        let mut hashes: Vec<[u8; 32]> = Vec::new();
+        loop {
+            match read_msg::<PeerMessage>(&mut peer.recv, MAX_PEER_FRAME_LEN).await? {
+                Some(PeerMessage::Peers { .. }) => {}
+                Some(PeerMessage::Hashes { layout: l, first, hashes: more })
+                    if l.digest == digest
+                        && l.validate().is_ok()
+                        && layout.is_none_or(|known| known == l)
+                        && first as usize == hashes.len()
+                        && hashes.len() + more.len() <= l.piece_count() as usize =>
+                {
+                    layout = Some(l);
+                    hashes.extend(more);
+                    if hashes.len() == l.piece_count() as usize {
+                        return Ok((peer, l, hashes));
+                    }
+                }
+                _ => return Err(refuse(&peer, "does not hold every piece hash of the blob")),
+            }
         }
     }
 
@@ -864,6 +971,7 @@ impl SwarmActor {
             let _ = inbox.send(Event::Closed { key }).await;
         });
         debug!(peer = %peer_id.short(), outbound, version, "peer connected");
+        self.node.remember_peer(addr);
         self.publish_progress();
     }
 
@@ -1156,6 +1264,13 @@ fn send_hashes(control: &ControlTx, blob: &BlobFile, range: HashRange) {
         let sent = hashes.len() as u32;
         control.send(PeerMessage::Hashes { layout: *blob.layout(), first, hashes });
         first += sent;
+    }
+}
+
+async fn write_known_peers((path, text): (PathBuf, String)) {
+    let written = tokio::task::spawn_blocking(move || write_atomically(&path, &text)).await;
+    if let Ok(Err(e)) = written {
+        debug!(error = %e, "cannot save the known peers");
     }
 }
 

@@ -155,6 +155,23 @@ impl Cluster {
         Ok(())
     }
 
+    /// Stops agent `i` (killed, as by a crash or a reboot) and starts it again on the
+    /// same data directory and mirror address.
+    pub fn restart_agent(&mut self, i: usize, plain_http: &[&str]) -> anyhow::Result<()> {
+        let old = self.agents.remove(i);
+        let (mirror, data_dir) = (old.mirror, old.data_dir.clone());
+        drop(old);
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let mut cmd = agent_command(self.tracker_addr, mirror, metrics, &data_dir, &self.token_file);
+        for r in plain_http {
+            cmd.args(["--plain-http", r]);
+        }
+        let mut child = ChildGuard::spawn(&format!("agent-{i}-restarted"), cmd, &self.dir.join("logs"))?;
+        wait_until(&format!("agent {i} mirror on {mirror}"), Duration::from_secs(20), &mut child, || tcp_open(mirror))?;
+        self.agents.insert(i, Agent { child, mirror, metrics, data_dir });
+        Ok(())
+    }
+
     /// Every agent's log tail, for assertion messages.
     pub fn logs(&self) -> String {
         self.agents.iter().enumerate().map(|(i, a)| format!("--- agent {i}\n{}\n", a.child.logs_tail())).collect()

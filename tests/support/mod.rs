@@ -11,6 +11,8 @@
 //! - [`Mirror`]: the swarm mirror in-process.
 //! - [`http`]: a raw HTTP client (no URL normalisation, detects truncated bodies) and
 //!   a static server.
+//! - [`throttle::throttled_proxy`]: a rate-capped TCP relay that counts its bytes (a
+//!   slow uplink in front of the registry).
 //! - [`require_tool`]: fail (never skip) with the package to install.
 //!
 //! Use it with `mod support;` from a file in `tests/`. Each test should take its own
@@ -26,6 +28,7 @@ pub mod image;
 pub mod mirror;
 pub mod process;
 pub mod registry;
+pub mod throttle;
 
 pub use containerd::{Containerd, ImageCheck, write_direct_hosts_toml, write_hosts_toml};
 pub use image::{ImageInfo, build_image};

@@ -1,0 +1,90 @@
+//! The swarm outliving its tracker, end to end: real agent and tracker processes, a
+//! real `docker-registry` upstream behind a rate-capped relay (a slow uplink), blobs
+//! pulled through the agents' mirrors.
+//!
+//! Needs: docker-registry, umoci, skopeo.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use support::agents::Cluster;
+use support::throttle::throttled_proxy;
+use support::{Registry, build_image, test_dir};
+
+const MIB: usize = 1024 * 1024;
+
+/// The tracker dies 1 s into a cold pull of one layer by three agents and never
+/// comes back: the lease holder's feed goes on, the piece hashes reach the other two
+/// through the swarm, and all three serve the right bytes with the uplink crossed
+/// about once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_tracker_killed_one_second_into_a_cold_pull_stops_nothing() {
+    let dir = test_dir("tracker-killed");
+    let registry = Registry::start(&dir.path().join("registry")).expect("registry");
+    let image = build_image(&registry, "edge/os", "v1", &[16 * MIB]).expect("image");
+    let layer = image.layer_digests[0];
+    let want = image.read_blob(&layer).expect("layer bytes");
+    let sent = Arc::new(AtomicU64::new(0));
+    // 4 MB/s: the layer takes about 4 s to cross the uplink.
+    let proxy = throttled_proxy(registry.addr(), 4_000_000, sent.clone()).await;
+    let ns = proxy.to_string();
+    let mut cluster = Cluster::start(&dir.path().join("swarm"), 3, &[&ns]).expect("cluster");
+    let target = format!("/v2/{}/blobs/{layer}?ns={ns}", image.name);
+    let started = Instant::now();
+    let mut gets = Vec::new();
+    for a in &cluster.agents {
+        let (addr, target) = (a.mirror, target.clone());
+        gets.push(tokio::spawn(async move { support::http::request(addr, "GET", &target, &[]).await }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.tracker.kill();
+    eprintln!("killed the tracker after {:?}", started.elapsed());
+    for (i, g) in gets.into_iter().enumerate() {
+        let r = g.await.expect("join").unwrap_or_else(|e| panic!("agent {i}: {e:#}\n{}", cluster.logs()));
+        assert_eq!(r.status, 200, "agent {i}: {}\n{}", String::from_utf8_lossy(&r.body), cluster.logs());
+        assert!(r.complete, "agent {i}: truncated\n{}", cluster.logs());
+        assert!(r.body == want, "agent {i} served wrong bytes");
+    }
+    let uplink = sent.load(Ordering::Relaxed) as f64 / want.len() as f64;
+    eprintln!("all three complete after {:?}; the uplink carried {uplink:.3} x the layer", started.elapsed());
+    assert!(uplink <= 1.05, "the uplink carried {uplink:.3} copies\n{}", cluster.logs());
+    assert_eq!(registry.blob_get_count(&layer), 1, "one upstream fetch\n{}", cluster.logs());
+}
+
+/// An agent that swarmed with another before is restarted after the tracker died;
+/// asked for a blob only that other agent holds, it gets it from there (it kept the
+/// peers it knew in its data directory), not from the registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_started_after_the_tracker_died_gets_a_blob_from_a_peer_it_knew() {
+    let dir = test_dir("known-peers");
+    let registry = Registry::start(&dir.path().join("registry")).expect("registry");
+    let image = build_image(&registry, "edge/os", "v1", &[4 * MIB, 3 * MIB]).expect("image");
+    let (first, second) = (image.layer_digests[0], image.layer_digests[1]);
+    let host = registry.host();
+    let mut cluster = Cluster::start(&dir.path().join("swarm"), 2, &[&host]).expect("cluster");
+    let get = |agent: usize, layer: swarm_proto::Digest, cluster: &Cluster| {
+        let addr = cluster.agents[agent].mirror;
+        let target = format!("/v2/{}/blobs/{layer}?ns={host}", image.name);
+        async move { support::http::request(addr, "GET", &target, &[]).await }
+    };
+    // Agent 0 holds both layers; agent 1 swarms with it for the first.
+    for layer in [first, second] {
+        let r = get(0, layer, &cluster).await.expect("agent 0");
+        assert_eq!(r.status, 200, "{}", cluster.logs());
+    }
+    let r = get(1, first, &cluster).await.expect("agent 1");
+    assert_eq!(r.status, 200, "{}", cluster.logs());
+    assert_eq!(registry.blob_get_count(&first), 1, "agent 1 got the first layer from agent 0\n{}", cluster.logs());
+    // No tracker from now on; agent 1 starts again (a reboot) knowing agent 0.
+    cluster.tracker.kill();
+    cluster.restart_agent(1, &[&host]).expect("restart agent 1");
+    let started = Instant::now();
+    let r = get(1, second, &cluster).await.expect("agent 1 after its restart");
+    assert_eq!(r.status, 200, "{}\n{}", String::from_utf8_lossy(&r.body), cluster.logs());
+    assert!(r.complete && r.body == image.read_blob(&second).expect("bytes"), "agent 1 served wrong bytes");
+    eprintln!("served from the known peer in {:?}", started.elapsed());
+    assert_eq!(registry.blob_get_count(&second), 1, "the registry served the second layer once\n{}", cluster.logs());
+}
