@@ -105,7 +105,7 @@ impl SwarmProvider {
         loop {
             let hashes = match ask_tracker("get-hashes", self.node.tracker().get_hashes(digest, 0)).await {
                 Ok(h) => h,
-                Err(e) => return self.from_known_peers(digest, e).await,
+                Err(e) => return self.ask_known_peers(digest, e).await,
             };
             if let Some(h) = hashes {
                 let step = startup.layout(LayoutReply::Published { complete: h.complete });
@@ -122,7 +122,7 @@ impl SwarmProvider {
             .await
             {
                 Ok(r) => r,
-                Err(e) => return self.from_known_peers(digest, e).await,
+                Err(e) => return self.ask_known_peers(digest, e).await,
             };
             match startup.lease(LeaseAnswer::from(&reply), Instant::now()) {
                 StartStep::Lead { resume_from } => return self.lead(req, resume_from).await,
@@ -137,7 +137,7 @@ impl SwarmProvider {
 
     /// No tracker answers: before the mirror answers 503 (`unavailable`), ask the
     /// peers this node knows from before whether one holds the blob.
-    async fn from_known_peers(&self, digest: Digest, unavailable: ProviderError) -> Result<Download, ProviderError> {
+    async fn ask_known_peers(&self, digest: Digest, unavailable: ProviderError) -> Result<Download, ProviderError> {
         match self.node.fetch_from_peers(digest).await {
             Ok(d) => Ok(d),
             Err(e) => {
