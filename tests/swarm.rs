@@ -261,3 +261,46 @@ async fn a_node_with_the_wrong_token_is_refused() {
     let err = ep.connect(seed_addr).await.expect_err("seed must refuse");
     assert!(matches!(err, swarm_net::NetError::AuthRejected { .. }), "{err}");
 }
+
+/// A rolling upgrade runs nodes of two releases side by side: nodes speaking only
+/// protocol version 1 (the previous release) and version-2 nodes trade pieces in
+/// both directions. A version-1 node closes a connection on any message it does not
+/// know, so a version-2 node sending it hashes or peer lists would never finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_of_the_previous_protocol_version_and_new_ones_trade_both_ways() {
+    let cluster = Cluster::start().await;
+    let old_endpoint = || {
+        let config = EndpointConfig { max_protocol_version: 1, ..EndpointConfig::default() };
+        Endpoint::bind(loopback(), cluster.token.clone(), &config).expect("bind old node")
+    };
+    // A new seed; an old node and a new node fetch from it and from each other.
+    let (seed, meta, original) = cluster.seed(8 * MIB, Some(20_000_000)).await;
+    let old = Node::start(old_endpoint(), cluster.tracker, cluster.config("old")).expect("old node");
+    let new = cluster.node(cluster.config("new"));
+    let mut tasks = Vec::new();
+    for n in [&old, &new] {
+        let (n, digest) = (n.clone(), meta.digest);
+        tasks.push(tokio::spawn(async move { n.fetch(digest).await?.finished().await }));
+    }
+    within(60, "an old and a new node fetching from a new seed", async {
+        for t in tasks {
+            t.await.expect("join").expect("fetch");
+        }
+    })
+    .await;
+    let want = std::fs::read(&original).expect("original");
+    for n in [&old, &new] {
+        assert_eq!(std::fs::read(stored(n, &meta)).expect("copy"), want);
+    }
+    // An old seed, the only holder left, serves a new node.
+    for n in [&seed, &old, &new] {
+        n.shutdown().await;
+    }
+    let old_seed_config = cluster.config("old-seed");
+    let old_seed = Node::start(old_endpoint(), cluster.tracker, old_seed_config).expect("old seed");
+    old_seed.seed(&original, meta.clone()).await.expect("seed");
+    let newer = cluster.node(cluster.config("newer"));
+    let mut d = newer.fetch(meta.digest).await.expect("fetch");
+    within(60, "a new node fetching", d.finished()).await.expect("finished");
+    assert_eq!(std::fs::read(stored(&newer, &meta)).expect("copy"), want);
+}

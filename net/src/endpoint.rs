@@ -27,6 +27,9 @@ pub struct EndpointConfig {
     pub send_window: u64,
     /// Bidirectional streams a peer may have open at once on one connection.
     pub max_concurrent_bidi_streams: u32,
+    /// The newest protocol version offered in the TLS handshake (ALPN). Lower it to
+    /// behave as a node of an older release (tests of mixed-version clusters do).
+    pub max_protocol_version: u32,
 }
 
 impl Default for EndpointConfig {
@@ -41,6 +44,7 @@ impl Default for EndpointConfig {
             receive_window: 64 * 1024 * 1024,
             send_window: 64 * 1024 * 1024,
             max_concurrent_bidi_streams: 512,
+            max_protocol_version: swarm_proto::PROTOCOL_VERSION,
         }
     }
 }
@@ -86,9 +90,9 @@ impl Endpoint {
         let runtime = quinn::default_runtime().ok_or(NetError::NoRuntime)?;
         let transport = tls::transport(config)?;
 
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls::server_crypto()?));
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls::server_crypto(config.max_protocol_version)?));
         server.transport_config(transport.clone());
-        let mut client = quinn::ClientConfig::new(Arc::new(tls::client_crypto()?));
+        let mut client = quinn::ClientConfig::new(Arc::new(tls::client_crypto(config.max_protocol_version)?));
         client.transport_config(transport);
 
         let socket = bind_udp(addr).map_err(|source| NetError::Bind { addr, source })?;

@@ -43,14 +43,17 @@ fn spawn_acceptor(server: &Endpoint) -> tokio::sync::mpsc::UnboundedReceiver<Res
 fn raw_endpoint(server: bool) -> quinn::Endpoint {
     let transport = tls::transport(&EndpointConfig::default()).expect("transport");
     let server_config = server.then(|| {
-        let mut s = quinn::ServerConfig::with_crypto(Arc::new(tls::server_crypto().expect("server tls")));
+        let mut s = quinn::ServerConfig::with_crypto(Arc::new(
+            tls::server_crypto(swarm_proto::PROTOCOL_VERSION).expect("server tls"),
+        ));
         s.transport_config(transport.clone());
         s
     });
     let socket = std::net::UdpSocket::bind(loopback()).expect("bind");
     let runtime = quinn::default_runtime().expect("runtime");
     let mut ep = quinn::Endpoint::new(quinn::EndpointConfig::default(), server_config, socket, runtime).expect("ep");
-    let mut client = quinn::ClientConfig::new(Arc::new(tls::client_crypto().expect("client tls")));
+    let mut client =
+        quinn::ClientConfig::new(Arc::new(tls::client_crypto(swarm_proto::PROTOCOL_VERSION).expect("client tls")));
     client.transport_config(transport);
     ep.set_default_client_config(client);
     ep

@@ -25,10 +25,19 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The ALPN tokens of the versions up to `max_version`, best first.
+fn alpns(max_version: u32) -> Vec<Vec<u8>> {
+    swarm_proto::ALPNS
+        .iter()
+        .filter(|a| swarm_proto::alpn_version(a).is_some_and(|v| v <= max_version))
+        .map(|a| a.to_vec())
+        .collect()
+}
+
 /// The rustls server config: a fresh self-signed ECDSA P-256 certificate for
-/// [`SERVER_NAME`], no client certificates, TLS 1.3 only, ALPNs
-/// [`swarm_proto::ALPNS`] in preference order.
-pub(crate) fn server_crypto() -> Result<quinn::crypto::rustls::QuicServerConfig, NetError> {
+/// [`SERVER_NAME`], no client certificates, TLS 1.3 only, ALPNs of
+/// [`swarm_proto::ALPNS`] up to `max_version`, in preference order.
+pub(crate) fn server_crypto(max_version: u32) -> Result<quinn::crypto::rustls::QuicServerConfig, NetError> {
     let certified = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string()])
         .map_err(|e| config_err("cannot generate the endpoint certificate", e))?;
     let cert: CertificateDer<'static> = certified.cert.der().clone();
@@ -39,15 +48,16 @@ pub(crate) fn server_crypto() -> Result<quinn::crypto::rustls::QuicServerConfig,
         .with_no_client_auth()
         .with_single_cert(vec![cert], key)
         .map_err(|e| config_err("cannot use the endpoint certificate", e))?;
-    tls.alpn_protocols = swarm_proto::ALPNS.iter().map(|a| a.to_vec()).collect();
+    tls.alpn_protocols = alpns(max_version);
     // No 0-RTT: early data could be replayed, and nothing is sent before the token proof.
     tls.max_early_data_size = 0;
     quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| config_err("QUIC server TLS", e))
 }
 
-/// The rustls client config: TLS 1.3 only, ALPNs [`swarm_proto::ALPNS`],
+/// The rustls client config: TLS 1.3 only, ALPNs of [`swarm_proto::ALPNS`] up to
+/// `max_version`,
 /// [`TokenAuthVerifier`].
-pub(crate) fn client_crypto() -> Result<quinn::crypto::rustls::QuicClientConfig, NetError> {
+pub(crate) fn client_crypto(max_version: u32) -> Result<quinn::crypto::rustls::QuicClientConfig, NetError> {
     let provider = provider();
     let verifier = Arc::new(TokenAuthVerifier { algorithms: provider.signature_verification_algorithms });
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -56,7 +66,7 @@ pub(crate) fn client_crypto() -> Result<quinn::crypto::rustls::QuicClientConfig,
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
-    tls.alpn_protocols = swarm_proto::ALPNS.iter().map(|a| a.to_vec()).collect();
+    tls.alpn_protocols = alpns(max_version);
     quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| config_err("QUIC client TLS", e))
 }
 

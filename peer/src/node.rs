@@ -67,15 +67,20 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 /// Events queued for one blob's actor. Senders (connection readers, fetch and tracker
 /// tasks, the agent) wait while it is full, so a peer flooding its control stream is
 /// slowed to the actor's pace (QUIC flow control pushes back on it) instead of
-/// growing the node's memory. An event is at most a few hundred bytes (a tracker
-/// reply carries at most 200 peers, ~20 KiB): at most ~20 MiB per blob, typically
-/// far less.
+/// growing the node's memory. An event is at most a few hundred bytes, except a
+/// tracker reply (at most 200 peers, ~20 KiB), a peer list (at most 50 peers,
+/// ~5 KiB) and piece hashes (at most 128 KiB, and at most 32 bytes x pieces per
+/// connection in all: see [`control_reader`]): at most ~20 MiB per blob plus the
+/// hashes, typically far less.
 pub const INBOX_CAPACITY: usize = 1024;
-/// Control messages (bitfield, `Have`s) queued for one peer's control writer. A `Have`
-/// is about 10 bytes on the wire and a piece at least 64 KiB, so a peer that reads its
-/// control stream never falls this far behind; one whose queue fills has stopped
-/// reading, and is disconnected (logged) rather than a message being dropped. Worst
-/// case ~128 KiB per connection (plus one bitfield of up to 128 KiB).
+/// Peer lists (`Peers`) a peer may send over one connection.
+pub const MAX_PEX_MESSAGES: u32 = 4;
+/// Control messages (bitfield, `Have`s, hashes, the peer list) queued for one peer's
+/// control writer. A `Have` is about 10 bytes on the wire and a piece at least
+/// 64 KiB, so a peer that reads its control stream never falls this far behind; one
+/// whose queue fills has stopped reading, and is disconnected (logged) rather than a
+/// message being dropped. Worst case ~128 KiB per connection, plus one bitfield (up
+/// to 128 KiB), one peer list (~5 KiB) and each piece hash once (32 bytes x pieces).
 pub const CONTROL_QUEUE: usize = 4096;
 
 /// Uploads are paced in chunks of this many bytes when a rate cap is set.
@@ -958,7 +963,8 @@ impl SwarmActor {
         control_tx.send(PeerMessage::Bitfield(self.blob.have()));
         self.node.spawn(control_writer(send, control_rx).in_current_span());
         self.node.spawn(
-            control_reader(key, recv, self.inbox_tx.clone(), self.blob.layout().piece_count()).in_current_span(),
+            control_reader(key, recv, self.inbox_tx.clone(), self.blob.layout().piece_count(), version)
+                .in_current_span(),
         );
         self.node.spawn(
             serve_requests(conn.clone(), self.blob.clone(), self.node.clone(), self.ledger.clone(), control_tx.clone())
@@ -1283,15 +1289,37 @@ async fn control_writer(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Peer
     let _ = send.finish();
 }
 
-async fn control_reader(key: PeerKey, mut recv: quinn::RecvStream, inbox: mpsc::Sender<Event>, pieces: u32) {
+/// Reads a peer's control stream into the actor's inbox; a message the connection's
+/// protocol `version` does not have, or one out of bounds, closes the connection.
+///
+/// A peer sends each piece hash once per connection and its peer list once, so over a
+/// connection it may send at most `pieces` hashes and [`MAX_PEX_MESSAGES`] lists:
+/// more is a flood and closes the connection.
+async fn control_reader(
+    key: PeerKey,
+    mut recv: quinn::RecvStream,
+    inbox: mpsc::Sender<Event>,
+    pieces: u32,
+    version: u32,
+) {
+    let (mut hashes_left, mut lists_left) = (u64::from(pieces), MAX_PEX_MESSAGES);
     loop {
         match read_msg::<PeerMessage>(&mut recv, MAX_PEER_FRAME_LEN).await {
             Ok(Some(msg)) => {
                 let valid = match &msg {
                     PeerMessage::Bitfield(b) => b.len() == pieces,
                     PeerMessage::Have { piece } => *piece < pieces,
-                    PeerMessage::Hashes { hashes, .. } => hashes.len() <= MAX_HASHES_PER_MESSAGE,
-                    PeerMessage::Peers { peers } => peers.len() <= MAX_PEX_PEERS,
+                    PeerMessage::Hashes { hashes, .. } => {
+                        let n = hashes.len() as u64;
+                        let ok = version >= 2 && hashes.len() <= MAX_HASHES_PER_MESSAGE && n <= hashes_left;
+                        hashes_left = hashes_left.saturating_sub(n);
+                        ok
+                    }
+                    PeerMessage::Peers { peers } => {
+                        let ok = version >= 2 && peers.len() <= MAX_PEX_PEERS && lists_left > 0;
+                        lists_left = lists_left.saturating_sub(1);
+                        ok
+                    }
                     _ => false,
                 };
                 if !valid {
