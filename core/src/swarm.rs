@@ -977,4 +977,35 @@ mod tests {
         s.peers_offered(&[info(4), info(2), info(1)], t);
         assert_eq!(actions(&mut s), vec![SwarmAction::Dial { addr: addr(4) }], "not itself, not a connected peer");
     }
+
+    #[test]
+    fn a_peer_flooding_haves_and_hashes_stays_within_the_bounds() {
+        let t = Instant::now();
+        let pieces = 64;
+        let policy = NodePolicy::default();
+        let mut s = Swarm::new(PeerId([1; 16]), String::new(), &policy, 1 << 18, Bitfield::new(pieces), 4, 7, t);
+        s.start(t);
+        actions(&mut s);
+        let p = s.connected(v2(2, false), t).expect("peer");
+        let q = s.connected(v1(3, false), t).expect("peer");
+        let mut requests = 0;
+        for i in 0..1_000_000u32 {
+            // Every piece, over and over, and far out of range.
+            let piece = if i % 7 == 0 { u32::MAX - i } else { i % (pieces + 8) };
+            s.have(p, piece, t);
+            s.have(q, piece, t);
+            if i % 1000 == 0 {
+                s.peer_hashes(p, PeerHashes::Stored { known: 4 }, t);
+            }
+            for a in actions(&mut s) {
+                if matches!(a, SwarmAction::Request { .. }) {
+                    requests += 1;
+                }
+            }
+            assert!(s.deferred.len() <= 2 * pieces as usize, "deferred: {}", s.deferred.len());
+        }
+        // Only the four pieces with a known hash could be asked for, each once per peer at most.
+        assert!(requests <= 2 * 4, "{requests} requests");
+        assert_eq!(s.deferred.len(), 2 * (pieces as usize - 4), "one entry per (peer, piece) awaiting its hash");
+    }
 }

@@ -1542,3 +1542,49 @@ impl Node {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use swarm_net::{ClusterToken, EndpointConfig};
+
+    /// A peer that never reads its control stream: once QUIC's flow control stops the
+    /// writer, at most [`CONTROL_QUEUE`] messages wait for it, and the next one
+    /// disconnects it instead of growing the queue or being dropped unnoticed.
+    #[tokio::test]
+    async fn a_peer_that_never_reads_its_control_stream_is_disconnected_at_the_bound() {
+        let token = ClusterToken::generate();
+        let loopback: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let node = Endpoint::bind(loopback, token.clone(), &EndpointConfig::default()).expect("bind");
+        // The silent peer lets us send at most 1 KiB ahead of its (never) reading.
+        let tight = EndpointConfig { stream_receive_window: 1024, ..EndpointConfig::default() };
+        let silent = Endpoint::bind(loopback, token, &tight).expect("bind");
+        let silent_addr = silent.local_addr().expect("addr");
+        let accepting = tokio::spawn(async move {
+            let conn = silent.accept().await.expect("incoming").authenticate().await.expect("auth");
+            let (_send, recv) = conn.accept_bi().await.expect("stream");
+            // Hold the stream and the connection open without ever reading.
+            (silent, conn, recv)
+        });
+        let conn = node.connect(silent_addr).await.expect("connect");
+        let (mut send, _recv) = conn.open_bi().await.expect("open");
+        write_msg(&mut send, &PeerMessage::Have { piece: 0 }).await.expect("first message");
+        let _silent = accepting.await.expect("join");
+        let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
+        let control = ControlTx { tx: tx.clone(), conn: conn.clone() };
+        tokio::spawn(control_writer(send, rx));
+        let mut sent = 0;
+        while conn.close_reason().is_none() && sent < 10 * CONTROL_QUEUE {
+            control.send(PeerMessage::Have { piece: sent as u32 });
+            sent += 1;
+            // Let the writer run until QUIC flow control stops it.
+            tokio::task::yield_now().await;
+        }
+        eprintln!("disconnected after {sent} messages");
+        assert!(conn.close_reason().is_some(), "still connected after {sent} messages to a peer that never reads");
+        assert!(sent > CONTROL_QUEUE, "disconnected after only {sent} messages: before the queue was full");
+        // What the 1 KiB window and the writer hold beyond the queue: a few hundred
+        // 6-byte `Have`s at most.
+        assert!(sent < CONTROL_QUEUE + 1024, "{sent} messages sent: more waited than the queue holds");
+    }
+}
