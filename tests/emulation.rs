@@ -87,12 +87,18 @@ fn emulated_edge_upgrade_agrees_with_the_simulator() {
 /// `emulate.py run` of `scenario` with `systems` at N=3, 4 MiB (one emulation at a
 /// time), its output shown, its success required; the JSON it wrote.
 fn emulate_run(scenario: &str, systems: &str, max_runtime_s: u64) -> serde_json::Value {
+    emulate_run_with(scenario, systems, &["--nodes", "3", "--size", "4MiB"], max_runtime_s)
+}
+
+/// [`emulate_run`] with other settings (`--nodes`, `--size`, `--churn-at`, ...).
+fn emulate_run_with(scenario: &str, systems: &str, settings: &[&str], max_runtime_s: u64) -> serde_json::Value {
     let _lock = one_emulation_at_a_time();
     let dir = support::test_dir(&format!("emulation-{scenario}"));
     let json = dir.path().join(format!("{scenario}.json"));
     let mut cmd = Command::new("/usr/bin/python3");
     cmd.arg(SCRIPT)
-        .args(["run", "--scenario", scenario, "--systems", systems, "--nodes", "3", "--size", "4MiB"])
+        .args(["run", "--scenario", scenario, "--systems", systems])
+        .args(settings)
         .arg("--max-runtime")
         .arg(max_runtime_s.to_string())
         .arg("--swarm-bin")
@@ -149,4 +155,29 @@ fn agree_with_simulator(swarm: &serde_json::Value, scenario: swarm_simulations::
         (0.5..=2.0).contains(&ratio),
         "{name}: simulator and emulation disagree: emulated {emulated:.3} s vs simulated {simulated:.3} s (ratio {ratio:.2})"
     );
+}
+
+/// The resilience issue's first target, small: the tracker killed (for good) in the
+/// middle of a cold edge pull of 16 MiB by 3 agents over a 100 Mbit/s uplink. Every
+/// node completes with the right bytes and the uplink carries the blob about once.
+#[test]
+fn emulated_tracker_killed_mid_pull_stops_nothing() {
+    let doc =
+        emulate_run_with("edge-trackerkill", "swarm", &["--nodes", "3", "--size", "16MiB", "--churn-at", "0.6"], 240);
+    let r = &doc["results"].as_array().expect("results")[0];
+    assert_eq!(r["status"], "ok", "{}", r["reason"]);
+    assert!(r["tracker_killed_at_s"].as_f64().is_some(), "the tracker was not killed: {r}");
+    let nodes = r["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 3);
+    for n in nodes {
+        assert_eq!(n["status"], "done", "node {}: {n}", n["node"]);
+        assert_eq!(n["sha256_ok"], true, "node {}: wrong bytes", n["node"]);
+    }
+    let uplink = r["uplink_over_f"].as_f64().expect("uplink_over_f");
+    let last = r["last_over_t_min"].as_f64().unwrap_or(f64::NAN);
+    eprintln!(
+        "tracker killed at {} s; last node at {last:.2} x T_min; uplink {uplink:.3} x F",
+        r["tracker_killed_at_s"]
+    );
+    assert!(uplink <= 1.05, "the uplink carried {uplink:.3} x F");
 }

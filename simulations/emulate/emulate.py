@@ -2,7 +2,7 @@
 """Network-emulation benchmark for swarm: real processes in Linux network namespaces.
 
     emulate.py run [--nodes 8] [--size 64MiB] [--uplink 100mbit] [--node-rate 200mbit]
-                   [--scenario edge|incluster|churn|edge-churn|edge-containerd[,...]]
+                   [--scenario edge|incluster|churn|edge-churn|edge-containerd|edge-killholder|edge-trackerkill[,...]]
                    [--systems direct,swarm,libtorrent]
                    [--swarm-bin PATH] [--json OUT.json]
     emulate.py selftest [--swarm-bin PATH]     N=3, 4 MiB, incluster: direct + swarm (+ libtorrent)
@@ -792,6 +792,11 @@ class System:
         """Nodes fetching from upstream for the cluster (edge-killholder); none here."""
         return []
 
+    def kill_tracker(self, ctx):
+        """edge-trackerkill: stops the system's coordinator for good; returns whether
+        there was one."""
+        return False
+
     def launch(self, ctx, i, restart=False):
         """Starts node i's download; returns (procs, done_proc, output_path)."""
         raise NotImplementedError
@@ -904,6 +909,7 @@ class Swarm(System):
                        [b, "tracker", "--listen", "%s:%d" % (ctx.topo.ip(1), TRACKER_PORT), "--token-file", self.token],
                        ctx.workdir, node=1, env=self.env)
         wait_listen(ctx.topo.ns(1), "udp", TRACKER_PORT, proc=tr)
+        self.tracker = tr
         self.agents = {}
         if self.via_agent(ctx):
             for i in ctx.downloaders:
@@ -924,6 +930,10 @@ class Swarm(System):
             line = seed.wait_line(lambda s: s.startswith("sha256:"), 120)
             if line.strip() != "sha256:" + ctx.digest:
                 raise Fail("swarm seed printed %s, expected sha256:%s" % (line.strip(), ctx.digest))
+
+    def kill_tracker(self, ctx):
+        self.tracker.kill()
+        return True
 
     def lease_holders(self, ctx):
         """Nodes whose agent logged that it fetches from upstream as the lease holder."""
@@ -1059,10 +1069,14 @@ SYSTEMS = {"direct": Direct, "swarm": Swarm, "swarm-seed": SwarmSeed, "libtorren
 # scenario -> (layout, churn, containerd)
 SCENARIOS = {"edge": ("edge", False, False), "incluster": ("incluster", False, False),
              "churn": ("incluster", True, False), "edge-churn": ("edge", True, False),
-             "edge-containerd": ("edge", False, True), "edge-killholder": ("edge", True, False)}
+             "edge-containerd": ("edge", False, True), "edge-killholder": ("edge", True, False),
+             "edge-trackerkill": ("edge", True, False)}
 # edge-killholder: the churn kill hits the node holding the upstream lease (found in
 # its agent's log) and nobody restarts; the others must take the lease over. Its
 # simulator twin: swarm-sim --scenario edge --kill-holder-at <churn-at>.
+# edge-trackerkill: the churn kill hits the tracker (for good) and no node; the pull
+# must go on without it. Simulator twin: --tracker-down-at <churn-at>
+# --tracker-down-for <longer than the run>.
 
 
 def scenario_tmin(topo, size, layout):
@@ -1127,10 +1141,10 @@ def run_system(sysobj, topo, args, blob, digest, size, registry, scenario, workd
             k = args.churn_kill if args.churn_kill is not None else max(1, math.ceil(n_down / 4))
             victims = ctx.downloaders[-k:]
             at = args.churn_at if args.churn_at is not None else 0.5 * tm
-            if scenario == "edge-killholder":
+            if scenario in ("edge-killholder", "edge-trackerkill"):
                 victims = []
             churn_plan = {"victims": victims, "kill_at_s": at,
-                          "restart": not args.no_restart and scenario != "edge-killholder",
+                          "restart": not args.no_restart and scenario not in ("edge-killholder", "edge-trackerkill"),
                           "restart_at_s": at + args.churn_down, "killed": False, "restarted_done": False}
         # CPU spent before the start (hashing by a seed, interpreter start-up) is not
         # part of the distribution: it is reported apart as cpu_setup_s.
@@ -1159,6 +1173,9 @@ def run_system(sysobj, topo, args, blob, digest, size, registry, scenario, workd
                 if scenario == "edge-killholder":
                     churn_plan["victims"] = sysobj.lease_holders(ctx)
                     res["killed_holders"] = churn_plan["victims"]
+                if scenario == "edge-trackerkill" and sysobj.kill_tracker(ctx):
+                    res["tracker_killed_at_s"] = round(now, 4)
+                    log("churn: killed the tracker at %.2f s" % now)
                 for i in churn_plan["victims"]:
                     if nodes[i]["status"] == "pending":
                         for p in node_procs[i]:
