@@ -34,8 +34,10 @@
 //! # Takeover ([`TakeoverWatch`])
 //!
 //! A node swarming on a blob still streaming in from another node's upstream fetch
-//! watches its progress (hashes known, pieces held). After [`TAKEOVER_AFTER`] with
-//! neither moving, it asks for the lease; the tracker grants it once the holder's
+//! watches the holder's progress: the piece hashes it knows, which grow only as the
+//! holder hashes new upstream bytes (pieces traded between the others say nothing
+//! about the holder, and a request to a dead holder timing out must not count as
+//! progress). After [`TAKEOVER_AFTER`] without a new hash, it asks for the lease; the tracker grants it once the holder's
 //! lease lapsed, and the node resumes the upstream fetch at its own first missing
 //! piece (pieces only the old holder had are gone with it).
 
@@ -238,21 +240,21 @@ impl Publisher {
 /// A waiting node's watch on a lease holder's progress. See the module docs.
 #[derive(Clone, Debug)]
 pub struct TakeoverWatch {
-    last: (u32, u32),
+    last: u32,
     since: Instant,
 }
 
 impl TakeoverWatch {
-    /// Watching from `now`, with `known` hashes and `held` pieces.
-    pub fn new(known: u32, held: u32, now: Instant) -> Self {
-        Self { last: (known, held), since: now }
+    /// Watching from `now`, with `known` hashes.
+    pub fn new(known: u32, now: Instant) -> Self {
+        Self { last: known, since: now }
     }
 
-    /// The swarm has `known` of `pieces` hashes and holds `held` pieces at `now`:
-    /// whether to ask for the lease now.
-    pub fn observe(&mut self, known: u32, held: u32, pieces: u32, now: Instant) -> bool {
-        if (known, held) != self.last {
-            self.last = (known, held);
+    /// The swarm knows `known` of `pieces` hashes at `now`: whether to ask for the
+    /// lease now.
+    pub fn observe(&mut self, known: u32, pieces: u32, now: Instant) -> bool {
+        if known != self.last {
+            self.last = known;
             self.since = now;
             return false;
         }
@@ -340,14 +342,14 @@ mod tests {
     #[test]
     fn takeover_comes_only_after_a_quiet_spell_and_resumes_at_the_first_missing_piece() {
         let t = Instant::now();
-        let mut w = TakeoverWatch::new(2, 1, t);
-        assert!(!w.observe(2, 1, 10, t + TAKEOVER_AFTER - Duration::from_millis(1)));
-        assert!(!w.observe(3, 1, 10, t + TAKEOVER_AFTER), "progress resets the watch");
+        let mut w = TakeoverWatch::new(2, t);
+        assert!(!w.observe(2, 10, t + TAKEOVER_AFTER - Duration::from_millis(1)));
+        assert!(!w.observe(3, 10, t + TAKEOVER_AFTER), "a new hash resets the watch");
         let quiet = t + TAKEOVER_AFTER + TAKEOVER_AFTER;
         assert_eq!(w.poll_timeout(), quiet);
-        assert!(w.observe(3, 1, 10, quiet));
-        assert!(!w.observe(3, 1, 10, quiet), "asks once per quiet spell");
-        assert!(!w.observe(10, 1, 10, quiet + TAKEOVER_AFTER * 2), "every hash known: nothing to take over");
+        assert!(w.observe(3, 10, quiet));
+        assert!(!w.observe(3, 10, quiet), "asks once per quiet spell");
+        assert!(!w.observe(10, 10, quiet + TAKEOVER_AFTER * 2), "every hash known: nothing to take over");
         assert_eq!(TakeoverWatch::resume_from(Some(2), 5), 2);
         assert_eq!(TakeoverWatch::resume_from(Some(7), 5), 5);
         assert_eq!(TakeoverWatch::resume_from(None, 5), 5);

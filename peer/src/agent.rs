@@ -190,15 +190,14 @@ impl SwarmProvider {
         self.node.spawn(
             async move {
                 let count = blob.layout().piece_count();
-                let mut watch = TakeoverWatch::new(blob.known_hashes(), progress.borrow().pieces, Instant::now());
+                let mut watch = TakeoverWatch::new(blob.known_hashes(), Instant::now());
                 loop {
                     let due = tokio::time::Instant::from_std(watch.poll_timeout());
                     let changed = tokio::time::timeout_at(due, progress.changed()).await;
                     if matches!(changed, Ok(Err(_))) || progress.borrow().state != DownloadState::Running {
                         return;
                     }
-                    let held = progress.borrow().pieces;
-                    if !watch.observe(blob.known_hashes(), held, count, Instant::now()) {
+                    if !watch.observe(blob.known_hashes(), count, Instant::now()) {
                         continue;
                     }
                     match node.tracker().acquire_lease(node.peer_id(), req.digest).await {

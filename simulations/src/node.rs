@@ -661,7 +661,8 @@ impl World {
             Reply::Missing => PieceOutcome::Rejected(RequestFailure::Missing),
         };
         node.swarm.piece_done(f.key, f.piece, outcome, at);
-        // Progress (held pieces, known hashes) only moves here and in `on_hashes_reply`.
+        // The watch looks at known hashes: they move with `Have`s (looked at here, as
+        // the daemon looks when its progress moves), peers' hashes and the tracker's.
         if node.takeover.is_some() {
             self.watch_progress(n);
         }
@@ -946,8 +947,7 @@ impl World {
             node.takeover = None;
             return;
         }
-        let held = node.swarm.scheduler().have().count();
-        if !watch.observe(node.swarm.known_hashes(), held, self.pieces, at) {
+        if !watch.observe(node.swarm.known_hashes(), self.pieces, at) {
             return;
         }
         let peer_id = node.peer_id;
@@ -1011,8 +1011,7 @@ impl World {
         node.swarm.hashes_known(known, at);
         node.swarm.start(at);
         if watch {
-            let held = node.swarm.scheduler().have().count();
-            node.takeover = Some(TakeoverWatch::new(node.swarm.known_hashes(), held, at));
+            node.takeover = Some(TakeoverWatch::new(node.swarm.known_hashes(), at));
             self.events.push(self.now + crate::model::nanos(TAKEOVER_AFTER), Ev::TakeoverCheck { node: n });
         }
         self.drain(n);
