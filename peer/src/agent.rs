@@ -43,7 +43,7 @@ use swarm_core::lease::{
 use swarm_proto::msg::LeaseReply;
 use swarm_proto::{Digest, Layout, piece_length_for};
 use swarm_tracker::client::TrackerClientError;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, trace, warn};
 
 use crate::mirror::{BlobBody, BlobProvider, BlobRequest, ProviderError, provider_error};
 use crate::node::{Download, DownloadState, Node};
@@ -197,7 +197,9 @@ impl SwarmProvider {
                     if matches!(changed, Ok(Err(_))) || progress.borrow().state != DownloadState::Running {
                         return;
                     }
-                    if !watch.observe(blob.known_hashes(), count, Instant::now()) {
+                    let known = blob.known_hashes();
+                    if !watch.observe(known, count, Instant::now()) {
+                        trace!(known, "holder progress");
                         continue;
                     }
                     match node.tracker().acquire_lease(node.peer_id(), req.digest).await {

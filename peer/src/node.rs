@@ -178,6 +178,9 @@ pub enum DownloadState {
 pub struct Progress {
     pub pieces: u32,
     pub piece_count: u32,
+    /// Piece hashes known (all of them unless the blob is still streaming in from
+    /// upstream): a new one is the lease holder's progress.
+    pub hashes: u32,
     pub bytes: u64,
     pub total: u64,
     pub peers: usize,
@@ -579,6 +582,7 @@ impl Node {
         let progress = Progress {
             pieces: have.count(),
             piece_count: have.len(),
+            hashes: blob.known_hashes(),
             bytes: have.ones().map(|i| u64::from(metainfo.piece_len(i))).sum(),
             total: metainfo.length,
             peers: 0,
@@ -851,6 +855,7 @@ impl SwarmActor {
                     None => SwarmHashes::Forgotten,
                 };
                 self.swarm.hashes(reply, now);
+                self.publish_progress();
             }
             Event::HashSyncFailed => self.swarm.hashes(SwarmHashes::Failed, now),
             Event::Abandon(reason) => self.abandon(reason),
@@ -1026,6 +1031,7 @@ impl SwarmActor {
                     warn!(peer = ?self.swarm.peer_id(key), "a peer sent piece hashes that conflict with known ones");
                 }
                 self.swarm.peer_hashes(key, outcome, now);
+                self.publish_progress();
             }
             PeerMessage::Peers { peers } => self.swarm.peers_offered(&peers, now),
             other => {
@@ -1175,10 +1181,11 @@ impl SwarmActor {
         let bytes = u64::from(pieces) * u64::from(m.piece_length)
             - if have.get(last) { u64::from(m.piece_length - m.piece_len(last)) } else { 0 };
         let peers = self.swarm.peer_count();
-        self.progress.send_modify(|p| {
-            p.pieces = pieces;
-            p.bytes = bytes;
-            p.peers = peers;
+        let hashes = self.swarm.known_hashes();
+        self.progress.send_if_modified(|p| {
+            let changed = (p.pieces, p.bytes, p.peers, p.hashes) != (pieces, bytes, peers, hashes);
+            (p.pieces, p.bytes, p.peers, p.hashes) = (pieces, bytes, peers, hashes);
+            changed
         });
     }
 

@@ -243,6 +243,8 @@ class Proc:
         self.cond = threading.Condition()
         self.log_path = os.path.join(workdir, "log-%s.txt" % name)
         logf = open(self.log_path, "ab")
+        # Repeats append to the same file: where this process's lines begin.
+        self.log_start = logf.tell()
         # setpriv (util-linux) keeps the pid (it execs) and makes the process die with
         # this script even when the script is SIGKILLed and cannot clean up.
         guard = ["setpriv", "--pdeathsig", "KILL", "--"] if SETPRIV else []
@@ -940,8 +942,9 @@ class Swarm(System):
         found = []
         for i, p in sorted(getattr(self, "agents", {}).items()):
             try:
-                with open(p.log_path, errors="replace") as f:
-                    if "as the lease holder" in f.read():
+                with open(p.log_path, "rb") as f:
+                    f.seek(p.log_start)
+                    if b"as the lease holder" in f.read():
                         found.append(i)
             except OSError:
                 pass

@@ -705,7 +705,12 @@ impl World {
             }
             swarm.have(l.remote_key, piece, at);
         }
-        for (l, _) in &peers {
+        for (l, hashes) in &peers {
+            // New hashes are the holder's progress: the takeover watch looks (as the
+            // daemon's does when its progress moves).
+            if hashes.is_some() && self.nodes[l.remote as usize].takeover.is_some() {
+                self.watch_progress(l.remote);
+            }
             // A `have` adds a deadline only with a `Request`: a node that emitted
             // nothing needs no timer check (`poll_timeout` is a cache miss per node,
             // a few percent of a large run).
