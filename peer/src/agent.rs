@@ -55,11 +55,20 @@ pub struct SwarmProvider {
     upstream: UpstreamClient,
     /// One start-up at a time per blob, so concurrent requests join one download.
     starting: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+    /// The store's budget and eviction ([`crate::disk`]), when the agent runs one.
+    disk: Option<Arc<crate::disk::Disk>>,
 }
 
 impl SwarmProvider {
     pub fn new(node: Node, upstream: UpstreamClient) -> Self {
-        Self { node, upstream, starting: Mutex::new(HashMap::new()) }
+        Self { node, upstream, starting: Mutex::new(HashMap::new()), disk: None }
+    }
+
+    /// Keeps the store within `disk`'s budget: a new blob that cannot fit is refused
+    /// (503) before anything is fetched, and blobs being served are never evicted.
+    pub fn with_disk(mut self, disk: Arc<crate::disk::Disk>) -> Self {
+        self.disk = Some(disk);
+        self
     }
 
     /// The download serving `req`, started if needed.
@@ -91,6 +100,10 @@ impl SwarmProvider {
         // A complete copy in the store, or one the cluster already knows.
         if let Ok(Some(_)) = self.node.store().metainfo(&digest) {
             return self.node.fetch(digest).await.map_err(|e| other(&e));
+        }
+        if let Some(disk) = &self.disk {
+            let length = self.blob_length(req).await?;
+            disk.admit(&digest, length).await.map_err(|e| ProviderError::Unavailable(format!("{digest}: {e}")))?;
         }
         // The steps are `swarm_core::lease`'s; this loop only carries them out.
         let startup = Startup::new(Instant::now());
@@ -311,7 +324,16 @@ impl BlobProvider for SwarmProvider {
         if offset > layout.length {
             return Err(ProviderError::Other(format!("offset {offset} past the end ({})", layout.length)));
         }
-        Ok(BlobBody { length: layout.length, stream: verified_stream(d, offset) })
+        let stream = verified_stream(d, offset);
+        let stream = match &self.disk {
+            // Busy (never evicted) while the body streams; also the blob's last use.
+            Some(disk) => {
+                let guard = disk.serving(req.digest);
+                stream.map(move |chunk| (&guard, chunk).1).boxed()
+            }
+            None => stream,
+        };
+        Ok(BlobBody { length: layout.length, stream })
     }
 }
 

@@ -8,9 +8,12 @@
 //! - [`mirror`]: the HTTP registry mirror containerd talks to.
 //! - [`upload`]: who gets the next upload slot (least-sent piece first) and which
 //!   fresh pieces a source holds back.
+//! - [`disk`]: the store's byte budget, LRU eviction, pins, one copy with containerd's
+//!   content store, the data directory's filesystem check.
 //! - [`agent`]: the mirror's blob source backed by the swarm, with upstream leases.
 
 pub mod agent;
+pub mod disk;
 pub mod mirror;
 pub mod node;
 pub use swarm_core::scheduler;
