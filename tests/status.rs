@@ -156,7 +156,7 @@ fn status_shows_a_download_in_progress_on_the_agent_and_in_the_cluster() {
     println!("{table}");
     let short = &digest[..("sha256:".len() + 12)];
     assert!(table.contains(short) && table.contains("running"), "{table}");
-    assert!(table.contains("no budget set") && table.contains("leases held: none"), "{table}");
+    assert!(table.contains("of a budget of") && table.contains("leases held: none"), "{table}");
 
     // The tracker's view: both nodes, the blob held whole by the seed and fetched by the agent.
     let token_arg = token.to_str().expect("utf8 path");
