@@ -101,10 +101,7 @@ impl SwarmProvider {
         if let Ok(Some(_)) = self.node.store().metainfo(&digest) {
             return self.node.fetch(digest).await.map_err(|e| other(&e));
         }
-        if let Some(disk) = &self.disk {
-            let length = self.blob_length(req).await?;
-            disk.admit(&digest, length).await.map_err(|e| ProviderError::Unavailable(format!("{digest}: {e}")))?;
-        }
+        self.admit(req).await?;
         // The steps are `swarm_core::lease`'s; this loop only carries them out.
         let startup = Startup::new(Instant::now());
         loop {
@@ -127,6 +124,24 @@ impl SwarmProvider {
                 StartStep::Swarm { .. } | StartStep::AcquireLease => {}
             }
         }
+    }
+
+    /// Makes room in the store for a new blob, or refuses it (503, before anything is
+    /// fetched) when it cannot fit the budget. The length comes from a partial copy,
+    /// the tracker, or an upstream HEAD.
+    async fn admit(&self, req: &BlobRequest) -> Result<(), ProviderError> {
+        let Some(disk) = &self.disk else { return Ok(()) };
+        let digest = req.digest;
+        let length = match self.node.store().layout(&digest) {
+            Ok(Some(layout)) => layout.length,
+            _ => match ask_tracker("get-hashes", self.node.tracker().get_hashes(digest, u32::MAX)).await? {
+                Some(h) => h.layout.length,
+                None => {
+                    self.upstream.blob_length(&req.registry, &req.repository, &digest).await.map_err(provider_error)?
+                }
+            },
+        };
+        disk.admit(&digest, length).await.map_err(|e| ProviderError::Unavailable(format!("{digest}: {e}")))
     }
 
     /// This node holds the lease and nobody published anything yet: open the
