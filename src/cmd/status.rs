@@ -168,7 +168,7 @@ pub struct Cache {
     pub dir: String,
     /// Bytes on disk under `dir` (allocated blocks; `null` if unreadable).
     pub used: Option<u64>,
-    /// The cache budget in bytes; `null`: no budget set (the store grows unbounded).
+    /// The store's byte budget (`--cache-size` or its default share of the filesystem).
     pub budget: Option<u64>,
 }
 
