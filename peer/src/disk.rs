@@ -12,7 +12,9 @@
 //!   refused before anything is fetched ([`Disk::admit`]); the mirror answers 503 and
 //!   containerd goes to the registry itself.
 //! - **Pins.** [`Pins`]: a blob pinned until a time is never evicted and keeps its own
-//!   copy (the kubelet may garbage-collect containerd's). Persisted under `pins/`.
+//!   copy (the kubelet may garbage-collect containerd's): it is not moved onto
+//!   containerd's file, and one moved before the pin gets its own copy back.
+//!   Persisted under `pins/`.
 //! - **One copy with containerd.** Where containerd's content store is readable
 //!   (`--containerd-root`), a complete blob containerd also holds (same digest, same
 //!   length) is served from containerd's file and the agent's own copy is deleted
@@ -280,6 +282,8 @@ impl Disk {
             if let Some(source) = self.node.store().source(&digest) {
                 if !source.exists() {
                     self.forget(&digest, "containerd deleted its copy").await;
+                } else if self.pins.is_pinned(&digest, SystemTime::now()) {
+                    self.own_copy(&digest, live.as_ref().map(|d| d.blob().clone())).await;
                 }
                 continue;
             }
@@ -318,6 +322,29 @@ impl Disk {
             Ok(Ok(false)) => {}
             Ok(Err(e)) => warn!(%digest, error = %e, "cannot serve from containerd's copy"),
             Err(e) => warn!(%digest, error = %e, "containerd copy check failed"),
+        }
+    }
+
+    /// Gives a pinned blob served from containerd's file its own copy back.
+    async fn own_copy(&self, digest: &Digest, live: Option<Arc<crate::store::BlobFile>>) {
+        let store = self.node.store().clone();
+        let d = *digest;
+        let taken = tokio::task::spawn_blocking(move || {
+            let blob = match live {
+                Some(b) => b,
+                None => match store.metainfo(&d)? {
+                    Some(m) => Arc::new(store.open_blob(&m)?),
+                    None => return Ok(false),
+                },
+            };
+            blob.take_own_copy()
+        })
+        .await;
+        match taken {
+            Ok(Ok(true)) => info!(%digest, "pinned: own copy taken back from containerd's content store"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => warn!(%digest, error = %e, "cannot take a pinned blob's own copy back"),
+            Err(e) => warn!(%digest, error = %e, "own copy task failed"),
         }
     }
 

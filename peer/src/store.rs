@@ -636,6 +636,38 @@ impl BlobFile {
         data.external.then(|| data.path.clone())
     }
 
+    /// Takes the bytes back from the other file [`BlobFile::serve_from`] moved them to
+    /// (a pinned blob keeps its own copy): copies every piece, verified, into the
+    /// blob's own `data`, syncs it, switches reads to it and drops `source`. Returns
+    /// `Ok(false)` when the bytes are already the blob's own.
+    pub fn take_own_copy(&self) -> Result<bool, StoreError> {
+        let Some(dir) = &self.dir else { return Ok(false) };
+        if !self.data().external {
+            return Ok(false);
+        }
+        let own = dir.join("data");
+        let tmp = dir.join("data.tmp");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(io_err("cannot create", &tmp))?;
+        let mut buf = Vec::new();
+        for piece in 0..self.layout.piece_count() {
+            self.read_piece_into(piece, &mut buf)?;
+            file.write_all_at(&buf, self.layout.piece_offset(piece)).map_err(io_err("cannot write", &tmp))?;
+        }
+        file.sync_all().map_err(io_err("cannot sync", &tmp))?;
+        fs::rename(&tmp, &own).map_err(io_err("cannot rename", &tmp))?;
+        let mut data = self.file.write().unwrap_or_else(|e| e.into_inner());
+        *data = DataFile { file, path: own, external: false };
+        let source = dir.join("source");
+        fs::remove_file(&source).map_err(io_err("cannot remove", &source))?;
+        Ok(true)
+    }
+
     /// Serves this complete, persisted blob from `path` (containerd's copy of the same
     /// blob) from now on: records it in `source`, switches reads to it (each piece
     /// verified on read) and deletes the blob's own `data`. The layout and hashes stay.
@@ -969,6 +1001,12 @@ mod tests {
         let mut buf = vec![0; 1000];
         blob.read_at(&mut buf, 262_000).expect("read across pieces");
         assert_eq!(buf, &data[262_000..263_000]);
+        drop(blob);
+        let blob = store.open_blob(&meta).expect("reopen");
+        assert!(blob.take_own_copy().expect("take back"), "a pinned blob gets its own copy back");
+        assert_eq!(fs::read(store.data_path(&meta.digest)).expect("own copy"), data);
+        assert_eq!((blob.source(), store.source(&meta.digest)), (None, None));
+        assert!(blob.serve_from(&theirs).expect("moved again"));
         drop(blob);
 
         // A restart serves from the other copy; a corrupt piece there breaks the blob.
