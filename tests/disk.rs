@@ -7,8 +7,8 @@
 //!   another node still gets the image from this one through the swarm, and a blob
 //!   containerd deletes is forgotten (the tracker is told);
 //! - a small `--cache-size`: the least recently used blob is evicted (and the tracker
-//!   stops listing this node for it), and a blob larger than the budget gets a 503
-//!   before any upstream GET;
+//!   stops listing this node for it), a pinned one never is, and a blob larger than the
+//!   budget gets a 503 before any upstream GET;
 //! - a data directory on tmpfs: `/readyz` says so.
 //!
 //! Needs: containerd, docker-registry, umoci, skopeo, and root (containerd, mount).
@@ -117,13 +117,14 @@ async fn a_small_cache_evicts_the_least_recently_used_and_refuses_a_blob_that_ca
     support::init_tracing();
     let dir = test_dir("disk-lru");
     let registry = Registry::start(&dir.path().join("registry")).expect("registry");
-    let image = build_image(&registry, "edge/app", "v1", &[3 * MIB, 3 * MIB, 4 * MIB, 9 * MIB]).expect("image");
+    let image =
+        build_image(&registry, "edge/app", "v1", &[3 * MIB, 3 * MIB, 4 * MIB, 3 * MIB, 9 * MIB]).expect("image");
     let host = registry.host();
     let cluster = Cluster::start_with(&dir.path().join("swarm"), 1, &[&host], |_, _| {
         ["--cache-size", "8MiB", "--containerd-root", "none"].map(Into::into).to_vec()
     })
     .expect("cluster");
-    let [a, b, c, big] = [0, 1, 2, 3].map(|i| image.layer_digests[i]);
+    let [a, b, c, d, big] = [0, 1, 2, 3, 4].map(|i| image.layer_digests[i]);
     let me = peer_id(&cluster, 0);
     for d in [a, b] {
         let (status, body) = get_blob(&cluster, 0, &image.name, &host, &d).await;
@@ -152,6 +153,16 @@ async fn a_small_cache_evicts_the_least_recently_used_and_refuses_a_blob_that_ca
         || cluster.logs(),
     )
     .await;
+
+    // b pinned (as staging does): d makes room by evicting c, the only unpinned one.
+    let pins = cluster.agents[0].data_dir.join("pins");
+    std::fs::create_dir_all(&pins).expect("pins dir");
+    std::fs::write(pins.join(b.hex()), "99999999999").expect("pin b");
+    let (status, body) = get_blob(&cluster, 0, &image.name, &host, &d).await;
+    assert_eq!((status, Digest::of(&body)), (200, d), "{}", cluster.logs());
+    assert!(cluster.agents[0].stores_blob(&b), "a pinned blob is never evicted\n{}", cluster.logs());
+    assert!(!blobs.join(c.hex()).exists(), "the unpinned blob made room\n{}", cluster.logs());
+
     let status = status_json(&["--agent", &cluster.agents[0].mirror_url()]).expect("status");
     assert_eq!(status["cache"]["budget"].as_u64(), Some(8 << 20), "{status:#}");
 
