@@ -136,9 +136,14 @@ impl SwarmProvider {
             Ok(Some(layout)) => layout.length,
             _ => match ask_tracker("get-hashes", self.node.tracker().get_hashes(digest, u32::MAX)).await? {
                 Some(h) => h.layout.length,
-                None => {
-                    self.upstream.blob_length(&req.registry, &req.repository, &digest).await.map_err(provider_error)?
-                }
+                // Unknown here: the start-up's own upstream request reports the error.
+                None => match self.upstream.blob_length(&req.registry, &req.repository, &digest).await {
+                    Ok(length) => length,
+                    Err(e) => {
+                        debug!(%digest, error = %e, "no length for the cache budget check");
+                        return Ok(());
+                    }
+                },
             },
         };
         disk.admit(&digest, length).await.map_err(|e| ProviderError::Unavailable(format!("{digest}: {e}")))
@@ -344,7 +349,12 @@ impl BlobProvider for SwarmProvider {
             // Busy (never evicted) while the body streams; also the blob's last use.
             Some(disk) => {
                 let guard = disk.serving(req.digest);
-                stream.map(move |chunk| (&guard, chunk).1).boxed()
+                stream
+                    .map(move |chunk| {
+                        let _busy = &guard;
+                        chunk
+                    })
+                    .boxed()
             }
             None => stream,
         };
