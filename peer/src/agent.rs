@@ -63,11 +63,20 @@ pub struct SwarmProvider {
     upstream: UpstreamClient,
     /// One start-up at a time per blob, so concurrent requests join one download.
     starting: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+    /// The store's budget and eviction ([`crate::disk`]), when the agent runs one.
+    disk: Option<Arc<crate::disk::Disk>>,
 }
 
 impl SwarmProvider {
     pub fn new(node: Node, upstream: UpstreamClient) -> Self {
-        Self { node, upstream, starting: Mutex::new(HashMap::new()) }
+        Self { node, upstream, starting: Mutex::new(HashMap::new()), disk: None }
+    }
+
+    /// Keeps the store within `disk`'s budget: a new blob that cannot fit is refused
+    /// (503) before anything is fetched, and blobs being served are never evicted.
+    pub fn with_disk(mut self, disk: Arc<crate::disk::Disk>) -> Self {
+        self.disk = Some(disk);
+        self
     }
 
     /// The download serving `req`, started if needed.
@@ -105,9 +114,13 @@ impl SwarmProvider {
         loop {
             let hashes = match ask_tracker("get-hashes", self.node.tracker().get_hashes(digest, 0)).await {
                 Ok(h) => h,
-                Err(e) => return self.ask_known_peers(digest, e).await,
+                Err(e) => {
+                    self.admit(req, None).await?;
+                    return self.ask_known_peers(digest, e).await;
+                }
             };
             if let Some(h) = hashes {
+                self.admit(req, Some(h.layout.length)).await?;
                 let step = startup.layout(LayoutReply::Published { complete: h.complete });
                 let d = self.node.fetch_partial(h.layout, h.first, h.hashes).await.map_err(|e| other(&e))?;
                 if step == (StartStep::Swarm { watch: true }) {
@@ -147,12 +160,40 @@ impl SwarmProvider {
         }
     }
 
+    /// Makes room in the store for a new blob, or refuses it (503, before anything is
+    /// fetched) when it cannot fit the budget. The length comes from a partial copy,
+    /// the tracker's layout (`known`), or an upstream HEAD.
+    async fn admit(&self, req: &BlobRequest, known: Option<u64>) -> Result<(), ProviderError> {
+        let Some(disk) = &self.disk else { return Ok(()) };
+        let digest = req.digest;
+        let length = match (self.node.store().layout(&digest), known) {
+            (Ok(Some(layout)), _) => layout.length,
+            (_, Some(length)) => length,
+            // Unknown here: the start-up's own upstream request reports the error.
+            _ => match self.upstream.blob_length(&req.registry, &req.repository, &digest).await {
+                Ok(length) => length,
+                Err(e) => {
+                    debug!(%digest, error = %e, "no length for the cache budget check");
+                    return Ok(());
+                }
+            },
+        };
+        disk.admit(&digest, length).await.map_err(|e| ProviderError::Unavailable(format!("{digest}: {e}")))
+    }
+
     /// This node holds the lease and nobody published anything yet: open the
     /// upstream blob, publish its layout, start the swarm and the upstream feed.
     async fn lead(&self, req: &BlobRequest, resume_from: u32) -> Result<Download, ProviderError> {
         let digest = req.digest;
         let tracker = self.node.tracker();
         let me = self.node.peer_id();
+        // Room for it first (an upstream HEAD for its length): nothing is fetched for
+        // a blob that cannot fit. Not a failure of the blob: the lease goes back for
+        // another node to take.
+        if let Err(e) = self.admit(req, None).await {
+            let _ = tracker.release_lease(me, digest, None).await;
+            return Err(e);
+        }
         let blob = match self.upstream.blob(&req.registry, &req.repository, &digest, 0).await {
             Ok(b) => b,
             Err(e) => {
@@ -165,6 +206,7 @@ impl SwarmProvider {
             let _ = tracker.release_lease(me, digest, Some("upstream blob is empty".into())).await;
             return Err(ProviderError::Unavailable("upstream blob is empty".into()));
         }
+
         let layout = Layout { digest, length: blob.total_length, piece_length: piece_length_for(blob.total_length) };
         tracker
             .publish_hashes(me, layout, 0, &[])
@@ -401,7 +443,21 @@ impl BlobProvider for SwarmProvider {
         if offset > layout.length {
             return Err(ProviderError::Other(format!("offset {offset} past the end ({})", layout.length)));
         }
-        Ok(BlobBody { length: layout.length, stream: verified_stream(d, offset) })
+        let stream = verified_stream(d, offset);
+        let stream = match &self.disk {
+            // Busy (never evicted) while the body streams; also the blob's last use.
+            Some(disk) => {
+                let guard = disk.serving(req.digest);
+                stream
+                    .map(move |chunk| {
+                        let _busy = &guard;
+                        chunk
+                    })
+                    .boxed()
+            }
+            None => stream,
+        };
+        Ok(BlobBody { length: layout.length, stream })
     }
 }
 

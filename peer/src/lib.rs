@@ -8,11 +8,14 @@
 //! - [`mirror`]: the HTTP registry mirror containerd talks to.
 //! - [`upload`]: who gets the next upload slot (least-sent piece first) and which
 //!   fresh pieces a source holds back.
+//! - [`disk`]: the store's byte budget, LRU eviction, pins, one copy with containerd's
+//!   content store, the data directory's filesystem check.
 //! - [`agent`]: the mirror's blob source backed by the swarm, with upstream leases.
 //! - [`known_peers`]: the peers a node talked to, kept across restarts for when no
 //!   tracker answers.
 
 pub mod agent;
+pub mod disk;
 pub mod known_peers;
 pub mod mirror;
 pub mod node;

@@ -8,7 +8,17 @@
 //! blobs/<64 hex>/data      the blob bytes, written piece by piece at their offsets
 //! blobs/<64 hex>/have      the persisted bitfield: one bit per piece, MSB first
 //! blobs/<64 hex>/complete  present once every piece is in and the whole digest matched
+//! blobs/<64 hex>/source    (optional) the path of another file holding the complete blob
+//!                          (containerd's content store): `data` is then gone
+//! blobs/<64 hex>/used      (optional) its modification time is the blob's last use
 //! ```
+//!
+//! A complete blob may move its bytes out ([`BlobFile::serve_from`]): the node then
+//! serves them from that file (containerd's copy), keeps only the layout and the piece
+//! hashes, and verifies every piece it reads against its hash. A piece that does not
+//! verify marks the blob broken ([`BlobFile::is_broken`]): it is no longer complete,
+//! and its owner should forget it. A restart reopens such a blob from its `source`;
+//! when that file is gone (containerd deleted it) the blob is no longer held.
 //!
 //! Piece hashes may arrive after the layout: a blob streaming in from upstream has its
 //! hashes published piece by piece by the node fetching it, so a [`BlobFile`] knows a
@@ -170,7 +180,7 @@ impl Store {
         match self.layout(&digest) {
             Ok(Some(existing)) if existing != layout => {
                 // An old copy with another layout: start over.
-                for f in ["data", "have", "hashes", "complete"] {
+                for f in ["data", "have", "hashes", "complete", "source"] {
                     let _ = fs::remove_file(dir.join(f));
                 }
                 self.write_layout(&dir, &layout)?;
@@ -182,6 +192,32 @@ impl Store {
         let count = layout.piece_count();
         let hashes_path = dir.join("hashes");
         let hashes = read_hashes(&hashes_path, count)?;
+        if let Some(source) = read_source(&dir) {
+            let complete = dir.join("complete").exists() && hashes.len() as u32 == count;
+            match File::open(&source) {
+                Ok(file)
+                    if complete && file.metadata().map_err(io_err("cannot stat", &source))?.len() == layout.length =>
+                {
+                    return Ok(BlobFile {
+                        layout,
+                        data_path: source.clone(),
+                        file: std::sync::RwLock::new(DataFile { file, path: source, external: true }),
+                        state: Mutex::new(BlobState { have: Bitfield::full(count), hashes, hashes_file: None }),
+                        have_file: None,
+                        dir: Some(dir),
+                        verified: true.into(),
+                        broken: false.into(),
+                        prefix: Mutex::default(),
+                    });
+                }
+                // The other copy is gone or changed: this node no longer holds the blob.
+                _ => {
+                    for f in ["source", "have", "complete", "data"] {
+                        let _ = fs::remove_file(dir.join(f));
+                    }
+                }
+            }
+        }
         let hashes_file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -225,8 +261,9 @@ impl Store {
         };
         let blob = BlobFile {
             layout,
+            file: std::sync::RwLock::new(DataFile { file, path: data_path.clone(), external: false }),
             data_path,
-            file,
+            broken: false.into(),
             state: Mutex::new(BlobState { have: Bitfield::new(count), hashes, hashes_file: Some(hashes_file) }),
             have_file: Some(have_file),
             dir: Some(dir),
@@ -265,6 +302,53 @@ impl Store {
         }
     }
 
+    /// Digests of every blob in the store, complete or not.
+    pub fn blobs(&self) -> Result<Vec<Digest>, StoreError> {
+        let blobs = self.root.join("blobs");
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&blobs).map_err(io_err("cannot list", &blobs))? {
+            let entry = entry.map_err(io_err("cannot list", &blobs))?;
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
+            if let Ok(digest) = format!("sha256:{name}").parse::<Digest>() {
+                out.push(digest);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The file a blob's bytes are served from instead of its own `data`, if any
+    /// ([`BlobFile::serve_from`]).
+    pub fn source(&self, digest: &Digest) -> Option<PathBuf> {
+        read_source(&self.blob_dir(digest))
+    }
+
+    /// The disk space a blob takes in the data directory (allocated blocks, so a
+    /// sparse partial download counts what it holds). Bytes served from another file
+    /// are not counted.
+    pub fn disk_usage(&self, digest: &Digest) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(entries) = fs::read_dir(self.blob_dir(digest)) else { return 0 };
+        entries.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.blocks() * 512).sum()
+    }
+
+    /// Records that `digest` was used now (LRU order survives restarts: the time is a
+    /// file's modification time).
+    pub fn touch(&self, digest: &Digest) {
+        let dir = self.blob_dir(digest);
+        if dir.is_dir() {
+            let path = dir.join("used");
+            let _ = File::create(&path).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+        }
+    }
+
+    /// When `digest` was last used: its `used` mark, else when it completed, else when
+    /// its directory last changed.
+    pub fn last_use(&self, digest: &Digest) -> Option<std::time::SystemTime> {
+        let dir = self.blob_dir(digest);
+        ["used", "complete", ""].iter().find_map(|f| fs::metadata(dir.join(f)).and_then(|m| m.modified()).ok())
+    }
+
     /// Digests of every complete blob in the store.
     pub fn complete_blobs(&self) -> Result<Vec<Digest>, StoreError> {
         let blobs = self.root.join("blobs");
@@ -280,6 +364,12 @@ impl Store {
         out.sort();
         Ok(out)
     }
+}
+
+fn read_source(dir: &Path) -> Option<PathBuf> {
+    let text = fs::read_to_string(dir.join("source")).ok()?;
+    let path = PathBuf::from(text.trim_end_matches('\n'));
+    path.is_absolute().then_some(path)
 }
 
 fn read_hashes(path: &Path, count: u32) -> Result<Vec<[u8; 32]>, StoreError> {
@@ -327,6 +417,14 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     fs::rename(&tmp, path).map_err(io_err("cannot rename", &tmp))
 }
 
+/// Where a [`BlobFile`]'s bytes are read from.
+struct DataFile {
+    file: File,
+    path: PathBuf,
+    /// Another program's file (containerd's): read only, every piece verified on read.
+    external: bool,
+}
+
 /// What a [`BlobFile`] knows and changes under its lock.
 struct BlobState {
     have: Bitfield,
@@ -341,7 +439,10 @@ struct BlobState {
 pub struct BlobFile {
     layout: Layout,
     data_path: PathBuf,
-    file: File,
+    /// The open bytes; replaced once by [`BlobFile::serve_from`].
+    file: std::sync::RwLock<DataFile>,
+    /// A piece read from another file did not verify (see the module docs).
+    broken: std::sync::atomic::AtomicBool,
     state: Mutex<BlobState>,
     /// `None` for a seeded file served in place (always complete).
     have_file: Option<File>,
@@ -372,7 +473,8 @@ impl BlobFile {
         Ok(Self {
             layout: metainfo.layout(),
             data_path: path.to_path_buf(),
-            file,
+            file: std::sync::RwLock::new(DataFile { file, path: path.to_path_buf(), external: false }),
+            broken: false.into(),
             state: Mutex::new(BlobState {
                 have: Bitfield::full(count),
                 hashes: metainfo.piece_hashes,
@@ -441,7 +543,8 @@ impl BlobFile {
         Ok(new.len() as u32)
     }
 
-    /// Where the blob's bytes live.
+    /// Where the blob's bytes were opened from (its own `data`, a seeded file, or the
+    /// `source` it was reopened from); see [`BlobFile::source`] after `serve_from`.
     pub fn data_path(&self) -> &Path {
         &self.data_path
     }
@@ -477,16 +580,125 @@ impl BlobFile {
         expected.is_some_and(|h| data.len() == self.layout.piece_len(piece) as usize && Sha256::digest(data)[..] == h)
     }
 
-    /// Reads piece `piece` into `buf` (resized to the piece's length).
+    fn data(&self) -> std::sync::RwLockReadGuard<'_, DataFile> {
+        // Replaced whole under the write lock: a poisoned lock still holds a valid file.
+        self.file.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads piece `piece` into `buf` (resized to the piece's length). A piece read
+    /// from another program's file is verified against its hash; one that does not
+    /// match marks the blob broken and is [`StoreError::PieceMismatch`].
     pub fn read_piece_into(&self, piece: u32, buf: &mut Vec<u8>) -> Result<(), StoreError> {
         self.check_range(piece)?;
         buf.resize(self.layout.piece_len(piece) as usize, 0);
-        self.file.read_exact_at(buf, self.layout.piece_offset(piece)).map_err(io_err("cannot read", &self.data_path))
+        let data = self.data();
+        data.file.read_exact_at(buf, self.layout.piece_offset(piece)).map_err(io_err("cannot read", &data.path))?;
+        if data.external && !self.matches_hash(piece, buf) {
+            drop(data);
+            self.mark_broken(piece);
+            return Err(StoreError::PieceMismatch { digest: self.layout.digest, piece });
+        }
+        Ok(())
     }
 
-    /// Reads `buf.len()` bytes at `offset` of the blob.
+    /// Reads `buf.len()` bytes at `offset` of the blob (whole pieces, each checked as
+    /// [`BlobFile::read_piece_into`] does, when the bytes are another program's file).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
-        self.file.read_exact_at(buf, offset).map_err(io_err("cannot read", &self.data_path))
+        if !self.data().external {
+            let data = self.data();
+            return data.file.read_exact_at(buf, offset).map_err(io_err("cannot read", &data.path));
+        }
+        let mut piece_buf = Vec::new();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let piece = self.layout.piece_at(at);
+            self.read_piece_into(piece, &mut piece_buf)?;
+            let skip = (at - self.layout.piece_offset(piece)) as usize;
+            let n = (piece_buf.len() - skip).min(buf.len() - done);
+            buf[done..done + n].copy_from_slice(&piece_buf[skip..skip + n]);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// A piece served from another file failed its hash: the blob is no longer whole.
+    fn mark_broken(&self, piece: u32) {
+        tracing::warn!(digest = %self.layout.digest, piece, "a piece read from containerd's copy does not match its hash; dropping the blob");
+        self.broken.store(true, std::sync::atomic::Ordering::Release);
+        self.verified.store(false, std::sync::atomic::Ordering::Release);
+        self.state().have.set(piece, false);
+        if let Some(dir) = &self.dir {
+            let _ = fs::remove_file(dir.join("complete"));
+        }
+    }
+
+    /// Whether a piece served from another file failed its hash (see the module docs).
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The other program's file the bytes are served from, if they are.
+    pub fn source(&self) -> Option<PathBuf> {
+        let data = self.data();
+        data.external.then(|| data.path.clone())
+    }
+
+    /// Takes the bytes back from the other file [`BlobFile::serve_from`] moved them to
+    /// (a pinned blob keeps its own copy): copies every piece, verified, into the
+    /// blob's own `data`, syncs it, switches reads to it and drops `source`. Returns
+    /// `Ok(false)` when the bytes are already the blob's own.
+    pub fn take_own_copy(&self) -> Result<bool, StoreError> {
+        let Some(dir) = &self.dir else { return Ok(false) };
+        if !self.data().external {
+            return Ok(false);
+        }
+        let own = dir.join("data");
+        let tmp = dir.join("data.tmp");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(io_err("cannot create", &tmp))?;
+        let mut buf = Vec::new();
+        for piece in 0..self.layout.piece_count() {
+            self.read_piece_into(piece, &mut buf)?;
+            file.write_all_at(&buf, self.layout.piece_offset(piece)).map_err(io_err("cannot write", &tmp))?;
+        }
+        file.sync_all().map_err(io_err("cannot sync", &tmp))?;
+        fs::rename(&tmp, &own).map_err(io_err("cannot rename", &tmp))?;
+        let mut data = self.file.write().unwrap_or_else(|e| e.into_inner());
+        *data = DataFile { file, path: own, external: false };
+        let source = dir.join("source");
+        fs::remove_file(&source).map_err(io_err("cannot remove", &source))?;
+        Ok(true)
+    }
+
+    /// Serves this complete, persisted blob from `path` (containerd's copy of the same
+    /// blob) from now on: records it in `source`, switches reads to it (each piece
+    /// verified on read) and deletes the blob's own `data`. The layout and hashes stay.
+    /// Refused (returns `Ok(false)`) when the blob is not complete, is a seeded file,
+    /// already served from elsewhere, or `path` has another length.
+    pub fn serve_from(&self, path: &Path) -> Result<bool, StoreError> {
+        let Some(dir) = &self.dir else { return Ok(false) };
+        if !self.verified.load(std::sync::atomic::Ordering::Acquire) || !dir.join("complete").exists() {
+            return Ok(false);
+        }
+        let mut data = self.file.write().unwrap_or_else(|e| e.into_inner());
+        if data.external {
+            return Ok(false);
+        }
+        let file = File::open(path).map_err(io_err("cannot open", path))?;
+        if file.metadata().map_err(io_err("cannot stat", path))?.len() != self.layout.length {
+            return Ok(false);
+        }
+        write_atomic(&dir.join("source"), path.as_os_str().as_encoded_bytes())?;
+        *data = DataFile { file, path: path.to_path_buf(), external: true };
+        let own = dir.join("data");
+        fs::remove_file(&own).map_err(io_err("cannot remove", &own))?;
+        Ok(true)
     }
 
     /// Verifies `data` against piece `piece`'s hash and, when it matches, stores it and
@@ -524,9 +736,12 @@ impl BlobFile {
         if self.has_piece(piece) {
             return Ok(false);
         }
-        self.file
-            .write_all_at(data, self.layout.piece_offset(piece))
-            .map_err(io_err("cannot write", &self.data_path))?;
+        {
+            let file = self.data();
+            file.file
+                .write_all_at(data, self.layout.piece_offset(piece))
+                .map_err(io_err("cannot write", &file.path))?;
+        }
         let mut st = self.state();
         if st.have.get(piece) {
             // A concurrent writer stored the same verified bytes first.
@@ -609,7 +824,7 @@ impl BlobFile {
             });
         }
         if let Some(dir) = &self.dir {
-            self.file.sync_all().map_err(io_err("cannot sync", &self.data_path))?;
+            self.data().file.sync_all().map_err(io_err("cannot sync", &self.data_path))?;
             let marker = dir.join("complete");
             fs::write(&marker, b"").map_err(io_err("cannot write", &marker))?;
         }
@@ -767,6 +982,58 @@ mod tests {
         assert_eq!(blob.add_hashes(2, &meta.piece_hashes[2..]).expect("rest"), 1);
         assert_eq!(blob.metainfo().as_ref(), Some(&meta));
         assert_eq!(store.metainfo(&meta.digest).expect("read").as_ref(), Some(&meta));
+    }
+
+    #[test]
+    fn a_complete_blob_moves_onto_another_copy_verifies_it_and_notices_it_gone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("store")).expect("store");
+        let data = sample(700_000);
+        let meta = meta_of(&data, 1 << 18);
+        let blob = store.open_blob(&meta).expect("open");
+        for i in 0..meta.piece_count() {
+            let s = meta.piece_offset(i) as usize;
+            blob.write_piece(i, &data[s..s + meta.piece_len(i) as usize]).expect("write");
+        }
+        let theirs = dir.path().join("containerd-blob");
+        fs::write(&theirs, &data).expect("write theirs");
+        assert!(!blob.serve_from(&theirs).expect("not yet persisted"), "only a persisted blob moves");
+        blob.verify().expect("verify");
+        blob.persist().expect("persist");
+        let short = dir.path().join("short");
+        fs::write(&short, &data[..10]).expect("write short");
+        assert!(!blob.serve_from(&short).expect("length differs"));
+        assert!(blob.serve_from(&theirs).expect("moved"));
+        assert!(!store.data_path(&meta.digest).exists(), "the own copy is deleted");
+        assert!(store.disk_usage(&meta.digest) < 4096 * 8, "only layout and hashes stay");
+        let mut buf = vec![0; 1000];
+        blob.read_at(&mut buf, 262_000).expect("read across pieces");
+        assert_eq!(buf, &data[262_000..263_000]);
+        drop(blob);
+        let blob = store.open_blob(&meta).expect("reopen");
+        assert!(blob.take_own_copy().expect("take back"), "a pinned blob gets its own copy back");
+        assert_eq!(fs::read(store.data_path(&meta.digest)).expect("own copy"), data);
+        assert_eq!((blob.source(), store.source(&meta.digest)), (None, None));
+        assert!(blob.serve_from(&theirs).expect("moved again"));
+        drop(blob);
+
+        // A restart serves from the other copy; a corrupt piece there breaks the blob.
+        let blob = store.open_blob(&meta).expect("reopen");
+        assert!(blob.is_complete() && blob.source() == Some(theirs.clone()));
+        let f = OpenOptions::new().write(true).open(&theirs).expect("open theirs");
+        f.write_all_at(b"rot", 300_000).expect("corrupt");
+        let mut piece = Vec::new();
+        blob.read_piece_into(0, &mut piece).expect("piece 0 is intact");
+        assert!(matches!(blob.read_piece_into(1, &mut piece), Err(StoreError::PieceMismatch { piece: 1, .. })));
+        assert!(blob.is_broken() && !blob.is_complete());
+        assert!(store.complete_blobs().expect("list").is_empty(), "a broken blob is not complete any more");
+        drop(blob);
+
+        // The other copy deleted: reopening finds nothing held.
+        fs::remove_file(&theirs).expect("delete theirs");
+        let blob = store.open_blob(&meta).expect("reopen");
+        assert_eq!(blob.have().count(), 0);
+        assert_eq!(blob.source(), None);
     }
 
     #[test]

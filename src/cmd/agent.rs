@@ -15,13 +15,14 @@ use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 use swarm_net::{Endpoint, EndpointConfig};
 use swarm_peer::agent::SwarmProvider;
+use swarm_peer::disk::{self, Disk};
 use swarm_peer::mirror::{self, MirrorConfig, MirrorMetrics};
 use swarm_peer::node::{Node, NodeConfig};
 use swarm_peer::upstream::{UpstreamClient, UpstreamConfig, k3s};
 use swarm_tracker::TrackerClient;
 use tokio_util::sync::CancellationToken;
 
-use super::common::{TokenArgs, parse_rate, resolve, resolve_tracker, shutdown_signal};
+use super::common::{TokenArgs, human_bytes, parse_rate, parse_size, resolve, resolve_tracker, shutdown_signal};
 use super::health::{self, CHECK_TIMEOUT, Readiness};
 use crate::STATUS;
 
@@ -68,6 +69,17 @@ pub struct Args {
     /// Cap on this node's upload rate to peers, e.g. 200Mbit/s.
     #[arg(long, env = "SWARM_UPLOAD_RATE", value_name = "RATE")]
     upload_rate: Option<String>,
+    /// Byte budget of the piece store, e.g. 20GiB, 500MiB or plain bytes; least
+    /// recently used blobs are evicted beyond it [default: 25% of the size of the data
+    /// directory's filesystem].
+    #[arg(long, env = "SWARM_CACHE_SIZE", value_name = "SIZE")]
+    cache_size: Option<String>,
+    /// containerd's root directory (holding io.containerd.content.v1.content): a blob
+    /// containerd holds is served from its file instead of a second copy; `none`: off
+    /// [default: /var/lib/rancher/k3s/agent/containerd if it exists, else
+    /// /var/lib/containerd if it exists, else off].
+    #[arg(long, env = "SWARM_CONTAINERD_ROOT", value_name = "DIR")]
+    containerd_root: Option<PathBuf>,
     #[command(flatten)]
     token: TokenArgs,
 }
@@ -87,6 +99,8 @@ pub struct FileConfig {
     pub advertise: Option<String>,
     pub upload_rate: Option<String>,
     pub k3s_registries: Option<PathBuf>,
+    pub cache_size: Option<String>,
+    pub containerd_root: Option<PathBuf>,
     #[serde(default)]
     pub upstream: UpstreamConfig,
 }
@@ -110,6 +124,9 @@ struct Settings {
     advertise: Option<String>,
     upload_rate: Option<u64>,
     k3s_registries: Option<PathBuf>,
+    /// None: the default share of the data directory's filesystem.
+    cache_size: Option<u64>,
+    containerd_root: Option<PathBuf>,
     upstream: UpstreamConfig,
 }
 
@@ -127,7 +144,13 @@ fn settings(args: Args) -> Result<Settings> {
         Some(r) => Some(parse_rate(&r).map_err(anyhow::Error::msg).context("upload_rate")?),
         None => None,
     };
+    let cache_size = match args.cache_size.or(file.cache_size) {
+        Some(s) => Some(parse_size(&s).map_err(anyhow::Error::msg).context("cache_size")?),
+        None => None,
+    };
     Ok(Settings {
+        cache_size,
+        containerd_root: args.containerd_root.or(file.containerd_root),
         tracker,
         listen: args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.into()),
         mirror: args.mirror.or(file.mirror).unwrap_or_else(|| DEFAULT_MIRROR.into()),
@@ -173,9 +196,32 @@ pub async fn run(args: Args) -> Result<()> {
 
     let cancel = CancellationToken::new();
     let metrics = Arc::new(MirrorMetrics::default());
-    let provider = Arc::new(SwarmProvider::new(node.clone(), upstream.clone()));
+    let budget = match s.cache_size {
+        Some(b) => b,
+        None => {
+            let fs = disk::filesystem_size(&s.data_dir)
+                .with_context(|| format!("cannot size the filesystem of {}", s.data_dir.display()))?;
+            fs / 100 * disk::DEFAULT_SHARE_PERCENT
+        }
+    };
+    let containerd_root = disk::containerd_root(s.containerd_root.as_deref());
+    let disk = Disk::new(node.clone(), budget, containerd_root.as_deref());
+    let disk_task = tokio::spawn(disk.clone().run());
+    let provider = Arc::new(SwarmProvider::new(node.clone(), upstream.clone()).with_disk(disk.clone()));
     let readiness = Readiness::new(format!("tracker {tracker} not checked yet"));
-    let status = super::status::StatusSource::new(node.clone(), readiness.clone(), tracker_check.clone());
+    if let Some(warning) = disk::filesystem_warning(&s.data_dir) {
+        tracing::warn!(target: STATUS, "{warning}");
+        readiness.warn(warning);
+    }
+    tracing::info!(
+        target: STATUS,
+        "cache budget {}{}; containerd's content store: {}",
+        human_bytes(budget),
+        if s.cache_size.is_none() { format!(" ({}% of the data directory's filesystem)", disk::DEFAULT_SHARE_PERCENT) } else { String::new() },
+        containerd_root.as_ref().map_or_else(|| "not used".to_string(), |r| r.display().to_string())
+    );
+    let status =
+        super::status::StatusSource::new(node.clone(), readiness.clone(), tracker_check.clone()).with_budget(budget);
     let sampler = tokio::spawn(status.clone().sample(cancel.clone()));
     // Probes and /status are routed ahead of the mirror's fallback: they never count
     // as mirror requests.
@@ -221,6 +267,7 @@ pub async fn run(args: Args) -> Result<()> {
     watch_task.await.context("tracker check task")?;
     sampler.await.context("status sampler task")?;
     node.shutdown().await;
+    disk_task.await.context("disk task")?;
     mirror_task.await.context("mirror task")?.context("mirror")?;
     if let Some(t) = metrics_task {
         t.await.context("metrics task")?.context("metrics")?;

@@ -5,6 +5,10 @@
 //!   reason as text (readiness only: an agent whose tracker is away still serves
 //!   pulls from the registry, so it must never be restarted for that).
 //!
+//! Warnings ([`Readiness::warn`], e.g. a data directory on tmpfs or an overlay) are
+//! extra `warning: ...` lines in the `/readyz` body; they never fail readiness (the
+//! agent works, it only costs RAM or loses its cache on reboot).
+//!
 //! For the agent, ready means its tracker answers and accepted the cluster token.
 //! [`watch_tracker`] checks that every [`CHECK_EVERY`] with a cheap request (the
 //! metainfo of a digest nobody registers) bounded by [`CHECK_TIMEOUT`], so `/readyz`
@@ -36,17 +40,29 @@ pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Clone, Debug)]
 pub struct Readiness {
     state: Arc<RwLock<Result<(), String>>>,
+    /// Conditions `/readyz` reports without failing (a data directory on tmpfs).
+    warnings: Arc<RwLock<Vec<String>>>,
 }
 
 impl Readiness {
     /// Not ready, for `reason`, until [`Readiness::set`] says otherwise.
     pub fn new(reason: impl Into<String>) -> Self {
-        Self { state: Arc::new(RwLock::new(Err(reason.into()))) }
+        Self { state: Arc::new(RwLock::new(Err(reason.into()))), warnings: Arc::default() }
     }
 
     /// Always ready (a process with nothing to wait for).
     pub fn ready() -> Self {
-        Self { state: Arc::new(RwLock::new(Ok(()))) }
+        Self { state: Arc::new(RwLock::new(Ok(()))), warnings: Arc::default() }
+    }
+
+    /// Adds a warning `/readyz` shows (as a `warning: ...` line) without failing.
+    pub fn warn(&self, warning: impl Into<String>) {
+        self.warnings.write().unwrap_or_else(std::sync::PoisonError::into_inner).push(warning.into());
+    }
+
+    /// The warnings added so far.
+    pub fn warnings(&self) -> Vec<String> {
+        self.warnings.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// Records the outcome of a check; returns whether it differs from the last one.
@@ -70,10 +86,13 @@ pub fn router(readiness: Readiness) -> axum::Router {
         "/readyz",
         get(move || {
             let now = readiness.get();
+            let warnings: String = readiness.warnings().iter().map(|w| format!("warning: {w}\n")).collect();
             async move {
                 match now {
-                    Ok(()) => (StatusCode::OK, TEXT, "ready\n".to_string()).into_response(),
-                    Err(why) => (StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("not ready: {why}\n")).into_response(),
+                    Ok(()) => (StatusCode::OK, TEXT, format!("ready\n{warnings}")).into_response(),
+                    Err(why) => {
+                        (StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("not ready: {why}\n{warnings}")).into_response()
+                    }
                 }
             }
         }),

@@ -168,7 +168,7 @@ pub struct Cache {
     pub dir: String,
     /// Bytes on disk under `dir` (allocated blocks; `null` if unreadable).
     pub used: Option<u64>,
-    /// The cache budget in bytes; `null`: no budget set (the store grows unbounded).
+    /// The store's byte budget (`--cache-size` or its default share of the filesystem).
     pub budget: Option<u64>,
 }
 
@@ -200,12 +200,19 @@ pub struct StatusSource {
     readiness: Readiness,
     tracker: TrackerClient,
     samples: Arc<Mutex<(Option<Sample>, Option<Sample>)>>,
+    budget: Option<u64>,
 }
 
 impl StatusSource {
     /// `tracker` should be a client with a short timeout: `/status` waits for it.
     pub fn new(node: Node, readiness: Readiness, tracker: TrackerClient) -> Self {
-        Self { node, readiness, tracker, samples: Arc::new(Mutex::new((None, None))) }
+        Self { node, readiness, tracker, samples: Arc::new(Mutex::new((None, None))), budget: None }
+    }
+
+    /// The store's byte budget, reported as the cache's `budget`.
+    pub fn with_budget(mut self, budget: u64) -> Self {
+        self.budget = Some(budget);
+        self
     }
 
     /// Samples the counters every [`SAMPLE_EVERY`] until `cancel` fires.
@@ -286,7 +293,7 @@ impl StatusSource {
             totals,
             leases,
             leases_error,
-            cache: Cache { dir: status.data_dir.display().to_string(), used, budget: None },
+            cache: Cache { dir: status.data_dir.display().to_string(), used, budget: self.budget },
             rate_window_secs: window.map(|(_, _, secs)| secs),
         }
     }

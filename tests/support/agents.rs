@@ -177,3 +177,43 @@ impl Cluster {
         self.agents.iter().enumerate().map(|(i, a)| format!("--- agent {i}\n{}\n", a.child.logs_tail())).collect()
     }
 }
+
+/// `swarm status ARGS --json` (which must succeed), parsed.
+pub fn status_json(args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let mut cmd = Command::new(swarm_bin());
+    cmd.arg("status").args(args).arg("--json");
+    let out = super::process::run(cmd, Duration::from_secs(20))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(&text).with_context(|| format!("swarm status {args:?} printed no JSON:\n{text}"))
+}
+
+/// The digests the tracker lists for the node `peer_id` in `swarm status --cluster`.
+pub fn tracker_blobs_of(cluster: &Cluster, peer_id: &str) -> anyhow::Result<Vec<String>> {
+    let token = cluster.token_file.to_str().context("utf8 token path")?;
+    let view = status_json(&["--cluster", "--tracker", &cluster.tracker_addr.to_string(), "--token-file", token])?;
+    let nodes = view["nodes"].as_array().context("nodes in the cluster view")?;
+    Ok(nodes
+        .iter()
+        .find(|n| n["peer_id"] == peer_id)
+        .and_then(|n| n["blobs"].as_array())
+        .map(|b| b.iter().filter_map(|d| d.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default())
+}
+
+/// Allocated bytes of every file under `dir` (as `du`).
+pub fn du(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else {
+                total += meta.blocks() * 512;
+            }
+        }
+    }
+    total
+}
