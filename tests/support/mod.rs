@@ -11,6 +11,8 @@
 //! - [`Mirror`]: the swarm mirror in-process.
 //! - [`http`]: a raw HTTP client (no URL normalisation, detects truncated bodies) and
 //!   a static server.
+//! - [`FlakyProxy`]: an unreliable uplink (rate cap, resets, outages) in front of a
+//!   registry, counting the bytes it sends.
 //! - [`require_tool`]: fail (never skip) with the package to install.
 //!
 //! Use it with `mod support;` from a file in `tests/`. Each test should take its own
@@ -25,12 +27,14 @@ pub mod http;
 pub mod image;
 pub mod mirror;
 pub mod process;
+pub mod proxy;
 pub mod registry;
 
 pub use containerd::{Containerd, ImageCheck, write_direct_hosts_toml, write_hosts_toml};
 pub use image::{ImageInfo, build_image};
 pub use mirror::{Mirror, plain_http_upstream, redirected_upstream};
 pub use process::{ChildGuard, free_port, require_tool};
+pub use proxy::FlakyProxy;
 pub use registry::Registry;
 
 /// A fresh temp dir with a short path (containerd's socket lives in it), removed on
