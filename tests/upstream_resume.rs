@@ -23,7 +23,9 @@ const UPLINK_RATE: u64 = 16_000_000;
 /// whose holder publishes no new piece hash for 30 s (`TrackerConfig::stall_timeout`)
 /// and hands it to a node behind the same dead uplink, so an outage must end well
 /// within 30 s for the holder to keep its lease. The upstream client itself rides
-/// out 100 s (`RESUME_GIVE_UP`, unit-tested in `peer/src/upstream/tests.rs`).
+/// out 100 s (`RESUME_GIVE_UP`, unit-tested in `peer/src/upstream/tests.rs`); with the
+/// tracker's stall timeout raised to 110 s this test passes with 60 s (hand-run, see
+/// the "Unreliable uplink" section of docs/operations.md).
 const OUTAGE: Duration = Duration::from_secs(20);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -58,9 +60,12 @@ async fn two_resets_and_an_outage_mid_blob_every_agent_completes_and_the_uplink_
     eprintln!("reset 2 at {} bytes, {:?}", proxy.upstream_bytes(), started.elapsed());
     proxy.wait_for_bytes(at(0.60), limit).await.unwrap_or_else(|e| panic!("{e:#}\n{}", cluster.logs()));
     proxy.set_down(true);
+    // A chunk already being relayed when the link went down may still land.
+    let settle = Duration::from_millis(200);
+    tokio::time::sleep(settle).await;
     let down_at = proxy.upstream_bytes();
     eprintln!("uplink down at {down_at} bytes, {:?}", started.elapsed());
-    tokio::time::sleep(OUTAGE).await;
+    tokio::time::sleep(OUTAGE - settle).await;
     assert_eq!(proxy.upstream_bytes(), down_at, "bytes crossed the uplink while it was down");
     proxy.set_down(false);
     eprintln!("uplink back, {:?}", started.elapsed());

@@ -65,7 +65,8 @@ pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
 const MAX_TOKEN_RESPONSE_BYTES: usize = 1024 * 1024;
 /// Default connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default read timeout: a stream that delivers nothing for this long is failed.
+/// Default read timeout: a response that delivers nothing for this long is failed (a
+/// blob stream then reconnects, see [`resume`]).
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default total timeout for small requests (manifests, HEADs, tokens).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -134,7 +135,8 @@ pub struct UpstreamConfig {
     /// Connect timeout, e.g. `10s`.
     #[serde(default = "default_connect_timeout", deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub connect_timeout: Duration,
-    /// Read timeout: a response or stream idle for this long fails, e.g. `30s`.
+    /// Read timeout: a response idle for this long fails (a blob stream then resumes
+    /// with a range request), e.g. `30s`.
     #[serde(default = "default_read_timeout", deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub read_timeout: Duration,
     /// Total timeout for manifests, HEADs and token requests, e.g. `60s`.
