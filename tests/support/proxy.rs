@@ -170,7 +170,6 @@ async fn relay(shared: Arc<Shared>, mut client: TcpStream) {
             }
         }
     }
-    drop((cr, cw, sr, sw));
     reset(client);
     reset(server);
 }
