@@ -57,9 +57,21 @@ pub async fn request(
     target: &str,
     headers: &[(&str, &str)],
 ) -> anyhow::Result<RawResponse> {
-    tokio::time::timeout(REQUEST_TIMEOUT, request_inner(addr, method, target, headers))
+    request_within(addr, method, target, headers, REQUEST_TIMEOUT).await
+}
+
+/// Like [`request`], allowing `limit` in total instead of [`REQUEST_TIMEOUT`] (for
+/// answers that may wait out an outage).
+pub async fn request_within(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    limit: Duration,
+) -> anyhow::Result<RawResponse> {
+    tokio::time::timeout(limit, request_inner(addr, method, target, headers))
         .await
-        .with_context(|| format!("{method} {target} on {addr}: no complete answer within {REQUEST_TIMEOUT:?}"))?
+        .with_context(|| format!("{method} {target} on {addr}: no complete answer within {limit:?}"))?
 }
 
 async fn request_inner(

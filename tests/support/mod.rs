@@ -13,6 +13,8 @@
 //!   a static server.
 //! - [`throttle::throttled_proxy`]: a rate-capped TCP relay that counts its bytes (a
 //!   slow uplink in front of the registry).
+//! - [`FlakyProxy`]: an unreliable uplink (rate cap, resets, outages) in front of a
+//!   registry, counting the bytes it sends.
 //! - [`require_tool`]: fail (never skip) with the package to install.
 //!
 //! Use it with `mod support;` from a file in `tests/`. Each test should take its own
@@ -27,6 +29,7 @@ pub mod http;
 pub mod image;
 pub mod mirror;
 pub mod process;
+pub mod proxy;
 pub mod registry;
 pub mod throttle;
 
@@ -34,6 +37,7 @@ pub use containerd::{Containerd, ImageCheck, write_direct_hosts_toml, write_host
 pub use image::{ImageInfo, build_image};
 pub use mirror::{Mirror, plain_http_upstream, redirected_upstream};
 pub use process::{ChildGuard, free_port, require_tool};
+pub use proxy::FlakyProxy;
 pub use registry::Registry;
 
 /// A fresh temp dir with a short path (containerd's socket lives in it), removed on

@@ -29,19 +29,24 @@
 //!   registry's token never reaches the storage host; we also refuse https→http
 //!   downgrades and send no `Referer`.
 //! - Timeouts: a connect timeout and a *read* timeout (no byte for that long fails
-//!   the request or stream), never a total timeout on blobs, which may be gigabytes.
-//!   Small requests (manifests, HEADs, tokens) also get a total timeout.
+//!   the request or ends the current blob response), never a total timeout on blobs,
+//!   which may be gigabytes. Small requests (manifests, HEADs, tokens) also get a
+//!   total timeout.
+//! - Blob streams resume: a body that breaks midway is asked for again from the
+//!   byte reached, with backoff, until [`resume::RESUME_GIVE_UP`] passes without a
+//!   byte; a definite refusal fails at once (see [`resume`]).
 
 mod auth;
 pub mod k3s;
 pub mod names;
+pub mod resume;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use futures_util::stream::{BoxStream, StreamExt, TryStreamExt};
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
@@ -50,6 +55,7 @@ use tracing::{debug, warn};
 
 use auth::{AuthCache, TokenResponse};
 pub use auth::{Challenge, parse_challenge};
+pub use resume::{RESUME_GIVE_UP, ResumePolicy};
 
 /// Most redirect hops followed for one request.
 pub const MAX_REDIRECTS: usize = 10;
@@ -59,7 +65,8 @@ pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
 const MAX_TOKEN_RESPONSE_BYTES: usize = 1024 * 1024;
 /// Default connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default read timeout: a stream that delivers nothing for this long is failed.
+/// Default read timeout: a response that delivers nothing for this long is failed (a
+/// blob stream then reconnects, see [`resume`]).
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default total timeout for small requests (manifests, HEADs, tokens).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -128,7 +135,8 @@ pub struct UpstreamConfig {
     /// Connect timeout, e.g. `10s`.
     #[serde(default = "default_connect_timeout", deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub connect_timeout: Duration,
-    /// Read timeout: a response or stream idle for this long fails, e.g. `30s`.
+    /// Read timeout: a response idle for this long fails (a blob stream then resumes
+    /// with a range request), e.g. `30s`.
     #[serde(default = "default_read_timeout", deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub read_timeout: Duration,
     /// Total timeout for manifests, HEADs and token requests, e.g. `60s`.
@@ -185,9 +193,10 @@ pub enum UpstreamError {
         #[source]
         source: reqwest::Error,
     },
-    /// Any other unexpected HTTP status.
+    /// Any other unexpected HTTP status (with the registry's `Retry-After`, in
+    /// seconds, if it sent one).
     #[error("unexpected status {status} from {url}")]
-    Status { status: u16, url: String },
+    Status { status: u16, url: String, retry_after: Option<Duration> },
     /// The registry answered something we cannot use (bad digest header, digest
     /// mismatch, oversized manifest, bad Content-Range, ...).
     #[error("invalid response from {url}: {reason}")]
@@ -205,12 +214,42 @@ pub enum UpstreamError {
     /// The configuration is unusable.
     #[error("invalid upstream configuration: {reason}")]
     Config { reason: String },
+    /// A blob stream kept failing and received nothing for too long
+    /// ([`resume::RESUME_GIVE_UP`]).
+    #[error(
+        "upstream blob {digest}: gave up at byte {offset} after {attempts} attempts and {waited:?} without a byte; last: {last}"
+    )]
+    GaveUp { digest: Digest, offset: u64, attempts: u32, waited: Duration, last: String },
 }
 
 impl UpstreamError {
     /// Whether the registry said the thing does not exist.
     pub fn is_not_found(&self) -> bool {
         matches!(self, Self::NotFound { .. })
+    }
+
+    /// Whether asking again later may succeed: no connection or answer, a body
+    /// broken midway, or a 408, 429 or 5xx. A refusal (401/403/404), any other 4xx,
+    /// an unusable answer or a bad request or configuration is final.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Unreachable { .. } | Self::Body { .. } => true,
+            Self::Status { status, .. } => *status == 408 || *status == 429 || (500..600).contains(status),
+            Self::NotFound { .. }
+            | Self::Unauthorized { .. }
+            | Self::Invalid { .. }
+            | Self::BadRequest { .. }
+            | Self::Config { .. }
+            | Self::GaveUp { .. } => false,
+        }
+    }
+
+    /// The registry's `Retry-After` on a refused request, if it sent one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
     }
 }
 
@@ -263,6 +302,8 @@ struct Inner {
     /// Clients for registries with a CA, a client certificate or no verification.
     tls_clients: HashMap<String, reqwest::Client>,
     config: UpstreamConfig,
+    /// How blob streams retry and when they give up.
+    resume: ResumePolicy,
     /// Never held across an `.await`.
     auth: Mutex<AuthCache>,
 }
@@ -284,9 +325,14 @@ struct Target {
 }
 
 impl UpstreamClient {
-    /// A client for the registries in `config`. Fails if an endpoint override is not
-    /// an http(s) URL.
+    /// A client for the registries in `config`, its blob streams resuming with the
+    /// default [`ResumePolicy`]. Fails if an endpoint override is not an http(s) URL.
     pub fn new(config: UpstreamConfig) -> Result<Self, UpstreamError> {
+        Self::with_resume(config, ResumePolicy::default())
+    }
+
+    /// Like [`UpstreamClient::new`], with blob streams retrying as `resume` says.
+    pub fn with_resume(config: UpstreamConfig, resume: ResumePolicy) -> Result<Self, UpstreamError> {
         for (registry, rc) in &config.registries {
             if let Some(endpoint) = &rc.endpoint {
                 let url = Url::parse(endpoint).map_err(|e| UpstreamError::Config {
@@ -309,7 +355,9 @@ impl UpstreamClient {
         for (registry, rc) in config.registries.iter().filter(|(_, rc)| rc.has_tls_settings()) {
             tls_clients.insert(registry.clone(), build_client(&config, Some((registry, rc)))?);
         }
-        Ok(Self { inner: Arc::new(Inner { http, tls_clients, config, auth: Mutex::new(AuthCache::default()) }) })
+        Ok(Self {
+            inner: Arc::new(Inner { http, tls_clients, config, resume, auth: Mutex::new(AuthCache::default()) }),
+        })
     }
 
     /// The base URL requests for `registry` go to.
@@ -434,9 +482,11 @@ impl UpstreamClient {
     /// (answered with 206, or with 200 and then the first `offset` bytes are skipped
     /// here). Returns the blob's total length and the bytes from `offset` on.
     ///
-    /// The stream is not verified against the digest (the caller decides how); it
-    /// fails with [`UpstreamError::Body`] if the connection stalls for longer than
-    /// the read timeout or breaks.
+    /// This first request is made once: its failure is returned as is. The stream
+    /// then resumes on its own when the connection breaks, stalls for longer than the
+    /// read timeout or ends early (see [`resume`]), and fails only on a definite
+    /// refusal or after [`ResumePolicy::give_up`] without a byte. It is not verified
+    /// against the digest (the caller decides how).
     pub async fn blob(
         &self,
         registry: &str,
@@ -444,6 +494,20 @@ impl UpstreamClient {
         digest: &Digest,
         offset: u64,
     ) -> Result<UpstreamBlob, UpstreamError> {
+        let first = self.open_range(registry, repository, digest, offset).await?;
+        Ok(resume::resuming(self.clone(), registry, repository, *digest, offset, first))
+    }
+
+    /// One `GET` of a blob from `offset`: the total length from `Content-Range` (206)
+    /// or `Content-Length` (200, then `offset` bytes are to be skipped), and the raw
+    /// body. A 416 is fine exactly at the end of the blob (an empty body).
+    async fn open_range(
+        &self,
+        registry: &str,
+        repository: &str,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<resume::Opened, UpstreamError> {
         let target = self.target(registry)?;
         let url = Self::url(&target, repository, "blobs", &digest.to_string())?;
         let mut headers = HeaderMap::new();
@@ -457,7 +521,7 @@ impl UpstreamClient {
                 // Nothing left from `offset`: fine exactly at the end of the blob.
                 let total = self.blob_length(registry, repository, digest).await?;
                 if total == offset {
-                    return Ok(UpstreamBlob { total_length: total, stream: futures_util::stream::empty().boxed() });
+                    return Ok(resume::Opened { total, skip: 0, stream: futures_util::stream::empty().boxed() });
                 }
                 return Err(invalid(&url, format!("range from {offset} refused for a blob of {total} bytes")));
             }
@@ -465,7 +529,7 @@ impl UpstreamClient {
         };
         let status = resp.status();
         let content_length = header_u64(resp.headers(), header::CONTENT_LENGTH);
-        let (total_length, skip) = if status == StatusCode::PARTIAL_CONTENT {
+        let (total, skip) = if status == StatusCode::PARTIAL_CONTENT {
             let range = resp
                 .headers()
                 .get(header::CONTENT_RANGE)
@@ -485,11 +549,10 @@ impl UpstreamClient {
             }
             (total, offset)
         };
-        debug!(registry, repository, %digest, offset, total_length, status = status.as_u16(), "blob stream opened");
+        debug!(registry, repository, %digest, offset, total, status = status.as_u16(), "blob response opened");
         let body_url = url.to_string();
         let stream = resp.bytes_stream().map_err(move |source| UpstreamError::Body { url: body_url.clone(), source });
-        let stream = if skip > 0 { skip_bytes(stream, skip).boxed() } else { stream.boxed() };
-        Ok(UpstreamBlob { total_length, stream })
+        Ok(resume::Opened { total, skip, stream: stream.boxed() })
     }
 
     /// Sends a request, handling the auth challenge (one retry) and mapping statuses.
@@ -547,7 +610,10 @@ impl UpstreamClient {
                     return Err(UpstreamError::Unauthorized { registry: target.registry.clone() });
                 }
                 StatusCode::NOT_FOUND => return Err(UpstreamError::NotFound { url: url.to_string() }),
-                status => return Err(UpstreamError::Status { status: status.as_u16(), url: url.to_string() }),
+                status => {
+                    let retry_after = retry_after(resp.headers());
+                    return Err(UpstreamError::Status { status: status.as_u16(), url: url.to_string(), retry_after });
+                }
             }
         }
         Err(UpstreamError::Unauthorized { registry: target.registry.clone() })
@@ -649,7 +715,10 @@ impl UpstreamClient {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                 return Err(UpstreamError::Unauthorized { registry: target.registry.clone() });
             }
-            s => return Err(UpstreamError::Status { status: s.as_u16(), url: realm.to_string() }),
+            s => {
+                let retry_after = retry_after(resp.headers());
+                return Err(UpstreamError::Status { status: s.as_u16(), url: realm.to_string(), retry_after });
+            }
         }
         let body = read_limited(resp, &url, MAX_TOKEN_RESPONSE_BYTES).await?;
         let parsed: TokenResponse =
@@ -820,6 +889,11 @@ fn accept_headers(accept: &str) -> Result<HeaderMap, UpstreamError> {
     Ok(headers)
 }
 
+/// `Retry-After` in seconds (an HTTP date is ignored: the backoff applies).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    header_u64(headers, header::RETRY_AFTER).map(Duration::from_secs)
+}
+
 fn header_u64(headers: &HeaderMap, name: header::HeaderName) -> Option<u64> {
     headers.get(name)?.to_str().ok()?.trim().parse().ok()
 }
@@ -868,22 +942,6 @@ async fn read_limited(resp: reqwest::Response, url: &Url, limit: usize) -> Resul
         buf.extend_from_slice(&chunk);
     }
     Ok(buf.freeze())
-}
-
-/// Drops the first `n` bytes of a stream.
-fn skip_bytes<S>(stream: S, n: u64) -> impl futures_util::Stream<Item = Result<Bytes, UpstreamError>> + Send
-where
-    S: futures_util::Stream<Item = Result<Bytes, UpstreamError>> + Send,
-{
-    let mut remaining = n;
-    stream.try_filter_map(move |mut chunk| {
-        if remaining > 0 {
-            let k = remaining.min(chunk.len() as u64);
-            chunk.advance(k as usize);
-            remaining -= k;
-        }
-        futures_util::future::ready(Ok((!chunk.is_empty()).then_some(chunk)))
-    })
 }
 
 fn invalid(url: &Url, reason: String) -> UpstreamError {

@@ -1,8 +1,9 @@
 //! Tests against small local registries (axum on 127.0.0.1) that emulate the token
-//! flow, basic auth, 404s, redirects to blob storage, ranges and stalls. The real
+//! flow, basic auth, 404s, redirects to blob storage, ranges, stalls, and blob
+//! responses that break midway or are refused on resumption. The real
 //! `docker-registry` is exercised by the root `tests/mirror_*.rs`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -44,12 +45,27 @@ struct FakeState {
     ranges: bool,
     /// Base URL of a storage server to redirect blob GETs to.
     redirect_to: Option<String>,
-    /// Serve this many bytes of blobs, then stall forever.
+    /// Serve blobs up to this byte of the blob, then stall forever.
     stall_after: Option<usize>,
+    /// What to do to the next blob GETs, one fault per request, in order.
+    faults: Mutex<VecDeque<Fault>>,
+    /// The `Range` header of every blob GET.
+    blob_ranges: Mutex<Vec<Option<String>>>,
     token_lifetime: u64,
     counters: Counters,
     /// Authorization headers the storage server saw.
     storage_auth: Mutex<Vec<Option<String>>>,
+}
+
+/// A fault played on one blob GET.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// Send this many bytes of the response body, then abort the connection.
+    Cut(usize),
+    /// Answer with this status and, if given, `Retry-After` in seconds.
+    Status(StatusCode, Option<u64>),
+    /// A 206 whose `Content-Range` claims one byte more than the blob has.
+    WrongTotal,
 }
 
 const USER: &str = "alice";
@@ -132,6 +148,45 @@ async fn fake_registry(State(st): State<Arc<FakeState>>, req: Request) -> Respon
         let Some(bytes) = st.blobs.get(digest) else {
             return oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN");
         };
+        let mut fault = None;
+        if req.method() == "GET" {
+            let range = req.headers().get(header::RANGE).and_then(|v| v.to_str().ok()).map(str::to_string);
+            st.blob_ranges.lock().expect("lock").push(range);
+            fault = st.faults.lock().expect("lock").pop_front();
+        }
+        match fault {
+            Some(Fault::Status(status, retry_after)) => {
+                let mut resp = oci_error(status, "UNAVAILABLE");
+                if let Some(secs) = retry_after {
+                    resp.headers_mut().insert(header::RETRY_AFTER, secs.into());
+                }
+                return resp;
+            }
+            Some(Fault::Cut(n)) => {
+                let resp = serve_bytes(&st, false, req.headers(), bytes.clone());
+                let (parts, body) = resp.into_parts();
+                let sent = axum::body::to_bytes(body, usize::MAX).await.expect("body");
+                let first = sent.slice(..n.min(sent.len()));
+                let cut = futures_util::stream::once(async move { Ok::<_, std::io::Error>(first) }).chain(
+                    futures_util::stream::once(async {
+                        // Let the server flush what it has before the connection breaks.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Err(std::io::Error::other("cut"))
+                    }),
+                );
+                return Response::from_parts(parts, Body::from_stream(cut));
+            }
+            Some(Fault::WrongTotal) => {
+                let mut resp = serve_bytes(&st, false, req.headers(), bytes.clone());
+                if let Some(cr) = resp.headers().get(header::CONTENT_RANGE).and_then(|v| v.to_str().ok()) {
+                    let (range, total) = cr.split_once('/').expect("content range");
+                    let wrong = format!("{range}/{}", total.parse::<u64>().expect("total") + 1);
+                    resp.headers_mut().insert(header::CONTENT_RANGE, wrong.parse().expect("header"));
+                }
+                return resp;
+            }
+            None => {}
+        }
         if req.method() == "GET"
             && let Some(storage) = &st.redirect_to
         {
@@ -151,6 +206,7 @@ fn serve_bytes(st: &FakeState, head: bool, headers: &HeaderMap, bytes: Bytes) ->
         .and_then(|v| v.strip_prefix("bytes="))
         .and_then(|v| v.strip_suffix('-'))
         .and_then(|v| v.parse::<usize>().ok());
+    let start = range_start.filter(|_| st.ranges).unwrap_or(0);
     let (status, body, content_range) = match range_start {
         Some(start) if st.ranges => {
             if start >= total {
@@ -165,7 +221,7 @@ fn serve_bytes(st: &FakeState, head: bool, headers: &HeaderMap, bytes: Bytes) ->
     let body = if head {
         Body::empty()
     } else if let Some(n) = st.stall_after {
-        let first = body.slice(..n.min(len));
+        let first = body.slice(..n.saturating_sub(start).min(len));
         Body::from_stream(
             futures_util::stream::once(async move { Ok::<_, std::io::Error>(first) })
                 .chain(futures_util::stream::pending()),
@@ -205,14 +261,30 @@ struct FakeOptions {
     ranges: bool,
     redirect: bool,
     stall_after: Option<usize>,
+    faults: Vec<Fault>,
     token_lifetime: u64,
 }
 
 impl Default for FakeOptions {
     fn default() -> Self {
-        Self { auth: AuthMode::None, ranges: true, redirect: false, stall_after: None, token_lifetime: 300 }
+        Self {
+            auth: AuthMode::None,
+            ranges: true,
+            redirect: false,
+            stall_after: None,
+            faults: Vec::new(),
+            token_lifetime: 300,
+        }
     }
 }
+
+/// Short retry bounds, so that giving up takes seconds.
+const TEST_RESUME: ResumePolicy = ResumePolicy {
+    give_up: Duration::from_secs(3),
+    first_delay: Duration::from_millis(50),
+    max_delay: Duration::from_millis(200),
+    max_retry_after: Duration::from_secs(2),
+};
 
 const MANIFEST: &[u8] = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#;
 const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -249,6 +321,8 @@ async fn start_fake(opts: FakeOptions) -> Fake {
         ranges: opts.ranges,
         redirect_to: opts.redirect.then(|| format!("http://localhost:{}", storage_addr.port())),
         stall_after: opts.stall_after,
+        faults: Mutex::new(opts.faults.into()),
+        blob_ranges: Mutex::new(Vec::new()),
         token_lifetime: opts.token_lifetime,
         counters: Counters::default(),
         storage_auth: Mutex::new(Vec::new()),
@@ -271,7 +345,7 @@ fn client_for(fake: &Fake, creds: Option<(&str, &str)>) -> UpstreamClient {
             ..RegistryConfig::default()
         },
     );
-    UpstreamClient::new(config).expect("client")
+    UpstreamClient::with_resume(config, TEST_RESUME).expect("client")
 }
 
 async fn collect(blob: UpstreamBlob) -> Result<Vec<u8>, UpstreamError> {
@@ -465,16 +539,109 @@ async fn redirects_do_not_leak_the_registry_token() {
 }
 
 #[tokio::test]
-async fn stalled_streams_fail_after_the_read_timeout() {
+async fn a_stream_stalled_for_good_gives_up_after_the_bound() {
     let fake = start_fake(FakeOptions { stall_after: Some(1000), ..Default::default() }).await;
     let client = client_for(&fake, None);
     let d = Digest::of(&blob_bytes());
     let started = std::time::Instant::now();
     let blob = client.blob("fake.test", "repo/x", &d, 0).await.expect("headers arrive");
     let err = tokio::time::timeout(Duration::from_secs(10), collect(blob)).await.expect("bounded").expect_err("stall");
-    assert!(matches!(err, UpstreamError::Body { .. }), "{err:?}");
+    assert!(matches!(err, UpstreamError::GaveUp { offset: 1000, .. }), "{err:?}");
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(1900) && waited < Duration::from_secs(6), "{waited:?}");
+    // The 2 s read timeout ends the first response, a retry from byte 1000 stalls
+    // too, and the 3 s bound (TEST_RESUME) ends it all.
+    assert!(waited >= Duration::from_millis(2500) && waited < Duration::from_secs(5), "{waited:?}");
+    let ranges = fake.state.blob_ranges.lock().expect("lock").clone();
+    assert_eq!(ranges.first(), Some(&None), "{ranges:?}");
+    assert_eq!(ranges.get(1).cloned().flatten().as_deref(), Some("bytes=1000-"), "{ranges:?}");
+}
+
+#[tokio::test]
+async fn connections_cut_midway_resume_with_ranges_and_the_bytes_come_out_whole() {
+    let blob = blob_bytes();
+    let d = Digest::of(&blob);
+    for ranges in [true, false] {
+        let faults = vec![Fault::Cut(30_000), Fault::Cut(20_000)];
+        let fake = start_fake(FakeOptions { ranges, faults, ..Default::default() }).await;
+        let client = client_for(&fake, None);
+        let got = collect(client.blob("fake.test", "repo/x", &d, 0).await.expect("blob")).await.expect("bytes");
+        assert!(got == blob.as_ref(), "ranges={ranges}: {} bytes, wrong or incomplete", got.len());
+        let seen = fake.state.blob_ranges.lock().expect("lock").clone();
+        // With ranges, the second cut is 20,000 bytes into the resumed response; without,
+        // into a response that restarted at 0 (so no progress there).
+        let second = if ranges { "bytes=50000-" } else { "bytes=30000-" };
+        let want = vec![None, Some("bytes=30000-".to_string()), Some(second.to_string())];
+        assert_eq!(seen, want, "ranges={ranges}");
+        // A resume from an offset keeps its own offset.
+        let fake = start_fake(FakeOptions { ranges, faults: vec![Fault::Cut(5_000)], ..Default::default() }).await;
+        let client = client_for(&fake, None);
+        let b = client.blob("fake.test", "repo/x", &d, 60_000).await.expect("blob from 60000");
+        assert_eq!(b.total_length, blob.len() as u64);
+        let got = collect(b).await.expect("bytes");
+        assert!(got == blob[60_000..], "ranges={ranges}: resumed from an offset, wrong bytes");
+    }
+}
+
+#[tokio::test]
+async fn a_503_with_retry_after_is_waited_out_then_the_206_completes() {
+    let blob = blob_bytes();
+    let d = Digest::of(&blob);
+    let faults = vec![Fault::Cut(40_000), Fault::Status(StatusCode::SERVICE_UNAVAILABLE, Some(1)), Fault::Cut(1)];
+    let fake = start_fake(FakeOptions { faults, ..Default::default() }).await;
+    let client = client_for(&fake, None);
+    let started = std::time::Instant::now();
+    let got = collect(client.blob("fake.test", "repo/x", &d, 0).await.expect("blob")).await.expect("bytes");
+    let took = started.elapsed();
+    assert!(got == blob.as_ref(), "{} bytes, wrong or incomplete", got.len());
+    assert!(took >= Duration::from_secs(1), "Retry-After: 1 not honoured: {took:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    let seen = fake.state.blob_ranges.lock().expect("lock").clone();
+    let r = |s: &str| Some(s.to_string());
+    assert_eq!(seen, vec![None, r("bytes=40000-"), r("bytes=40000-"), r("bytes=40001-")]);
+}
+
+#[tokio::test]
+async fn a_definite_refusal_on_resumption_fails_at_once() {
+    let d = Digest::of(&blob_bytes());
+    for (fault, what) in [
+        (Fault::Status(StatusCode::NOT_FOUND, None), "404"),
+        (Fault::Status(StatusCode::FORBIDDEN, None), "403"),
+        (Fault::Status(StatusCode::BAD_REQUEST, None), "400"),
+        (Fault::WrongTotal, "another total length"),
+    ] {
+        let fake = start_fake(FakeOptions { faults: vec![Fault::Cut(10_000), fault], ..Default::default() }).await;
+        let client = client_for(&fake, None);
+        let started = std::time::Instant::now();
+        let err = collect(client.blob("fake.test", "repo/x", &d, 0).await.expect("blob")).await.expect_err(what);
+        let ok = match what {
+            "404" => err.is_not_found(),
+            "403" => matches!(err, UpstreamError::Unauthorized { .. }),
+            "400" => matches!(err, UpstreamError::Status { status: 400, .. }),
+            _ => matches!(err, UpstreamError::Invalid { .. }),
+        };
+        assert!(ok, "{what}: {err:?}");
+        assert!(started.elapsed() < Duration::from_secs(1), "{what}: not at once: {:?}", started.elapsed());
+        assert_eq!(fake.state.blob_ranges.lock().expect("lock").len(), 2, "{what}: retried");
+    }
+}
+
+#[test]
+fn the_backoff_doubles_up_to_the_cap_with_jitter_and_honours_retry_after_within_reason() {
+    let policy = ResumePolicy::default();
+    for _ in 0..100 {
+        let d1 = policy.delay(1, None);
+        assert!(d1 >= Duration::from_millis(250) && d1 <= Duration::from_millis(500), "{d1:?}");
+        let d3 = policy.delay(3, None);
+        assert!(d3 >= Duration::from_secs(1) && d3 <= Duration::from_secs(2), "{d3:?}");
+        let d40 = policy.delay(40, None);
+        assert!(d40 >= Duration::from_secs(4) && d40 <= Duration::from_secs(8), "{d40:?}");
+        assert_eq!(policy.delay(1, Some(Duration::from_secs(5))), Duration::from_secs(5));
+        assert_eq!(policy.delay(1, Some(Duration::from_secs(3600))), resume::MAX_RETRY_AFTER);
+    }
+    // The default bound rides out a 60 s outage noticed by the default read timeout
+    // plus the longest wait, and stays below the agent's 120 s mirror stall limit.
+    assert!(RESUME_GIVE_UP > Duration::from_secs(60) + policy.max_delay + Duration::from_secs(10));
+    assert!(RESUME_GIVE_UP < Duration::from_secs(120));
 }
 
 #[tokio::test]
