@@ -237,7 +237,9 @@ impl TrackerState {
         let stall_timeout = self.config.stall_timeout;
         let failure_memory = self.config.failure_memory;
         let ttl_secs = self.ttl_secs();
+        let grace = self.in_grace(&blob, now);
         let entry = self.blobs.entry(blob).or_default();
+        entry.first_seen.get_or_insert(now);
         let resume_from = entry.known_count();
         let lease = entry.upstream.lease.as_ref().map(|l| (l.holder, l.state(now, stall_timeout)));
         let recent_failure = (entry.upstream.failure.as_ref())
@@ -258,6 +260,8 @@ impl TrackerState {
             }
             _ => match recent_failure {
                 Some(reason) => LeaseReply::Failed { reason },
+                // Nobody known yet: wait for a holder to re-assert (module docs of `tracker`).
+                None if grace => LeaseReply::HeldBy { holder: super::NO_HOLDER },
                 None => {
                     entry.upstream.lease = Some(Lease { holder: peer_id, expires: now + ttl, last_progress: now });
                     LeaseReply::Granted { ttl_secs, resume_from }
@@ -272,8 +276,40 @@ impl TrackerState {
 
     /// Records hashes of pieces `first..` of `layout.digest` from its live lease
     /// holder and renews the lease; new hashes count as progress. Completing the
-    /// hashes registers the blob's metainfo.
+    /// hashes registers the blob's metainfo. A publish when no lease is recorded and
+    /// no failure remembered re-asserts the publisher's lease (see the `tracker`
+    /// module docs), provided its hashes fit.
     pub fn publish_hashes(
+        &mut self,
+        peer_id: PeerId,
+        layout: Layout,
+        first: u32,
+        hashes: &[[u8; 32]],
+        now: Instant,
+    ) -> Result<(), TrackerError> {
+        let blob = layout.digest;
+        let failure_memory = self.config.failure_memory;
+        let entry = self.blobs.entry(blob).or_default();
+        entry.first_seen.get_or_insert(now);
+        let reasserts = entry.upstream.lease.is_none()
+            && !entry.upstream.failure.as_ref().is_some_and(|f| now.saturating_duration_since(f.at) < failure_memory);
+        if reasserts {
+            entry.upstream.lease =
+                Some(Lease { holder: peer_id, expires: now + self.config.lease_ttl, last_progress: now });
+        }
+        let result = self.publish_as_holder(peer_id, layout, first, hashes, now);
+        if let Some(entry) = self.blobs.get_mut(&blob) {
+            if result.is_err() && reasserts {
+                entry.upstream.lease = None;
+            }
+            if entry.is_empty() {
+                self.blobs.remove(&blob);
+            }
+        }
+        result
+    }
+
+    fn publish_as_holder(
         &mut self,
         peer_id: PeerId,
         layout: Layout,
