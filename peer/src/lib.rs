@@ -9,8 +9,10 @@
 //! - [`upload`]: who gets the next upload slot (least-sent piece first) and which
 //!   fresh pieces a source holds back.
 //! - [`agent`]: the mirror's blob source backed by the swarm, with upstream leases.
+//! - [`announce`]: tells every tracker which complete blobs the store holds.
 
 pub mod agent;
+pub mod announce;
 pub mod mirror;
 pub mod node;
 pub use swarm_core::scheduler;
