@@ -31,9 +31,12 @@
 //!
 //! - from its start ([`TrackerState::begin_grace`], which the server calls; the
 //!   simulator does not, so simulated cold starts are not delayed), and
-//! - for a blob it has known for less than `lease_grace` that nodes already hold
-//!   pieces of although this tracker knows no lease and no hashes for it: the blob
-//!   was arbitrated by a tracker that went away, and its holder is about to re-assert.
+//! - for a blob this tracker knows no lease and no hashes of, during `lease_grace`
+//!   from the first sign that another tracker arbitrated it (a node announcing some
+//!   but not all of its pieces, or asking for hashes past piece 0): that tracker went
+//!   away, and the holder is about to re-assert. Meanwhile such a `GetHashes` is
+//!   answered "ask again" ([`TrackerError::Settling`]) rather than "unknown blob",
+//!   which would make the asking node abandon its download.
 //!
 //! A holder re-asserts by publishing: a `PublishHashes` from a node when no lease is
 //! recorded at all and no failure is remembered makes it the holder again (the
@@ -306,13 +309,15 @@ struct BlobEntry {
     metainfo: Option<Metainfo>,
     peers: PeerSet,
     upstream: Upstream,
-    /// When this tracker first heard of the blob (by an announce or a lease request).
-    first_seen: Option<Instant>,
+    /// When this tracker first saw signs of an upstream fetch it knows nothing of
+    /// (an announce of some but not all pieces, or a `GetHashes` past piece 0, while
+    /// it has neither hashes nor a lease): the blob's arbiter went away.
+    orphan_since: Option<Instant>,
 }
 
 impl BlobEntry {
     fn is_empty(&self) -> bool {
-        self.metainfo.is_none() && self.peers.len() == 0 && self.upstream.is_empty()
+        self.metainfo.is_none() && self.peers.len() == 0 && self.upstream.is_empty() && self.orphan_since.is_none()
     }
 }
 
@@ -385,14 +390,7 @@ impl TrackerState {
             TrackerRequest::ReleaseLease { peer_id, blob, failed } => {
                 self.release_lease(peer_id, blob, failed, now).map(|()| TrackerResponse::Left)
             }
-            TrackerRequest::GetHashes { blob, first } => match self.hashes(&blob) {
-                Some((layout, known, complete)) => {
-                    let start = (first as usize).min(known.len());
-                    let end = known.len().min(start + MAX_HASHES_PER_REPLY as usize);
-                    Ok(TrackerResponse::Hashes { layout, first, hashes: known[start..end].to_vec(), complete })
-                }
-                None => Err(TrackerError::NoHashes { blob }),
-            },
+            TrackerRequest::GetHashes { blob, first } => self.get_hashes(blob, first, now),
             TrackerRequest::ClusterView { blobs } => Ok(TrackerResponse::ClusterView(self.cluster_view(&blobs, now))),
             TrackerRequest::Hello { version } => {
                 Ok(TrackerResponse::Hello { version: version.min(TRACKER_VERSION), instance: self.instance })
@@ -456,7 +454,9 @@ impl TrackerState {
         let info =
             PeerInfo { peer_id: ann.peer_id, addr, zone: ann.zone.clone(), have: ann.have, complete: ann.complete };
         let entry = self.blobs.entry(ann.blob).or_default();
-        entry.first_seen.get_or_insert(now);
+        if ann.have > 0 && !ann.complete && entry.metainfo.is_none() && entry.upstream.is_empty() {
+            entry.orphan_since.get_or_insert(now);
+        }
         entry.peers.upsert(info, now);
         let want = (ann.num_want as usize).min(self.config.max_peers_per_reply).min(MAX_PEERS_PER_REPLY as usize);
         let peers = entry.peers.choose(&ann.peer_id, &ann.zone, want, now, self.config.peer_ttl, &mut self.rng);
@@ -494,7 +494,6 @@ impl TrackerState {
         let mut missing = Vec::new();
         for blob in &ann.blobs {
             let entry = self.blobs.entry(*blob).or_default();
-            entry.first_seen.get_or_insert(now);
             let have = entry.metainfo.as_ref().map_or(0, Metainfo::piece_count);
             if entry.metainfo.is_none() {
                 missing.push(*blob);
@@ -511,11 +510,30 @@ impl TrackerState {
             return true;
         }
         let Some(entry) = self.blobs.get(blob) else { return false };
-        let recent = entry.first_seen.is_some_and(|t| now.saturating_duration_since(t) < self.config.lease_grace);
-        recent
-            && entry.metainfo.is_none()
-            && entry.upstream.is_empty()
-            && entry.peers.entries.iter().any(|e| e.info.have > 0 && !e.info.complete)
+        let recent = entry.orphan_since.is_some_and(|t| now.saturating_duration_since(t) < self.config.lease_grace);
+        recent && entry.metainfo.is_none() && entry.upstream.is_empty()
+    }
+
+    /// Answers `GetHashes`. A node asking past piece 0 for a blob this tracker has no
+    /// hashes of was following another arbiter (or this one before a restart): while
+    /// the holder may still re-assert, it is told to ask again (`Settling`) rather
+    /// than that the blob is unknown, which would make it abandon its download.
+    fn get_hashes(&mut self, blob: Digest, first: u32, now: Instant) -> Result<TrackerResponse, TrackerError> {
+        if let Some((layout, known, complete)) = self.hashes(&blob) {
+            let start = (first as usize).min(known.len());
+            let end = known.len().min(start + MAX_HASHES_PER_REPLY as usize);
+            return Ok(TrackerResponse::Hashes { layout, first, hashes: known[start..end].to_vec(), complete });
+        }
+        if first > 0 && first != u32::MAX {
+            let entry = self.blobs.entry(blob).or_default();
+            if entry.upstream.is_empty() {
+                entry.orphan_since.get_or_insert(now);
+            }
+            if self.in_grace(&blob, now) {
+                return Err(TrackerError::Settling { blob });
+            }
+        }
+        Err(TrackerError::NoHashes { blob })
     }
 
     /// Forgets that `peer_id` holds or wants `blob`. Unknown peers are ignored.
@@ -535,7 +553,11 @@ impl TrackerState {
     pub fn expire(&mut self, now: Instant) -> usize {
         let ttl = self.config.peer_ttl;
         let mut dropped = 0;
+        let grace = self.config.lease_grace;
         for e in self.blobs.values_mut() {
+            if e.orphan_since.is_some_and(|t| now.saturating_duration_since(t) >= grace) {
+                e.orphan_since = None;
+            }
             dropped += e.peers.expire(now, ttl);
             e.upstream.expire(now, &self.config, e.peers.len() > 0, e.metainfo.is_some());
         }
@@ -662,6 +684,7 @@ impl TrackerError {
             | TrackerError::NotLeaseHolder { .. }
             | TrackerError::ZoneTooLong { .. }
             | TrackerError::StoreTooLarge { .. }
+            | TrackerError::Settling { .. }
             | TrackerError::Unreachable { .. } => TrackerErrorCode::Invalid,
         }
     }
@@ -719,6 +742,10 @@ pub enum TrackerError {
     /// The announce's zone label is too long.
     #[error("zone label of {len} bytes exceeds the limit of {max}")]
     ZoneTooLong { len: usize, max: usize },
+    /// No hashes known here yet, but the blob's lease holder is expected to re-assert
+    /// its lease (see the module docs): ask again shortly.
+    #[error("no piece hashes of {blob} are known here yet: waiting for its lease holder to re-assert; ask again")]
+    Settling { blob: Digest },
     /// A store announce lists more blobs than one message may.
     #[error("a store announce of {blobs} blobs exceeds the limit of {max} (split it)")]
     StoreTooLarge { blobs: usize, max: usize },

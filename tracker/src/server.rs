@@ -403,6 +403,7 @@ fn answer(state: &Shared, req: TrackerRequest, remote: SocketAddr) -> TrackerRes
     match (&response, before) {
         (TrackerResponse::Error { code, message }, _) => match code {
             TrackerErrorCode::UnknownBlob => debug!(%remote, request = what, "{message}"),
+            _ if message.ends_with("ask again") => debug!(%remote, request = what, "{message}"),
             _ => warn!(%remote, request = what, ?code, "refused: {message}"),
         },
         (TrackerResponse::Registered, Before::NoMetainfo { blob, published }) if completed => match published {

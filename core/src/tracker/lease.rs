@@ -239,7 +239,6 @@ impl TrackerState {
         let ttl_secs = self.ttl_secs();
         let grace = self.in_grace(&blob, now);
         let entry = self.blobs.entry(blob).or_default();
-        entry.first_seen.get_or_insert(now);
         let resume_from = entry.known_count();
         let lease = entry.upstream.lease.as_ref().map(|l| (l.holder, l.state(now, stall_timeout)));
         let recent_failure = (entry.upstream.failure.as_ref())
@@ -290,7 +289,6 @@ impl TrackerState {
         let blob = layout.digest;
         let failure_memory = self.config.failure_memory;
         let entry = self.blobs.entry(blob).or_default();
-        entry.first_seen.get_or_insert(now);
         let reasserts = entry.upstream.lease.is_none()
             && !entry.upstream.failure.as_ref().is_some_and(|f| now.saturating_duration_since(f.at) < failure_memory);
         if reasserts {

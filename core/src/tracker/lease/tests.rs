@@ -371,6 +371,20 @@ fn no_lease_is_granted_during_the_grace_period() {
     assert_eq!(f.acquire(1, 10.0 + grace + 0.1), granted(0), "nobody re-asserted: granted after the grace");
     let mut f = Fixture::new();
     assert_eq!(f.acquire(1, 10.0), granted(0), "a cold blob is granted at once");
+
+    // A node asking for hashes past piece 0 of a blob unknown here is told to ask
+    // again while its holder may re-assert; asking from 0 (a node starting) is not.
+    let mut f = Fixture::new();
+    assert_refused(f.get_hashes(0, 10.0), TrackerErrorCode::UnknownBlob, "no piece hashes");
+    assert_refused(f.get_hashes(4, 10.0), TrackerErrorCode::Invalid, "ask again");
+    assert_eq!(f.acquire(1, 10.5), LeaseReply::HeldBy { holder: NO_HOLDER });
+    assert_eq!(f.publish(9, 8, 0, hashes(0..5), 11.0), TrackerResponse::Registered, "the holder re-asserts");
+    assert_eq!(f.get_hashes(4, 11.0), hashes_reply(8, 4, 4..5, false));
+    let mut f = Fixture::new();
+    assert_refused(f.get_hashes(4, 10.0), TrackerErrorCode::Invalid, "ask again");
+    assert_refused(f.get_hashes(4, 10.0 + grace + 0.1), TrackerErrorCode::UnknownBlob, "no piece hashes");
+    f.s.expire(f.at(10.0 + grace + 0.2));
+    assert_eq!(f.s.blob_count(), 0, "nothing left once the grace is over");
 }
 
 #[test]
