@@ -11,6 +11,7 @@
 //! - [`Mirror`]: the swarm mirror in-process.
 //! - [`http`]: a raw HTTP client (no URL normalisation, detects truncated bodies) and
 //!   a static server.
+//! - [`proxy::throttled_proxy`]: a slow uplink in front of the registry, counting bytes.
 //! - [`require_tool`]: fail (never skip) with the package to install.
 //!
 //! Use it with `mod support;` from a file in `tests/`. Each test should take its own
@@ -25,6 +26,7 @@ pub mod http;
 pub mod image;
 pub mod mirror;
 pub mod process;
+pub mod proxy;
 pub mod registry;
 
 pub use containerd::{Containerd, ImageCheck, write_direct_hosts_toml, write_hosts_toml};
