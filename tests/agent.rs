@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -13,8 +12,6 @@ use std::time::{Duration, Instant};
 use support::agents::Cluster;
 use support::proxy::throttled_proxy;
 use support::{Containerd, Registry, build_image, test_dir, write_hosts_toml};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
 const MIB: usize = 1024 * 1024;
 

@@ -118,7 +118,10 @@ async fn a_restarted_tracker_has_the_whole_view_within_one_announce_interval() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     eprintln!("the restarted tracker had the whole view after {whole:?}");
-    assert!(whole <= ANNOUNCE_INTERVAL + Duration::from_millis(1500), "took {whole:?}: more than one announce interval");
+    assert!(
+        whole <= ANNOUNCE_INTERVAL + Duration::from_millis(1500),
+        "took {whole:?}: more than one announce interval"
+    );
     for (blob, _) in &expected {
         let m = client.get_metainfo(*blob).await.expect("get-metainfo");
         assert!(m.is_some_and(|m| m.digest == *blob), "no metainfo for {blob}");

@@ -184,11 +184,7 @@ async fn announce_once(
         let resend: Vec<Metainfo> =
             batch.iter().filter(|(m, sent)| !*sent && missing.contains(&m.digest)).map(|(m, _)| m.clone()).collect();
         if !resend.is_empty() {
-            let again = StoreAnnounce {
-                blobs: resend.iter().map(|m| m.digest).collect(),
-                metainfo: resend,
-                ..ann
-            };
+            let again = StoreAnnounce { blobs: resend.iter().map(|m| m.digest).collect(), metainfo: resend, ..ann };
             let (_, still) = node.tracker().announce_store(tracker, &again).await?;
             known.extend(again.blobs.iter().copied());
             for d in &still {
@@ -259,7 +255,12 @@ mod tests {
     use super::*;
 
     fn meta(n: u8, pieces: usize) -> Metainfo {
-        Metainfo { digest: Digest([n; 32]), length: pieces as u64, piece_length: 1, piece_hashes: vec![[n; 32]; pieces] }
+        Metainfo {
+            digest: Digest([n; 32]),
+            length: pieces as u64,
+            piece_length: 1,
+            piece_hashes: vec![[n; 32]; pieces],
+        }
     }
 
     #[test]

@@ -136,10 +136,16 @@ pub enum TrackerResponse {
     /// The answer to [`TrackerRequest::Hello`]: the version both sides speak (the
     /// lower of the two) and the tracker's instance id, drawn at random when the
     /// tracker process starts. A new id means a tracker that lost its state.
-    Hello { version: u32, instance: u64 },
+    Hello {
+        version: u32,
+        instance: u64,
+    },
     /// The answer to [`TrackerRequest::AnnounceStore`]: when to announce again, and
     /// the listed blobs whose metainfo the tracker still lacks (send them next time).
-    StoreAnnounced { interval_secs: u32, missing: Vec<Digest> },
+    StoreAnnounced {
+        interval_secs: u32,
+        missing: Vec<Digest>,
+    },
 }
 
 /// The answer to [`TrackerRequest::AcquireLease`].

@@ -72,7 +72,11 @@ fn v1() -> (Vec<(&'static str, TrackerRequest)>, Vec<(&'static str, TrackerRespo
             ),
             (
                 "release-lease",
-                TrackerRequest::ReleaseLease { peer_id: peer(), blob: blob(), failed: Some("upstream said 401".into()) },
+                TrackerRequest::ReleaseLease {
+                    peer_id: peer(),
+                    blob: blob(),
+                    failed: Some("upstream said 401".into()),
+                },
             ),
             ("get-hashes", TrackerRequest::GetHashes { blob: blob(), first: 2 }),
             ("cluster-view", TrackerRequest::ClusterView { blobs: vec![blob()] }),
@@ -94,7 +98,10 @@ fn v1() -> (Vec<(&'static str, TrackerRequest)>, Vec<(&'static str, TrackerRespo
                 },
             ),
             ("left", TrackerResponse::Left),
-            ("error-unknown-blob", TrackerResponse::Error { code: TrackerErrorCode::UnknownBlob, message: "no".into() }),
+            (
+                "error-unknown-blob",
+                TrackerResponse::Error { code: TrackerErrorCode::UnknownBlob, message: "no".into() },
+            ),
             ("error-conflict", TrackerResponse::Error { code: TrackerErrorCode::Conflict, message: "c".into() }),
             ("error-invalid", TrackerResponse::Error { code: TrackerErrorCode::Invalid, message: "i".into() }),
             ("lease-granted", TrackerResponse::Lease(LeaseReply::Granted { ttl_secs: 10, resume_from: 3 })),

@@ -49,4 +49,3 @@ pub async fn throttled_proxy(target: SocketAddr, rate: u64, sent: Arc<AtomicU64>
     });
     addr
 }
-

@@ -482,7 +482,8 @@ impl TrackerClient {
         if let Some(conn) = cached.as_ref().filter(|c| c.close_reason().is_none()) {
             return Ok((conn.clone(), false));
         }
-        let conn = self.inner.endpoint.connect(tracker).await.map_err(|source| TrackerClientError::Net { tracker, source })?;
+        let conn =
+            self.inner.endpoint.connect(tracker).await.map_err(|source| TrackerClientError::Net { tracker, source })?;
         let (version, instance) = hello(&conn).await.map_err(|e| net_error(tracker, e))?;
         debug!(%tracker, version, instance = ?instance, "connected to the tracker");
         {
@@ -839,7 +840,9 @@ fn net_error(tracker: SocketAddr, source: NetError) -> TrackerClientError {
 /// id; a tracker that resets the stream as malformed speaks version 1 (no id).
 async fn hello(conn: &quinn::Connection) -> Result<(u32, Option<u64>), NetError> {
     match exchange(conn, &TrackerRequest::Hello { version: TRACKER_VERSION }).await {
-        Ok(Some(TrackerResponse::Hello { version, instance })) => Ok((version.clamp(1, TRACKER_VERSION), Some(instance))),
+        Ok(Some(TrackerResponse::Hello { version, instance })) => {
+            Ok((version.clamp(1, TRACKER_VERSION), Some(instance)))
+        }
         Ok(_) => Ok((1, None)),
         Err(e) if e.remote_code() == Some(codes::PROTOCOL_ERROR) && !e.is_connection_lost() => Ok((1, None)),
         Err(e) => Err(e),

@@ -377,7 +377,9 @@ fn answer(state: &Shared, req: TrackerRequest, remote: SocketAddr) -> TrackerRes
             TrackerRequest::PublishHashes { layout, .. } if st.metainfo(&layout.digest).is_none() => {
                 Before::NoMetainfo { blob: layout.digest, published: true }
             }
-            TrackerRequest::AnnounceStore(a) if !state.seen.lock().unwrap_or_else(PoisonError::into_inner).nodes.contains_key(&a.peer_id) => {
+            TrackerRequest::AnnounceStore(a)
+                if !state.seen.lock().unwrap_or_else(PoisonError::into_inner).nodes.contains_key(&a.peer_id) =>
+            {
                 Before::NewStore { peer: a.peer_id, blobs: a.blobs.len() }
             }
             TrackerRequest::AcquireLease { peer_id, blob } => {

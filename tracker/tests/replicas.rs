@@ -78,7 +78,12 @@ async fn three(grace: Duration) -> Vec<Tracker> {
 }
 
 /// Waits until `check` holds for the client's view of `tracker`, or panics.
-async fn wait_view(c: &TrackerClient, tracker: SocketAddr, what: &str, check: impl Fn(&swarm_tracker::client::TrackerInfo) -> bool) {
+async fn wait_view(
+    c: &TrackerClient,
+    tracker: SocketAddr,
+    what: &str,
+    check: impl Fn(&swarm_tracker::client::TrackerInfo) -> bool,
+) {
     let mut view = c.watch();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {

@@ -290,7 +290,7 @@ impl TrackerState {
         let failure_memory = self.config.failure_memory;
         let entry = self.blobs.entry(blob).or_default();
         let reasserts = entry.upstream.lease.is_none()
-            && !entry.upstream.failure.as_ref().is_some_and(|f| now.saturating_duration_since(f.at) < failure_memory);
+            && entry.upstream.failure.as_ref().is_none_or(|f| now.saturating_duration_since(f.at) >= failure_memory);
         if reasserts {
             entry.upstream.lease =
                 Some(Lease { holder: peer_id, expires: now + self.config.lease_ttl, last_progress: now });
