@@ -876,3 +876,56 @@ fn unexpected(request: &'static str, response: TrackerResponse) -> TrackerClient
     };
     TrackerClientError::UnexpectedResponse { request, response }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addrs(n: u8) -> Vec<SocketAddr> {
+        (1..=n).map(|i| SocketAddr::from(([10, 0, 0, i], 7000))).collect()
+    }
+
+    #[test]
+    fn rendezvous_is_stable_balanced_and_moves_only_the_lost_trackers_blobs() {
+        let three = addrs(3);
+        // Pinned: every node of every version must pick the same arbiter.
+        assert_eq!(rendezvous_weight(&three[0], &Digest([0; 32])), rendezvous_weight(&three[0], &Digest([0; 32])));
+        let blobs: Vec<Digest> = (0..3000u32).map(|i| Digest::of(&i.to_le_bytes())).collect();
+        let mut per = [0usize; 3];
+        for b in &blobs {
+            let order = rendezvous_order(&three, b);
+            assert_eq!(order.len(), 3);
+            per[three.iter().position(|a| *a == order[0]).expect("listed")] += 1;
+            // The list's order does not matter.
+            let mut shuffled = three.clone();
+            shuffled.reverse();
+            assert_eq!(rendezvous_order(&shuffled, b), order);
+            // Without the arbiter, the next one takes over; nobody else's blobs move.
+            let without: Vec<SocketAddr> = three.iter().copied().filter(|a| *a != order[0]).collect();
+            assert_eq!(rendezvous_order(&without, b)[0], order[1]);
+            let without_other: Vec<SocketAddr> = three.iter().copied().filter(|a| *a != order[2]).collect();
+            assert_eq!(rendezvous_order(&without_other, b)[0], order[0]);
+        }
+        for n in per {
+            assert!((800..1200).contains(&n), "unbalanced: {per:?}");
+        }
+    }
+
+    #[test]
+    fn requests_are_routed_by_their_blob() {
+        let blob = Digest([5; 32]);
+        let layout = Layout { digest: blob, length: 1, piece_length: 1 << 18 };
+        let routed = [
+            TrackerRequest::GetMetainfo { blob },
+            TrackerRequest::AcquireLease { peer_id: PeerId([1; 16]), blob },
+            TrackerRequest::PublishHashes { peer_id: PeerId([1; 16]), layout, first: 0, hashes: vec![] },
+            TrackerRequest::GetHashes { blob, first: 0 },
+        ];
+        for r in &routed {
+            assert_eq!(blob_of(r), Some(blob), "{r:?}");
+            assert_eq!(version_of(r), 1);
+        }
+        assert_eq!(blob_of(&TrackerRequest::ClusterView { blobs: vec![blob] }), None);
+        assert_eq!(version_of(&TrackerRequest::Hello { version: TRACKER_VERSION }), 2);
+    }
+}
