@@ -358,7 +358,7 @@ fn answer(state: &Shared, req: TrackerRequest, remote: SocketAddr) -> TrackerRes
     let wakes = matches!(req, TrackerRequest::PublishHashes { .. } | TrackerRequest::ReleaseLease { .. });
     let announcer = match &req {
         TrackerRequest::Announce(a) => Some(a.peer_id),
-        TrackerRequest::AnnounceStore(a) => Some(a.peer_id),
+        TrackerRequest::AnnounceStore(a) if !a.blobs.is_empty() => Some(a.peer_id),
         _ => None,
     };
     let (mut response, before, completed) = {
