@@ -32,6 +32,8 @@ async fn the_tracker_killed_one_second_into_a_cold_pull_stops_nothing() {
     let proxy = throttled_proxy(registry.addr(), 4_000_000, sent.clone()).await;
     let ns = proxy.to_string();
     let mut cluster = Cluster::start(&dir.path().join("swarm"), 3, &[&ns]).expect("cluster");
+    // A running cluster: past the tracker's first seconds, when it grants no lease.
+    tokio::time::sleep(swarm_tracker::state::LEASE_GRACE).await;
     let target = format!("/v2/{}/blobs/{layer}?ns={ns}", image.name);
     let started = Instant::now();
     let mut gets = Vec::new();

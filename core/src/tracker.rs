@@ -18,6 +18,30 @@
 //! Upstream leases and the piece hashes published while a blob streams in from the
 //! upstream registry live in the [`lease`] submodule (its docs state the rules);
 //! [`TrackerState::handle`] routes their requests there.
+//!
+//! **Replicas and restarts.** Several trackers may serve one cluster with no shared
+//! state: clients pick each blob's arbiter by rendezvous hashing over the trackers
+//! that answer. Each tracker has a random **instance id** ([`TrackerState::instance`],
+//! sent in the `Hello` reply): a client that sees a new id knows the tracker lost its
+//! state and re-announces its store (`AnnounceStore`, [`TrackerState::announce_store`])
+//! and its leases. So that a lease holder can re-assert its lease before anyone else
+//! is granted one, a tracker grants **no new lease** (it answers `HeldBy` with
+//! [`NO_HOLDER`], which every version of the agent takes as "wait and ask again")
+//! during its first [`TrackerConfig::lease_grace`] as a blob's arbiter:
+//!
+//! - from its start ([`TrackerState::begin_grace`], which the server calls; the
+//!   simulator does not, so simulated cold starts are not delayed), and
+//! - for a blob this tracker knows no lease and no hashes of, during `lease_grace`
+//!   from the first sign that another tracker arbitrated it (a node announcing some
+//!   but not all of its pieces, or asking for hashes past piece 0): that tracker went
+//!   away, and the holder is about to re-assert. Meanwhile such a `GetHashes` is
+//!   answered "ask again" ([`TrackerError::Settling`]) rather than "unknown blob",
+//!   which would make the asking node abandon its download.
+//!
+//! A holder re-asserts by publishing: a `PublishHashes` from a node when no lease is
+//! recorded at all and no failure is remembered makes it the holder again (the
+//! hashes must start at piece 0 or continue the known ones; the client re-sends the
+//! whole prefix to a tracker that has not seen it).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -27,9 +51,9 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use swarm_proto::msg::{
-    Announce, BlobView, ClusterView, HolderView, LeaseView, LeaseViewState, MAX_PEERS_PER_REPLY, MAX_VIEW_BLOBS,
-    MAX_VIEW_HOLDINGS, MAX_VIEW_NODES, MAX_ZONE_LEN, NodeView, PeerInfo, TrackerErrorCode, TrackerRequest,
-    TrackerResponse,
+    Announce, BlobView, ClusterView, HolderView, LeaseView, LeaseViewState, MAX_PEERS_PER_REPLY, MAX_STORE_BLOBS,
+    MAX_VIEW_BLOBS, MAX_VIEW_HOLDINGS, MAX_VIEW_NODES, MAX_ZONE_LEN, NodeView, PeerInfo, StoreAnnounce,
+    TRACKER_VERSION, TrackerErrorCode, TrackerRequest, TrackerResponse,
 };
 use swarm_proto::{Digest, Metainfo, PeerId, ProtoError};
 
@@ -57,11 +81,22 @@ pub struct TrackerConfig {
     /// After a holder reports a failed upstream fetch, lease requests are answered
     /// `Failed` for this long (the nodes fall back to the upstream themselves).
     pub failure_memory: Duration,
+    /// No new lease is granted during a tracker's first `lease_grace` as a blob's
+    /// arbiter (see the module docs), so that holders can re-assert theirs.
+    pub lease_grace: Duration,
 }
+
+/// The default [`TrackerConfig::lease_grace`]: a lease holder publishes at least every
+/// 2 s and fails over to the next tracker within about 4 s.
+pub const LEASE_GRACE: Duration = Duration::from_secs(6);
+
+/// The `holder` of a `HeldBy` answered during a lease grace period: nobody known yet.
+pub const NO_HOLDER: PeerId = PeerId([0; 16]);
 
 impl Default for TrackerConfig {
     /// Re-announce every 30 s, forget after three missed announces, 50 peers a reply;
-    /// leases of 10 s, lost after 30 s without progress; failures remembered 10 s.
+    /// leases of 10 s, lost after 30 s without progress; failures remembered 10 s;
+    /// a lease grace of [`LEASE_GRACE`].
     fn default() -> Self {
         Self {
             announce_interval: Duration::from_secs(30),
@@ -70,6 +105,7 @@ impl Default for TrackerConfig {
             lease_ttl: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(30),
             failure_memory: Duration::from_secs(10),
+            lease_grace: LEASE_GRACE,
         }
     }
 }
@@ -273,11 +309,15 @@ struct BlobEntry {
     metainfo: Option<Metainfo>,
     peers: PeerSet,
     upstream: Upstream,
+    /// When this tracker first saw signs of an upstream fetch it knows nothing of
+    /// (an announce of some but not all pieces, or a `GetHashes` past piece 0, while
+    /// it has neither hashes nor a lease): the blob's arbiter went away.
+    orphan_since: Option<Instant>,
 }
 
 impl BlobEntry {
     fn is_empty(&self) -> bool {
-        self.metainfo.is_none() && self.peers.len() == 0 && self.upstream.is_empty()
+        self.metainfo.is_none() && self.peers.len() == 0 && self.upstream.is_empty() && self.orphan_since.is_none()
     }
 }
 
@@ -288,6 +328,10 @@ pub struct TrackerState {
     config: TrackerConfig,
     rng: StdRng,
     blobs: BTreeMap<Digest, BlobEntry>,
+    /// Random id of this tracker's life, sent in `Hello` replies.
+    instance: u64,
+    /// No lease is granted before this instant (set by [`TrackerState::begin_grace`]).
+    grace_until: Option<Instant>,
 }
 
 impl std::fmt::Debug for TrackerState {
@@ -299,7 +343,21 @@ impl std::fmt::Debug for TrackerState {
 impl TrackerState {
     /// An empty tracker whose peer shuffling is driven by `seed`.
     pub fn new(config: TrackerConfig, seed: u64) -> Self {
-        Self { config, rng: StdRng::seed_from_u64(seed), blobs: BTreeMap::new() }
+        // The instance id is derived from the seed without drawing from the shuffling
+        // RNG, so seeded runs shuffle as they always did.
+        let instance = splitmix64(seed ^ 0x5741_524d_5f49_4e53).max(1);
+        Self { config, rng: StdRng::seed_from_u64(seed), blobs: BTreeMap::new(), instance, grace_until: None }
+    }
+
+    /// This tracker's instance id (never 0).
+    pub fn instance(&self) -> u64 {
+        self.instance
+    }
+
+    /// Starts the grace period of a tracker that just started: no lease is granted
+    /// before `now + lease_grace`.
+    pub fn begin_grace(&mut self, now: Instant) {
+        self.grace_until = Some(now + self.config.lease_grace);
     }
 
     /// The tracker's configuration.
@@ -332,15 +390,15 @@ impl TrackerState {
             TrackerRequest::ReleaseLease { peer_id, blob, failed } => {
                 self.release_lease(peer_id, blob, failed, now).map(|()| TrackerResponse::Left)
             }
-            TrackerRequest::GetHashes { blob, first } => match self.hashes(&blob) {
-                Some((layout, known, complete)) => {
-                    let start = (first as usize).min(known.len());
-                    let end = known.len().min(start + MAX_HASHES_PER_REPLY as usize);
-                    Ok(TrackerResponse::Hashes { layout, first, hashes: known[start..end].to_vec(), complete })
-                }
-                None => Err(TrackerError::NoHashes { blob }),
-            },
+            TrackerRequest::GetHashes { blob, first } => self.get_hashes(blob, first, now),
             TrackerRequest::ClusterView { blobs } => Ok(TrackerResponse::ClusterView(self.cluster_view(&blobs, now))),
+            TrackerRequest::Hello { version } => {
+                Ok(TrackerResponse::Hello { version: version.min(TRACKER_VERSION), instance: self.instance })
+            }
+            TrackerRequest::AnnounceStore(ann) => self.announce_store(&ann, observed, now).map(|missing| {
+                let interval_secs = u32::try_from(self.config.announce_interval.as_secs()).unwrap_or(u32::MAX).max(1);
+                TrackerResponse::StoreAnnounced { interval_secs, missing }
+            }),
         };
         result.unwrap_or_else(|e| TrackerResponse::Error { code: e.code(), message: e.to_string() })
     }
@@ -396,10 +454,86 @@ impl TrackerState {
         let info =
             PeerInfo { peer_id: ann.peer_id, addr, zone: ann.zone.clone(), have: ann.have, complete: ann.complete };
         let entry = self.blobs.entry(ann.blob).or_default();
+        if ann.have > 0 && !ann.complete && entry.metainfo.is_none() && entry.upstream.is_empty() {
+            entry.orphan_since.get_or_insert(now);
+        }
         entry.peers.upsert(info, now);
         let want = (ann.num_want as usize).min(self.config.max_peers_per_reply).min(MAX_PEERS_PER_REPLY as usize);
         let peers = entry.peers.choose(&ann.peer_id, &ann.zone, want, now, self.config.peer_ttl, &mut self.rng);
         Ok((peers, self.config.announce_interval))
+    }
+
+    /// Records `ann.peer_id` as a complete holder of every listed blob (as an
+    /// `Announce` with `complete` would, with `have` the piece count when the metainfo
+    /// is known) and registers the metainfo given. Returns the listed blobs whose
+    /// metainfo is still unknown. A metainfo that cannot be registered (invalid, or
+    /// conflicting with the one known) is skipped and its blob reported missing; the
+    /// holder is recorded all the same.
+    pub fn announce_store(
+        &mut self,
+        ann: &StoreAnnounce,
+        observed: SocketAddr,
+        now: Instant,
+    ) -> Result<Vec<Digest>, TrackerError> {
+        if ann.zone.len() > MAX_ZONE_LEN {
+            return Err(TrackerError::ZoneTooLong { len: ann.zone.len(), max: MAX_ZONE_LEN });
+        }
+        if ann.blobs.len() > MAX_STORE_BLOBS {
+            return Err(TrackerError::StoreTooLarge { blobs: ann.blobs.len(), max: MAX_STORE_BLOBS });
+        }
+        let addr = ann.advertise.unwrap_or_else(|| SocketAddr::new(canonical_ip(observed.ip()), ann.listen_port));
+        if addr.port() == 0 || addr.ip().is_unspecified() {
+            return Err(TrackerError::Unreachable { peer_id: ann.peer_id, addr });
+        }
+        for m in &ann.metainfo {
+            if ann.blobs.contains(&m.digest) {
+                // A refusal leaves the blob without metainfo: it is reported missing.
+                let _ = self.register(m.clone());
+            }
+        }
+        let mut missing = Vec::new();
+        for blob in &ann.blobs {
+            let entry = self.blobs.entry(*blob).or_default();
+            let have = entry.metainfo.as_ref().map_or(0, Metainfo::piece_count);
+            if entry.metainfo.is_none() {
+                missing.push(*blob);
+            }
+            let info = PeerInfo { peer_id: ann.peer_id, addr, zone: ann.zone.clone(), have, complete: true };
+            entry.peers.upsert(info, now);
+        }
+        Ok(missing)
+    }
+
+    /// Whether no new lease may be granted for `blob` now (see the module docs).
+    fn in_grace(&self, blob: &Digest, now: Instant) -> bool {
+        if self.grace_until.is_some_and(|until| now < until) {
+            return true;
+        }
+        let Some(entry) = self.blobs.get(blob) else { return false };
+        let recent = entry.orphan_since.is_some_and(|t| now.saturating_duration_since(t) < self.config.lease_grace);
+        recent && entry.metainfo.is_none() && entry.upstream.is_empty()
+    }
+
+    /// Answers `GetHashes`. A node asking past piece 0 for a blob this tracker has no
+    /// hashes of was following another arbiter (or this one before a restart): while
+    /// the holder may still re-assert, it is told to ask again (`Settling`) rather
+    /// than that the blob is unknown, which would make it abandon its download.
+    fn get_hashes(&mut self, blob: Digest, first: u32, now: Instant) -> Result<TrackerResponse, TrackerError> {
+        if let Some((layout, known, complete)) = self.hashes(&blob) {
+            let start = (first as usize).min(known.len());
+            let end = known.len().min(start + MAX_HASHES_PER_REPLY as usize);
+            return Ok(TrackerResponse::Hashes { layout, first, hashes: known[start..end].to_vec(), complete });
+        }
+        if first > 0 && first != u32::MAX {
+            let entry = self.blobs.entry(blob).or_default();
+            if entry.upstream.is_empty() {
+                entry.orphan_since.get_or_insert(now);
+            }
+            if self.in_grace(&blob, now) {
+                return Err(TrackerError::Settling { blob });
+            }
+        }
+        Err(TrackerError::NoHashes { blob })
     }
 
     /// Forgets that `peer_id` holds or wants `blob`. Unknown peers are ignored.
@@ -419,7 +553,11 @@ impl TrackerState {
     pub fn expire(&mut self, now: Instant) -> usize {
         let ttl = self.config.peer_ttl;
         let mut dropped = 0;
+        let grace = self.config.lease_grace;
         for e in self.blobs.values_mut() {
+            if e.orphan_since.is_some_and(|t| now.saturating_duration_since(t) >= grace) {
+                e.orphan_since = None;
+            }
             dropped += e.peers.expire(now, ttl);
             e.upstream.expire(now, &self.config, e.peers.len() > 0, e.metainfo.is_some());
         }
@@ -513,6 +651,14 @@ impl TrackerState {
     }
 }
 
+/// SplitMix64's finaliser: a well-mixed 64-bit value from any input.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// An IPv4 peer seen through a dual-stack socket shows up as `::ffff:a.b.c.d`; hand
 /// it out as plain IPv4 so IPv4-only peers can dial it.
 fn canonical_ip(ip: IpAddr) -> IpAddr {
@@ -537,6 +683,8 @@ impl TrackerError {
             | TrackerError::HashesPastEnd { .. }
             | TrackerError::NotLeaseHolder { .. }
             | TrackerError::ZoneTooLong { .. }
+            | TrackerError::StoreTooLarge { .. }
+            | TrackerError::Settling { .. }
             | TrackerError::Unreachable { .. } => TrackerErrorCode::Invalid,
         }
     }
@@ -594,6 +742,13 @@ pub enum TrackerError {
     /// The announce's zone label is too long.
     #[error("zone label of {len} bytes exceeds the limit of {max}")]
     ZoneTooLong { len: usize, max: usize },
+    /// No hashes known here yet, but the blob's lease holder is expected to re-assert
+    /// its lease (see the module docs): ask again shortly.
+    #[error("no piece hashes of {blob} are known here yet: waiting for its lease holder to re-assert; ask again")]
+    Settling { blob: Digest },
+    /// A store announce lists more blobs than one message may.
+    #[error("a store announce of {blobs} blobs exceeds the limit of {max} (split it)")]
+    StoreTooLarge { blobs: usize, max: usize },
     /// The announce gives no address other peers could dial.
     #[error("peer {peer_id} announced the unreachable address {addr} (set a listen port or an advertise address)")]
     Unreachable { peer_id: PeerId, addr: SocketAddr },

@@ -13,8 +13,10 @@
 //! - [`agent`]: the mirror's blob source backed by the swarm, with upstream leases.
 //! - [`known_peers`]: the peers a node talked to, kept across restarts for when no
 //!   tracker answers.
+//! - [`announce`]: tells every tracker which complete blobs the store holds.
 
 pub mod agent;
+pub mod announce;
 pub mod disk;
 pub mod known_peers;
 pub mod mirror;

@@ -1550,6 +1550,15 @@ impl Node {
     }
 }
 
+impl Node {
+    /// What a store announce says about this node (`crate::announce`): the UDP port
+    /// its QUIC endpoint listens on (0 if unknown), its advertise address and zone.
+    pub fn announce_identity(&self) -> (u16, Option<SocketAddr>, String) {
+        let port = self.inner.endpoint.local_addr().map_or(0, |a| a.port());
+        (port, self.inner.config.advertise, self.inner.config.zone.clone())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -46,6 +46,46 @@ pub enum TrackerRequest {
     /// asks for every blob, else for those only (at most [`MAX_VIEW_BLOBS`]).
     /// Answered with [`TrackerResponse::ClusterView`].
     ClusterView { blobs: Vec<Digest> },
+    /// Tracker protocol version 2 and later: the first request a client sends on a new
+    /// connection, with the highest tracker protocol version it speaks. Answered with
+    /// [`TrackerResponse::Hello`]. A version-1 tracker cannot decode it and resets the
+    /// stream: the client then speaks version 1 to it (never sends it a request newer
+    /// than [`TrackerRequest::ClusterView`]).
+    Hello { version: u32 },
+    /// Version 2: every complete blob of the caller's store in one message (sent at
+    /// start, every announce interval, and at once when a tracker's instance id is
+    /// new). The tracker records the caller as a complete holder of each listed blob
+    /// and registers the metainfo it is given. Answered with
+    /// [`TrackerResponse::StoreAnnounced`].
+    AnnounceStore(StoreAnnounce),
+}
+
+/// The tracker protocol version this code speaks (see `docs/protocol.md`, "Versions").
+/// Version 1: every tracker message up to `ClusterView`; version 2 adds `Hello` and
+/// `AnnounceStore`. Independent of the peer handshake's
+/// [`PROTOCOL_VERSION`](crate::PROTOCOL_VERSION).
+pub const TRACKER_VERSION: u32 = 2;
+
+/// Most digests in one [`StoreAnnounce`]; a larger store is announced in several.
+pub const MAX_STORE_BLOBS: usize = 16_384;
+/// Most piece hashes (over all its metainfo) one [`StoreAnnounce`] carries: 8 MiB of
+/// hashes. A sender splits a store whose metainfo would exceed it.
+pub const MAX_STORE_HASHES: usize = 1 << 18;
+
+/// The body of [`TrackerRequest::AnnounceStore`].
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct StoreAnnounce {
+    pub peer_id: PeerId,
+    /// As in [`Announce`].
+    pub listen_port: u16,
+    pub advertise: Option<SocketAddr>,
+    pub zone: String,
+    /// Complete blobs held (at most [`MAX_STORE_BLOBS`]).
+    pub blobs: Vec<Digest>,
+    /// The metainfo of listed blobs the tracker may lack (all of them the first time
+    /// a sender talks to a tracker instance; later only those it reported `missing`).
+    /// At most [`MAX_STORE_HASHES`] piece hashes in all.
+    pub metainfo: Vec<Metainfo>,
 }
 
 /// The body of [`TrackerRequest::Announce`].
@@ -93,6 +133,19 @@ pub enum TrackerResponse {
     },
     /// The answer to [`TrackerRequest::ClusterView`].
     ClusterView(ClusterView),
+    /// The answer to [`TrackerRequest::Hello`]: the version both sides speak (the
+    /// lower of the two) and the tracker's instance id, drawn at random when the
+    /// tracker process starts. A new id means a tracker that lost its state.
+    Hello {
+        version: u32,
+        instance: u64,
+    },
+    /// The answer to [`TrackerRequest::AnnounceStore`]: when to announce again, and
+    /// the listed blobs whose metainfo the tracker still lacks (send them next time).
+    StoreAnnounced {
+        interval_secs: u32,
+        missing: Vec<Digest>,
+    },
 }
 
 /// The answer to [`TrackerRequest::AcquireLease`].

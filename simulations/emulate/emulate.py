@@ -912,6 +912,7 @@ class Swarm(System):
                        ctx.workdir, node=1, env=self.env)
         wait_listen(ctx.topo.ns(1), "udp", TRACKER_PORT, proc=tr)
         self.tracker = tr
+        tracker_started = time.monotonic()
         self.agents = {}
         if self.via_agent(ctx):
             for i in ctx.downloaders:
@@ -921,6 +922,10 @@ class Swarm(System):
                 sh([b, "containerd-config", "--mirror", "http://127.0.0.1:%d" % MIRROR_PORT,
                     "--registry", ctx.image.registry, "--plain-http", ctx.image.registry, "--dir", hosts])
                 self.start_containerds(ctx, hosts)
+            # A tracker grants no upstream lease during its first seconds (holders of a
+            # blob may re-assert theirs: `swarm_core::tracker::LEASE_GRACE`, 6 s). The
+            # pulls start after it: the figures are about distribution, not start-up.
+            time.sleep(max(0.0, tracker_started + TRACKER_LEASE_GRACE_S - time.monotonic()))
         else:
             # Incluster: node 1 seeds. swarm-seed on edge: the upstream host seeds
             # (like libtorrent's edge seed), nodes pull.
@@ -1068,6 +1073,10 @@ SYSTEMS = {"direct": Direct, "swarm": Swarm, "swarm-seed": SwarmSeed, "libtorren
 
 
 # ---------------------------------------------------------------- one system, one scenario
+
+# The tracker's lease grace after it starts (swarm_core::tracker::LEASE_GRACE), plus
+# a margin.
+TRACKER_LEASE_GRACE_S = 6.2
 
 # scenario -> (layout, churn, containerd)
 SCENARIOS = {"edge": ("edge", False, False), "incluster": ("incluster", False, False),

@@ -22,7 +22,9 @@ use swarm_peer::upstream::{UpstreamClient, UpstreamConfig, k3s};
 use swarm_tracker::TrackerClient;
 use tokio_util::sync::CancellationToken;
 
-use super::common::{TokenArgs, human_bytes, parse_rate, parse_size, resolve, resolve_tracker, shutdown_signal};
+use super::common::{
+    TokenArgs, follow_trackers, human_bytes, parse_rate, parse_size, resolve, resolve_trackers, shutdown_signal,
+};
 use super::health::{self, CHECK_TIMEOUT, Readiness};
 use crate::STATUS;
 
@@ -36,7 +38,9 @@ pub struct Args {
     /// endpoints under [upstream].
     #[arg(long, env = "SWARM_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Tracker address (HOST alone means port 7000).
+    /// Tracker address, or several comma-separated (the same list on every node); a
+    /// name resolving to several addresses stands for all of them (HOST alone means
+    /// port 7000).
     #[arg(long, env = "SWARM_TRACKER", value_name = "HOST[:PORT]")]
     tracker: Option<String>,
     /// UDP address of the QUIC peer; `:PORT` is every interface [default: 0.0.0.0:7001].
@@ -168,7 +172,8 @@ fn settings(args: Args) -> Result<Settings> {
 pub async fn run(args: Args) -> Result<()> {
     let s = settings(args)?;
     let token = s.token.load()?;
-    let tracker = resolve_tracker(&s.tracker).await?;
+    let trackers = resolve_trackers(&s.tracker).await?;
+    let tracker = trackers[0];
     let listen = resolve("listen", &s.listen).await?;
     let mirror_addr = resolve("mirror", &s.mirror).await?;
     let mut upstream = s.upstream;
@@ -187,14 +192,22 @@ pub async fn run(args: Args) -> Result<()> {
         .with_context(|| format!("cannot listen on {listen} (UDP)"))?;
     // Its own client (own cached connection, short timeout) so that checks never
     // hold up the node's requests.
-    let tracker_check = TrackerClient::with_timeout(endpoint.clone(), tracker, CHECK_TIMEOUT);
+    let tracker_check = TrackerClient::with_trackers(endpoint.clone(), trackers.clone(), CHECK_TIMEOUT);
     let mut config = NodeConfig::new(s.data_dir.clone());
     config.zone = s.zone;
     config.advertise = advertise;
     config.upload_rate = s.upload_rate;
     let node = Node::start(endpoint, tracker, config).context("starting the peer")?;
+    node.tracker().set_trackers(trackers.clone());
 
     let cancel = CancellationToken::new();
+    // Every tracker learns the store's complete blobs, now and whenever it restarts.
+    let announcer = tokio::spawn(swarm_peer::announce::run(node.clone(), cancel.clone()));
+    let follower = tokio::spawn(follow_trackers(
+        s.tracker.clone(),
+        vec![node.tracker().clone(), tracker_check.clone()],
+        cancel.clone(),
+    ));
     let metrics = Arc::new(MirrorMetrics::default());
     let budget = match s.cache_size {
         Some(b) => b,
@@ -257,7 +270,7 @@ pub async fn run(args: Args) -> Result<()> {
         node.peer_id().short(),
         node.local_addr()?,
         mirror_addr,
-        tracker,
+        trackers.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
         s.data_dir.display()
     );
     let watch_task = tokio::spawn(health::watch_tracker(tracker_check, readiness, cancel.clone()));
@@ -265,6 +278,8 @@ pub async fn run(args: Args) -> Result<()> {
     tracing::info!(target: STATUS, "swarm agent stopping");
     cancel.cancel();
     watch_task.await.context("tracker check task")?;
+    announcer.await.context("store announcer task")?;
+    follower.await.context("tracker list task")?;
     sampler.await.context("status sampler task")?;
     node.shutdown().await;
     disk_task.await.context("disk task")?;

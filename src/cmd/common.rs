@@ -118,6 +118,74 @@ pub async fn resolve_tracker(hostport: &str) -> Result<SocketAddr> {
     resolve_with_port("tracker", hostport, Some(DEFAULT_TRACKER_PORT)).await
 }
 
+/// How often a `--tracker` list naming hosts is resolved again, so that a headless
+/// Service's trackers coming and going are followed.
+pub const TRACKER_RESOLVE_EVERY: Duration = Duration::from_secs(30);
+
+/// Resolves a `--tracker` list: comma-separated `HOST[:PORT]` entries (port 7000 by
+/// default), each name standing for every address it resolves to (a headless
+/// Service's name gives one address per tracker). Duplicates are dropped; the order
+/// is the list's, then the resolver's.
+pub async fn resolve_trackers(list: &str) -> Result<Vec<SocketAddr>> {
+    let mut out: Vec<SocketAddr> = Vec::new();
+    let entries: Vec<&str> = list.split(',').map(str::trim).filter(|e| !e.is_empty()).collect();
+    if entries.is_empty() {
+        bail!("the tracker list {list:?} is empty (expected HOST[:PORT][,HOST[:PORT]...])");
+    }
+    for entry in entries {
+        let first = resolve_tracker(entry).await?;
+        let mut addrs = vec![first];
+        // A name may stand for several trackers: take every address it resolves to.
+        if entry.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().is_err()
+            && entry.parse::<SocketAddr>().is_err()
+            && let Ok(all) = tokio::net::lookup_host((host_of(entry), first.port())).await
+        {
+            addrs.extend(all);
+        }
+        for a in addrs {
+            if !out.contains(&a) {
+                out.push(a);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The host part of `HOST[:PORT]`.
+fn host_of(entry: &str) -> &str {
+    match entry.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() && !host.is_empty() => host,
+        _ => entry,
+    }
+}
+
+/// Resolves `list` again every [`TRACKER_RESOLVE_EVERY`] and hands the addresses to
+/// every client, until `cancel` fires. A failed lookup keeps the current list.
+pub async fn follow_trackers(
+    list: String,
+    clients: Vec<swarm_tracker::TrackerClient>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(TRACKER_RESOLVE_EVERY) => {}
+        }
+        match resolve_trackers(&list).await {
+            Ok(addrs) => {
+                for c in &clients {
+                    if c.trackers() != addrs {
+                        tracing::info!(trackers = ?addrs, "tracker list changed");
+                    }
+                    c.set_trackers(addrs.clone());
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot resolve the tracker list again; keeping the current one"),
+        }
+    }
+}
+
 /// Turns a node error into a message that says what to check: an unreachable
 /// tracker names the address and UDP port instead of the handshake's internals.
 pub fn explain_node_error(err: swarm_peer::node::NodeError) -> anyhow::Error {
@@ -293,7 +361,9 @@ mod tests {
 /// Options of every command that runs a peer node.
 #[derive(clap::Args, Clone, Debug)]
 pub struct NodeArgs {
-    /// Tracker address (HOST alone means port 7000).
+    /// Tracker address, or several comma-separated (the same list on every node); a
+    /// name resolving to several addresses stands for all of them (HOST alone means
+    /// port 7000).
     #[arg(long, env = "SWARM_TRACKER", value_name = "HOST[:PORT]")]
     pub tracker: String,
     /// UDP address for this node's QUIC endpoint (port 0 picks a free one; `:PORT`
@@ -325,7 +395,8 @@ impl NodeArgs {
     /// its advertise address, zone and upload rate).
     pub async fn start_with(&self, mut config: swarm_peer::node::NodeConfig) -> Result<swarm_peer::node::Node> {
         let token = self.token.load()?;
-        let tracker = resolve_tracker(&self.tracker).await?;
+        let trackers = resolve_trackers(&self.tracker).await?;
+        let tracker = trackers[0];
         let listen = resolve("listen", &self.listen).await?;
         let endpoint = swarm_net::Endpoint::bind(listen, token, &swarm_net::EndpointConfig::default())
             .with_context(|| format!("cannot listen on {listen}"))?;
@@ -335,7 +406,9 @@ impl NodeArgs {
         };
         config.zone = self.zone.clone();
         config.upload_rate = self.upload_rate;
-        swarm_peer::node::Node::start(endpoint, tracker, config).context("starting the peer")
+        let node = swarm_peer::node::Node::start(endpoint, tracker, config).context("starting the peer")?;
+        node.tracker().set_trackers(trackers);
+        Ok(node)
     }
 }
 

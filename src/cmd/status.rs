@@ -32,7 +32,7 @@ use swarm_proto::{Digest, PeerId};
 use swarm_tracker::TrackerClient;
 use tokio_util::sync::CancellationToken;
 
-use super::common::{TokenArgs, human_bytes, resolve};
+use super::common::{TokenArgs, human_bytes};
 use super::health::Readiness;
 
 /// The agent's default mirror address, where `/status` is served.
@@ -538,8 +538,16 @@ async fn cluster_status(trackers: &[String], token: &TokenArgs) -> Result<Cluste
     }
     let token = token.load()?;
     let mut asks = Vec::new();
+    let mut addrs = Vec::new();
     for t in &trackers {
-        let addr = resolve("tracker", t).await?;
+        for addr in super::common::resolve_trackers(t).await? {
+            if !addrs.iter().any(|(_, a)| *a == addr) {
+                addrs.push((addr.to_string(), addr));
+            }
+        }
+    }
+    let trackers: Vec<String> = addrs.iter().map(|(name, _)| name.clone()).collect();
+    for (_, addr) in addrs {
         let unspecified = match addr.ip() {
             IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
@@ -574,44 +582,15 @@ async fn cluster_status(trackers: &[String], token: &TokenArgs) -> Result<Cluste
     Ok(status)
 }
 
-/// Merges tracker views: nodes by peer id (the latest sighting wins), blobs by
-/// digest (holders by peer id, the larger `have` wins; a live lease beats others).
+/// Merges tracker views ([`swarm_tracker::client::merge_views`]: nodes by peer id,
+/// the latest sighting winning; blobs by digest) and lists each node's blobs.
 fn merge(views: Vec<ClusterView>) -> ClusterStatus {
-    let mut nodes: BTreeMap<PeerId, (swarm_proto::msg::NodeView, Vec<String>)> = BTreeMap::new();
-    let mut blobs: BTreeMap<Digest, swarm_proto::msg::BlobView> = BTreeMap::new();
-    let mut truncated = false;
-    for view in views {
-        truncated |= view.truncated;
-        for n in view.nodes {
-            match nodes.get_mut(&n.peer_id) {
-                Some((known, _)) if known.last_seen_ms <= n.last_seen_ms => {}
-                Some((known, _)) => *known = n,
-                None => {
-                    nodes.insert(n.peer_id, (n, Vec::new()));
-                }
-            }
-        }
-        for b in view.blobs {
-            let Some(known) = blobs.get_mut(&b.digest) else {
-                blobs.insert(b.digest, b);
-                continue;
-            };
-            known.layout = known.layout.or(b.layout);
-            known.known_hashes = known.known_hashes.max(b.known_hashes);
-            for h in b.holders {
-                match known.holders.iter_mut().find(|k| k.peer_id == h.peer_id) {
-                    Some(k) if (k.complete, k.have) >= (h.complete, h.have) => {}
-                    Some(k) => *k = h,
-                    None => known.holders.push(h),
-                }
-            }
-            let live =
-                |l: &Option<swarm_proto::msg::LeaseView>| l.as_ref().is_some_and(|l| l.state == LeaseViewState::Live);
-            if known.lease.is_none() || (!live(&known.lease) && live(&b.lease)) {
-                known.lease = b.lease.or(known.lease.take());
-            }
-        }
-    }
+    let merged = swarm_tracker::client::merge_views(views);
+    let truncated = merged.truncated;
+    let mut nodes: BTreeMap<PeerId, (swarm_proto::msg::NodeView, Vec<String>)> =
+        merged.nodes.into_iter().map(|n| (n.peer_id, (n, Vec::new()))).collect();
+    let mut blobs: BTreeMap<Digest, swarm_proto::msg::BlobView> =
+        merged.blobs.into_iter().map(|b| (b.digest, b)).collect();
     for b in blobs.values_mut() {
         b.holders.sort_by_key(|h| h.peer_id);
         for h in &b.holders {

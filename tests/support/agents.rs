@@ -42,8 +42,19 @@ pub fn agent_command(
     data_dir: &Path,
     token_file: &Path,
 ) -> Command {
+    agent_command_of(&tracker.to_string(), mirror, metrics, data_dir, token_file)
+}
+
+/// Like [`agent_command`], with a `--tracker` list (`a:7000,b:7000`).
+pub fn agent_command_of(
+    trackers: &str,
+    mirror: SocketAddr,
+    metrics: SocketAddr,
+    data_dir: &Path,
+    token_file: &Path,
+) -> Command {
     let mut cmd = Command::new(swarm_bin());
-    cmd.args(["agent", "--tracker", &tracker.to_string(), "--listen", "127.0.0.1:0"])
+    cmd.args(["agent", "--tracker", trackers, "--listen", "127.0.0.1:0"])
         .args(["--mirror", &mirror.to_string(), "--metrics", &metrics.to_string()])
         .arg("--data-dir")
         .arg(data_dir)
@@ -100,7 +111,17 @@ pub struct Cluster {
     pub tracker_http: SocketAddr,
     pub token_file: PathBuf,
     pub agents: Vec<Agent>,
+    /// Further trackers of the same cluster ([`Cluster::start_replicated`]); the
+    /// agents are given `tracker_addr` and these, as one `--tracker` list.
+    pub replicas: Vec<Replica>,
     dir: PathBuf,
+}
+
+/// One more tracker process of a [`Cluster`].
+pub struct Replica {
+    pub child: ChildGuard,
+    pub addr: SocketAddr,
+    pub http: SocketAddr,
 }
 
 impl Cluster {
@@ -116,6 +137,27 @@ impl Cluster {
         dir: &Path,
         n: usize,
         plain_http: &[&str],
+        extra: impl FnMut(usize, SocketAddr) -> Vec<std::ffi::OsString>,
+    ) -> anyhow::Result<Self> {
+        Self::start_full(dir, 1, n, plain_http, extra)
+    }
+
+    /// Like [`Cluster::start`] with `trackers` tracker processes (replicas sharing
+    /// nothing); every agent gets all of them as its `--tracker` list.
+    pub fn start_replicated(dir: &Path, trackers: usize, n: usize, plain_http: &[&str]) -> anyhow::Result<Self> {
+        Self::start_full(dir, trackers, n, plain_http, |_, _| Vec::new())
+    }
+
+    /// Every tracker's QUIC address, the first tracker's first.
+    pub fn tracker_addrs(&self) -> Vec<SocketAddr> {
+        std::iter::once(self.tracker_addr).chain(self.replicas.iter().map(|r| r.addr)).collect()
+    }
+
+    fn start_full(
+        dir: &Path,
+        trackers: usize,
+        n: usize,
+        plain_http: &[&str],
         mut extra: impl FnMut(usize, SocketAddr) -> Vec<std::ffi::OsString>,
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
@@ -125,8 +167,23 @@ impl Cluster {
         let tracker_http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let cmd = tracker_command(tracker_addr, tracker_http, &token_file);
         let tracker = ChildGuard::spawn("tracker", cmd, &dir.join("logs"))?;
-        let mut cluster =
-            Self { tracker, tracker_addr, tracker_http, token_file, agents: Vec::new(), dir: dir.to_path_buf() };
+        let mut replicas = Vec::new();
+        for i in 1..trackers.max(1) {
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+            let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+            let cmd = tracker_command(addr, http, &token_file);
+            let child = ChildGuard::spawn(&format!("tracker-{i}"), cmd, &dir.join("logs"))?;
+            replicas.push(Replica { child, addr, http });
+        }
+        let mut cluster = Self {
+            tracker,
+            tracker_addr,
+            tracker_http,
+            token_file,
+            agents: Vec::new(),
+            replicas,
+            dir: dir.to_path_buf(),
+        };
         for i in 0..n {
             let mirror: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
             let args = extra(i, mirror);
@@ -144,7 +201,8 @@ impl Cluster {
     ) -> anyhow::Result<()> {
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let data_dir = self.dir.join(format!("agent-{i}"));
-        let mut cmd = agent_command(self.tracker_addr, mirror, metrics, &data_dir, &self.token_file);
+        let trackers: Vec<String> = self.tracker_addrs().iter().map(ToString::to_string).collect();
+        let mut cmd = agent_command_of(&trackers.join(","), mirror, metrics, &data_dir, &self.token_file);
         for r in plain_http {
             cmd.args(["--plain-http", r]);
         }
@@ -162,7 +220,8 @@ impl Cluster {
         let (mirror, data_dir) = (old.mirror, old.data_dir.clone());
         drop(old);
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-        let mut cmd = agent_command(self.tracker_addr, mirror, metrics, &data_dir, &self.token_file);
+        let trackers: Vec<String> = self.tracker_addrs().iter().map(ToString::to_string).collect();
+        let mut cmd = agent_command_of(&trackers.join(","), mirror, metrics, &data_dir, &self.token_file);
         for r in plain_http {
             cmd.args(["--plain-http", r]);
         }
@@ -172,9 +231,13 @@ impl Cluster {
         Ok(())
     }
 
-    /// Every agent's log tail, for assertion messages.
+    /// Every agent's and tracker's log tail, for assertion messages.
     pub fn logs(&self) -> String {
-        self.agents.iter().enumerate().map(|(i, a)| format!("--- agent {i}\n{}\n", a.child.logs_tail())).collect()
+        let agents: String =
+            self.agents.iter().enumerate().map(|(i, a)| format!("--- agent {i}\n{}\n", a.child.logs_tail())).collect();
+        let replicas: String =
+            self.replicas.iter().map(|r| format!("--- tracker {}\n{}\n", r.addr, r.child.logs_tail())).collect();
+        agents + &replicas
     }
 }
 

@@ -1,21 +1,53 @@
-//! [`TrackerClient`]: how peers talk to the tracker. One cached, authenticated QUIC
-//! connection; each request on its own bidirectional stream; every request bounded
-//! in time; one reconnect and retry when the cached connection turns out dead (the
-//! tracker restarted). All tracker requests are idempotent, so the retry is safe:
+//! [`TrackerClient`]: how peers talk to the trackers of their cluster.
+//!
+//! **One tracker or several.** A client knows a list of tracker addresses (the
+//! `--tracker a:7000,b:7000,c:7000` list, or the addresses one DNS name resolves to,
+//! kept current with [`TrackerClient::set_trackers`]). The trackers share no state:
+//! every request about one blob goes to that blob's **arbiter**, chosen by rendezvous
+//! (highest random weight) hashing of (tracker address, blob digest) over the
+//! trackers currently up ([`rendezvous_order`]); every node with the same list picks
+//! the same arbiter. A tracker that fails a request (no connection, no answer within
+//! [`ATTEMPT_TIMEOUT`]) is marked down and the request goes to the next tracker in
+//! the blob's order at once; a background probe marks it up again as soon as it
+//! answers. Requests about no blob go to the first tracker up; the cluster view is
+//! asked of every tracker and merged ([`merge_views`]).
+//!
+//! **Connections.** One cached, authenticated QUIC connection per tracker; each
+//! request on its own bidirectional stream; every request bounded in time; one
+//! reconnect and retry when the cached connection turns out dead (the tracker
+//! restarted). All tracker requests are idempotent, so the retry is safe:
 //! re-published hashes must equal the known ones, re-acquiring renews one's own
 //! lease, and releasing a lease already released is a no-op.
+//!
+//! **Versions and instances.** The first request on every new connection is
+//! `Hello { version }`; the reply carries the version both sides speak and the
+//! tracker's random instance id. A version-1 tracker cannot decode `Hello` and
+//! resets the stream: the client then sends it nothing newer than version 1 (asking
+//! it for a version-2 request gives [`TrackerClientError::Unsupported`]). Every change
+//! of a tracker's instance id, version, reachability or connection count is published
+//! on [`TrackerClient::watch`]: a new instance id is a tracker that lost its state, to
+//! which the agent re-announces its store (`swarm_peer::announce`) and its leases.
+//!
+//! **Lease holders across trackers.** The client remembers the hashes it published
+//! for each blob (until the lease is released) and, when a blob's arbiter is a
+//! tracker (or tracker instance) that has not seen them, re-sends the whole prefix
+//! from piece 0: that re-asserts the lease there (see `swarm_core::tracker`), so an
+//! upstream fetch survives the loss of its arbiter without the caller noticing.
 
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use swarm_net::{Endpoint, NetError, codes, read_msg, write_msg};
 use swarm_proto::codec::MAX_FRAME_LEN;
 use swarm_proto::msg::{
-    Announce, ClusterView, LeaseReply, PeerInfo, TrackerErrorCode, TrackerRequest, TrackerResponse,
+    Announce, ClusterView, LeaseReply, LeaseViewState, PeerInfo, StoreAnnounce, TRACKER_VERSION, TrackerErrorCode,
+    TrackerRequest, TrackerResponse,
 };
 use swarm_proto::{Digest, Layout, Metainfo, PeerId, ProtoError};
-use tracing::debug;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
 
 /// Default bound on one request, reconnecting included.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
@@ -34,6 +66,12 @@ pub enum TrackerClientError {
     /// The request did not complete in time.
     #[error("tracker {tracker} did not answer within {after:?}")]
     Timeout { tracker: SocketAddr, after: Duration },
+    /// The client has no tracker address.
+    #[error("no tracker address is configured")]
+    NoTracker,
+    /// The request is newer than the tracker's protocol version.
+    #[error("tracker {tracker} speaks tracker protocol version {version}, too old for this request")]
+    Unsupported { tracker: SocketAddr, version: u32 },
     /// The tracker finished the stream without answering.
     #[error("tracker {tracker} closed the request stream without answering")]
     NoResponse { tracker: SocketAddr },
@@ -75,6 +113,15 @@ pub enum TrackerClientError {
 }
 
 impl TrackerClientError {
+    /// Whether the tracker itself failed (unreachable, no answer in time): the request
+    /// may go to another tracker. An answer, even a refusal, is not a failure.
+    pub fn is_tracker_failure(&self) -> bool {
+        matches!(
+            self,
+            TrackerClientError::Net { .. } | TrackerClientError::Timeout { .. } | TrackerClientError::NoResponse { .. }
+        )
+    }
+
     /// Whether the tracker refused our cluster token.
     pub fn is_auth_rejected(&self) -> bool {
         matches!(self, TrackerClientError::Net { source: NetError::AuthRejected { .. }, .. })
@@ -89,7 +136,27 @@ impl TrackerClientError {
     }
 }
 
-/// A handle to the tracker. Cheap to clone; clones share the cached connection.
+/// With several trackers, one attempt at one tracker is bounded by this before the
+/// request moves on to the next (a tracker may hold a `GetHashes` for 2 s).
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(4);
+/// A tracker marked down is probed (connect and `Hello`) this often until it answers.
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// What the client knows of one tracker, as published on [`TrackerClient::watch`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrackerInfo {
+    pub addr: SocketAddr,
+    /// Not marked down (its last request did not fail).
+    pub up: bool,
+    /// The tracker protocol version spoken with it (`None`: not connected yet).
+    pub version: Option<u32>,
+    /// Its instance id (`None`: not connected yet, or a version-1 tracker).
+    pub instance: Option<u64>,
+    /// Connections opened to it so far (a version-1 tracker's restarts show only here).
+    pub connections: u64,
+}
+
+/// A handle to the trackers. Cheap to clone; clones share the cached connections.
 #[derive(Clone, Debug)]
 pub struct TrackerClient {
     inner: Arc<Inner>,
@@ -98,11 +165,104 @@ pub struct TrackerClient {
 #[derive(Debug)]
 struct Inner {
     endpoint: Endpoint,
-    tracker: SocketAddr,
     timeout: Duration,
+    remotes: Mutex<Vec<Arc<Remote>>>,
+    view: watch::Sender<Vec<TrackerInfo>>,
+    /// Hashes this node published per blob while holding its lease.
+    published: Mutex<HashMap<Digest, Published>>,
+}
+
+#[derive(Debug)]
+struct Remote {
+    addr: SocketAddr,
     /// The cached connection. An async mutex: it is held while connecting, so
     /// concurrent requests share one new connection instead of racing.
     conn: tokio::sync::Mutex<Option<quinn::Connection>>,
+    status: Mutex<RemoteStatus>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct RemoteStatus {
+    down: bool,
+    probing: bool,
+    version: Option<u32>,
+    instance: Option<u64>,
+    connections: u64,
+}
+
+#[derive(Debug)]
+struct Published {
+    layout: Layout,
+    hashes: Vec<[u8; 32]>,
+    /// The tracker (and instance) that has the whole prefix.
+    sent_to: Option<(SocketAddr, Option<u64>)>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Remote {
+    fn new(addr: SocketAddr) -> Arc<Self> {
+        Arc::new(Self { addr, conn: tokio::sync::Mutex::new(None), status: Mutex::new(RemoteStatus::default()) })
+    }
+
+    fn info(&self) -> TrackerInfo {
+        let s = *locked(&self.status);
+        TrackerInfo {
+            addr: self.addr,
+            up: !s.down,
+            version: s.version,
+            instance: s.instance,
+            connections: s.connections,
+        }
+    }
+}
+
+/// The weight of `tracker` for `blob` in rendezvous hashing: FNV-1a over the
+/// address's text and the digest, then SplitMix64's finaliser. Stable across
+/// versions and machines, so every node picks the same arbiter.
+pub fn rendezvous_weight(tracker: &SocketAddr, blob: &Digest) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in tracker.to_string().bytes().chain(blob.0.iter().copied()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let mut z = h.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// `trackers` in the order a request about `blob` tries them: highest rendezvous
+/// weight first (the first is the blob's arbiter while it is up).
+pub fn rendezvous_order(trackers: &[SocketAddr], blob: &Digest) -> Vec<SocketAddr> {
+    let mut v: Vec<(u64, SocketAddr)> = trackers.iter().map(|t| (rendezvous_weight(t, blob), *t)).collect();
+    v.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    v.into_iter().map(|(_, t)| t).collect()
+}
+
+/// The blob a request is about, if any: it is routed to that blob's arbiter.
+fn blob_of(req: &TrackerRequest) -> Option<Digest> {
+    match req {
+        TrackerRequest::Register { metainfo } => Some(metainfo.digest),
+        TrackerRequest::GetMetainfo { blob }
+        | TrackerRequest::Leave { blob, .. }
+        | TrackerRequest::AcquireLease { blob, .. }
+        | TrackerRequest::ReleaseLease { blob, .. }
+        | TrackerRequest::GetHashes { blob, .. } => Some(*blob),
+        TrackerRequest::Announce(a) => Some(a.blob),
+        TrackerRequest::PublishHashes { layout, .. } => Some(layout.digest),
+        TrackerRequest::ClusterView { .. } | TrackerRequest::Hello { .. } | TrackerRequest::AnnounceStore(_) => None,
+    }
+}
+
+/// The oldest tracker protocol version that has `req`.
+fn version_of(req: &TrackerRequest) -> u32 {
+    match req {
+        TrackerRequest::Hello { .. } | TrackerRequest::AnnounceStore(_) => 2,
+        _ => 1,
+    }
 }
 
 impl TrackerClient {
@@ -114,79 +274,284 @@ impl TrackerClient {
 
     /// Like [`TrackerClient::new`] with another bound per request.
     pub fn with_timeout(endpoint: Endpoint, tracker: SocketAddr, timeout: Duration) -> Self {
-        Self { inner: Arc::new(Inner { endpoint, tracker, timeout, conn: tokio::sync::Mutex::new(None) }) }
+        Self::with_trackers(endpoint, vec![tracker], timeout)
     }
 
-    /// The tracker's address.
-    pub fn tracker(&self) -> SocketAddr {
-        self.inner.tracker
+    /// A client of several trackers (duplicates are dropped; an empty list is a client
+    /// with no tracker, whose requests fail until [`TrackerClient::set_trackers`]).
+    pub fn with_trackers(endpoint: Endpoint, trackers: Vec<SocketAddr>, timeout: Duration) -> Self {
+        let (view, _) = watch::channel(Vec::new());
+        let client = Self {
+            inner: Arc::new(Inner {
+                endpoint,
+                timeout,
+                remotes: Mutex::new(Vec::new()),
+                view,
+                published: Mutex::new(HashMap::new()),
+            }),
+        };
+        client.set_trackers(trackers);
+        client
     }
 
-    /// Sends one request and returns the response, whatever its variant. Opens a
-    /// stream per request; if the cached connection is dead, reconnects once and
-    /// retries. Bounded by the client's timeout (15 s by default); a timed-out
-    /// connection is dropped from the cache so the next request dials afresh.
-    pub async fn request(&self, req: &TrackerRequest) -> Result<TrackerResponse, TrackerClientError> {
-        let tracker = self.inner.tracker;
-        match tokio::time::timeout(self.inner.timeout, self.request_with_retry(req)).await {
-            Ok(result) => result,
-            Err(_) => {
-                // Maybe the tracker died without a trace; do not trust this connection
-                // again. (If the lock is busy, another request is dialling afresh anyway.)
-                if let Ok(mut cached) = self.inner.conn.try_lock() {
-                    cached.take();
+    /// Replaces the tracker list (a re-resolved DNS name, say). Trackers still listed
+    /// keep their connection and state; an empty list is ignored (a failed lookup
+    /// should not cut the node off).
+    pub fn set_trackers(&self, trackers: Vec<SocketAddr>) {
+        if trackers.is_empty() {
+            return;
+        }
+        {
+            let mut remotes = locked(&self.inner.remotes);
+            let mut next: Vec<Arc<Remote>> = Vec::with_capacity(trackers.len());
+            for addr in trackers {
+                if next.iter().any(|r| r.addr == addr) {
+                    continue;
                 }
-                Err(TrackerClientError::Timeout { tracker, after: self.inner.timeout })
+                next.push(remotes.iter().find(|r| r.addr == addr).cloned().unwrap_or_else(|| Remote::new(addr)));
             }
+            if next.iter().map(|r| r.addr).eq(remotes.iter().map(|r| r.addr)) {
+                return;
+            }
+            *remotes = next;
         }
+        self.publish_view();
     }
 
-    async fn request_with_retry(&self, req: &TrackerRequest) -> Result<TrackerResponse, TrackerClientError> {
-        let (conn, fresh) = self.connection().await?;
-        match exchange(&conn, req).await {
+    /// The first tracker of the list (for logs and status).
+    pub fn tracker(&self) -> SocketAddr {
+        locked(&self.inner.remotes).first().map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |r| r.addr)
+    }
+
+    /// Every tracker of the list.
+    pub fn trackers(&self) -> Vec<SocketAddr> {
+        locked(&self.inner.remotes).iter().map(|r| r.addr).collect()
+    }
+
+    /// What the client knows of each tracker; changes whenever a tracker's instance
+    /// id, version, reachability or connection count changes, or the list does.
+    ///
+    /// How to use it: keep the last [`TrackerInfo`] seen per address; a tracker whose
+    /// `instance` differs (or, for a version-1 tracker, whose `connections` grew)
+    /// lost its state: re-announce to it. A lease holder re-asserts its leases when
+    /// [`TrackerClient::arbiter`] of their blob changed or its instance did.
+    pub fn watch(&self) -> watch::Receiver<Vec<TrackerInfo>> {
+        self.inner.view.subscribe()
+    }
+
+    /// The tracker requests about `blob` go to now (the first up in its rendezvous
+    /// order), with its instance id if known.
+    pub fn arbiter(&self, blob: &Digest) -> Option<(SocketAddr, Option<u64>)> {
+        self.order(Some(blob)).first().map(|r| (r.addr, locked(&r.status).instance))
+    }
+
+    fn publish_view(&self) {
+        let infos: Vec<TrackerInfo> = locked(&self.inner.remotes).iter().map(|r| r.info()).collect();
+        self.inner.view.send_if_modified(|v| {
+            let changed = *v != infos;
+            *v = infos;
+            changed
+        });
+    }
+
+    /// The trackers in the order a request tries them: up ones before down ones, by
+    /// rendezvous weight for `blob`, else in list order.
+    fn order(&self, blob: Option<&Digest>) -> Vec<Arc<Remote>> {
+        let remotes = locked(&self.inner.remotes).clone();
+        let mut keyed: Vec<(bool, u64, Arc<Remote>)> = remotes
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let weight = match blob {
+                    Some(b) => rendezvous_weight(&r.addr, b),
+                    None => u64::MAX - i as u64,
+                };
+                let down = locked(&r.status).down;
+                (down, weight, r)
+            })
+            .collect();
+        keyed.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)).then(a.2.addr.cmp(&b.2.addr)));
+        keyed.into_iter().map(|(_, _, r)| r).collect()
+    }
+
+    /// Sends one request and returns the response, whatever its variant: to the
+    /// arbiter of the request's blob (failing over to the next tracker), or to the
+    /// first tracker up. Bounded by the client's timeout (15 s by default).
+    pub async fn request(&self, req: &TrackerRequest) -> Result<TrackerResponse, TrackerClientError> {
+        let order = self.order(blob_of(req).as_ref());
+        self.route(order, &|_| Some(req.clone())).await.map(|(resp, _)| resp)
+    }
+
+    /// Sends one request to the tracker at `tracker` only (it must be in the list),
+    /// bounded by the client's timeout.
+    pub async fn request_to(
+        &self,
+        tracker: SocketAddr,
+        req: &TrackerRequest,
+    ) -> Result<TrackerResponse, TrackerClientError> {
+        let remote = locked(&self.inner.remotes).iter().find(|r| r.addr == tracker).cloned();
+        let remote = remote.unwrap_or_else(|| Remote::new(tracker));
+        self.route(vec![remote], &|_| Some(req.clone())).await.map(|(resp, _)| resp)
+    }
+
+    /// Tries `order` in turn until one tracker answers. `build` makes the request
+    /// for a tracker once connected (given its address and instance); `None` means
+    /// the request cannot be sent to that tracker's version. Returns the response and
+    /// the tracker (and instance) that answered.
+    async fn route(
+        &self,
+        order: Vec<Arc<Remote>>,
+        build: &(dyn Fn(&TrackerInfo) -> Option<TrackerRequest> + Sync),
+    ) -> Result<(TrackerResponse, (SocketAddr, Option<u64>)), TrackerClientError> {
+        let deadline = tokio::time::Instant::now() + self.inner.timeout;
+        let single = order.len() <= 1;
+        let mut last = None;
+        for remote in order {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let attempt = if single { left } else { left.min(ATTEMPT_TIMEOUT) };
+            let tracker = remote.addr;
+            let err = match tokio::time::timeout(attempt, self.attempt(&remote, build)).await {
+                Ok(Ok(answer)) => {
+                    if !single {
+                        self.mark_up(&remote);
+                    }
+                    return Ok(answer);
+                }
+                Ok(Err(e)) if !e.is_tracker_failure() => return Err(e),
+                Ok(Err(e)) => e,
+                Err(_) => {
+                    // Maybe the tracker died without a trace; do not trust this connection
+                    // again. (If the lock is busy, another request is dialling afresh anyway.)
+                    if let Ok(mut cached) = remote.conn.try_lock() {
+                        cached.take();
+                    }
+                    TrackerClientError::Timeout { tracker, after: attempt }
+                }
+            };
+            if !single {
+                debug!(%tracker, error = %err, "tracker failed a request; trying the next one");
+                self.mark_down(&remote);
+            }
+            last = Some(err);
+        }
+        Err(last.unwrap_or(TrackerClientError::NoTracker))
+    }
+
+    async fn attempt(
+        &self,
+        remote: &Arc<Remote>,
+        build: &(dyn Fn(&TrackerInfo) -> Option<TrackerRequest> + Sync),
+    ) -> Result<(TrackerResponse, (SocketAddr, Option<u64>)), TrackerClientError> {
+        let tracker = remote.addr;
+        let (conn, fresh) = self.connection(remote).await?;
+        let info = remote.info();
+        let Some(req) = build(&info) else {
+            return Err(TrackerClientError::Unsupported { tracker, version: info.version.unwrap_or(1) });
+        };
+        if version_of(&req) > info.version.unwrap_or(1) {
+            return Err(TrackerClientError::Unsupported { tracker, version: info.version.unwrap_or(1) });
+        }
+        let answer = match exchange(&conn, &req).await {
             Err(e) if !fresh && e.is_connection_lost() => {
-                debug!(tracker = %self.inner.tracker, error = %e, "tracker connection lost; reconnecting");
-                self.forget(&conn).await;
-                let (conn, _) = self.connection().await?;
-                exchange(&conn, req).await.map_err(|e| self.net_error(e))?
+                debug!(%tracker, error = %e, "tracker connection lost; reconnecting");
+                forget(remote, &conn).await;
+                let (conn, _) = self.connection(remote).await?;
+                let info = remote.info();
+                let Some(req) = build(&info) else {
+                    return Err(TrackerClientError::Unsupported { tracker, version: info.version.unwrap_or(1) });
+                };
+                if version_of(&req) > info.version.unwrap_or(1) {
+                    return Err(TrackerClientError::Unsupported { tracker, version: info.version.unwrap_or(1) });
+                }
+                exchange(&conn, &req).await.map_err(|e| net_error(tracker, e))?
             }
-            other => other.map_err(|e| self.net_error(e))?,
-        }
-        .ok_or(TrackerClientError::NoResponse { tracker: self.inner.tracker })
+            other => other.map_err(|e| net_error(tracker, e))?,
+        };
+        let answer = answer.ok_or(TrackerClientError::NoResponse { tracker })?;
+        Ok((answer, (tracker, remote.info().instance)))
     }
 
-    /// The cached connection if it is alive, else a new one; and whether it is new.
-    async fn connection(&self) -> Result<(quinn::Connection, bool), TrackerClientError> {
-        let mut cached = self.inner.conn.lock().await;
+    /// The cached connection to `remote` if it is alive, else a new one (greeted with
+    /// `Hello`); and whether it is new.
+    async fn connection(&self, remote: &Remote) -> Result<(quinn::Connection, bool), TrackerClientError> {
+        let tracker = remote.addr;
+        let mut cached = remote.conn.lock().await;
         if let Some(conn) = cached.as_ref().filter(|c| c.close_reason().is_none()) {
             return Ok((conn.clone(), false));
         }
-        let conn = self
-            .inner
-            .endpoint
-            .connect(self.inner.tracker)
-            .await
-            .map_err(|source| TrackerClientError::Net { tracker: self.inner.tracker, source })?;
-        debug!(tracker = %self.inner.tracker, "connected to the tracker");
+        let conn =
+            self.inner.endpoint.connect(tracker).await.map_err(|source| TrackerClientError::Net { tracker, source })?;
+        let (version, instance) = hello(&conn).await.map_err(|e| net_error(tracker, e))?;
+        debug!(%tracker, version, instance = ?instance, "connected to the tracker");
+        {
+            let mut s = locked(&remote.status);
+            if s.instance.is_some() && instance.is_some() && s.instance != instance {
+                info!(%tracker, "tracker restarted (new instance id)");
+            }
+            s.version = Some(version);
+            s.instance = instance;
+            s.connections += 1;
+        }
         *cached = Some(conn.clone());
+        drop(cached);
+        self.publish_view();
         Ok((conn, true))
     }
 
-    /// Drops `dead` from the cache unless another request already replaced it.
-    async fn forget(&self, dead: &quinn::Connection) {
-        let mut cached = self.inner.conn.lock().await;
-        if cached.as_ref().is_some_and(|c| c.stable_id() == dead.stable_id()) {
-            *cached = None;
+    fn mark_up(&self, remote: &Arc<Remote>) {
+        let was_down = {
+            let mut s = locked(&remote.status);
+            std::mem::replace(&mut s.down, false)
+        };
+        if was_down {
+            info!(tracker = %remote.addr, "tracker answers again");
+            self.publish_view();
         }
     }
 
-    fn net_error(&self, source: NetError) -> TrackerClientError {
-        let tracker = self.inner.tracker;
-        if source.remote_code() == Some(codes::PROTOCOL_ERROR) && !source.is_connection_lost() {
-            TrackerClientError::Malformed { tracker }
-        } else {
-            TrackerClientError::Net { tracker, source }
+    /// Marks `remote` down and, unless one runs, starts a probe that marks it up once
+    /// it answers a `Hello`.
+    fn mark_down(&self, remote: &Arc<Remote>) {
+        let probe = {
+            let mut s = locked(&remote.status);
+            let newly = !s.down;
+            s.down = true;
+            let probe = !s.probing;
+            s.probing = true;
+            if newly {
+                warn!(tracker = %remote.addr, "tracker not answering; its blobs go to the next tracker");
+            }
+            probe
+        };
+        self.publish_view();
+        if !probe {
+            return;
         }
+        let weak = Arc::downgrade(&self.inner);
+        let remote = remote.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PROBE_EVERY).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let client = TrackerClient { inner };
+                let listed = locked(&client.inner.remotes).iter().any(|r| Arc::ptr_eq(r, &remote));
+                if !listed {
+                    locked(&remote.status).probing = false;
+                    return;
+                }
+                if let Ok(mut cached) = remote.conn.try_lock() {
+                    cached.take();
+                }
+                if let Ok(Ok(_)) = tokio::time::timeout(ATTEMPT_TIMEOUT, client.connection(&remote)).await {
+                    locked(&remote.status).probing = false;
+                    client.mark_up(&remote);
+                    return;
+                }
+            }
+        });
     }
 
     /// Publishes a blob's metainfo (idempotent).
@@ -253,9 +618,37 @@ impl TrackerClient {
         first: u32,
         hashes: &[[u8; 32]],
     ) -> Result<(), TrackerClientError> {
-        let req = TrackerRequest::PublishHashes { peer_id, layout, first, hashes: hashes.to_vec() };
-        match self.request(&req).await? {
-            TrackerResponse::Registered => Ok(()),
+        let blob = layout.digest;
+        {
+            let mut published = locked(&self.inner.published);
+            let p = published.entry(blob).or_insert_with(|| Published { layout, hashes: Vec::new(), sent_to: None });
+            if p.layout != layout {
+                *p = Published { layout, hashes: Vec::new(), sent_to: None };
+            }
+            let known = p.hashes.len();
+            if first as usize <= known {
+                p.hashes.extend(hashes.iter().skip(known - first as usize));
+            }
+        }
+        let given = TrackerRequest::PublishHashes { peer_id, layout, first, hashes: hashes.to_vec() };
+        // A tracker (instance) that has not seen this blob's earlier hashes gets them all.
+        let build = |t: &TrackerInfo| {
+            let published = locked(&self.inner.published);
+            match published.get(&blob) {
+                Some(p) if p.sent_to != Some((t.addr, t.instance)) && p.hashes.len() >= first as usize => {
+                    Some(TrackerRequest::PublishHashes { peer_id, layout, first: 0, hashes: p.hashes.clone() })
+                }
+                _ => Some(given.clone()),
+            }
+        };
+        let (response, answered) = self.route(self.order(Some(&blob)), &build).await?;
+        match response {
+            TrackerResponse::Registered => {
+                if let Some(p) = locked(&self.inner.published).get_mut(&blob) {
+                    p.sent_to = Some(answered);
+                }
+                Ok(())
+            }
             other => Err(unexpected("publish-hashes", other)),
         }
     }
@@ -271,7 +664,9 @@ impl TrackerClient {
         blob: Digest,
         failed: Option<String>,
     ) -> Result<(), TrackerClientError> {
-        match self.request(&TrackerRequest::ReleaseLease { peer_id, blob, failed }).await? {
+        let result = self.request(&TrackerRequest::ReleaseLease { peer_id, blob, failed }).await;
+        locked(&self.inner.published).remove(&blob);
+        match result? {
             TrackerResponse::Left => Ok(()),
             other => Err(unexpected("release-lease", other)),
         }
@@ -308,15 +703,102 @@ impl TrackerClient {
         }
     }
 
-    /// The tracker's view of the cluster (read-only): every node, and the holders and
-    /// lease of `blobs` (every blob if empty; at most [`MAX_VIEW_BLOBS`](swarm_proto::msg::MAX_VIEW_BLOBS) are looked
-    /// at). A tracker older than this request refuses it as malformed.
+    /// The trackers' view of the cluster (read-only), asked of every tracker and
+    /// merged ([`merge_views`]): every node, and the holders and lease of `blobs`
+    /// (every blob if empty; at most [`MAX_VIEW_BLOBS`](swarm_proto::msg::MAX_VIEW_BLOBS)
+    /// are looked at). Fails only if no tracker answers. A tracker older than this
+    /// request refuses it as malformed.
     pub async fn cluster_view(&self, blobs: Vec<Digest>) -> Result<ClusterView, TrackerClientError> {
-        match self.request(&TrackerRequest::ClusterView { blobs }).await? {
-            TrackerResponse::ClusterView(view) => Ok(view),
-            other => Err(unexpected("cluster-view", other)),
+        let req = TrackerRequest::ClusterView { blobs };
+        let mut asks = tokio::task::JoinSet::new();
+        for t in self.trackers() {
+            let (client, req) = (self.clone(), req.clone());
+            asks.spawn(async move {
+                match client.request_to(t, &req).await? {
+                    TrackerResponse::ClusterView(view) => Ok(view),
+                    other => Err(unexpected("cluster-view", other)),
+                }
+            });
+        }
+        let mut views = Vec::new();
+        let mut first_err = None;
+        while let Some(answer) = asks.join_next().await {
+            match answer {
+                Ok(Ok(v)) => views.push(v),
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(e) => warn!(error = %e, "cluster view task failed"),
+            }
+        }
+        match (views.is_empty(), first_err) {
+            (true, Some(e)) => Err(e),
+            _ => Ok(merge_views(views)),
         }
     }
+
+    /// Announces every complete blob of this node's store to the tracker at `tracker`
+    /// in one message (see [`StoreAnnounce`]); returns when to announce again and the
+    /// blobs whose metainfo the tracker lacks. A version-1 tracker gives
+    /// [`TrackerClientError::Unsupported`].
+    pub async fn announce_store(
+        &self,
+        tracker: SocketAddr,
+        ann: &StoreAnnounce,
+    ) -> Result<(Duration, Vec<Digest>), TrackerClientError> {
+        match self.request_to(tracker, &TrackerRequest::AnnounceStore(ann.clone())).await? {
+            TrackerResponse::StoreAnnounced { interval_secs, missing } => {
+                Ok((Duration::from_secs(u64::from(interval_secs.max(1))), missing))
+            }
+            other => Err(unexpected("announce-store", other)),
+        }
+    }
+}
+
+/// Merges the views of several trackers: nodes by peer id (the latest sighting
+/// wins), blobs by digest (holders by peer id, the fuller holding wins; a live lease
+/// beats others), `truncated` if any was.
+pub fn merge_views(views: Vec<ClusterView>) -> ClusterView {
+    let mut nodes: BTreeMap<PeerId, swarm_proto::msg::NodeView> = BTreeMap::new();
+    let mut blobs: BTreeMap<Digest, swarm_proto::msg::BlobView> = BTreeMap::new();
+    let mut truncated = false;
+    for view in views {
+        truncated |= view.truncated;
+        for n in view.nodes {
+            match nodes.get_mut(&n.peer_id) {
+                Some(known) if known.last_seen_ms <= n.last_seen_ms => {}
+                Some(known) => *known = n,
+                None => {
+                    nodes.insert(n.peer_id, n);
+                }
+            }
+        }
+        for b in view.blobs {
+            let Some(known) = blobs.get_mut(&b.digest) else {
+                blobs.insert(b.digest, b);
+                continue;
+            };
+            known.layout = known.layout.or(b.layout);
+            known.known_hashes = known.known_hashes.max(b.known_hashes);
+            for h in b.holders {
+                match known.holders.iter_mut().find(|k| k.peer_id == h.peer_id) {
+                    Some(k) if (k.complete, k.have) >= (h.complete, h.have) => {}
+                    Some(k) => *k = h,
+                    None => known.holders.push(h),
+                }
+            }
+            let live =
+                |l: &Option<swarm_proto::msg::LeaseView>| l.as_ref().is_some_and(|l| l.state == LeaseViewState::Live);
+            if known.lease.is_none() || (!live(&known.lease) && live(&b.lease)) {
+                known.lease = b.lease.or(known.lease.take());
+            }
+        }
+    }
+    let mut blobs: Vec<_> = blobs.into_values().collect();
+    for b in &mut blobs {
+        b.holders.sort_by_key(|h| h.peer_id);
+    }
+    ClusterView { nodes: nodes.into_values().collect(), blobs, truncated }
 }
 
 /// The answer to [`TrackerClient::get_hashes`]: the hashes of pieces
@@ -335,6 +817,35 @@ impl HashesReply {
     /// Piece index just past the hashes of this reply: where to ask next.
     pub fn end(&self) -> u32 {
         self.first.saturating_add(self.hashes.len() as u32)
+    }
+}
+
+/// Drops `dead` from `remote`'s cache unless another request already replaced it.
+async fn forget(remote: &Remote, dead: &quinn::Connection) {
+    let mut cached = remote.conn.lock().await;
+    if cached.as_ref().is_some_and(|c| c.stable_id() == dead.stable_id()) {
+        *cached = None;
+    }
+}
+
+fn net_error(tracker: SocketAddr, source: NetError) -> TrackerClientError {
+    if source.remote_code() == Some(codes::PROTOCOL_ERROR) && !source.is_connection_lost() {
+        TrackerClientError::Malformed { tracker }
+    } else {
+        TrackerClientError::Net { tracker, source }
+    }
+}
+
+/// Greets a new connection: the version both sides speak and the tracker's instance
+/// id; a tracker that resets the stream as malformed speaks version 1 (no id).
+async fn hello(conn: &quinn::Connection) -> Result<(u32, Option<u64>), NetError> {
+    match exchange(conn, &TrackerRequest::Hello { version: TRACKER_VERSION }).await {
+        Ok(Some(TrackerResponse::Hello { version, instance })) => {
+            Ok((version.clamp(1, TRACKER_VERSION), Some(instance)))
+        }
+        Ok(_) => Ok((1, None)),
+        Err(e) if e.remote_code() == Some(codes::PROTOCOL_ERROR) && !e.is_connection_lost() => Ok((1, None)),
+        Err(e) => Err(e),
     }
 }
 
@@ -360,6 +871,61 @@ fn unexpected(request: &'static str, response: TrackerResponse) -> TrackerClient
         TrackerResponse::Lease(_) => "Lease",
         TrackerResponse::Hashes { .. } => "Hashes",
         TrackerResponse::ClusterView(_) => "ClusterView",
+        TrackerResponse::Hello { .. } => "Hello",
+        TrackerResponse::StoreAnnounced { .. } => "StoreAnnounced",
     };
     TrackerClientError::UnexpectedResponse { request, response }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addrs(n: u8) -> Vec<SocketAddr> {
+        (1..=n).map(|i| SocketAddr::from(([10, 0, 0, i], 7000))).collect()
+    }
+
+    #[test]
+    fn rendezvous_is_stable_balanced_and_moves_only_the_lost_trackers_blobs() {
+        let three = addrs(3);
+        // Pinned: every node of every version must pick the same arbiter.
+        assert_eq!(rendezvous_weight(&three[0], &Digest([0; 32])), rendezvous_weight(&three[0], &Digest([0; 32])));
+        let blobs: Vec<Digest> = (0..3000u32).map(|i| Digest::of(&i.to_le_bytes())).collect();
+        let mut per = [0usize; 3];
+        for b in &blobs {
+            let order = rendezvous_order(&three, b);
+            assert_eq!(order.len(), 3);
+            per[three.iter().position(|a| *a == order[0]).expect("listed")] += 1;
+            // The list's order does not matter.
+            let mut shuffled = three.clone();
+            shuffled.reverse();
+            assert_eq!(rendezvous_order(&shuffled, b), order);
+            // Without the arbiter, the next one takes over; nobody else's blobs move.
+            let without: Vec<SocketAddr> = three.iter().copied().filter(|a| *a != order[0]).collect();
+            assert_eq!(rendezvous_order(&without, b)[0], order[1]);
+            let without_other: Vec<SocketAddr> = three.iter().copied().filter(|a| *a != order[2]).collect();
+            assert_eq!(rendezvous_order(&without_other, b)[0], order[0]);
+        }
+        for n in per {
+            assert!((800..1200).contains(&n), "unbalanced: {per:?}");
+        }
+    }
+
+    #[test]
+    fn requests_are_routed_by_their_blob() {
+        let blob = Digest([5; 32]);
+        let layout = Layout { digest: blob, length: 1, piece_length: 1 << 18 };
+        let routed = [
+            TrackerRequest::GetMetainfo { blob },
+            TrackerRequest::AcquireLease { peer_id: PeerId([1; 16]), blob },
+            TrackerRequest::PublishHashes { peer_id: PeerId([1; 16]), layout, first: 0, hashes: vec![] },
+            TrackerRequest::GetHashes { blob, first: 0 },
+        ];
+        for r in &routed {
+            assert_eq!(blob_of(r), Some(blob), "{r:?}");
+            assert_eq!(version_of(r), 1);
+        }
+        assert_eq!(blob_of(&TrackerRequest::ClusterView { blobs: vec![blob] }), None);
+        assert_eq!(version_of(&TrackerRequest::Hello { version: TRACKER_VERSION }), 2);
+    }
 }

@@ -62,7 +62,7 @@ struct Seen {
 }
 
 /// The kinds of tracker request, as counted in [`TrackerStats::requests`].
-pub const REQUEST_KINDS: [&str; 9] = [
+pub const REQUEST_KINDS: [&str; 11] = [
     "register",
     "get-metainfo",
     "announce",
@@ -72,6 +72,8 @@ pub const REQUEST_KINDS: [&str; 9] = [
     "release-lease",
     "get-hashes",
     "cluster-view",
+    "hello",
+    "announce-store",
 ];
 
 /// A read-only snapshot of the tracker, for health and metrics endpoints.
@@ -103,8 +105,11 @@ impl Tracker {
     /// A tracker with an empty state.
     pub fn new(config: TrackerConfig) -> Self {
         let peer_ttl = config.peer_ttl;
+        let mut state = TrackerState::new(config, rand::random());
+        // Holders of leases granted by the tracker this one replaces re-assert them first.
+        state.begin_grace(Instant::now());
         let shared = Arc::new(SharedState {
-            state: Mutex::new(TrackerState::new(config, rand::random())),
+            state: Mutex::new(state),
             published: Notify::new(),
             seen: Mutex::new(Seen::default()),
             requests: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -155,7 +160,8 @@ async fn run(endpoint: Endpoint, state: Shared, cancel: CancellationToken) -> Re
         let every = (config.peer_ttl / 3).clamp(Duration::from_millis(100), Duration::from_secs(30));
         (every, config.announce_interval, config.peer_ttl)
     };
-    info!(%local, ?interval, ?ttl, "tracker listening");
+    let instance = lock(&state).instance();
+    info!(%local, ?interval, ?ttl, instance = %format_args!("{instance:016x}"), "tracker listening");
 
     let mut tasks = JoinSet::new();
     tasks.spawn(expire_loop(state.clone(), expire_every, cancel.clone()).instrument(info_span!("expire")));
@@ -325,6 +331,16 @@ enum Before {
         blob: Digest,
         was: Option<LeaseStatus>,
     },
+    /// A publish of hashes for a blob without a lease: the publisher re-asserts one.
+    Reassert {
+        peer: PeerId,
+        blob: Digest,
+    },
+    /// A store announce from a node this tracker had not seen.
+    NewStore {
+        peer: PeerId,
+        blobs: usize,
+    },
     /// A lease release, and the lease as it stood.
     Release {
         peer: PeerId,
@@ -342,6 +358,7 @@ fn answer(state: &Shared, req: TrackerRequest, remote: SocketAddr) -> TrackerRes
     let wakes = matches!(req, TrackerRequest::PublishHashes { .. } | TrackerRequest::ReleaseLease { .. });
     let announcer = match &req {
         TrackerRequest::Announce(a) => Some(a.peer_id),
+        TrackerRequest::AnnounceStore(a) if !a.blobs.is_empty() => Some(a.peer_id),
         _ => None,
     };
     let (mut response, before, completed) = {
@@ -354,8 +371,16 @@ fn answer(state: &Shared, req: TrackerRequest, remote: SocketAddr) -> TrackerRes
             TrackerRequest::Register { metainfo } if st.metainfo(&metainfo.digest).is_none() => {
                 Before::NoMetainfo { blob: metainfo.digest, published: false }
             }
+            TrackerRequest::PublishHashes { peer_id, layout, .. } if st.lease_status(&layout.digest, now).is_none() => {
+                Before::Reassert { peer: *peer_id, blob: layout.digest }
+            }
             TrackerRequest::PublishHashes { layout, .. } if st.metainfo(&layout.digest).is_none() => {
                 Before::NoMetainfo { blob: layout.digest, published: true }
+            }
+            TrackerRequest::AnnounceStore(a)
+                if !state.seen.lock().unwrap_or_else(PoisonError::into_inner).nodes.contains_key(&a.peer_id) =>
+            {
+                Before::NewStore { peer: a.peer_id, blobs: a.blobs.len() }
             }
             TrackerRequest::AcquireLease { peer_id, blob } => {
                 Before::Acquire { peer: *peer_id, blob: *blob, was: st.lease_status(blob, now) }
@@ -380,12 +405,19 @@ fn answer(state: &Shared, req: TrackerRequest, remote: SocketAddr) -> TrackerRes
     match (&response, before) {
         (TrackerResponse::Error { code, message }, _) => match code {
             TrackerErrorCode::UnknownBlob => debug!(%remote, request = what, "{message}"),
+            _ if message.ends_with("ask again") => debug!(%remote, request = what, "{message}"),
             _ => warn!(%remote, request = what, ?code, "refused: {message}"),
         },
         (TrackerResponse::Registered, Before::NoMetainfo { blob, published }) if completed => match published {
             false => info!(%remote, %blob, "registered blob"),
             true => info!(%remote, %blob, "every piece hash published: registered blob"),
         },
+        (TrackerResponse::Registered, Before::Reassert { peer, blob }) => {
+            info!(%remote, %peer, blob = %blob.short(), "upstream lease re-asserted by its holder");
+        }
+        (TrackerResponse::StoreAnnounced { missing, .. }, Before::NewStore { peer, blobs }) => {
+            info!(%remote, %peer, blobs, missing = missing.len(), "node announced its store");
+        }
         (TrackerResponse::Peers { peers, .. }, Before::FirstAnnounce { peer, blob }) => {
             info!(%remote, %peer, blob = %blob.short(), handed_out = peers.len(), "peer joined");
         }
@@ -408,7 +440,7 @@ fn answer(state: &Shared, req: TrackerRequest, remote: SocketAddr) -> TrackerRes
 /// Notes an announcing node and a granted lease for [`Tracker::stats`].
 fn note_seen(state: &Shared, announcer: Option<PeerId>, response: &TrackerResponse, before: &Before) {
     let node = match (announcer, response) {
-        (Some(peer), TrackerResponse::Peers { .. }) => Some(peer),
+        (Some(peer), TrackerResponse::Peers { .. } | TrackerResponse::StoreAnnounced { .. }) => Some(peer),
         _ => None,
     };
     let lease = match (response, before) {
@@ -489,5 +521,7 @@ fn describe(req: &TrackerRequest) -> &'static str {
         TrackerRequest::ReleaseLease { .. } => "release-lease",
         TrackerRequest::GetHashes { .. } => "get-hashes",
         TrackerRequest::ClusterView { .. } => "cluster-view",
+        TrackerRequest::Hello { .. } => "hello",
+        TrackerRequest::AnnounceStore(_) => "announce-store",
     }
 }

@@ -32,8 +32,10 @@ struct Tracker {
 }
 
 impl Tracker {
+    /// A tracker without the lease grace of its first seconds (the tests here
+    /// acquire leases at once; `replicas.rs` tests the grace).
     fn start(fill: u8, addr: SocketAddr) -> Self {
-        Self::start_with(fill, addr, TrackerConfig::default())
+        Self::start_with(fill, addr, TrackerConfig { lease_grace: Duration::ZERO, ..TrackerConfig::default() })
     }
 
     fn start_with(fill: u8, addr: SocketAddr, config: TrackerConfig) -> Self {
@@ -354,7 +356,8 @@ async fn one_node_fetches_upstream_while_another_reads_its_hashes() {
 /// where the hashes stop, and the old holder learns it lost the lease.
 #[tokio::test]
 async fn a_lease_moves_when_its_holder_goes_silent() {
-    let config = TrackerConfig { lease_ttl: Duration::from_secs(1), ..TrackerConfig::default() };
+    let config =
+        TrackerConfig { lease_ttl: Duration::from_secs(1), lease_grace: Duration::ZERO, ..TrackerConfig::default() };
     let tracker = Tracker::start_with(1, loopback(), config);
     let (holder, _) = client(1, tracker.addr);
     let (other, _) = client(1, tracker.addr);

@@ -31,13 +31,14 @@
 //! 5. otherwise a new lease for the caller, `resume_from` = number of known hashes.
 //!
 //! `PublishHashes` is accepted only from the live holder, with one exception, the
-//! **re-assert**: a publish starting at piece 0, for a blob without metainfo whose
-//! lease nobody holds (a restarted tracker) or whose lease the publisher itself let
-//! expire (it could not reach the tracker), and with no failure remembered, makes the publisher the holder again. The
-//! holder's upstream fetch goes on while the tracker is away, so this is how a
-//! tracker that comes back learns who is fetching the blob instead of granting a
-//! second lease. The hashes must continue
-//! the known prefix without a gap and agree where they overlap, under the same
+//! **re-assert**: a publish for a blob without metainfo whose lease nobody holds (a
+//! restarted tracker, or another replica taking over) or whose lease the publisher
+//! itself let expire (it could not reach the tracker), with no failure remembered,
+//! makes the publisher the holder again, provided its hashes fit (a tracker that
+//! knows nothing takes them from piece 0 only; the holder then sends everything
+//! again). The holder's upstream fetch goes on while the tracker is away, so this is
+//! how a tracker that comes back learns who is fetching the blob instead of granting
+//! a second lease. The hashes must continue the known prefix without a gap and agree where they overlap, under the same
 //! layout. The first publish may carry no hash at all: it records the layout, so
 //! the other nodes can prepare their copy (`GetHashes` answers it with an empty
 //! list). `ReleaseLease` too is accepted only from the live holder: a holder whose
@@ -243,6 +244,7 @@ impl TrackerState {
         let stall_timeout = self.config.stall_timeout;
         let failure_memory = self.config.failure_memory;
         let ttl_secs = self.ttl_secs();
+        let grace = self.in_grace(&blob, now);
         let entry = self.blobs.entry(blob).or_default();
         let resume_from = entry.known_count();
         let lease = entry.upstream.lease.as_ref().map(|l| (l.holder, l.state(now, stall_timeout)));
@@ -264,6 +266,8 @@ impl TrackerState {
             }
             _ => match recent_failure {
                 Some(reason) => LeaseReply::Failed { reason },
+                // Nobody known yet: wait for a holder to re-assert (module docs of `tracker`).
+                None if grace => LeaseReply::HeldBy { holder: super::NO_HOLDER },
                 None => {
                     entry.upstream.lease = Some(Lease { holder: peer_id, expires: now + ttl, last_progress: now });
                     LeaseReply::Granted { ttl_secs, resume_from }
@@ -278,8 +282,25 @@ impl TrackerState {
 
     /// Records hashes of pieces `first..` of `layout.digest` from its live lease
     /// holder and renews the lease; new hashes count as progress. Completing the
-    /// hashes registers the blob's metainfo.
+    /// hashes registers the blob's metainfo. A publish when no lease is recorded and
+    /// no failure remembered re-asserts the publisher's lease (see the `tracker`
+    /// module docs), provided its hashes fit.
     pub fn publish_hashes(
+        &mut self,
+        peer_id: PeerId,
+        layout: Layout,
+        first: u32,
+        hashes: &[[u8; 32]],
+        now: Instant,
+    ) -> Result<(), TrackerError> {
+        let result = self.publish_as_holder(peer_id, layout, first, hashes, now);
+        if self.blobs.get(&layout.digest).is_some_and(BlobEntry::is_empty) {
+            self.blobs.remove(&layout.digest);
+        }
+        result
+    }
+
+    fn publish_as_holder(
         &mut self,
         peer_id: PeerId,
         layout: Layout,
@@ -289,23 +310,20 @@ impl TrackerState {
     ) -> Result<(), TrackerError> {
         let blob = layout.digest;
         let stall_timeout = self.config.stall_timeout;
-        let not_holder = || TrackerError::NotLeaseHolder { peer_id, blob };
         let entry = self.blobs.entry(blob).or_default();
         let state = entry.upstream.lease.as_ref().map(|l| (l.holder == peer_id, l.state(now, stall_timeout)));
         let failed_lately = (entry.upstream.failure.as_ref())
             .is_some_and(|f| now.saturating_duration_since(f.at) < self.config.failure_memory);
-        let reassert = first == 0
-            && entry.metainfo.is_none()
+        // The re-assert (module docs): nobody holds the lease, or the caller's own
+        // lease expired while it could not reach this tracker.
+        let reassert = entry.metainfo.is_none()
             && !failed_lately
             && match state {
                 None => true,
                 Some((own, state)) => own && state == LeaseState::Expired,
             };
         if state != Some((true, LeaseState::Live)) && !reassert {
-            if entry.is_empty() {
-                self.blobs.remove(&blob);
-            }
-            return Err(not_holder());
+            return Err(TrackerError::NotLeaseHolder { peer_id, blob });
         }
         layout.validate().map_err(|source| TrackerError::InvalidLayout { blob, source })?;
         let known = match entry.known_hashes() {

@@ -88,6 +88,21 @@ impl Fixture {
         self.req(TrackerRequest::GetHashes { blob: blob(), first }, 99, secs)
     }
 
+    /// `peer` announces it holds `have` pieces of the blob, not all.
+    fn announce_partial(&mut self, peer: u8, have: u32, secs: f64) {
+        let ann = Announce {
+            peer_id: pid(peer),
+            blob: blob(),
+            listen_port: 7001,
+            advertise: None,
+            zone: String::new(),
+            have,
+            complete: false,
+            num_want: 10,
+        };
+        assert!(matches!(self.req(TrackerRequest::Announce(ann), peer, secs), TrackerResponse::Peers { .. }));
+    }
+
     fn holder(&self, secs: f64) -> Option<(PeerId, LeaseState)> {
         self.s.lease_status(&blob(), self.at(secs)).map(|l| (l.holder, l.state))
     }
@@ -184,13 +199,15 @@ fn an_expired_holder_nobody_replaced_may_take_the_lease_again() {
     let mut f = Fixture::new();
     assert_eq!(f.acquire(1, 0.0), granted(0));
     assert_eq!(f.publish(1, 4, 0, hashes(0..2), 1.0), TrackerResponse::Registered);
-    assert_refused(f.publish(1, 4, 2, hashes(2..3), 11.0), TrackerErrorCode::Invalid, "not the lease holder");
     // Its lapsed lease is not its to release, failed or not: the hashes stay.
     assert_refused(f.release(1, Some("lease lost"), 11.5), TrackerErrorCode::Invalid, "not the lease holder");
     assert_refused(f.release(1, None, 11.5), TrackerErrorCode::Invalid, "not the lease holder");
     assert_eq!(f.s.failure(&blob()), None);
     assert_eq!(f.acquire(1, 12.0), granted(2), "a fresh lease, resuming after what it published");
     assert_eq!(f.publish(1, 4, 2, hashes(2..3), 12.5), TrackerResponse::Registered);
+    // Or, having lost the tracker for a while, it simply publishes on: that re-asserts it.
+    assert_eq!(f.publish(1, 4, 3, hashes(3..4), 30.0), TrackerResponse::Registered);
+    assert_eq!(f.holder(30.0), Some((pid(1), LeaseState::Live)));
 }
 
 #[test]
@@ -272,8 +289,9 @@ fn the_lease_moves_with_the_right_resume_point() {
 #[test]
 fn only_the_holder_publishes_or_releases() {
     let mut f = Fixture::new();
-    // No lease at all, and not from piece 0 (no re-assert).
-    assert_refused(f.publish(7, 4, 1, hashes(1..2), 0.0), TrackerErrorCode::Invalid, "not the lease holder");
+    // No lease at all: a publish re-asserts a lease (see `lease_holders_re_assert_by_publishing`),
+    // but only with hashes that fit.
+    assert_refused(f.publish(7, 4, 2, hashes(2..3), 0.0), TrackerErrorCode::Conflict, "gap");
     assert_eq!(f.s.blob_count(), 0, "a refused publish records nothing");
     assert_eq!(f.release(7, None, 0.0), TrackerResponse::Left, "nothing to release: a no-op (retries are safe)");
     assert_eq!(f.acquire(1, 0.0), granted(0));
@@ -308,11 +326,67 @@ fn a_layout_differing_from_the_recorded_one_is_a_conflict() {
     assert_refused(f.req(req, 1, 2.0), TrackerErrorCode::Invalid, "length is zero");
     assert_eq!(f.get_hashes(0, 2.0), hashes_reply(4, 0, 0..1, false), "refusals change nothing");
 
-    // A layout naming another blob: the caller holds no lease for that digest (and
-    // does not publish from piece 0, which would re-assert one).
-    let other = Layout { digest: Digest::of(b"other"), ..layout(4) };
-    let req = TrackerRequest::PublishHashes { peer_id: pid(1), layout: other, first: 1, hashes: hashes(1..2) };
-    assert_refused(f.req(req, 1, 2.0), TrackerErrorCode::Invalid, "not the lease holder");
+    // Another peer's publish while the lease is live: refused.
+    let req = TrackerRequest::PublishHashes { peer_id: pid(2), layout: layout(4), first: 1, hashes: hashes(1..2) };
+    assert_refused(f.req(req, 2, 2.0), TrackerErrorCode::Invalid, "not the lease holder");
+}
+
+#[test]
+fn lease_holders_re_assert_by_publishing() {
+    // Another tracker granted pid 1 the lease and saw 3 hashes; this one knows nothing.
+    let mut f = Fixture::new();
+    assert_eq!(f.publish(1, 8, 0, hashes(0..3), 0.0), TrackerResponse::Registered, "the whole prefix re-asserts");
+    assert_eq!(f.holder(0.0), Some((pid(1), LeaseState::Live)));
+    assert_eq!(f.acquire(2, 0.5), LeaseReply::HeldBy { holder: pid(1) });
+    assert_eq!(f.publish(1, 8, 3, hashes(3..4), 1.0), TrackerResponse::Registered, "and it goes on publishing");
+    assert_eq!(f.get_hashes(0, 1.0), hashes_reply(8, 0, 0..4, false));
+
+    // Not after a failure: the failed fetch is not revived.
+    let mut f = Fixture::new();
+    assert_eq!(f.acquire(1, 0.0), granted(0));
+    assert_eq!(f.release(1, Some("401"), 1.0), TrackerResponse::Left);
+    assert_refused(f.publish(2, 8, 0, hashes(0..1), 2.0), TrackerErrorCode::Invalid, "not the lease holder");
+}
+
+#[test]
+fn no_lease_is_granted_during_the_grace_period() {
+    use crate::tracker::NO_HOLDER;
+    // From the tracker's start.
+    let mut f = Fixture::new();
+    let grace = f.s.config().lease_grace.as_secs_f64();
+    f.s.begin_grace(f.at(0.0));
+    assert_eq!(f.acquire(1, 0.0), LeaseReply::HeldBy { holder: NO_HOLDER });
+    // The holder re-asserts meanwhile: it keeps its lease.
+    assert_eq!(f.publish(9, 8, 0, hashes(0..2), 1.0), TrackerResponse::Registered);
+    assert_eq!(f.acquire(1, 1.5), LeaseReply::HeldBy { holder: pid(9) });
+    // Another blob after the grace: granted at once.
+    let other = Digest::of(b"other");
+    let req = TrackerRequest::AcquireLease { peer_id: pid(1), blob: other };
+    assert_eq!(f.req(req.clone(), 1, grace - 0.1), TrackerResponse::Lease(LeaseReply::HeldBy { holder: NO_HOLDER }));
+    assert!(matches!(f.req(req, 1, grace + 0.1), TrackerResponse::Lease(LeaseReply::Granted { .. })));
+
+    // Without a start grace: a blob first seen with partial holders and no hashes
+    // (its arbiter went away) waits for its holder; a fresh blob does not.
+    let mut f = Fixture::new();
+    f.announce_partial(5, 3, 10.0);
+    assert_eq!(f.acquire(1, 10.5), LeaseReply::HeldBy { holder: NO_HOLDER });
+    assert_eq!(f.acquire(1, 10.0 + grace + 0.1), granted(0), "nobody re-asserted: granted after the grace");
+    let mut f = Fixture::new();
+    assert_eq!(f.acquire(1, 10.0), granted(0), "a cold blob is granted at once");
+
+    // A node asking for hashes past piece 0 of a blob unknown here is told to ask
+    // again while its holder may re-assert; asking from 0 (a node starting) is not.
+    let mut f = Fixture::new();
+    assert_refused(f.get_hashes(0, 10.0), TrackerErrorCode::UnknownBlob, "no piece hashes");
+    assert_refused(f.get_hashes(4, 10.0), TrackerErrorCode::Invalid, "ask again");
+    assert_eq!(f.acquire(1, 10.5), LeaseReply::HeldBy { holder: NO_HOLDER });
+    assert_eq!(f.publish(9, 8, 0, hashes(0..5), 11.0), TrackerResponse::Registered, "the holder re-asserts");
+    assert_eq!(f.get_hashes(4, 11.0), hashes_reply(8, 4, 4..5, false));
+    let mut f = Fixture::new();
+    assert_refused(f.get_hashes(4, 10.0), TrackerErrorCode::Invalid, "ask again");
+    assert_refused(f.get_hashes(4, 10.0 + grace + 0.1), TrackerErrorCode::UnknownBlob, "no piece hashes");
+    f.s.expire(f.at(10.0 + grace + 0.2));
+    assert_eq!(f.s.blob_count(), 0, "nothing left once the grace is over");
 }
 
 #[test]

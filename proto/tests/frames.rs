@@ -1,0 +1,205 @@
+//! Recorded frames of every tracker message, by protocol version
+//! (`proto/tests/frames/v<N>/<name>.bin`, committed). The current code must decode
+//! each recorded frame to the message it was made from and encode that message to
+//! the very same bytes: a change that would break agents or trackers of an older
+//! release (a field added to an existing variant, variants reordered) fails here.
+//!
+//! Frames are recorded once, when a version's messages are added: run this test with
+//! `SWARM_RECORD_FRAMES=1` to write the frames that are missing, and commit them.
+//! Recorded frames are never rewritten.
+
+use std::path::{Path, PathBuf};
+
+use swarm_proto::codec::{MAX_FRAME_LEN, decode_frame, encode_frame};
+use swarm_proto::msg::*;
+use swarm_proto::{Digest, Layout, Metainfo, PeerId};
+
+fn blob() -> Digest {
+    Digest::of(b"recorded blob")
+}
+
+fn peer() -> PeerId {
+    PeerId([7; 16])
+}
+
+fn metainfo() -> Metainfo {
+    Metainfo { digest: blob(), length: 600_000, piece_length: 1 << 18, piece_hashes: vec![[1; 32], [2; 32], [3; 32]] }
+}
+
+fn layout() -> Layout {
+    Layout { digest: blob(), length: 600_000, piece_length: 1 << 18 }
+}
+
+/// Version 1: every tracker request and response (and lease reply) as of the first
+/// release.
+fn v1() -> (Vec<(&'static str, TrackerRequest)>, Vec<(&'static str, TrackerResponse)>) {
+    let announce = Announce {
+        peer_id: peer(),
+        blob: blob(),
+        listen_port: 7001,
+        advertise: Some("198.18.0.2:7001".parse().expect("addr")),
+        zone: "rack-a".into(),
+        have: 1,
+        complete: false,
+        num_want: 50,
+    };
+    let view = ClusterView {
+        nodes: vec![NodeView {
+            peer_id: peer(),
+            addr: "[2001:db8::1]:7001".parse().expect("addr"),
+            zone: "rack-a".into(),
+            last_seen_ms: 1500,
+        }],
+        blobs: vec![BlobView {
+            digest: blob(),
+            layout: Some(layout()),
+            known_hashes: 3,
+            holders: vec![HolderView { peer_id: peer(), have: 3, complete: true }],
+            lease: Some(LeaseView { holder: peer(), state: LeaseViewState::Stalled, held_ms: Some(10) }),
+        }],
+        truncated: true,
+    };
+    (
+        vec![
+            ("register", TrackerRequest::Register { metainfo: metainfo() }),
+            ("get-metainfo", TrackerRequest::GetMetainfo { blob: blob() }),
+            ("announce", TrackerRequest::Announce(announce)),
+            ("leave", TrackerRequest::Leave { peer_id: peer(), blob: blob() }),
+            ("acquire-lease", TrackerRequest::AcquireLease { peer_id: peer(), blob: blob() }),
+            (
+                "publish-hashes",
+                TrackerRequest::PublishHashes { peer_id: peer(), layout: layout(), first: 1, hashes: vec![[4; 32]] },
+            ),
+            (
+                "release-lease",
+                TrackerRequest::ReleaseLease {
+                    peer_id: peer(),
+                    blob: blob(),
+                    failed: Some("upstream said 401".into()),
+                },
+            ),
+            ("get-hashes", TrackerRequest::GetHashes { blob: blob(), first: 2 }),
+            ("cluster-view", TrackerRequest::ClusterView { blobs: vec![blob()] }),
+        ],
+        vec![
+            ("registered", TrackerResponse::Registered),
+            ("metainfo", TrackerResponse::Metainfo(metainfo())),
+            (
+                "peers",
+                TrackerResponse::Peers {
+                    peers: vec![PeerInfo {
+                        peer_id: peer(),
+                        addr: "127.0.0.1:7001".parse().expect("addr"),
+                        zone: String::new(),
+                        have: 3,
+                        complete: true,
+                    }],
+                    interval_secs: 30,
+                },
+            ),
+            ("left", TrackerResponse::Left),
+            (
+                "error-unknown-blob",
+                TrackerResponse::Error { code: TrackerErrorCode::UnknownBlob, message: "no".into() },
+            ),
+            ("error-conflict", TrackerResponse::Error { code: TrackerErrorCode::Conflict, message: "c".into() }),
+            ("error-invalid", TrackerResponse::Error { code: TrackerErrorCode::Invalid, message: "i".into() }),
+            ("lease-granted", TrackerResponse::Lease(LeaseReply::Granted { ttl_secs: 10, resume_from: 3 })),
+            ("lease-held-by", TrackerResponse::Lease(LeaseReply::HeldBy { holder: peer() })),
+            ("lease-not-needed", TrackerResponse::Lease(LeaseReply::NotNeeded)),
+            ("lease-failed", TrackerResponse::Lease(LeaseReply::Failed { reason: "401".into() })),
+            (
+                "hashes",
+                TrackerResponse::Hashes { layout: layout(), first: 0, hashes: vec![[1; 32], [2; 32]], complete: false },
+            ),
+            ("cluster-view", TrackerResponse::ClusterView(view)),
+        ],
+    )
+}
+
+/// Version 2: the hello exchange and the store announce.
+fn v2() -> (Vec<(&'static str, TrackerRequest)>, Vec<(&'static str, TrackerResponse)>) {
+    let store = StoreAnnounce {
+        peer_id: peer(),
+        listen_port: 7001,
+        advertise: None,
+        zone: "rack-a".into(),
+        blobs: vec![blob(), Digest::of(b"another")],
+        metainfo: vec![metainfo()],
+    };
+    (
+        vec![("hello", TrackerRequest::Hello { version: 2 }), ("announce-store", TrackerRequest::AnnounceStore(store))],
+        vec![
+            ("hello", TrackerResponse::Hello { version: 2, instance: 0x0123_4567_89ab_cdef }),
+            ("store-announced", TrackerResponse::StoreAnnounced { interval_secs: 30, missing: vec![blob()] }),
+        ],
+    )
+}
+
+fn dir(version: u32) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/frames").join(format!("v{version}"))
+}
+
+fn check<T>(version: u32, kind: &str, name: &str, msg: &T, record: bool, problems: &mut Vec<String>)
+where
+    T: bincode::Encode + bincode::Decode<()> + PartialEq + std::fmt::Debug,
+{
+    let path = dir(version).join(format!("{kind}-{name}.bin"));
+    let encoded = encode_frame(msg).expect("encode");
+    let recorded = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(_) if record => {
+            std::fs::create_dir_all(dir(version)).expect("mkdir");
+            std::fs::write(&path, &encoded).expect("write");
+            return;
+        }
+        Err(e) => {
+            problems.push(format!(
+                "{}: {e}; record it with SWARM_RECORD_FRAMES=1 cargo nextest run -p swarm-proto --test frames",
+                path.display()
+            ));
+            return;
+        }
+    };
+    match decode_frame::<T>(&recorded, MAX_FRAME_LEN) {
+        Ok(decoded) if decoded == *msg => {}
+        Ok(decoded) => problems.push(format!("{}: decodes to {decoded:?}, not {msg:?}", path.display())),
+        Err(e) => problems.push(format!("{}: no longer decodes: {e}", path.display())),
+    }
+    if encoded != recorded {
+        problems.push(format!("{}: the message now encodes to other bytes", path.display()));
+    }
+}
+
+#[test]
+fn recorded_tracker_frames_still_decode_and_encode_byte_identically() {
+    let record = std::env::var_os("SWARM_RECORD_FRAMES").is_some();
+    let mut problems = Vec::new();
+    let mut count = 0;
+    for (version, (requests, responses)) in [(1, v1()), (2, v2())] {
+        for (name, m) in &requests {
+            check(version, "request", name, m, record, &mut problems);
+            count += 1;
+        }
+        for (name, m) in &responses {
+            check(version, "response", name, m, record, &mut problems);
+            count += 1;
+        }
+    }
+    assert!(problems.is_empty(), "{} of {count} recorded frames fail:\n{}", problems.len(), problems.join("\n"));
+    // Every request variant of version 1 is recorded (a new one is appended, never
+    // inserted: its frame goes under the next version).
+    assert_eq!(v1().0.len(), 9);
+    assert_eq!(v2().0.len() + v1().0.len(), 11);
+}
+
+#[test]
+fn version_2_requests_use_tags_a_version_1_decoder_does_not_know() {
+    // A version-1 decoder knows variant tags 0..=8 of `TrackerRequest`: the new
+    // requests must use later tags, so an old tracker refuses them as malformed
+    // instead of misreading them.
+    for (name, m) in v2().0 {
+        let frame = encode_frame(&m).expect("encode");
+        assert!(frame[4] > 8, "{name} has tag {}", frame[4]);
+    }
+}
