@@ -90,12 +90,18 @@ pub struct TrackerConfig {
 /// 2 s and fails over to the next tracker within about 4 s.
 pub const LEASE_GRACE: Duration = Duration::from_secs(6);
 
+/// The default [`TrackerConfig::stall_timeout`]: longer than a holder's own bound on
+/// an upstream outage (100 s without a byte, `swarm_peer::upstream::RESUME_GIVE_UP`),
+/// so the lease does not move to a node behind the same dead uplink while the holder
+/// still waits for it to come back.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(110);
+
 /// The `holder` of a `HeldBy` answered during a lease grace period: nobody known yet.
 pub const NO_HOLDER: PeerId = PeerId([0; 16]);
 
 impl Default for TrackerConfig {
     /// Re-announce every 30 s, forget after three missed announces, 50 peers a reply;
-    /// leases of 10 s, lost after 30 s without progress; failures remembered 10 s;
+    /// leases of 10 s, lost after 110 s without progress; failures remembered 10 s;
     /// a lease grace of [`LEASE_GRACE`].
     fn default() -> Self {
         Self {
@@ -103,7 +109,7 @@ impl Default for TrackerConfig {
             peer_ttl: Duration::from_secs(90),
             max_peers_per_reply: 50,
             lease_ttl: Duration::from_secs(10),
-            stall_timeout: Duration::from_secs(30),
+            stall_timeout: STALL_TIMEOUT,
             failure_memory: Duration::from_secs(10),
             lease_grace: LEASE_GRACE,
         }

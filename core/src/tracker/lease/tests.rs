@@ -53,7 +53,9 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Self {
-        Self { s: TrackerState::new(TrackerConfig::default(), 5), t0: Instant::now() }
+        // A stall timeout of 30 s keeps the timelines below short (the default is 110 s).
+        let config = TrackerConfig { stall_timeout: Duration::from_secs(30), ..TrackerConfig::default() };
+        Self { s: TrackerState::new(config, 5), t0: Instant::now() }
     }
 
     fn at(&self, secs: f64) -> Instant {
