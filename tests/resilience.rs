@@ -10,9 +10,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use support::agents::Cluster;
+use support::agents::{Cluster, tracker_command};
+use support::process::tcp_open;
 use support::throttle::throttled_proxy;
-use support::{Registry, build_image, test_dir};
+use support::{ChildGuard, Registry, build_image, test_dir};
 
 const MIB: usize = 1024 * 1024;
 
@@ -89,4 +90,63 @@ async fn a_node_started_after_the_tracker_died_gets_a_blob_from_a_peer_it_knew()
     assert!(r.complete && r.body == image.read_blob(&second).expect("bytes"), "agent 1 served wrong bytes");
     eprintln!("served from the known peer in {:?}", started.elapsed());
     assert_eq!(registry.blob_get_count(&second), 1, "the registry served the second layer once\n{}", cluster.logs());
+}
+
+/// The Kairos upgrade, master first (GUIDE.md section 7): the master pulls the image,
+/// then reboots (its tracker and agent down) while node 1 pulls: nobody can serve
+/// node 1, whose containerd falls back to the registry. The master comes back with
+/// the same data directory and a tracker that knows nothing; its agent announces its
+/// store, so nodes 2 and 3 swarm from it. The uplink carries the image twice (node
+/// 1's fallback is the floor without staging), not three times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_master_first_upgrade_crosses_the_uplink_at_most_twice() {
+    let dir = test_dir("master-first");
+    let registry = Registry::start(&dir.path().join("registry")).expect("registry");
+    let image = build_image(&registry, "kairos/os", "v2", &[8 * MIB]).expect("image");
+    let layer = image.layer_digests[0];
+    let want = image.read_blob(&layer).expect("layer bytes");
+    let sent = Arc::new(AtomicU64::new(0));
+    let proxy = throttled_proxy(registry.addr(), 50_000_000, sent.clone()).await;
+    let ns = proxy.to_string();
+    let mut cluster = Cluster::start(&dir.path().join("swarm"), 4, &[&ns]).expect("cluster");
+    tokio::time::sleep(swarm_tracker::state::LEASE_GRACE).await;
+    let target = format!("/v2/{}/blobs/{layer}?ns={ns}", image.name);
+    let get = |agent: usize, cluster: &Cluster| {
+        let (addr, target) = (cluster.agents[agent].mirror, target.clone());
+        async move { support::http::request(addr, "GET", &target, &[]).await.expect("mirror answers") }
+    };
+    // The master upgrades first.
+    let r = get(0, &cluster).await;
+    assert!(r.status == 200 && r.body == want, "master: {}\n{}", r.status, cluster.logs());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cluster.agents[0].stores_blob(&layer) {
+        assert!(Instant::now() < deadline, "the master never completed the blob\n{}", cluster.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // It reboots: tracker and agent down. Node 1 pulls meanwhile and falls back.
+    cluster.tracker.kill();
+    cluster.agents[0].child.kill();
+    let r = get(1, &cluster).await;
+    assert_eq!(r.status, 503, "node 1 has nobody to ask: {}", String::from_utf8_lossy(&r.body));
+    let direct = support::http::request(proxy, "GET", &format!("/v2/{}/blobs/{layer}", image.name), &[])
+        .await
+        .expect("containerd's fallback to the registry");
+    assert!(direct.status == 200 && direct.body == want, "fallback: {}", direct.status);
+    // The master is back: same data directory, a new tracker that knows nothing.
+    let cmd = tracker_command(cluster.tracker_addr, cluster.tracker_http, &cluster.token_file);
+    cluster.tracker = ChildGuard::spawn("tracker-rebooted", cmd, &dir.path().join("swarm/logs")).expect("tracker");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !tcp_open(cluster.tracker_http) {
+        assert!(Instant::now() < deadline, "the restarted tracker never listened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.restart_agent(0, &[&ns]).expect("master agent back");
+    // Nodes 2 and 3 upgrade next.
+    let (r2, r3) = tokio::join!(get(2, &cluster), get(3, &cluster));
+    for (i, r) in [(2, r2), (3, r3)] {
+        assert!(r.status == 200 && r.complete && r.body == want, "node {i}: {}\n{}", r.status, cluster.logs());
+    }
+    let uplink = sent.load(Ordering::Relaxed) as f64 / want.len() as f64;
+    eprintln!("master-first upgrade of 4 nodes: the uplink carried {uplink:.3} x the image");
+    assert!(uplink <= 2.05, "the uplink carried {uplink:.3} x the image\n{}", cluster.logs());
 }
