@@ -108,7 +108,7 @@ async fn when_the_lease_holder_dies_mid_fetch_another_agent_resumes_and_all_fini
     }
     let uplink = sent.load(Ordering::Relaxed) as f64 / want.len() as f64;
     eprintln!("the uplink carried {uplink:.2} copies of the layer; total {:?}", started.elapsed());
-    assert!(uplink < 1.5, "the uplink carried {uplink:.2} copies: the new lease holder refetched too much");
+    assert!(uplink <= 1.05, "the uplink carried {uplink:.2} copies: the new lease holder refetched too much");
 }
 
 /// The figures for the mirror issue, measured side by side in one run: three
