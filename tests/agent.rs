@@ -74,11 +74,7 @@ async fn when_the_lease_holder_dies_mid_fetch_another_agent_resumes_and_all_fini
     let ns = proxy.to_string();
     let mut cluster = Cluster::start(&dir.path().join("swarm"), 3, &[&ns]).expect("cluster");
     let target = format!("/v2/{}/blobs/{layer}?ns={ns}", image.name);
-    let mut gets = Vec::new();
-    for a in &cluster.agents {
-        let (addr, target) = (a.mirror, target.clone());
-        gets.push(tokio::spawn(async move { support::http::request(addr, "GET", &target, &[]).await }));
-    }
+    let gets = cluster.get_everywhere(&target);
     // Find the lease holder once it has fetched about a third of the layer, and kill it.
     let started = Instant::now();
     let holder = loop {

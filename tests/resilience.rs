@@ -37,11 +37,7 @@ async fn the_tracker_killed_one_second_into_a_cold_pull_stops_nothing() {
     tokio::time::sleep(swarm_tracker::state::LEASE_GRACE).await;
     let target = format!("/v2/{}/blobs/{layer}?ns={ns}", image.name);
     let started = Instant::now();
-    let mut gets = Vec::new();
-    for a in &cluster.agents {
-        let (addr, target) = (a.mirror, target.clone());
-        gets.push(tokio::spawn(async move { support::http::request(addr, "GET", &target, &[]).await }));
-    }
+    let gets = cluster.get_everywhere(&target);
     tokio::time::sleep(Duration::from_secs(1)).await;
     cluster.tracker.kill();
     eprintln!("killed the tracker after {:?}", started.elapsed());

@@ -44,14 +44,7 @@ fn observer(token_file: &Path, trackers: Vec<SocketAddr>) -> TrackerClient {
 /// GETs `blob` of `name` through every agent's mirror at once; returns each body.
 async fn pull_everywhere(cluster: &Cluster, name: &str, blob: Digest, ns: &str) -> Vec<Vec<u8>> {
     let target = format!("/v2/{name}/blobs/{blob}?ns={ns}");
-    let gets: Vec<_> = cluster
-        .agents
-        .iter()
-        .map(|a| {
-            let (addr, target) = (a.mirror, target.clone());
-            tokio::spawn(async move { support::http::request(addr, "GET", &target, &[]).await })
-        })
-        .collect();
+    let gets = cluster.get_everywhere(&target);
     let mut bodies = Vec::new();
     for (i, g) in gets.into_iter().enumerate() {
         let r = g.await.expect("join").unwrap_or_else(|e| panic!("agent {i}: {e:#}\n{}", cluster.logs()));
@@ -150,14 +143,7 @@ async fn one_of_three_trackers_killed_mid_transfer_loses_nothing() {
     let arbiter = rendezvous_order(&trackers, &layer)[0];
 
     let target = format!("/v2/{}/blobs/{layer}?ns={ns}", image.name);
-    let gets: Vec<_> = cluster
-        .agents
-        .iter()
-        .map(|a| {
-            let (addr, target) = (a.mirror, target.clone());
-            tokio::spawn(async move { support::http::request(addr, "GET", &target, &[]).await })
-        })
-        .collect();
+    let gets = cluster.get_everywhere(&target);
     // Once about a third of the layer came in, kill the layer's arbiter.
     let started = Instant::now();
     while sent.load(Ordering::Relaxed) < want.len() as u64 / 3 {

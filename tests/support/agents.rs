@@ -231,6 +231,19 @@ impl Cluster {
         Ok(())
     }
 
+    /// A `GET target` sent to every agent's mirror at once; the answers in agent order.
+    pub fn get_everywhere(
+        &self,
+        target: &str,
+    ) -> Vec<tokio::task::JoinHandle<anyhow::Result<super::http::RawResponse>>> {
+        (self.agents.iter())
+            .map(|a| {
+                let (addr, target) = (a.mirror, target.to_string());
+                tokio::spawn(async move { super::http::request(addr, "GET", &target, &[]).await })
+            })
+            .collect()
+    }
+
     /// Every agent's and tracker's log tail, for assertion messages.
     pub fn logs(&self) -> String {
         let agents: String =
