@@ -40,8 +40,8 @@
 //!
 //! A holder re-asserts by publishing: a `PublishHashes` from a node when no lease is
 //! recorded at all and no failure is remembered makes it the holder again (the
-//! hashes must start at piece 0 or continue the known ones; the client re-sends the
-//! whole prefix to a tracker that has not seen it).
+//! hashes must start at piece 0 or continue the known ones; a holder refused by a
+//! tracker that has not seen them publishes the whole prefix: `crate::lease::Publisher`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};

@@ -28,13 +28,12 @@
 //! on [`TrackerClient::watch`]: a new instance id is a tracker that lost its state, to
 //! which the agent re-announces its store (`swarm_peer::announce`) and its leases.
 //!
-//! **Lease holders across trackers.** The client remembers the hashes it published
-//! for each blob (until the lease is released) and, when a blob's arbiter is a
-//! tracker (or tracker instance) that has not seen them, re-sends the whole prefix
-//! from piece 0: that re-asserts the lease there (see `swarm_core::tracker`), so an
-//! upstream fetch survives the loss of its arbiter without the caller noticing.
+//! **Lease holders across trackers.** A blob's new arbiter (another replica, or a
+//! restarted tracker) refuses a publish that does not continue hashes it knows; the
+//! holder's publisher (`swarm_core::lease::Publisher`) then publishes everything
+//! from piece 0, which re-asserts its lease there (see `swarm_core::tracker`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -168,8 +167,6 @@ struct Inner {
     timeout: Duration,
     remotes: Mutex<Vec<Arc<Remote>>>,
     view: watch::Sender<Vec<TrackerInfo>>,
-    /// Hashes this node published per blob while holding its lease.
-    published: Mutex<HashMap<Digest, Published>>,
 }
 
 #[derive(Debug)]
@@ -188,14 +185,6 @@ struct RemoteStatus {
     version: Option<u32>,
     instance: Option<u64>,
     connections: u64,
-}
-
-#[derive(Debug)]
-struct Published {
-    layout: Layout,
-    hashes: Vec<[u8; 32]>,
-    /// The tracker (and instance) that has the whole prefix.
-    sent_to: Option<(SocketAddr, Option<u64>)>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -281,15 +270,7 @@ impl TrackerClient {
     /// with no tracker, whose requests fail until [`TrackerClient::set_trackers`]).
     pub fn with_trackers(endpoint: Endpoint, trackers: Vec<SocketAddr>, timeout: Duration) -> Self {
         let (view, _) = watch::channel(Vec::new());
-        let client = Self {
-            inner: Arc::new(Inner {
-                endpoint,
-                timeout,
-                remotes: Mutex::new(Vec::new()),
-                view,
-                published: Mutex::new(HashMap::new()),
-            }),
-        };
+        let client = Self { inner: Arc::new(Inner { endpoint, timeout, remotes: Mutex::new(Vec::new()), view }) };
         client.set_trackers(trackers);
         client
     }
@@ -619,42 +600,16 @@ impl TrackerClient {
         hashes: &[[u8; 32]],
     ) -> Result<(), TrackerClientError> {
         let blob = layout.digest;
-        {
-            let mut published = locked(&self.inner.published);
-            let p = published.entry(blob).or_insert_with(|| Published { layout, hashes: Vec::new(), sent_to: None });
-            if p.layout != layout {
-                *p = Published { layout, hashes: Vec::new(), sent_to: None };
-            }
-            let known = p.hashes.len();
-            if first as usize <= known {
-                p.hashes.extend(hashes.iter().skip(known - first as usize));
-            }
-        }
-        let given = TrackerRequest::PublishHashes { peer_id, layout, first, hashes: hashes.to_vec() };
-        // A tracker (instance) that has not seen this blob's earlier hashes gets them all.
-        let build = |t: &TrackerInfo| {
-            let published = locked(&self.inner.published);
-            match published.get(&blob) {
-                Some(p) if p.sent_to != Some((t.addr, t.instance)) && p.hashes.len() >= first as usize => {
-                    Some(TrackerRequest::PublishHashes { peer_id, layout, first: 0, hashes: p.hashes.clone() })
-                }
-                _ => Some(given.clone()),
-            }
-        };
-        let (response, answered) = self.route(self.order(Some(&blob)), &build).await?;
+        let request = TrackerRequest::PublishHashes { peer_id, layout, first, hashes: hashes.to_vec() };
+        let (response, _) = self.route(self.order(Some(&blob)), &|_: &TrackerInfo| Some(request.clone())).await?;
         match response {
-            TrackerResponse::Registered => {
-                if let Some(p) = locked(&self.inner.published).get_mut(&blob) {
-                    p.sent_to = Some(answered);
-                }
-                Ok(())
-            }
+            TrackerResponse::Registered => Ok(()),
             other => Err(unexpected("publish-hashes", other)),
         }
     }
 
     /// As the lease holder: ends the upstream fetch of `blob`. `failed` says why it
-    /// failed (the published hashes are then dropped); `None` means the whole blob
+    /// failed (the tracker then drops the published hashes); `None` means the whole blob
     /// matched its digest. Releasing a lease the tracker no longer records is a no-op;
     /// once the lease lapsed or moved, the release is refused
     /// ([`TrackerClientError::is_not_lease_holder`]) and the failure not recorded.
@@ -664,9 +619,7 @@ impl TrackerClient {
         blob: Digest,
         failed: Option<String>,
     ) -> Result<(), TrackerClientError> {
-        let result = self.request(&TrackerRequest::ReleaseLease { peer_id, blob, failed }).await;
-        locked(&self.inner.published).remove(&blob);
-        match result? {
+        match self.request(&TrackerRequest::ReleaseLease { peer_id, blob, failed }).await? {
             TrackerResponse::Left => Ok(()),
             other => Err(unexpected("release-lease", other)),
         }

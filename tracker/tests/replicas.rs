@@ -155,9 +155,12 @@ async fn a_lease_holder_re_asserts_its_lease_on_the_next_tracker() {
     let order = rendezvous_order(&addrs, &m.digest);
     let i = trackers.iter().position(|t| t.addr == order[0]).expect("arbiter");
     trackers.remove(i).stop().await;
-    // The holder goes on publishing where it was; the client sends the next tracker
-    // the whole prefix, which re-asserts the lease there.
-    holder.publish_hashes(me, layout, 3, &m.piece_hashes[3..4]).await.expect("publish after failover");
+    // The holder goes on publishing where it was; the next tracker knows none of the
+    // earlier hashes and refuses, so the holder (`swarm_core::lease::Publisher`)
+    // publishes the whole prefix, which re-asserts the lease there.
+    let gap = holder.publish_hashes(me, layout, 3, &m.piece_hashes[3..4]).await;
+    assert!(matches!(gap, Err(TrackerClientError::Refused { .. })), "{gap:?}");
+    holder.publish_hashes(me, layout, 0, &m.piece_hashes[..4]).await.expect("publish after failover");
     assert_eq!(other.acquire_lease(them, m.digest).await.expect("acquire"), LeaseReply::HeldBy { holder: me });
     let h = other.get_hashes(m.digest, 0).await.expect("hashes").expect("known");
     assert_eq!(h.hashes, m.piece_hashes[..4].to_vec());
