@@ -990,6 +990,20 @@ class Swarm(System):
         if sha256_file(out) != digest:
             raise Fail("node %d's agent served wrong bytes for sha256:%s" % (i, digest[:16]))
 
+    def agent_log_count(self, needle, nodes=None):
+        """Lines containing `needle` in the logs of the current agents (of `nodes`)."""
+        n = 0
+        for i, p in sorted(getattr(self, "agents", {}).items()):
+            if nodes is not None and i not in nodes:
+                continue
+            try:
+                with open(p.log_path, "rb") as f:
+                    f.seek(p.log_start)
+                    n += sum(1 for line in f if needle in line)
+            except OSError:
+                pass
+        return n
+
     def lease_holders(self, ctx):
         """Nodes whose agent logged that it fetches from upstream as the lease holder."""
         found = []
@@ -1196,6 +1210,9 @@ class Flow:
     def step(self, ctx, sw, now, nodes, launch):
         self.finished = True
 
+    def finish(self, ctx, sw):
+        """After the run, before teardown: facts from the logs."""
+
 
 class MasterFirst(Flow):
     """The Kairos upgrade, master first (GUIDE.md section 7): node 1 (tracker and
@@ -1296,6 +1313,11 @@ class FlakyUplink(Flow):
                 now, 100.0 * sent / ctx.size, self.args.outage))
         self.next += 1
 
+    def finish(self, ctx, sw):
+        # The lease holder's Range resumptions ("upstream blob resumed", one per
+        # reconnection that brought bytes again).
+        self.events["upstream_resumes"] = sw.agent_log_count(b"upstream blob resumed")
+
 
 class ReplicaKill(Flow):
     """Three tracker replicas (nodes 1, 2, 3; every agent has all three in
@@ -1354,6 +1376,9 @@ class KnownPeer(Flow):
                            holder="%s:%d" % (ctx.topo.ip(2), PEER_PORT))
         log("known peer: tracker dead, node 3's agent restarting; it knows %s" % (known or "nobody"))
         sw._start_agent(ctx, 3, restart=True)
+
+    def finish(self, ctx, sw):
+        self.events["from_known_peer"] = sw.agent_log_count(b"swarming with a peer known from before", [3]) > 0
 
 
 FLOWS = {"edge-masterfirst": MasterFirst, "edge-flakyuplink": FlakyUplink, "edge-replicakill": ReplicaKill,
@@ -1525,6 +1550,8 @@ def run_system(sysobj, topo, args, blob, digest, size, registry, scenario, workd
         up1 = topo.uplink_tx()
         snap1 = topo.snapshot()
         reg1 = registry.cpu_s() or reg0
+        if flow:
+            flow.finish(ctx, sysobj)
         for i, st in nodes.items():
             why = sysobj.verify(ctx, i) if st["status"] == "done" else None
             if why:
