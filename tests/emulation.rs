@@ -237,12 +237,8 @@ fn emulated_lease_holder_killed_mid_transfer_the_others_complete() {
 /// the floor).
 #[test]
 fn emulated_master_first_upgrade_crosses_the_uplink_at_most_twice() {
-    let doc = emulate_run_with(
-        "edge-masterfirst",
-        "swarm",
-        &["--nodes", "4", "--size", "16MiB", "--master-down", "5"],
-        240,
-    );
+    let doc =
+        emulate_run_with("edge-masterfirst", "swarm", &["--nodes", "4", "--size", "16MiB", "--master-down", "5"], 240);
     let r = swarm_result(&doc);
     assert!(r["master_back_at_s"].as_f64().is_some(), "node 1 never came back: {r}");
     every_node_verified(r, 4);

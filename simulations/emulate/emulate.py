@@ -2,7 +2,9 @@
 """Network-emulation benchmark for swarm: real processes in Linux network namespaces.
 
     emulate.py run [--nodes 8] [--size 64MiB] [--uplink 100mbit] [--node-rate 200mbit]
-                   [--scenario edge|incluster|churn|edge-churn|edge-containerd|edge-killholder|edge-trackerkill[,...]]
+                   [--scenario edge|incluster|churn|edge-churn|edge-containerd|edge-killholder|edge-trackerkill
+                               |edge-masterfirst|edge-flakyuplink|edge-replicakill|edge-knownpeer[,...]]
+                   [--master-down 15] [--outage 60]
                    [--systems direct,swarm,libtorrent]
                    [--swarm-bin PATH] [--json OUT.json]
     emulate.py selftest [--swarm-bin PATH]     N=3, 4 MiB, incluster: direct + swarm (+ libtorrent)
@@ -52,6 +54,36 @@ scenario, and hosts.toml written by `swarm containerd-config` (the agent at
 http://127.0.0.1:5001 with pull + resolve, the registry as fallback). libtorrent (and
 swarm-seed) cannot back containerd, which pulls through a registry API only: their
 cells say "not applicable". containerd's and ctr's CPU count in both systems.
+
+Resilience scenarios, edge layout, swarm only (other systems: "not applicable"):
+edge-killholder (the node whose agent logs that it fetches as the lease holder is
+SIGKILLed at --churn-at for good; `killed_holders`), edge-trackerkill (the tracker
+SIGKILLed at --churn-at for good; `tracker_killed_at_s`), and four scripted flows
+(class Flow; their events are extra result fields):
+  edge-masterfirst   node 1 (tracker + agent) pulls; once its store has the blob
+                     complete, tracker and agent are SIGKILLed for --master-down s
+                     while node 2 pulls; node 1 comes back (same data dir, fresh
+                     tracker); nodes 3..N pull one after another. Pulls are curl via
+                     the agent, then the registry if the agent fails (containerd's
+                     fallback): node field `fell_back`; `master_down_at_s`,
+                     `master_back_at_s`, `master_complete_at_s`.
+  edge-flakyuplink   every node pulls; the upstream's TCP connections reset with
+                     `ss -K` at 25 % and 40 % of F carried, the switch port towards
+                     upstream down at 55 % for --outage s: `resets` [{at_s,
+                     uplink_fraction, connections}], `outage_from_s`, `outage_to_s`,
+                     `outage_s`, `outage_uplink_fraction`, `upstream_resumes` (Range
+                     resumptions logged by the agents).
+  edge-replicakill   trackers on nodes 1-3, agents given all three; at a third of F
+                     carried, the tracker that logged the blob's lease grant (its
+                     arbiter) is SIGKILLed: `tracker_killed_at_s`,
+                     `killed_tracker_node`, `killed_tracker`,
+                     `killed_at_uplink_fraction`, `arbiter_error`.
+  edge-knownpeer     before the start node 2 pulls the blob and a 1 MiB warm-up blob,
+                     node 3 the warm-up blob (so knows node 2), the tracker is killed
+                     and node 3's agent restarts; measured: node 3 pulls the blob,
+                     which only node 2 holds: `known_peers` (node 3's <data>/peers),
+                     `holder`, `from_known_peer`, `tracker_killed_before_start`.
+Flows log swarm at warn,swarm_peer=info,swarm_tracker=info (they read the logs).
 
 Figures per system and scenario (field names match swarm-sim's): per-node completion
 time from the common start, last_s / median_s / p90_s (nearest rank, as swarm-sim),
