@@ -1187,7 +1187,8 @@ SCENARIOS = {"edge": ("edge", False, False), "incluster": ("incluster", False, F
              "edge-flakyuplink": ("edge", False, False), "edge-replicakill": ("edge", False, False),
              "edge-knownpeer": ("edge", False, False)}
 # edge-killholder: the churn kill hits the node holding the upstream lease (found in
-# its agent's log) and nobody restarts; the others must take the lease over. Its
+# its agent's log; at --churn-at, or as soon as one logged it if none had by then)
+# and nobody restarts; the others must take the lease over. Its
 # simulator twin: swarm-sim --scenario edge --kill-holder-at <churn-at>.
 # edge-trackerkill: the churn kill hits the tracker (for good) and no node; the pull
 # must go on without it. Simulator twin: --tracker-down-at <churn-at>
@@ -1530,10 +1531,19 @@ def run_system(sysobj, topo, args, blob, digest, size, registry, scenario, workd
                 elif not dp.alive and not dp.killed:
                     st["status"] = "failed"
                     st["error"] = "%s exited %s: %s" % (dp.name, dp.rc, dp.tail())
-            if churn_plan and not churn_plan["killed"] and now >= churn_plan["kill_at_s"]:
+            holders = None
+            if (churn_plan and not churn_plan["killed"] and now >= churn_plan["kill_at_s"]
+                    and scenario == "edge-killholder"):
+                # No agent logged the lease yet (a loaded machine): kill as soon as one
+                # has, while anybody is still pulling.
+                holders = sysobj.lease_holders(ctx)
+                if not holders and any(st["status"] == "pending" for st in nodes.values()):
+                    holders = "wait"
+            if (churn_plan and not churn_plan["killed"] and now >= churn_plan["kill_at_s"]
+                    and holders != "wait"):
                 churn_plan["killed"] = True
                 if scenario == "edge-killholder":
-                    churn_plan["victims"] = sysobj.lease_holders(ctx)
+                    churn_plan["victims"] = holders
                     res["killed_holders"] = churn_plan["victims"]
                 if scenario == "edge-trackerkill" and sysobj.kill_tracker(ctx):
                     res["tracker_killed_at_s"] = round(now, 4)
