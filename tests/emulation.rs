@@ -3,8 +3,15 @@
 //! and libtorrent; then the simulator on the same configuration, compared loosely
 //! with the emulated swarm so the simulator cannot drift from the real program
 //! unnoticed; the same for the edge upgrade (agents, blob only upstream). And the
-//! edge upgrade through a real containerd on every node (`edge-containerd`). Needs root, iproute2, curl, docker-registry, containerd and
-//! python3-libtorrent (`scripts/test` installs them).
+//! edge upgrade through a real containerd on every node (`edge-containerd`). And the
+//! resilience issue's targets at a small size (3-4 nodes, 16 MiB, 100 Mbit/s uplink,
+//! 200 Mbit/s nodes), one scenario each: the tracker killed mid-pull
+//! (`edge-trackerkill`), the lease holder killed (`edge-killholder`), the master-first
+//! upgrade (`edge-masterfirst`), an unreliable uplink (`edge-flakyuplink`), one of
+//! three tracker replicas killed (`edge-replicakill`), a node started after the
+//! tracker died that knows a peer from before (`edge-knownpeer`). Needs root,
+//! iproute2, curl, docker-registry, containerd and python3-libtorrent (`scripts/test`
+//! installs them).
 
 mod support;
 
@@ -157,6 +164,34 @@ fn agree_with_simulator(swarm: &serde_json::Value, scenario: swarm_simulations::
     );
 }
 
+/// The only result of an emulation run with `--systems swarm`, required `ok`.
+fn swarm_result(doc: &serde_json::Value) -> &serde_json::Value {
+    let r = doc["results"].as_array().and_then(|rs| rs.first()).expect("a result in the JSON");
+    assert_eq!(r["system"], "swarm");
+    assert_eq!(r["status"], "ok", "{}", r["reason"]);
+    r
+}
+
+/// Every node of `r` that was not killed finished with byte-identical copies (sha256
+/// of the blob); there are `expected` of them.
+fn every_node_verified(r: &serde_json::Value, expected: usize) {
+    let nodes: Vec<&serde_json::Value> =
+        r["nodes"].as_array().expect("nodes").iter().filter(|n| n["killed"] != true).collect();
+    assert_eq!(nodes.len(), expected, "{r}");
+    for n in nodes {
+        assert_eq!(n["status"], "done", "node {}: {n}", n["node"]);
+        assert_eq!(n["sha256_ok"], true, "node {}: wrong bytes", n["node"]);
+    }
+}
+
+/// The uplink's bytes over F, and the last node's time over T_min, printed.
+fn figures(r: &serde_json::Value, what: &str) -> f64 {
+    let uplink = r["uplink_over_f"].as_f64().expect("uplink_over_f");
+    let last = r["last_over_t_min"].as_f64().unwrap_or(f64::NAN);
+    eprintln!("{what}: last node at {} s ({last:.2} x T_min); uplink {uplink:.3} x F", r["last_s"]);
+    uplink
+}
+
 /// The resilience issue's first target, small: the tracker killed (for good) in the
 /// middle of a cold edge pull of 16 MiB by 3 agents over a 100 Mbit/s uplink. Every
 /// node completes with the right bytes and the uplink carries the blob about once.
@@ -164,20 +199,133 @@ fn agree_with_simulator(swarm: &serde_json::Value, scenario: swarm_simulations::
 fn emulated_tracker_killed_mid_pull_stops_nothing() {
     let doc =
         emulate_run_with("edge-trackerkill", "swarm", &["--nodes", "3", "--size", "16MiB", "--churn-at", "0.6"], 240);
-    let r = &doc["results"].as_array().expect("results")[0];
-    assert_eq!(r["status"], "ok", "{}", r["reason"]);
+    let r = swarm_result(&doc);
     assert!(r["tracker_killed_at_s"].as_f64().is_some(), "the tracker was not killed: {r}");
-    let nodes = r["nodes"].as_array().expect("nodes");
-    assert_eq!(nodes.len(), 3);
-    for n in nodes {
-        assert_eq!(n["status"], "done", "node {}: {n}", n["node"]);
-        assert_eq!(n["sha256_ok"], true, "node {}: wrong bytes", n["node"]);
+    every_node_verified(r, 3);
+    let uplink = figures(r, &format!("tracker killed at {} s", r["tracker_killed_at_s"]));
+    assert!(uplink <= 1.05, "the uplink carried {uplink:.3} x F");
+}
+
+/// The lease holder killed mid-transfer (`edge-killholder`), small: 3 agents pull a
+/// 16 MiB blob cold over a 100 Mbit/s uplink; 0.6 s in (about 45 % of the blob), the
+/// node whose agent logged that it fetches from upstream as the lease holder is
+/// SIGKILLed for good. The two others complete with the right bytes, and the uplink
+/// carries at most 1.05 x F: the new holder resumes where the hashes stopped.
+#[test]
+fn emulated_lease_holder_killed_mid_transfer_the_others_complete() {
+    let doc =
+        emulate_run_with("edge-killholder", "swarm", &["--nodes", "3", "--size", "16MiB", "--churn-at", "0.6"], 240);
+    let r = swarm_result(&doc);
+    let killed = r["killed_holders"].as_array().expect("killed_holders");
+    assert_eq!(killed.len(), 1, "exactly one lease holder expected at the kill: {r}");
+    let holder = &r["nodes"].as_array().expect("nodes").iter().find(|n| n["node"] == killed[0]).expect("holder");
+    assert_eq!(holder["killed"], true, "the holder finished before the kill, nothing was tested: {holder}");
+    every_node_verified(r, 2);
+    let uplink = figures(r, &format!("lease holder (node {}) killed at {} s", killed[0], holder["killed_at_s"]));
+    assert!(uplink <= 1.05, "the uplink carried {uplink:.3} x F");
+}
+
+/// The Kairos upgrade, master first (GUIDE.md section 7), as `edge-masterfirst` at 4
+/// nodes, 16 MiB: node 1 (tracker and agent) pulls; it reboots (tracker and agent
+/// SIGKILLed once its store has the blob complete) and stays down 5 s (15 s in the
+/// issue; the hand run in docs/benchmarks.md uses 15 s) while node 2 pulls; node 1
+/// comes back with the same data dir and a fresh tracker; nodes 3 and 4 pull one
+/// after the other. Pulls are curl through the node's agent, falling back to the
+/// registry when the agent fails, as containerd does with the hosts.toml of `swarm
+/// containerd-config` (not a real containerd: that would add about a minute). Every
+/// pull succeeds and the uplink carries at most 2.05 x the blob (node 2's fallback is
+/// the floor).
+#[test]
+fn emulated_master_first_upgrade_crosses_the_uplink_at_most_twice() {
+    let doc =
+        emulate_run_with("edge-masterfirst", "swarm", &["--nodes", "4", "--size", "16MiB", "--master-down", "5"], 240);
+    let r = swarm_result(&doc);
+    assert!(r["master_back_at_s"].as_f64().is_some(), "node 1 never came back: {r}");
+    every_node_verified(r, 4);
+    let fell_back: Vec<String> = r["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter(|n| n["fell_back"] == true)
+        .map(|n| n["node"].to_string())
+        .collect();
+    let uplink = figures(
+        r,
+        &format!(
+            "node 1 down at {} s, back at {} s; fell back to the registry: nodes [{}]",
+            r["master_down_at_s"],
+            r["master_back_at_s"],
+            fell_back.join(", ")
+        ),
+    );
+    assert!(uplink <= 2.05, "the uplink carried {uplink:.3} x the blob");
+}
+
+/// An unreliable uplink (`edge-flakyuplink`), small: 3 agents pull a 16 MiB blob cold;
+/// the upstream's TCP connections are reset (`ss -K`) at 25 % and 40 % of the blob,
+/// then the uplink is down from 55 % for 35 s (60 s in the issue and in the hand run
+/// of docs/benchmarks.md; 35 s still outlasts the agent's 30 s read timeout, so the
+/// holder resumes with a Range request over a link that came back). Every node
+/// completes with the right bytes and the uplink carries at most 1.05 x F.
+#[test]
+fn emulated_unreliable_uplink_costs_time_not_the_blob() {
+    let doc =
+        emulate_run_with("edge-flakyuplink", "swarm", &["--nodes", "3", "--size", "16MiB", "--outage", "35"], 300);
+    let r = swarm_result(&doc);
+    let resets = r["resets"].as_array().expect("resets");
+    assert_eq!(resets.len(), 2, "{r}");
+    for reset in resets {
+        assert!(reset["connections"].as_u64() >= Some(1), "a reset found no upstream connection to cut: {reset}");
     }
-    let uplink = r["uplink_over_f"].as_f64().expect("uplink_over_f");
-    let last = r["last_over_t_min"].as_f64().unwrap_or(f64::NAN);
-    eprintln!(
-        "tracker killed at {} s; last node at {last:.2} x T_min; uplink {uplink:.3} x F",
-        r["tracker_killed_at_s"]
+    let down = r["outage_to_s"].as_f64().expect("outage_to_s") - r["outage_from_s"].as_f64().expect("outage_from_s");
+    assert!(down >= 35.0, "the uplink was down {down:.1} s only");
+    every_node_verified(r, 3);
+    assert!(r["upstream_resumes"].as_u64() >= Some(2), "the holder never resumed with a Range request: {r}");
+    let uplink = figures(
+        r,
+        &format!("resets {}, uplink down {down:.1} s, {} upstream resumptions", r["resets"], r["upstream_resumes"]),
     );
     assert!(uplink <= 1.05, "the uplink carried {uplink:.3} x F");
+}
+
+/// One of three tracker replicas killed mid-transfer (`edge-replicakill`), small:
+/// trackers on nodes 1, 2 and 3, every agent given all three; once the uplink carried
+/// a third of the 16 MiB blob, the tracker that granted its upstream lease (the blob's
+/// arbiter) is SIGKILLed for good. Nothing is lost: every node completes with the
+/// right bytes and the uplink carries at most 1.05 x F.
+#[test]
+fn emulated_tracker_replica_killed_mid_transfer_loses_nothing() {
+    let doc = emulate_run_with("edge-replicakill", "swarm", &["--nodes", "3", "--size", "16MiB"], 240);
+    let r = swarm_result(&doc);
+    assert!(r["arbiter_error"].is_null(), "{}", r["arbiter_error"]);
+    let killed_at = r["tracker_killed_at_s"].as_f64().expect("the arbiter was not killed");
+    every_node_verified(r, 3);
+    let last = r["last_s"].as_f64().expect("last_s");
+    assert!(killed_at < last, "the arbiter was killed at {killed_at} s, after the transfer ({last} s)");
+    let uplink = figures(
+        r,
+        &format!(
+            "the arbiter {} (node {}) killed at {killed_at} s, {} of F in",
+            r["killed_tracker"], r["killed_tracker_node"], r["killed_at_uplink_fraction"]
+        ),
+    );
+    assert!(uplink <= 1.05, "the uplink carried {uplink:.3} x F");
+}
+
+/// A node started after the tracker died, knowing one peer from before
+/// (`edge-knownpeer`), 3 nodes, 16 MiB: node 2 holds the blob, node 3 swarmed with it
+/// for another blob and so keeps it in `<data>/peers`; the tracker is killed for good
+/// and node 3's agent restarts. Node 3 then gets the blob with the right bytes from
+/// node 2 (peer exchange, no tracker), and nothing crosses the uplink meanwhile.
+#[test]
+fn emulated_node_started_after_the_tracker_died_gets_a_blob_from_a_peer_it_knew() {
+    let doc = emulate_run_with("edge-knownpeer", "swarm", &["--nodes", "3", "--size", "16MiB"], 240);
+    let r = swarm_result(&doc);
+    let holder = r["holder"].as_str().expect("holder");
+    let known = r["known_peers"].as_array().expect("known_peers");
+    assert!(known.iter().any(|p| p == holder), "node 3 did not keep {holder} in its peers file: {known:?}");
+    every_node_verified(r, 1);
+    assert_eq!(r["from_known_peer"], true, "node 3's agent did not swarm with a peer known from before: {r}");
+    let uplink = figures(r, &format!("node 3 knew {}", r["known_peers"]));
+    assert!(uplink <= 0.05, "the uplink carried {uplink:.3} x F: the blob came from upstream, not from the peer");
 }

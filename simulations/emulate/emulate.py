@@ -2,7 +2,9 @@
 """Network-emulation benchmark for swarm: real processes in Linux network namespaces.
 
     emulate.py run [--nodes 8] [--size 64MiB] [--uplink 100mbit] [--node-rate 200mbit]
-                   [--scenario edge|incluster|churn|edge-churn|edge-containerd|edge-killholder|edge-trackerkill[,...]]
+                   [--scenario edge|incluster|churn|edge-churn|edge-containerd|edge-killholder|edge-trackerkill
+                               |edge-masterfirst|edge-flakyuplink|edge-replicakill|edge-knownpeer[,...]]
+                   [--master-down 15] [--outage 60]
                    [--systems direct,swarm,libtorrent]
                    [--swarm-bin PATH] [--json OUT.json]
     emulate.py selftest [--swarm-bin PATH]     N=3, 4 MiB, incluster: direct + swarm (+ libtorrent)
@@ -53,6 +55,36 @@ http://127.0.0.1:5001 with pull + resolve, the registry as fallback). libtorrent
 swarm-seed) cannot back containerd, which pulls through a registry API only: their
 cells say "not applicable". containerd's and ctr's CPU count in both systems.
 
+Resilience scenarios, edge layout, swarm only (other systems: "not applicable"):
+edge-killholder (the node whose agent logs that it fetches as the lease holder is
+SIGKILLed at --churn-at for good; `killed_holders`), edge-trackerkill (the tracker
+SIGKILLed at --churn-at for good; `tracker_killed_at_s`), and four scripted flows
+(class Flow; their events are extra result fields):
+  edge-masterfirst   node 1 (tracker + agent) pulls; once its store has the blob
+                     complete, tracker and agent are SIGKILLed for --master-down s
+                     while node 2 pulls; node 1 comes back (same data dir, fresh
+                     tracker); nodes 3..N pull one after another. Pulls are curl via
+                     the agent, then the registry if the agent fails (containerd's
+                     fallback): node field `fell_back`; `master_down_at_s`,
+                     `master_back_at_s`, `master_complete_at_s`.
+  edge-flakyuplink   every node pulls; the upstream's TCP connections reset with
+                     `ss -K` at 25 % and 40 % of F carried, the switch port towards
+                     upstream down at 55 % for --outage s: `resets` [{at_s,
+                     uplink_fraction, connections}], `outage_from_s`, `outage_to_s`,
+                     `outage_s`, `outage_uplink_fraction`, `upstream_resumes` (Range
+                     resumptions logged by the agents).
+  edge-replicakill   trackers on nodes 1-3, agents given all three; at a third of F
+                     carried, the tracker that logged the blob's lease grant (its
+                     arbiter) is SIGKILLed: `tracker_killed_at_s`,
+                     `killed_tracker_node`, `killed_tracker`,
+                     `killed_at_uplink_fraction`, `arbiter_error`.
+  edge-knownpeer     before the start node 2 pulls the blob and a 1 MiB warm-up blob,
+                     node 3 the warm-up blob (so knows node 2), the tracker is killed
+                     and node 3's agent restarts; measured: node 3 pulls the blob,
+                     which only node 2 holds: `known_peers` (node 3's <data>/peers),
+                     `holder`, `from_known_peer`, `tracker_killed_before_start`.
+Flows log swarm at warn,swarm_peer=info,swarm_tracker=info (they read the logs).
+
 Figures per system and scenario (field names match swarm-sim's): per-node completion
 time from the common start, last_s / median_s / p90_s (nearest rank, as swarm-sim),
 t_min_s (Kumar & Ross), ratio = last_over_t_min = last_s / t_min_s, uplink
@@ -71,6 +103,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -891,9 +924,13 @@ class Swarm(System):
         r = subprocess.run([self._bin(args), "agent", "--help"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return r.returncode == 0
 
+    # The nodes running a tracker; every client gets the whole list (`--tracker a,b,c`).
+    tracker_nodes = (1,)
+
     def _common(self, ctx, i):
         addr = UP_IP if i == 0 else ctx.topo.ip(i)
-        return ["--tracker", "%s:%d" % (ctx.topo.ip(1), TRACKER_PORT),
+        trackers = ",".join("%s:%d" % (ctx.topo.ip(t), TRACKER_PORT) for t in self.tracker_nodes)
+        return ["--tracker", trackers,
                 "--listen", "%s:%d" % (addr, PEER_PORT),
                 "--token-file", self.token]
 
@@ -905,13 +942,18 @@ class Swarm(System):
         with open(self.token, "w") as f:
             f.write(sh([b, "token"]).strip() + "\n")
         os.chmod(self.token, 0o600)
+        flow = getattr(ctx, "flow", None)
         level = "warn,swarm_peer::agent=info" if getattr(ctx, "scenario", "") == "edge-killholder" else "warn"
+        if flow:
+            # The flows find lease grants and holders in the logs, and a failed flow
+            # needs them to be explained.
+            level = "warn,swarm_peer=info,swarm_tracker=info"
+            self.tracker_nodes = tuple(flow.trackers_on)
         self.env = dict(os.environ, SWARM_LOG=os.environ.get("SWARM_LOG", level))
-        tr = ctx.spawn("tracker", ctx.topo.ns(1),
-                       [b, "tracker", "--listen", "%s:%d" % (ctx.topo.ip(1), TRACKER_PORT), "--token-file", self.token],
-                       ctx.workdir, node=1, env=self.env)
-        wait_listen(ctx.topo.ns(1), "udp", TRACKER_PORT, proc=tr)
-        self.tracker = tr
+        self.trackers = {}
+        for t in self.tracker_nodes:
+            self.start_tracker(ctx, t)
+        self.tracker = self.trackers[self.tracker_nodes[0]]
         tracker_started = time.monotonic()
         self.agents = {}
         if self.via_agent(ctx):
@@ -941,6 +983,58 @@ class Swarm(System):
     def kill_tracker(self, ctx):
         self.tracker.kill()
         return True
+
+    def start_tracker(self, ctx, i, restart=False):
+        """`swarm tracker` on node i (the first one on node 1 is named `tracker`)."""
+        b = self._bin(ctx.args)
+        name = "tracker" if i == 1 and not restart else "tracker-n%d%s" % (i, "-r" if restart else "")
+        tr = ctx.spawn(name, ctx.topo.ns(i),
+                       [b, "tracker", "--listen", "%s:%d" % (ctx.topo.ip(i), TRACKER_PORT), "--token-file", self.token],
+                       ctx.workdir, node=i, env=self.env)
+        wait_listen(ctx.topo.ns(i), "udp", TRACKER_PORT, proc=tr)
+        self.trackers[i] = tr
+        return tr
+
+    def arbiter(self, digest):
+        """The node whose tracker logged an upstream lease grant for `digest` (the
+        blob's arbiter among the replicas), or None."""
+        for i, p in sorted(self.trackers.items()):
+            try:
+                with open(p.log_path, "rb") as f:
+                    f.seek(p.log_start)
+                    for line in f:
+                        # The grant names the blob by its first 12 hex digits.
+                        if b"upstream lease granted" in line and digest[:12].encode() in line:
+                            return i
+            except OSError:
+                pass
+        return None
+
+    def fetch(self, ctx, i, repo, digest, out, timeout=120):
+        """Node i's curl of `repo`@`digest` through its agent's mirror, outside the
+        measured run (a flow's preparation); raises Fail unless it succeeds."""
+        url = "http://127.0.0.1:%d/v2/%s/blobs/sha256:%s?ns=%s:%d" % (MIRROR_PORT, repo, digest, UP_IP, REG_PORT)
+        p = ctx.spawn("prep-curl-n%d-%s" % (i, digest[:8]), ctx.topo.ns(i),
+                      ["curl", "-sS", "--fail", "--max-time", str(int(timeout)), "-o", out, url], ctx.workdir, node=i)
+        if not p.join(timeout + 5) or p.rc != 0:
+            raise Fail("node %d could not fetch sha256:%s through its agent (curl %s): %s; agent: %s" % (
+                i, digest[:16], p.rc, p.tail(), self.agents[i].tail()))
+        if sha256_file(out) != digest:
+            raise Fail("node %d's agent served wrong bytes for sha256:%s" % (i, digest[:16]))
+
+    def agent_log_count(self, needle, nodes=None):
+        """Lines containing `needle` in the logs of the current agents (of `nodes`)."""
+        n = 0
+        for i, p in sorted(getattr(self, "agents", {}).items()):
+            if nodes is not None and i not in nodes:
+                continue
+            try:
+                with open(p.log_path, "rb") as f:
+                    f.seek(p.log_start)
+                    n += sum(1 for line in f if needle in line)
+            except OSError:
+                pass
+        return n
 
     def lease_holders(self, ctx):
         """Nodes whose agent logged that it fetches from upstream as the lease holder."""
@@ -980,8 +1074,15 @@ class Swarm(System):
                 procs.append(self._start_agent(ctx, i, restart=True))
             url = "http://127.0.0.1:%d/v2/%s/blobs/sha256:%s?ns=%s:%d" % (MIRROR_PORT, REPO_NAME, ctx.digest, UP_IP,
                                                                            REG_PORT)
-            p = ctx.spawn("curl-n%d%s" % (i, "-r" if restart else ""), ctx.topo.ns(i),
-                          ["curl", "-sS", "--fail", "--max-time", str(int(ctx.timeout) + 5), "-o", out, url],
+            curl = ["curl", "-sS", "--fail", "--max-time", str(int(ctx.timeout) + 5), "-o", out]
+            argv = curl + [url]
+            flow = getattr(ctx, "flow", None)
+            if flow and flow.fallback:
+                # What containerd does with the hosts.toml of `swarm containerd-config`:
+                # when the mirror fails, the registry itself (printing `fallback`).
+                argv = ["sh", "-c", '%s || { echo fallback; %s; }' % (
+                    shlex.join(argv), shlex.join(curl + [ctx.blob_url(UP_IP)]))]
+            p = ctx.spawn("curl-n%d%s" % (i, "-r" if restart else ""), ctx.topo.ns(i), argv,
                           ctx.workdir, node=i, done_on="exit")
             procs.append(p)
             if not restart:
@@ -1082,13 +1183,239 @@ TRACKER_LEASE_GRACE_S = 6.2
 SCENARIOS = {"edge": ("edge", False, False), "incluster": ("incluster", False, False),
              "churn": ("incluster", True, False), "edge-churn": ("edge", True, False),
              "edge-containerd": ("edge", False, True), "edge-killholder": ("edge", True, False),
-             "edge-trackerkill": ("edge", True, False)}
+             "edge-trackerkill": ("edge", True, False), "edge-masterfirst": ("edge", False, False),
+             "edge-flakyuplink": ("edge", False, False), "edge-replicakill": ("edge", False, False),
+             "edge-knownpeer": ("edge", False, False)}
 # edge-killholder: the churn kill hits the node holding the upstream lease (found in
-# its agent's log) and nobody restarts; the others must take the lease over. Its
+# its agent's log; at --churn-at, or as soon as one logged it if none had by then)
+# and nobody restarts; the others must take the lease over. Its
 # simulator twin: swarm-sim --scenario edge --kill-holder-at <churn-at>.
 # edge-trackerkill: the churn kill hits the tracker (for good) and no node; the pull
 # must go on without it. Simulator twin: --tracker-down-at <churn-at>
 # --tracker-down-for <longer than the run>.
+
+
+# ---------------------------------------------------------------- flows: scripted resilience runs
+
+class Flow:
+    """A scripted edge run of swarm alone (the other systems have no agent, tracker or
+    lease to test: their cells are "not applicable"). The run's loop calls `step`
+    until the flow is `finished`; `step` may launch queued nodes (`launch(i)`), kill
+    and restart swarm's processes, or cut the uplink. What happened and when goes in
+    `events`, which the result takes as top-level fields."""
+    trackers_on = (1,)    # nodes running `swarm tracker`
+    fallback = False      # downloads fall back to the registry as containerd would
+    min_nodes = 3
+
+    def __init__(self, args):
+        self.args = args
+        self.events = {}
+        self.finished = False
+        self._sampled = 0.0
+        self._sent = 0
+
+    def measured(self, ctx):
+        """The nodes whose downloads are timed and checked."""
+        return ctx.downloaders
+
+    def initial(self, ctx):
+        """The nodes launched at the common start (the others are queued)."""
+        return self.measured(ctx)
+
+    def extra_time(self):
+        """Seconds the flow adds to the system's time limit."""
+        return 0.0
+
+    def prepare(self, ctx, sw):
+        """After the system's setup, before the common start."""
+
+    def start(self, ctx, t0, up0):
+        self.t0, self.up0 = t0, up0
+
+    def sent(self, ctx):
+        """Bytes the uplink carried since the start (sampled at most every 50 ms)."""
+        now = time.monotonic()
+        if now - self._sampled >= 0.05:
+            self._sampled = now
+            self._sent = ctx.topo.uplink_tx() - self.up0
+        return self._sent
+
+    def step(self, ctx, sw, now, nodes, launch):
+        self.finished = True
+
+    def finish(self, ctx, sw):
+        """After the run, before teardown: facts from the logs."""
+
+
+class MasterFirst(Flow):
+    """The Kairos upgrade, master first (GUIDE.md section 7): node 1 (tracker and
+    agent) pulls the image; then it reboots: tracker and agent SIGKILLed, down for
+    --master-down s, while node 2 pulls (its agent knows nobody holding the blob, so
+    it answers 503 and the pull falls back to the registry, as containerd's does); node
+    1 comes back with the same data dir and a fresh tracker; then nodes 3..N pull one
+    after another (`concurrency: 1`)."""
+    fallback = True
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.stage = "master"
+
+    def initial(self, ctx):
+        return [1]
+
+    def extra_time(self):
+        return self.args.master_down
+
+    def step(self, ctx, sw, now, nodes, launch):
+        if self.stage == "master" and nodes[1]["status"] != "pending":
+            # A real reboot comes after the upgrade's install steps, long after the
+            # pull: node 1 goes down once its agent's store has the blob complete (the
+            # response's last byte can precede the store's whole-digest check).
+            marker = os.path.join(ctx.sysdir, "n1", "agent", "blobs", ctx.digest, "complete")
+            if not os.path.exists(marker):
+                if now > nodes[1]["done_s"] + 10.0:
+                    raise Fail("node 1's agent has no complete copy 10 s after its pull ended (%s missing)" % marker)
+                return
+            self.events["master_complete_at_s"] = round(now, 4)
+            sw.tracker.kill()
+            sw.agents[1].kill()
+            self.events["master_down_at_s"] = round(now, 4)
+            log("master-first: node 1 (tracker and agent) down at %.2f s" % now)
+            launch(2)
+            self.stage = "down"
+        elif (self.stage == "down" and nodes[2]["status"] != "pending"
+              and now >= self.events["master_down_at_s"] + self.args.master_down):
+            sw.tracker.join(5)
+            sw.agents[1].join(5)
+            sw.tracker = sw.start_tracker(ctx, 1, restart=True)
+            sw._start_agent(ctx, 1, restart=True)
+            self.events["master_back_at_s"] = round(time.monotonic() - self.t0, 4)
+            log("master-first: node 1 back (same data dir, fresh tracker) at %.2f s" % self.events["master_back_at_s"])
+            self.stage = 3
+        if isinstance(self.stage, int):
+            i = self.stage
+            if i > ctx.topo.n:
+                self.finished = True
+            elif i == 3 or nodes[i - 1]["status"] != "pending":
+                launch(i)
+                self.stage = i + 1
+
+
+class FlakyUplink(Flow):
+    """An unreliable uplink in the middle of the blob: the upstream's TCP connections
+    reset (`ss -K`, the kernel aborts them with an RST) when the uplink has carried
+    25 % and 40 % of F, and the uplink down (the switch port towards upstream set
+    down) for --outage s from 55 % of F. Every node pulls at once, as in edge."""
+    # (fraction of F carried by the uplink, action)
+    plan = ((0.25, "reset"), (0.40, "reset"), (0.55, "outage"))
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.next = 0
+        self.events = {"resets": [], "outage_s": args.outage}
+
+    def extra_time(self):
+        return self.args.outage + 30.0
+
+    def step(self, ctx, sw, now, nodes, launch):
+        topo = ctx.topo
+        if "outage_from_s" in self.events:
+            if now >= self.events["outage_from_s"] + self.args.outage:
+                sh(["ip", "-n", topo.sw, "link", "set", "pu", "up"])
+                self.events["outage_to_s"] = round(now, 4)
+                log("flaky uplink: uplink up again at %.2f s" % now)
+                self.finished = True
+            return
+        sent = self.sent(ctx)
+        fraction, action = self.plan[self.next]
+        if sent < fraction * ctx.size:
+            return
+        if action == "reset":
+            out = sh(["ip", "netns", "exec", topo.up, "ss", "-K", "-H", "-tn", "state", "established",
+                      "( sport = :%d )" % REG_PORT])
+            killed = [ln for ln in out.splitlines() if ln.strip()]
+            self.events["resets"].append({"at_s": round(now, 4), "uplink_fraction": round(sent / ctx.size, 4),
+                                          "connections": len(killed)})
+            log("flaky uplink: reset %d upstream connection(s) at %.2f s (%.0f %% of F sent)" % (
+                len(killed), now, 100.0 * sent / ctx.size))
+        else:
+            sh(["ip", "-n", topo.sw, "link", "set", "pu", "down"])
+            self.events["outage_from_s"] = round(now, 4)
+            self.events["outage_uplink_fraction"] = round(sent / ctx.size, 4)
+            log("flaky uplink: uplink down at %.2f s (%.0f %% of F sent) for %g s" % (
+                now, 100.0 * sent / ctx.size, self.args.outage))
+        self.next += 1
+
+    def finish(self, ctx, sw):
+        # The lease holder's Range resumptions ("upstream blob resumed", one per
+        # reconnection that brought bytes again).
+        self.events["upstream_resumes"] = sw.agent_log_count(b"upstream blob resumed")
+
+
+class ReplicaKill(Flow):
+    """Three tracker replicas (nodes 1, 2, 3; every agent has all three in
+    --tracker): once the uplink carried a third of F, the tracker that granted the
+    blob's upstream lease (its arbiter, from the trackers' info logs) is SIGKILLed
+    for good."""
+    trackers_on = (1, 2, 3)
+
+    def step(self, ctx, sw, now, nodes, launch):
+        if self.sent(ctx) < ctx.size / 3.0:
+            return
+        node = sw.arbiter(ctx.digest)
+        if node is None:
+            if self._sent > 0.9 * ctx.size:
+                self.events["arbiter_error"] = "no tracker logged an upstream lease grant for the blob"
+                self.finished = True
+            return
+        sw.trackers[node].kill()
+        self.events.update(tracker_killed_at_s=round(now, 4), killed_tracker_node=node,
+                           killed_tracker="%s:%d" % (ctx.topo.ip(node), TRACKER_PORT),
+                           killed_at_uplink_fraction=round(self._sent / ctx.size, 4))
+        log("replica kill: killed the blob's arbiter, the tracker on node %d, at %.2f s" % (node, now))
+        self.finished = True
+
+
+class KnownPeer(Flow):
+    """Peer exchange without a tracker. Before the start: node 2's agent pulls the blob
+    (from upstream) and a 1 MiB warm-up blob; node 3's agent pulls the warm-up blob
+    (from node 2, which it so learns and keeps in <data>/peers); the tracker is
+    SIGKILLed for good; node 3's agent stops (SIGTERM) and starts again with the same
+    data dir. Measured: node 3 pulls the blob, which it can get only from node 2."""
+    WARMUP = 1 << 20
+
+    def measured(self, ctx):
+        return [3]
+
+    def prepare(self, ctx, sw):
+        warm = os.path.join(ctx.sysdir, "warmup.bin")
+        warm_hex = make_blob(warm, self.WARMUP)
+        push_blob(ctx.topo.up, "http://%s:%d" % (UP_IP, REG_PORT), REPO_NAME, warm, "sha256:" + warm_hex)
+        prep = os.path.join(ctx.sysdir, "prep")
+        os.makedirs(prep)
+        sw.fetch(ctx, 2, REPO_NAME, ctx.digest, os.path.join(prep, "n2-blob"))
+        sw.fetch(ctx, 2, REPO_NAME, warm_hex, os.path.join(prep, "n2-warmup"))
+        sw.fetch(ctx, 3, REPO_NAME, warm_hex, os.path.join(prep, "n3-warmup"))
+        sw.tracker.kill()
+        sw.tracker.join(5)
+        agent = sw.agents[3]
+        stop_all([agent], grace=10.0)
+        try:
+            with open(os.path.join(ctx.sysdir, "n3", "agent", "peers")) as f:
+                known = [ln.strip() for ln in f if ln.strip()]
+        except OSError:
+            known = []
+        self.events.update(tracker_killed_before_start=True, known_peers=known,
+                           holder="%s:%d" % (ctx.topo.ip(2), PEER_PORT))
+        log("known peer: tracker dead, node 3's agent restarting; it knows %s" % (known or "nobody"))
+        sw._start_agent(ctx, 3, restart=True)
+
+    def finish(self, ctx, sw):
+        self.events["from_known_peer"] = sw.agent_log_count(b"swarming with a peer known from before", [3]) > 0
+
+
+FLOWS = {"edge-masterfirst": MasterFirst, "edge-flakyuplink": FlakyUplink, "edge-replicakill": ReplicaKill,
+         "edge-knownpeer": KnownPeer}
 
 
 def scenario_tmin(topo, size, layout):
@@ -1125,6 +1452,15 @@ def run_system(sysobj, topo, args, blob, digest, size, registry, scenario, workd
     if containerd and sysobj.no_containerd:
         res.update(status="unavailable", reason="not applicable: " + sysobj.no_containerd)
         return res
+    flow = FLOWS[scenario](args) if scenario in FLOWS else None
+    if flow and sysobj.name != "swarm":
+        res.update(status="unavailable", reason="not applicable: %s scripts swarm's agents and trackers" % scenario)
+        return res
+    if flow and topo.n < flow.min_nodes:
+        raise Fail("%s needs --nodes %d or more" % (scenario, flow.min_nodes))
+    if flow:
+        timeout += flow.extra_time()
+        res["timeout_s"] = timeout
     ok, why = sysobj.available(args)
     if not ok:
         res.update(status="unavailable", reason="not available: " + why)
@@ -1135,8 +1471,10 @@ def run_system(sysobj, topo, args, blob, digest, size, registry, scenario, workd
     ctx.sysdir = sysdir
     ctx.reg_root = registry.root
     ctx.scenario = scenario
+    ctx.flow = flow
+    measured = flow.measured(ctx) if flow else ctx.downloaders
     nodes = {i: {"node": i, "done_s": None, "status": "pending", "killed": False, "restarted": False,
-                 "sha256_ok": None} for i in ctx.downloaders}
+                 "sha256_ok": None} for i in measured}
     done_proc, outputs, node_procs = {}, {}, {}
     churn_plan = None
     try:
@@ -1145,6 +1483,8 @@ def run_system(sysobj, topo, args, blob, digest, size, registry, scenario, workd
         except Unavailable as e:
             res.update(status="unavailable", reason=str(e))
             return res
+        if flow:
+            flow.prepare(ctx, sysobj)
         time.sleep(0.2)
         up0 = topo.uplink_tx()
         snap0 = topo.snapshot()
@@ -1163,11 +1503,22 @@ def run_system(sysobj, topo, args, blob, digest, size, registry, scenario, workd
         for p in ctx.procs:
             p.cpu_at_t0 = proc_cpu_s(p.pid) or 0.0
         t0 = time.monotonic()
-        for i in ctx.downloaders:
+
+        def launch(i):
             procs, dp, out = sysobj.launch(ctx, i)
             node_procs[i], done_proc[i], outputs[i] = procs, dp, out
             nodes[i]["launched_s"] = round(time.monotonic() - t0, 4)
-        log("%s/%s: started %d downloads" % (sysobj.name, scenario, len(ctx.downloaders)))
+            nodes[i]["status"] = "pending"
+
+        first = flow.initial(ctx) if flow else measured
+        if flow:
+            flow.start(ctx, t0, up0)
+        for i in measured:
+            if i in first:
+                launch(i)
+            else:
+                nodes[i]["status"] = "queued"
+        log("%s/%s: started %d downloads" % (sysobj.name, scenario, len(first)))
         while True:
             now = time.monotonic() - t0
             for i, st in nodes.items():
@@ -1180,10 +1531,19 @@ def run_system(sysobj, topo, args, blob, digest, size, registry, scenario, workd
                 elif not dp.alive and not dp.killed:
                     st["status"] = "failed"
                     st["error"] = "%s exited %s: %s" % (dp.name, dp.rc, dp.tail())
-            if churn_plan and not churn_plan["killed"] and now >= churn_plan["kill_at_s"]:
+            holders = None
+            if (churn_plan and not churn_plan["killed"] and now >= churn_plan["kill_at_s"]
+                    and scenario == "edge-killholder"):
+                # No agent logged the lease yet (a loaded machine): kill as soon as one
+                # has, while anybody is still pulling.
+                holders = sysobj.lease_holders(ctx)
+                if not holders and any(st["status"] == "pending" for st in nodes.values()):
+                    holders = "wait"
+            if (churn_plan and not churn_plan["killed"] and now >= churn_plan["kill_at_s"]
+                    and holders != "wait"):
                 churn_plan["killed"] = True
                 if scenario == "edge-killholder":
-                    churn_plan["victims"] = sysobj.lease_holders(ctx)
+                    churn_plan["victims"] = holders
                     res["killed_holders"] = churn_plan["victims"]
                 if scenario == "edge-trackerkill" and sysobj.kill_tracker(ctx):
                     res["tracker_killed_at_s"] = round(now, 4)
@@ -1212,20 +1572,28 @@ def run_system(sysobj, topo, args, blob, digest, size, registry, scenario, workd
                         nodes[i]["restarted_at_s"] = round(time.monotonic() - t0, 4)
                         nodes[i]["status"] = "pending"
                 log("churn: restarted the killed nodes at %.2f s" % (time.monotonic() - t0))
+            if flow and not flow.finished:
+                flow.step(ctx, sysobj, now, nodes, launch)
             churn_pending = churn_plan and (not churn_plan["killed"] or
                                             (churn_plan["restart"] and not churn_plan["restarted_done"]))
-            if not churn_pending and all(st["status"] != "pending" for st in nodes.values()):
+            if flow and not flow.finished:
+                churn_pending = True
+            if not churn_pending and all(st["status"] not in ("pending", "queued") for st in nodes.values()):
                 break
             if now > timeout:
                 for st in nodes.values():
                     if st["status"] == "pending":
                         st["status"] = "timeout"
+                    elif st["status"] == "queued":
+                        st["status"] = "not started"
                 break
             time.sleep(0.01)
         wall = time.monotonic() - t0
         up1 = topo.uplink_tx()
         snap1 = topo.snapshot()
         reg1 = registry.cpu_s() or reg0
+        if flow:
+            flow.finish(ctx, sysobj)
         for i, st in nodes.items():
             why = sysobj.verify(ctx, i) if st["status"] == "done" else None
             if why:
@@ -1300,6 +1668,11 @@ def run_system(sysobj, topo, args, blob, digest, size, registry, scenario, workd
         res["restarted_last_s"] = max(rt) if rt else None
     if churn_plan:
         res["churn"] = {k: v for k, v in churn_plan.items() if k in ("victims", "kill_at_s", "restart", "restart_at_s")}
+    if flow:
+        res.update(flow.events)
+        if flow.fallback:
+            for i, st in nodes.items():
+                st["fell_back"] = i in done_proc and any(line == "fallback" for _, line in done_proc[i].lines)
     if sysobj.name == "libtorrent":
         res["lt_piece_length"] = sysobj.meta.get("piece_length")
     if bad:
@@ -1598,6 +1971,10 @@ def build_parser():
         p.add_argument("--churn-at", type=float, default=None, help="churn: kill time in s (default: T_min/2)")
         p.add_argument("--churn-down", type=float, default=1.0, help="churn: seconds before the restart")
         p.add_argument("--no-restart", action="store_true", help="churn: killed nodes stay down")
+        p.add_argument("--master-down", type=float, default=15.0,
+                       help="edge-masterfirst: seconds node 1 (tracker and agent) stays down")
+        p.add_argument("--outage", type=float, default=60.0,
+                       help="edge-flakyuplink: seconds the uplink stays down after the two resets")
         p.add_argument("--agent-arg", action="append", metavar="ARG",
                        help="extra argument for `swarm agent` (repeatable), e.g. --agent-arg=--log=info")
         p.add_argument("--lt-piece-size", type=int, default=0, help="libtorrent piece size (0: libtorrent's choice)")
