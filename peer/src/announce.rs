@@ -6,7 +6,9 @@
 //! of the store (split only past [`MAX_STORE_BLOBS`] digests or [`MAX_STORE_HASHES`]
 //! piece hashes):
 //!
-//! - at start (unless the store is empty: an empty store is never announced);
+//! - at start (unless the store is empty: an empty store is never announced), after
+//!   completing any blob a crash left with every piece but no `complete` marker
+//!   ([`crate::store::Store::finish_interrupted`]);
 //! - every announce interval the tracker names (30 s by default), which keeps the
 //!   node from expiring there;
 //! - at once when the tracker's instance id is new (it restarted and lost its state),
@@ -40,6 +42,18 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Runs the announcer of `node` until `cancel` fires. See the module docs.
 pub async fn run(node: Node, cancel: CancellationToken) {
+    // A blob whose download a crash cut between its last piece and its whole-blob
+    // check is finished first, so that the first announce lists it.
+    let store = node.store().clone();
+    match tokio::task::spawn_blocking(move || store.finish_interrupted()).await {
+        Ok(Ok(done)) => {
+            for digest in done {
+                info!(blob = %digest, "completed a blob a restart had left unmarked");
+            }
+        }
+        Ok(Err(e)) => warn!("checking interrupted blobs: {e}"),
+        Err(e) => warn!("checking interrupted blobs: {e}"),
+    }
     let mut view = node.tracker().watch();
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut running: Vec<(SocketAddr, CancellationToken)> = Vec::new();

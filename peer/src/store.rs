@@ -364,6 +364,47 @@ impl Store {
         out.sort();
         Ok(out)
     }
+
+    /// Completes the blobs a crash left with every piece stored but no `complete`
+    /// marker (the process died between the last piece and the whole-blob check):
+    /// their pieces are re-checked on open, the whole digest is checked, and the
+    /// marker is written, so the node announces and serves them again instead of
+    /// nobody ever finishing them. Returns the blobs completed. A piece that fails its
+    /// hash is dropped and the blob stays incomplete; a whole digest that does not
+    /// match drops every piece, as after a download.
+    pub fn finish_interrupted(&self) -> Result<Vec<Digest>, StoreError> {
+        let blobs = self.root.join("blobs");
+        let mut done = Vec::new();
+        for entry in fs::read_dir(&blobs).map_err(io_err("cannot list", &blobs))? {
+            let entry = entry.map_err(io_err("cannot list", &blobs))?;
+            let dir = entry.path();
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
+            let Ok(digest) = format!("sha256:{name}").parse::<Digest>() else { continue };
+            if dir.join("complete").exists() || dir.join("source").exists() {
+                continue;
+            }
+            let Ok(Some(layout)) = self.layout(&digest) else { continue };
+            let count = layout.piece_count();
+            // Cheap tests first: every hash known and every piece claimed.
+            let hashes_len = fs::metadata(dir.join("hashes")).map(|m| m.len()).unwrap_or(0);
+            if hashes_len < u64::from(count) * 32 {
+                continue;
+            }
+            let claimed = fs::read(dir.join("have")).unwrap_or_default();
+            let all_claimed =
+                (0..count).all(|i| claimed.get((i / 8) as usize).is_some_and(|b| b & (0x80 >> (i % 8)) != 0));
+            if !all_claimed {
+                continue;
+            }
+            let blob = self.open_layout(layout)?;
+            if blob.have().is_complete() && blob.verify().is_ok() {
+                blob.persist()?;
+                done.push(digest);
+            }
+        }
+        done.sort();
+        Ok(done)
+    }
 }
 
 fn read_source(dir: &Path) -> Option<PathBuf> {
@@ -930,6 +971,34 @@ mod tests {
         f.write_all_at(b"rot", 10).expect("corrupt");
         let blob = store.open_blob(&meta).expect("reopen");
         assert_eq!(blob.have().ones().collect::<Vec<_>>(), vec![1]);
+    }
+
+    #[test]
+    fn a_blob_whose_download_a_crash_cut_before_its_marker_is_completed_at_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = sample(600_000);
+        let meta = meta_of(&data, 1 << 18);
+        let partial_meta = meta_of(&sample(300_000), 1 << 18);
+        {
+            let store = Store::open(dir.path()).expect("store");
+            // Every piece stored, the process gone before `verify` + `persist`.
+            let blob = store.open_blob(&meta).expect("open");
+            for p in 0..meta.layout().piece_count() {
+                let off = meta.layout().piece_offset(p) as usize;
+                blob.write_piece(p, &data[off..off + meta.layout().piece_len(p) as usize]).expect("write");
+            }
+            // A second blob with one piece missing stays as it is.
+            let partial = store.open_blob(&partial_meta).expect("open");
+            partial.write_piece(1, &sample(300_000)[1 << 18..]).expect("write");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        assert!(store.complete_blobs().expect("list").is_empty());
+        assert_eq!(store.finish_interrupted().expect("finish"), vec![meta.digest]);
+        assert_eq!(store.complete_blobs().expect("list"), vec![meta.digest]);
+        assert!(store.open_blob(&meta).expect("open").is_complete());
+        assert_eq!(store.open_blob(&partial_meta).expect("open").have().ones().collect::<Vec<_>>(), vec![1]);
+        // Nothing left to finish the second time.
+        assert!(store.finish_interrupted().expect("finish").is_empty());
     }
 
     #[test]
