@@ -13,6 +13,8 @@
 //!   and hash-sync cadence, back-off).
 //! - [`swarm`]: one blob's swarm on a node around its scheduler: peers, dials,
 //!   bans, announces, piece-hash knowledge, `Have` fan-out, the blob's end.
+//! - [`conns`]: the node's connections across its swarms, bounded per remote address
+//!   and in total.
 //! - [`upload`]: the node's upload slots and each blob's upload ledger (who is served
 //!   next, which fresh pieces a source holds back).
 //! - [`scheduler`]: one blob's piece picking and peer choosing (rarest first,
@@ -20,6 +22,7 @@
 //! - [`tracker`]: the tracker's state: who holds or wants which blob, the metainfo,
 //!   upstream leases and the piece hashes published while a blob streams in.
 
+pub mod conns;
 pub mod lease;
 pub mod node;
 pub mod scheduler;

@@ -177,6 +177,12 @@ impl Incoming {
         self.inner.remote_address()
     }
 
+    /// Refuses the attempt before any handshake (the node is at a connection bound):
+    /// the client sees its connection refused at once, the node keeps no state.
+    pub fn refuse(self) {
+        self.inner.refuse();
+    }
+
     /// Server side of the handshake: TLS, then the token proof. A client with the
     /// wrong token gets its connection closed with [`codes::AUTH_FAILED`] and this
     /// returns [`NetError::AuthFailed`] (after logging a warning naming the remote).

@@ -47,6 +47,7 @@ use tracing::{Instrument, debug, info, info_span, trace, warn};
 use crate::known_peers::{KnownPeers, write_atomically};
 use crate::store::{BlobFile, Store, StoreError};
 use crate::upload::{ReceiveBudget, UploadLedger, UploadSlots};
+use swarm_core::conns::{AtBound, Connections};
 use swarm_core::node::NodePolicy;
 use swarm_core::scheduler::{PeerKey, RequestFailure};
 use swarm_core::swarm::{
@@ -257,6 +258,10 @@ struct Inner {
     upload_limit: Option<RateLimiter>,
     /// Peers connected before, for when no tracker answers.
     known_peers: Mutex<KnownPeers>,
+    /// Connections to peers, bounded per address and in total (see [`swarm_core::conns`]).
+    connections: Mutex<Connections>,
+    /// When a refusal at a connection bound was last logged.
+    refusal_logged: Mutex<Option<Instant>>,
     cancel: CancellationToken,
     /// Every task that holds the node or one of its blobs, so `shutdown` can wait for them.
     tasks: TaskTracker,
@@ -289,6 +294,8 @@ impl Node {
             counters: Counters::default(),
             upload_limit: config_rate.map(RateLimiter::new),
             known_peers: Mutex::new(known_peers),
+            connections: Mutex::new(Connections::default()),
+            refusal_logged: Mutex::new(None),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
@@ -627,9 +634,17 @@ impl Node {
             };
             let node = self.clone();
             let remote = incoming.remote_address();
+            let permit = match self.connection_permit(remote) {
+                Ok(permit) => permit,
+                Err(bound) => {
+                    incoming.refuse();
+                    self.log_refusal(remote, bound);
+                    continue;
+                }
+            };
             self.spawn(
                 async move {
-                    if let Err(e) = node.accept_one(incoming).await {
+                    if let Err(e) = node.accept_one(incoming, permit).await {
                         debug!(%remote, error = %e, "incoming connection dropped");
                     }
                 }
@@ -638,7 +653,24 @@ impl Node {
         }
     }
 
-    async fn accept_one(&self, incoming: swarm_net::Incoming) -> Result<(), NodeError> {
+    /// A place for one more connection to `addr`, held until the permit is dropped.
+    fn connection_permit(&self, addr: SocketAddr) -> Result<ConnectionPermit, AtBound> {
+        locked(&self.inner.connections).open(addr)?;
+        Ok(ConnectionPermit { node: Arc::downgrade(&self.inner), addr })
+    }
+
+    /// Logs a refusal at a connection bound, at most once a minute (a flood of
+    /// attempts must not become a flood of log lines).
+    fn log_refusal(&self, remote: SocketAddr, bound: AtBound) {
+        let now = Instant::now();
+        let mut last = locked(&self.inner.refusal_logged);
+        if last.is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_EVERY) {
+            *last = Some(now);
+            warn!(%remote, "refusing connections: {bound} (logged once a minute)");
+        }
+    }
+
+    async fn accept_one(&self, incoming: swarm_net::Incoming, permit: ConnectionPermit) -> Result<(), NodeError> {
         let conn = incoming.authenticate().await?;
         let handshake = async {
             let (send, mut recv) = conn.accept_bi().await.map_err(|source| NetError::ConnectionLost { source })?;
@@ -675,7 +707,7 @@ impl Node {
         };
         let reply = PeerMessage::Handshake { version, peer_id: self.inner.peer_id, blob };
         write_msg(&mut send, &reply).await?;
-        let p = NewPeer { conn, peer_id, send, recv, outbound: false, version };
+        let p = NewPeer { conn, peer_id, send, recv, outbound: false, version, permit };
         let _ = swarm.inbox.send(Event::Connected(Box::new(p))).await;
         Ok(())
     }
@@ -711,6 +743,30 @@ struct NewPeer {
     outbound: bool,
     /// The protocol version the connection settled on.
     version: u32,
+    /// Its place among the node's connections.
+    permit: ConnectionPermit,
+}
+
+/// Locks `m`, taking the value over if a holder panicked.
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How often a refusal at a connection bound is logged.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// One connection's place in the node's [`Connections`]; freed when dropped.
+struct ConnectionPermit {
+    node: std::sync::Weak<Inner>,
+    addr: SocketAddr,
+}
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        if let Some(inner) = self.node.upgrade() {
+            locked(&inner.connections).closed(self.addr);
+        }
+    }
 }
 
 /// The queue of control messages to one peer (drained by its control writer task).
@@ -776,6 +832,8 @@ enum Event {
 struct PeerLink {
     conn: quinn::Connection,
     control: ControlTx,
+    /// Held while the link lives.
+    _permit: ConnectionPermit,
 }
 
 /// Drives one blob's [`Swarm`] core: turns network, store and tracker events into
@@ -943,7 +1001,7 @@ impl SwarmActor {
     }
 
     fn add_peer(&mut self, p: NewPeer, now: Instant) {
-        let NewPeer { conn, peer_id, send, recv, outbound, version } = p;
+        let NewPeer { conn, peer_id, send, recv, outbound, version, permit } = p;
         let addr = conn.remote_address();
         let key = match self.swarm.connected(PeerConn { peer_id, addr, outbound, version }, now) {
             Ok(key) => key,
@@ -962,7 +1020,7 @@ impl SwarmActor {
         };
         let (tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let control_tx = ControlTx { tx, conn: conn.clone() };
-        self.links.insert(key, PeerLink { conn: conn.clone(), control: control_tx.clone() });
+        self.links.insert(key, PeerLink { conn: conn.clone(), control: control_tx.clone(), _permit: permit });
         // The hashes and peers the swarm sends a new peer go before the bitfield.
         self.drain_actions();
         control_tx.send(PeerMessage::Bitfield(self.blob.have()));
@@ -1247,6 +1305,10 @@ impl SwarmActor {
 }
 
 async fn connect_peer(node: &Node, addr: SocketAddr, blob: Digest) -> Result<NewPeer, NodeError> {
+    let permit = node.connection_permit(addr).map_err(|bound| {
+        node.log_refusal(addr, bound);
+        NodeError::Protocol(format!("not dialling {addr}: {bound}"))
+    })?;
     let conn = node.inner.endpoint.connect(addr).await?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|source| NetError::ConnectionLost { source })?;
     let version = swarm_net::protocol_version(&conn);
@@ -1254,7 +1316,7 @@ async fn connect_peer(node: &Node, addr: SocketAddr, blob: Digest) -> Result<New
     write_msg(&mut send, &hello).await?;
     match read_msg::<PeerMessage>(&mut recv, MAX_PEER_FRAME_LEN).await? {
         Some(PeerMessage::Handshake { version: v, peer_id, blob: b }) if b == blob && v == version => {
-            Ok(NewPeer { conn, peer_id, send, recv, outbound: true, version })
+            Ok(NewPeer { conn, peer_id, send, recv, outbound: true, version, permit })
         }
         other => {
             conn.close(codes::PROTOCOL_ERROR.into(), b"bad handshake");
@@ -1563,6 +1625,39 @@ impl Node {
 mod tests {
     use super::*;
     use swarm_net::{ClusterToken, EndpointConfig};
+
+    /// The per-address bound: eight connection attempts that never send their
+    /// handshake hold their places, the ninth from the same address is refused before
+    /// its TLS handshake, and closing one frees its place at once.
+    #[tokio::test]
+    async fn connections_beyond_the_per_address_bound_are_refused_and_a_close_frees_a_place() {
+        use swarm_core::conns::MAX_CONNECTIONS_PER_ADDRESS;
+        let token = ClusterToken::generate();
+        let loopback: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let endpoint = Endpoint::bind(loopback, token.clone(), &EndpointConfig::default()).expect("bind");
+        let no_tracker: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        let node = Node::start(endpoint, no_tracker, NodeConfig::new(dir.path().to_path_buf())).expect("node");
+        let node_addr = node.local_addr().expect("addr");
+        let client = Endpoint::bind(loopback, token, &EndpointConfig::default()).expect("bind");
+        let mut held = Vec::new();
+        for i in 0..MAX_CONNECTIONS_PER_ADDRESS {
+            held.push(client.connect(node_addr).await.unwrap_or_else(|e| panic!("connection {i}: {e}")));
+        }
+        assert_eq!(locked(&node.inner.connections).to(client.local_addr().expect("addr")), MAX_CONNECTIONS_PER_ADDRESS);
+        let refused = client.connect(node_addr).await;
+        assert!(refused.is_err(), "a connection beyond the bound was accepted");
+        held.pop().expect("one").close(0u32.into(), b"done");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match client.connect(node_addr).await {
+                Ok(conn) => break held.push(conn),
+                Err(e) if Instant::now() > deadline => panic!("the closed connection's place was never freed: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        assert_eq!(locked(&node.inner.connections).total(), usize::from(MAX_CONNECTIONS_PER_ADDRESS));
+    }
 
     /// A peer that never reads its control stream: once QUIC's flow control stops the
     /// writer, at most [`CONTROL_QUEUE`] messages wait for it, and the next one

@@ -1,8 +1,8 @@
 //! `swarm-sim`: a discrete-event, flow-level network simulator that runs the **real**
-//! swarm policy — `swarm_core::scheduler::Scheduler` on every node,
-//! `swarm_core::scheduler::choose_peers` for connection choice and
-//! `swarm_core::tracker::TrackerState` as the tracker — through their sans-IO
-//! interfaces, with virtual time.
+//! node and tracker cores (`swarm_core`: each node's swarm, scheduler, upload slots,
+//! lease and connection rules, and `swarm_core::tracker::TrackerState` as the
+//! tracker) through their sans-IO interfaces, with virtual time. It builds without
+//! tokio, quinn or any HTTP stack.
 //!
 //! # What is modelled
 //!
@@ -15,21 +15,33 @@
 //! - **Latency**: a fixed one-way delay of RTT/2 for every message (request, reply,
 //!   cancel, `Have`), a dial costs 2 RTTs, a tracker round trip 1 RTT, and the upstream
 //!   GET starts one WAN RTT after the lease holder starts.
-//! - **The real node's driver** ([`node`]), with the real node's defaults: receive
-//!   budget (16 MiB, FIFO), 4 upload slots with a 500 ms wait and `Busy`, a freed
-//!   slot going to the least-sent piece, the sources' fresh-piece hold (400 ms) and
-//!   re-announce, `Missing` rejects, cancels, `Have` to every connected peer that has
-//!   not announced the piece, `max_peers` = 32 with `choose_peers` over the
-//!   tracker's list, inbound connections always accepted, announces every 2 s while
-//!   short of peers and every tracker interval otherwise, re-announce on completion;
-//!   in the edge upgrade also the upstream lease (`AcquireLease` to the real tracker
-//!   core), the holder's per-piece `PublishHashes` before announcing, and the other
-//!   nodes' hash sync (a `GetHashes` the tracker holds until the next publish) with
-//!   `Have`s deferred until the piece's hash is known.
+//! - **The real node's cores** ([`node`]): every decision a node makes is the
+//!   `swarm_core` one, with the daemon's defaults (`swarm_core::node::NodePolicy`:
+//!   upload slots, peers per blob, receive budget, scheduler settings; the timing
+//!   constants of `swarm_core::node`). No number of the node's policy is written in
+//!   this crate: a flag such as `--max-peers` only overrides the same field of the
+//!   policy the daemon uses. What the cores decide, the driver carries out: the
+//!   [`swarm_core::swarm::Swarm`] of each node (peer choice, dials and back-off,
+//!   bans, announce cadence, piece hashes learned from the tracker or from peers,
+//!   deferred `Have`s, `Have` fan-out with the hashes riding along, peer exchange,
+//!   the scheduler, the blob's end), the upload slots, fresh-piece ledger and
+//!   receive budget (`swarm_core::upload`), the connection bounds
+//!   (`swarm_core::conns`), and in the edge upgrade the start-up, upstream lease,
+//!   the holder's hash publishing and re-assertion, and the takeover of a stalled
+//!   lease (`swarm_core::lease`), against the real tracker core.
+//! - **Latency**: a fixed one-way delay of RTT/2 for every message (request, reply,
+//!   cancel, `Have`, hashes, peer lists), a dial costs 2 RTTs, a tracker round trip 1
+//!   RTT, and the upstream GET starts one WAN RTT after the lease holder starts.
 //! - **Scenarios** ([`scenario`]): edge upgrade (the lease holder streams the blob
-//!   from upstream; each piece is shared as soon as it arrived and its hash is
-//!   published), in-cluster (a seed), churn (graceful leaves and joins at random
-//!   times), and the direct baseline.
+//!   from upstream; each piece is shared as soon as it arrived, its hash travelling
+//!   with its `Have`), in-cluster (a seed), churn (graceful leaves and joins at
+//!   random times), and the direct baseline.
+//! - **Faults** ([`Faults`]): the lease holder crashes (`--kill-holder-at`; its peers
+//!   notice by their requests' timeouts until QUIC's idle timeout, and another node
+//!   takes the lease over), the tracker stops answering for a while
+//!   (`--tracker-down-at`/`--tracker-down-for`), and downloading nodes crash and
+//!   restart with their verified pieces (`--restart-at`, `--restart-nodes`,
+//!   `--restart-down`).
 //!
 //! # What is not modelled
 //!
@@ -38,13 +50,12 @@
 //! hashing, writes and the final whole-blob check take no time (a node counts as
 //! done at the scheduler's `Complete`; the real node then re-hashes the whole blob,
 //! about a second or two per GiB, before containerd gets the last piece). Control traffic
-//! (handshakes, bitfields, `Have`s, tracker messages) uses no bandwidth. Bad pieces,
-//! stalled peers, dial failures other than to departed nodes, tracker restarts and
-//! crashes (every leave is graceful), the lease holder failing or leaving (so no
-//! lease takeover), the holder's HTTP body pausing (it is buffered: the upstream
-//! streams at full rate while pieces are hashed and published), the mirror and
-//! containerd. Tracker requests are handled when sent; the answer arrives one RTT
-//! later. Only one blob at a time.
+//! (handshakes, bitfields, `Have`s, hashes, tracker messages) uses no bandwidth. Bad
+//! pieces, stalled peers that stay connected, dial failures other than to departed
+//! nodes, the holder's HTTP body pausing (it is buffered: the upstream streams at
+//! full rate while pieces are hashed), upstream errors and retries, tracker replicas,
+//! the mirror and containerd. Tracker requests are handled when sent; the answer
+//! arrives one RTT later. Only one blob at a time.
 //!
 //! # Usage
 //!

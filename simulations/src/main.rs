@@ -88,14 +88,14 @@ struct Args {
     /// Stop after this much simulated time (default: 20·T_min + 60 s; direct: none).
     #[arg(long, value_parser = humantime::parse_duration, env = "SWARM_SIM_MAX_TIME")]
     max_time: Option<Duration>,
-    /// Peers each node keeps connected (default: the real node's NodeConfig::max_peers).
+    /// Peers each node dials per blob (default: the real node's NodePolicy::max_peers).
     #[arg(long, env = "SWARM_SIM_MAX_PEERS")]
     max_peers: Option<usize>,
-    /// Concurrent uploads per node (default: the real node's NodeConfig::upload_slots).
+    /// Concurrent uploads per node (default: the real node's NodePolicy::upload_slots).
     #[arg(long, env = "SWARM_SIM_UPLOAD_SLOTS")]
     upload_slots: Option<usize>,
     /// Piece buffers in flight per node, e.g. 32MiB (default: the real node's
-    /// NodeConfig::receive_budget).
+    /// NodePolicy::receive_budget).
     #[arg(long, env = "SWARM_SIM_RECEIVE_BUDGET")]
     receive_budget: Option<String>,
     /// Scheduler: transfer time to keep queued per peer (SchedulerConfig::queue_time).

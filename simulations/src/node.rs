@@ -19,6 +19,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
+use swarm_core::conns::Connections;
 use swarm_core::lease::{
     LayoutReply, LeaseAnswer, PublishStep, Published, Publisher, StartStep, Startup, TAKEOVER_AFTER, TakeoverWatch,
 };
@@ -87,6 +88,8 @@ pub struct SimNode {
     pub swarm: Swarm,
     /// Open connections by the swarm's key.
     pub links: BTreeMap<PeerKey, Link>,
+    /// The node's connection bounds (the core's `Connections`, as in the daemon).
+    pub conns: Connections,
     /// The earliest core wake-up already in the event queue.
     pub timer_at: Option<Nanos>,
     /// Our fetches by (peer, piece).
@@ -144,6 +147,7 @@ impl SimNode {
             completed_at: None,
             swarm,
             links: BTreeMap::new(),
+            conns: Connections::default(),
             timer_at: None,
             outstanding: BTreeMap::new(),
             budget: ReceiveBudget::new(policy.receive_budget_kib()),
@@ -834,11 +838,30 @@ impl World {
         let at = self.clock.at(self.now);
         let (id_a, id_b) = (self.nodes[a as usize].peer_id, self.nodes[b as usize].peer_id);
         let conn = |peer_id, addr, outbound| PeerConn { peer_id, addr, outbound, version: PROTOCOL_VERSION };
+        // The connection bounds first: the dialler does not dial past its own, the
+        // other side refuses the attempt past its own; either way a failed dial.
+        if self.nodes[a as usize].conns.open(node_addr(b)).is_err() {
+            self.nodes[a as usize].swarm.dial_failed(node_addr(b), at);
+            self.drain(a);
+            return;
+        }
+        if self.nodes[b as usize].conns.open(node_addr(a)).is_err() {
+            self.nodes[a as usize].conns.closed(node_addr(b));
+            self.nodes[a as usize].swarm.dial_failed(node_addr(b), at);
+            self.drain(a);
+            return;
+        }
+        let release = |nodes: &mut [SimNode]| {
+            nodes[a as usize].conns.closed(node_addr(b));
+            nodes[b as usize].conns.closed(node_addr(a));
+        };
         let Ok(ka) = self.nodes[a as usize].swarm.connected(conn(id_b, node_addr(b), true), at) else {
+            release(&mut self.nodes);
             self.drain(a);
             return;
         };
         let Ok(kb) = self.nodes[b as usize].swarm.connected(conn(id_a, node_addr(a), false), at) else {
+            release(&mut self.nodes);
             self.nodes[a as usize].swarm.closed(ka, at);
             self.drain(a);
             self.drain(b);
@@ -866,6 +889,8 @@ impl World {
         let Some(link) = self.nodes[n as usize].links.remove(&key) else { return };
         let r = link.remote;
         self.nodes[r as usize].links.remove(&link.remote_key);
+        self.nodes[n as usize].conns.closed(node_addr(r));
+        self.nodes[r as usize].conns.closed(node_addr(n));
         self.abort_all_with(n, key);
         self.abort_all_with(r, link.remote_key);
         let at = self.clock.at(self.now);
