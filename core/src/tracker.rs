@@ -413,9 +413,11 @@ impl TrackerState {
             TrackerRequest::WaitStage { agent, .. } => {
                 self.stage.seen(&agent, observed, now).map(|()| self.stage_orders()).map_err(Into::into)
             }
-            TrackerRequest::StageProgress { agent, progress } => {
-                self.stage.progress(&agent, observed, progress, now).map(|()| TrackerResponse::Registered).map_err(Into::into)
-            }
+            TrackerRequest::StageProgress { agent, progress } => self
+                .stage
+                .progress(&agent, observed, progress, now)
+                .map(|()| TrackerResponse::Registered)
+                .map_err(Into::into),
             TrackerRequest::StageStatus { image } => {
                 Ok(TrackerResponse::StageStatus(self.stage.status(&image, self.config.announce_interval, now)))
             }

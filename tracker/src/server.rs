@@ -377,7 +377,10 @@ enum Before {
         blobs: usize,
     },
     /// A stage order.
-    StageOrder { image: String, release: bool },
+    StageOrder {
+        image: String,
+        release: bool,
+    },
     /// A lease release, and the lease as it stood.
     Release {
         peer: PeerId,

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use swarm_proto::PeerId;
 use swarm_proto::msg::{
-    MAX_STAGE_IMAGE_LEN, MAX_STAGE_NAME_LEN, MAX_STAGE_ORDERS, MAX_STAGE_REASON_LEN, MAX_STAGE_SELECTORS,
-    MAX_ZONE_LEN, StageAgent, StageAgentView, StageOrder, StageProgress, StageState, StageStatus,
+    MAX_STAGE_IMAGE_LEN, MAX_STAGE_NAME_LEN, MAX_STAGE_ORDERS, MAX_STAGE_REASON_LEN, MAX_STAGE_SELECTORS, MAX_ZONE_LEN,
+    StageAgent, StageAgentView, StageOrder, StageProgress, StageState, StageStatus,
 };
 
 /// Why a stage request was refused.
@@ -79,7 +79,8 @@ impl StageBook {
             return Err(StageError::Image);
         }
         let selectors = order.zones.len() + order.nodes.len();
-        if selectors > MAX_STAGE_SELECTORS || order.zones.iter().chain(&order.nodes).any(|s| s.len() > MAX_STAGE_NAME_LEN)
+        if selectors > MAX_STAGE_SELECTORS
+            || order.zones.iter().chain(&order.nodes).any(|s| s.len() > MAX_STAGE_NAME_LEN)
         {
             return Err(StageError::Selectors);
         }
