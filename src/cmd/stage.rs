@@ -438,6 +438,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_table_has_one_line_per_node_with_the_reason_of_a_failure() {
+        let node = |name: &str, state: &str, held: u64, reason: Option<&str>| NodeReport {
+            peer_id: "3f2a91c0".repeat(4),
+            name: name.into(),
+            zone: "rack-a".into(),
+            addr: "192.0.2.1:7001".into(),
+            last_seen_ms: 10,
+            state: state.into(),
+            reason: reason.map(Into::into),
+            manifest: Some("sha256:9b1c".into()),
+            blobs: 5,
+            blobs_held: if held > 0 { 5 } else { 0 },
+            bytes: 2 << 30,
+            bytes_held: held,
+        };
+        let report = StageReport {
+            image: "quay.io/kairos/core:v3".into(),
+            release: false,
+            issued_ms: 1,
+            pin_until_secs: 2,
+            ok: false,
+            elapsed_secs: 1.0,
+            trackers: vec![TrackerReport { address: "192.0.2.10:7000".into(), error: Some("down".into()) }],
+            nodes: vec![node("master", "done", 2 << 30, None), node("worker2", "failed", 0, Some("cannot fit"))],
+        };
+        let text = table(&report);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "NODE     PEER      ZONE    STATE   BLOBS  BYTES              DETAIL");
+        assert_eq!(lines[1], "master   3f2a91c0  rack-a  done    5/5    2.00 GiB/2.00 GiB  sha256:9b1c");
+        assert_eq!(lines[2], "worker2  3f2a91c0  rack-a  failed  0/5    0 B/2.00 GiB       cannot fit");
+        assert_eq!(lines[3], "tracker 192.0.2.10:7000: down");
+    }
+
+    #[test]
     fn one_key_per_image_however_it_is_written() {
         assert_eq!(normalise("ubuntu").expect("ubuntu"), "docker.io/library/ubuntu:latest");
         assert_eq!(normalise("docker.io/library/ubuntu:latest").expect("full"), "docker.io/library/ubuntu:latest");
