@@ -6,7 +6,8 @@
 //!   the upstream crossed about once (≤ 1.05 × the image), the first agent's upstream
 //!   request comes within 3 s of the command, and containerd then pulls the image by
 //!   digest through an agent with the uplink down;
-//! - an image index of two platforms: only the nodes' platform is staged;
+//! - an image index of two platforms: only the nodes' platform is staged (with two
+//!   trackers, both given the order);
 //! - pins survive an agent restart and a full cache budget, `--release` unpins, a
 //!   node that cannot fit the image fails its part with the bytes it lacks, and
 //!   `--json` carries the documented fields.
@@ -191,8 +192,12 @@ async fn an_index_of_two_platforms_stages_only_the_nodes_platform() {
     let other = build_image(&registry, "edge/multi", "other", &[3 * MIB, MIB]).expect("image");
     let index = push_index(&registry, "edge/multi", "v1", &ours, &other).await;
     let host = registry.host();
-    let cluster = Cluster::start(&dir.path().join("swarm"), 2, &[&host]).expect("cluster");
+    // Two trackers: the command gives both the order, the agents long-poll both.
+    let cluster = Cluster::start_replicated(&dir.path().join("swarm"), 2, 2, &[&host]).expect("cluster");
     let (out, report) = stage(&cluster, &[&format!("{host}/edge/multi:v1")]).await;
+    let trackers = report["trackers"].as_array().expect("trackers");
+    assert_eq!(trackers.len(), 2, "{report:#}");
+    assert!(trackers.iter().all(|t| t["error"].is_null()), "{report:#}");
     assert!(out.status.success(), "swarm stage failed: {report:#}\n{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(nodes(&report).len(), 2);
     for n in nodes(&report) {
