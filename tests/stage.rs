@@ -10,7 +10,9 @@
 //!   trackers, both given the order);
 //! - pins survive an agent restart and a full cache budget, `--release` unpins, a
 //!   node that cannot fit the image fails its part with the bytes it lacks, and
-//!   `--json` carries the documented fields.
+//!   `--json` carries the documented fields;
+//! - a tracker that restarts mid-stage (forgetting the order) is given the order again
+//!   by the running command, and the stage completes.
 //!
 //! Needs: containerd, docker-registry, umoci, skopeo, and root (containerd).
 
@@ -288,4 +290,49 @@ async fn pins_outlive_a_restart_and_the_budget_until_released_and_a_node_that_ca
         assert!(!cluster.agents[0].data_dir.join("pins").join(d.hex()).exists(), "{d} still pinned");
     }
     assert!(!cluster.agents[0].data_dir.join("staged").read_dir().is_ok_and(|mut d| d.next().is_some()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tracker_that_restarts_mid_stage_is_given_the_order_again() {
+    support::init_tracing();
+    let dir = test_dir("stage-restart");
+    let registry = Registry::start(&dir.path().join("registry")).expect("registry");
+    let image = build_image(&registry, "edge/os", "v3", &[8 * MIB, 2 * MIB, MIB]).expect("image");
+    // A slow uplink (4 MB/s) keeps the stage running while the tracker restarts.
+    let uplink = FlakyProxy::start(registry.addr(), 4_000_000).await.expect("proxy");
+    let host = uplink.addr().to_string();
+    let mut cluster = Cluster::start(&dir.path().join("swarm"), 2, &[&host]).expect("cluster");
+    let mut cmd = stage_command(&cluster, &[&through(&uplink, &image)]);
+    let run = tokio::task::spawn_blocking(move || run_unchecked(&mut cmd, STAGE_LIMIT));
+    uplink
+        .wait_for_bytes(2 * MIB as u64, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+
+    // The tracker dies and a new one starts on the same address, knowing no order.
+    cluster.tracker.kill();
+    let restart = support::agents::tracker_command(cluster.tracker_addr, cluster.tracker_http, &cluster.token_file);
+    cluster.tracker =
+        support::ChildGuard::spawn("tracker-restarted", restart, &dir.path().join("swarm/logs")).expect("tracker");
+
+    let (out, report) = json_of(run.await.expect("join").expect("swarm stage runs"), &cluster);
+    assert!(
+        out.status.success(),
+        "swarm stage failed across a tracker restart: {report:#}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        cluster.logs()
+    );
+    assert_eq!(nodes(&report).len(), 2, "{report:#}");
+    assert!(nodes(&report).iter().all(|n| n["state"] == "done"), "{report:#}");
+    for (i, a) in cluster.agents.iter().enumerate() {
+        for d in image.blob_digests() {
+            assert!(a.stores_blob(&d), "agent {i} lacks {d}\n{}", cluster.logs());
+        }
+    }
+    let log = cluster.tracker.stderr_text();
+    assert!(log.contains("stage order"), "the restarted tracker never got the order again:\n{log}");
+    println!(
+        "uplink: {:.3} x the image across a tracker restart",
+        uplink.upstream_bytes() as f64 / image.total_bytes as f64
+    );
 }
