@@ -35,6 +35,8 @@ enum Command {
     Pull(cmd::pull::Args),
     /// Run a tracker and several peers on loopback and show how a blob spreads.
     Demo(cmd::demo::Args),
+    /// Put an image's blobs on every node ahead of a rollout, pinned (or --release them).
+    Stage(cmd::stage::Args),
     /// Show what the local agent (or, with --cluster, the whole cluster) is doing.
     Status(cmd::status::Args),
     /// Print a new random cluster token.
@@ -96,6 +98,7 @@ fn main() -> ExitCode {
             Command::Pull(a) => cmd::pull::run(a).await,
             Command::Demo(a) => cmd::demo::run(a).await,
             Command::Status(a) => cmd::status::run(a).await,
+            Command::Stage(a) => cmd::stage::run(a).await,
             Command::Token(a) => cmd::token::run(a),
             Command::ContainerdConfig(a) => cmd::containerd_config::run(a),
         }

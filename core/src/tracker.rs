@@ -61,6 +61,7 @@ use self::lease::Upstream;
 pub use self::lease::{LeaseState, LeaseStatus, MAX_FAILURE_REASON_LEN, MAX_HASHES_PER_REPLY};
 
 pub mod lease;
+pub mod stage;
 
 /// Tracker tuning.
 #[derive(Clone, Debug)]
@@ -338,6 +339,8 @@ pub struct TrackerState {
     instance: u64,
     /// No lease is granted before this instant (set by [`TrackerState::begin_grace`]).
     grace_until: Option<Instant>,
+    /// Stage orders and the staging agents ([`stage`]).
+    stage: stage::StageBook,
 }
 
 impl std::fmt::Debug for TrackerState {
@@ -352,7 +355,8 @@ impl TrackerState {
         // The instance id is derived from the seed without drawing from the shuffling
         // RNG, so seeded runs shuffle as they always did.
         let instance = splitmix64(seed ^ 0x5741_524d_5f49_4e53).max(1);
-        Self { config, rng: StdRng::seed_from_u64(seed), blobs: BTreeMap::new(), instance, grace_until: None }
+        let stage = stage::StageBook::new(splitmix64(instance));
+        Self { config, rng: StdRng::seed_from_u64(seed), blobs: BTreeMap::new(), instance, grace_until: None, stage }
     }
 
     /// This tracker's instance id (never 0).
@@ -405,8 +409,31 @@ impl TrackerState {
                 let interval_secs = u32::try_from(self.config.announce_interval.as_secs()).unwrap_or(u32::MAX).max(1);
                 TrackerResponse::StoreAnnounced { interval_secs, missing }
             }),
+            TrackerRequest::Stage(order) => self.stage.order(order).map(|()| self.stage_orders()).map_err(Into::into),
+            TrackerRequest::WaitStage { agent, .. } => {
+                self.stage.seen(&agent, observed, now).map(|()| self.stage_orders()).map_err(Into::into)
+            }
+            TrackerRequest::StageProgress { agent, progress } => self
+                .stage
+                .progress(&agent, observed, progress, now)
+                .map(|()| TrackerResponse::Registered)
+                .map_err(Into::into),
+            TrackerRequest::StageStatus { image } => {
+                Ok(TrackerResponse::StageStatus(self.stage.status(&image, self.config.announce_interval, now)))
+            }
         };
         result.unwrap_or_else(|e| TrackerResponse::Error { code: e.code(), message: e.to_string() })
+    }
+
+    /// The stage orders and their generation, as a response.
+    fn stage_orders(&self) -> TrackerResponse {
+        TrackerResponse::StageOrders { generation: self.stage.generation(), orders: self.stage.orders() }
+    }
+
+    /// Drops the stage orders whose pins ended before `now_unix_secs` (the wall clock,
+    /// which this core does not read itself).
+    pub fn expire_stage_orders(&mut self, now_unix_secs: u64) {
+        self.stage.expire_orders(now_unix_secs);
     }
 
     /// Publishes a blob's metainfo. Idempotent; a different metainfo for a digest
@@ -568,6 +595,7 @@ impl TrackerState {
             e.upstream.expire(now, &self.config, e.peers.len() > 0, e.metainfo.is_some());
         }
         self.blobs.retain(|_, e| !e.is_empty());
+        self.stage.expire_agents(now, ttl);
         dropped
     }
 
@@ -691,7 +719,8 @@ impl TrackerError {
             | TrackerError::ZoneTooLong { .. }
             | TrackerError::StoreTooLarge { .. }
             | TrackerError::Settling { .. }
-            | TrackerError::Unreachable { .. } => TrackerErrorCode::Invalid,
+            | TrackerError::Unreachable { .. }
+            | TrackerError::Stage(_) => TrackerErrorCode::Invalid,
         }
     }
 }
@@ -755,6 +784,9 @@ pub enum TrackerError {
     /// A store announce lists more blobs than one message may.
     #[error("a store announce of {blobs} blobs exceeds the limit of {max} (split it)")]
     StoreTooLarge { blobs: usize, max: usize },
+    /// A stage request broke a rule.
+    #[error(transparent)]
+    Stage(#[from] stage::StageError),
     /// The announce gives no address other peers could dial.
     #[error("peer {peer_id} announced the unreachable address {addr} (set a listen port or an advertise address)")]
     Unreachable { peer_id: PeerId, addr: SocketAddr },

@@ -79,6 +79,14 @@ impl SwarmProvider {
         self
     }
 
+    /// Fetches `req`'s blob into the store the way a containerd request would (same
+    /// start-up, lease and swarm), without serving it (`crate::stage`); returns once
+    /// the whole blob is stored and matched its digest.
+    pub async fn prefetch(&self, req: &BlobRequest) -> Result<(), ProviderError> {
+        let mut d = self.download(req).await?;
+        d.finished().await.map_err(|e| ProviderError::Other(e.to_string()))
+    }
+
     /// The download serving `req`, started if needed.
     async fn download(&self, req: &BlobRequest) -> Result<Download, ProviderError> {
         if let Some(d) = self.live(&req.digest) {

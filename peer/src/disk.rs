@@ -238,6 +238,13 @@ impl Disk {
         &self.pins
     }
 
+    /// Bytes of the store that a new stage cannot count on: blobs pinned, being
+    /// downloaded or served, other than `except` (the stage's own blobs).
+    pub fn kept_bytes(&self, except: &[Digest]) -> u64 {
+        let candidates = self.candidates(None);
+        candidates.iter().filter(|c| (c.busy || c.pinned) && !except.contains(&c.digest)).map(|c| c.size).sum()
+    }
+
     /// Records a use of `digest` (LRU order) and marks it busy until the guard drops.
     pub fn serving(self: &Arc<Self>, digest: Digest) -> ServingGuard {
         self.node.store().touch(&digest);

@@ -14,6 +14,8 @@
 //! - [`known_peers`]: the peers a node talked to, kept across restarts for when no
 //!   tracker answers.
 //! - [`announce`]: tells every tracker which complete blobs the store holds.
+//! - [`stage`]: `swarm stage` on the node: stage orders from the trackers, images
+//!   resolved, fetched and pinned ahead of a rollout, progress reported.
 
 pub mod agent;
 pub mod announce;
@@ -22,6 +24,7 @@ pub mod known_peers;
 pub mod mirror;
 pub mod node;
 pub use swarm_core::scheduler;
+pub mod stage;
 pub mod store;
 pub mod upload;
 pub mod upstream;

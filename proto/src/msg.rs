@@ -58,6 +58,132 @@ pub enum TrackerRequest {
     /// and registers the metainfo it is given. Answered with
     /// [`TrackerResponse::StoreAnnounced`].
     AnnounceStore(StoreAnnounce),
+    /// Stage (`swarm stage`): add or replace the stage order of `image` (a release is
+    /// an order too). An order older (`issued_ms`) than the one held for the image is
+    /// ignored. Answered with [`TrackerResponse::StageOrders`].
+    Stage(StageOrder),
+    /// Stage, from an agent: "my copy of your orders is of `generation` `after`".
+    /// Answered with [`TrackerResponse::StageOrders`] as soon as the tracker's
+    /// generation differs from `after`, else after `wait_ms` (at most
+    /// [`MAX_STAGE_WAIT_MS`]) with the same generation: a long poll, so an order
+    /// reaches every agent at once. Also tells the tracker the agent stages.
+    WaitStage { agent: StageAgent, after: u64, wait_ms: u32 },
+    /// Stage, from an agent: its progress on the orders that select it (at most
+    /// [`MAX_STAGE_ORDERS`] entries). Answered with `Registered`.
+    StageProgress { agent: StageAgent, progress: Vec<StageProgress> },
+    /// Stage, read-only: the order of `image` and every staging agent's progress on
+    /// it. Answered with [`TrackerResponse::StageStatus`].
+    StageStatus { image: String },
+}
+
+/// Most stage orders a tracker keeps (the oldest is dropped beyond it).
+pub const MAX_STAGE_ORDERS: usize = 64;
+/// Longest image reference in a stage order.
+pub const MAX_STAGE_IMAGE_LEN: usize = 512;
+/// Most `--zone`/`--node` selectors in one stage order.
+pub const MAX_STAGE_SELECTORS: usize = 256;
+/// Longest node name or selector.
+pub const MAX_STAGE_NAME_LEN: usize = 253;
+/// Longest failure reason in a [`StageState::Failed`].
+pub const MAX_STAGE_REASON_LEN: usize = 1024;
+/// Longest a tracker holds a [`TrackerRequest::WaitStage`].
+pub const MAX_STAGE_WAIT_MS: u32 = 30_000;
+
+/// An order to stage an image on the agents it selects, or to release it.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct StageOrder {
+    /// The image reference as given (`registry/repository:tag` or `...@sha256:...`);
+    /// each agent resolves it with its own upstream settings.
+    pub image: String,
+    /// Zones whose agents stage it (empty with `nodes` empty: every agent).
+    pub zones: Vec<String>,
+    /// Agents that stage it, by node name or peer id (hex, or a prefix of at least 8
+    /// digits).
+    pub nodes: Vec<String>,
+    /// End of the pins, in seconds since the Unix epoch.
+    pub pin_until_secs: u64,
+    /// A release: unpin what staging this image pinned.
+    pub release: bool,
+    /// When the order was issued, in milliseconds since the Unix epoch: names the
+    /// order (progress reports carry it) and orders the orders of one image.
+    pub issued_ms: u64,
+}
+
+impl StageOrder {
+    /// Whether the agent named `name` in `zone` with peer id `peer_id` is selected.
+    pub fn selects(&self, name: &str, zone: &str, peer_id: &PeerId) -> bool {
+        if self.zones.is_empty() && self.nodes.is_empty() {
+            return true;
+        }
+        let hex = peer_id.to_string();
+        self.zones.iter().any(|z| z == zone)
+            || self.nodes.iter().any(|n| n == name || (n.len() >= 8 && hex.starts_with(n.as_str())))
+    }
+}
+
+/// Who an agent is, as stage requests tell it.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct StageAgent {
+    pub peer_id: PeerId,
+    /// The node's name (its host name).
+    pub name: String,
+    pub zone: String,
+}
+
+/// One agent's progress on one stage order.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct StageProgress {
+    pub image: String,
+    /// The `issued_ms` of the order this is about.
+    pub issued_ms: u64,
+    pub state: StageState,
+    /// The image manifest (for the agent's platform) once resolved.
+    pub manifest: Option<Digest>,
+    /// Blobs (config and layers) of the image, and how many the agent holds.
+    pub blobs: u32,
+    pub blobs_held: u32,
+    /// Their bytes, and how many the agent holds.
+    pub bytes: u64,
+    pub bytes_held: u64,
+}
+
+/// Where an agent is with a stage order.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum StageState {
+    /// Resolving the reference (index, platform manifest).
+    Resolving,
+    /// Fetching blobs.
+    Fetching,
+    /// Every blob held and pinned.
+    Done,
+    /// The agent's part failed (at most [`MAX_STAGE_REASON_LEN`] bytes of reason).
+    Failed { reason: String },
+    /// A release order: the pins are gone.
+    Released,
+}
+
+/// The answer to [`TrackerRequest::StageStatus`].
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct StageStatus {
+    /// The order held for the image, if any.
+    pub order: Option<StageOrder>,
+    /// The tracker's announce interval: an agent not seen for three of them no longer
+    /// counts.
+    pub interval_secs: u32,
+    /// Every agent that stages (long-polls or reports), with its progress on the
+    /// image if it reported any.
+    pub agents: Vec<StageAgentView>,
+}
+
+/// One staging agent as a tracker sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct StageAgentView {
+    pub agent: StageAgent,
+    /// The address its requests come from.
+    pub addr: SocketAddr,
+    /// Milliseconds since its last stage request.
+    pub last_seen_ms: u64,
+    pub progress: Option<StageProgress>,
 }
 
 /// The tracker protocol version this code speaks (see `docs/protocol.md`, "Versions").
@@ -146,6 +272,15 @@ pub enum TrackerResponse {
         interval_secs: u32,
         missing: Vec<Digest>,
     },
+    /// The answer to [`TrackerRequest::Stage`] and [`TrackerRequest::WaitStage`]:
+    /// the tracker's stage orders and their generation (changed by every new order;
+    /// a restarted tracker starts from a random one).
+    StageOrders {
+        generation: u64,
+        orders: Vec<StageOrder>,
+    },
+    /// The answer to [`TrackerRequest::StageStatus`].
+    StageStatus(StageStatus),
 }
 
 /// The answer to [`TrackerRequest::AcquireLease`].

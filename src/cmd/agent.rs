@@ -221,6 +221,16 @@ pub async fn run(args: Args) -> Result<()> {
     let disk = Disk::new(node.clone(), budget, containerd_root.as_deref());
     let disk_task = tokio::spawn(disk.clone().run());
     let provider = Arc::new(SwarmProvider::new(node.clone(), upstream.clone()).with_disk(disk.clone()));
+    // `swarm stage` orders: followed from every tracker, carried out through the provider.
+    let stager = swarm_peer::stage::Stager::new(
+        node.clone(),
+        provider.clone(),
+        upstream.clone(),
+        Some(disk.clone()),
+        mirror::ManifestCache::new(s.data_dir.join("manifests")),
+        swarm_peer::stage::host_name(),
+    );
+    let stage_task = tokio::spawn(stager.run(cancel.clone()));
     let readiness = Readiness::new(format!("tracker {tracker} not checked yet"));
     if let Some(warning) = disk::filesystem_warning(&s.data_dir) {
         tracing::warn!(target: STATUS, "{warning}");
@@ -279,6 +289,7 @@ pub async fn run(args: Args) -> Result<()> {
     cancel.cancel();
     watch_task.await.context("tracker check task")?;
     announcer.await.context("store announcer task")?;
+    stage_task.await.context("stage task")?;
     follower.await.context("tracker list task")?;
     sampler.await.context("status sampler task")?;
     node.shutdown().await;

@@ -493,6 +493,7 @@ mod docs_tests {
             ("containerd-config", "`swarm containerd-config`"),
             ("demo", "`swarm demo`"),
             ("status", "`swarm status`"),
+            ("stage", "`swarm stage`"),
         ];
         let names: BTreeSet<_> =
             cli.get_subcommands().map(|c| c.get_name().to_string()).filter(|n| n != "help").collect();

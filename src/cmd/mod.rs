@@ -9,6 +9,7 @@ pub mod health;
 pub mod metrics;
 pub mod pull;
 pub mod seed;
+pub mod stage;
 pub mod status;
 pub mod token;
 pub mod tracker;

@@ -216,6 +216,16 @@ impl Cluster {
     /// Stops agent `i` (killed, as by a crash or a reboot) and starts it again on the
     /// same data directory and mirror address.
     pub fn restart_agent(&mut self, i: usize, plain_http: &[&str]) -> anyhow::Result<()> {
+        self.restart_agent_with(i, plain_http, &[])
+    }
+
+    /// Like [`Cluster::restart_agent`], with more arguments for the new process.
+    pub fn restart_agent_with(
+        &mut self,
+        i: usize,
+        plain_http: &[&str],
+        extra: &[std::ffi::OsString],
+    ) -> anyhow::Result<()> {
         let old = self.agents.remove(i);
         let (mirror, data_dir) = (old.mirror, old.data_dir.clone());
         drop(old);
@@ -225,6 +235,7 @@ impl Cluster {
         for r in plain_http {
             cmd.args(["--plain-http", r]);
         }
+        cmd.args(extra);
         let mut child = ChildGuard::spawn(&format!("agent-{i}-restarted"), cmd, &self.dir.join("logs"))?;
         wait_until(&format!("agent {i} mirror on {mirror}"), Duration::from_secs(20), &mut child, || tcp_open(mirror))?;
         self.agents.insert(i, Agent { child, mirror, metrics, data_dir });

@@ -41,8 +41,8 @@ use std::time::Duration;
 use swarm_net::{Endpoint, NetError, codes, read_msg, write_msg};
 use swarm_proto::codec::MAX_FRAME_LEN;
 use swarm_proto::msg::{
-    Announce, ClusterView, LeaseReply, LeaseViewState, PeerInfo, StoreAnnounce, TRACKER_VERSION, TrackerErrorCode,
-    TrackerRequest, TrackerResponse,
+    Announce, ClusterView, LeaseReply, LeaseViewState, PeerInfo, StageAgent, StageOrder, StageProgress, StageStatus,
+    StoreAnnounce, TRACKER_VERSION, TrackerErrorCode, TrackerRequest, TrackerResponse,
 };
 use swarm_proto::{Digest, Layout, Metainfo, PeerId, ProtoError};
 use tokio::sync::watch;
@@ -77,6 +77,10 @@ pub enum TrackerClientError {
     /// The tracker could not parse the request.
     #[error("tracker {tracker} refused the request as malformed (is it running an incompatible swarm version?)")]
     Malformed { tracker: SocketAddr },
+    /// The tracker does not know the stage requests (it refused one as malformed, or
+    /// speaks tracker protocol version 1).
+    #[error("tracker too old for stage: {tracker} does not know the stage requests; upgrade the tracker")]
+    TooOldForStage { tracker: SocketAddr },
     /// The tracker answered with an error.
     #[error("tracker refused the request ({code:?}): {message}")]
     Refused { code: TrackerErrorCode, message: String },
@@ -242,14 +246,27 @@ fn blob_of(req: &TrackerRequest) -> Option<Digest> {
         | TrackerRequest::GetHashes { blob, .. } => Some(*blob),
         TrackerRequest::Announce(a) => Some(a.blob),
         TrackerRequest::PublishHashes { layout, .. } => Some(layout.digest),
-        TrackerRequest::ClusterView { .. } | TrackerRequest::Hello { .. } | TrackerRequest::AnnounceStore(_) => None,
+        TrackerRequest::ClusterView { .. }
+        | TrackerRequest::Hello { .. }
+        | TrackerRequest::AnnounceStore(_)
+        | TrackerRequest::Stage(_)
+        | TrackerRequest::WaitStage { .. }
+        | TrackerRequest::StageProgress { .. }
+        | TrackerRequest::StageStatus { .. } => None,
     }
 }
 
 /// The oldest tracker protocol version that has `req`.
 fn version_of(req: &TrackerRequest) -> u32 {
     match req {
-        TrackerRequest::Hello { .. } | TrackerRequest::AnnounceStore(_) => 2,
+        // The stage requests are newer still; a tracker without them refuses them as
+        // malformed ([`TrackerClientError::TooOldForStage`]).
+        TrackerRequest::Hello { .. }
+        | TrackerRequest::AnnounceStore(_)
+        | TrackerRequest::Stage(_)
+        | TrackerRequest::WaitStage { .. }
+        | TrackerRequest::StageProgress { .. }
+        | TrackerRequest::StageStatus { .. } => 2,
         _ => 1,
     }
 }
@@ -708,6 +725,76 @@ impl TrackerClient {
     }
 }
 
+impl TrackerClient {
+    /// Sends a stage request to `tracker`; an old tracker's refusal becomes
+    /// [`TrackerClientError::TooOldForStage`].
+    async fn stage_request(
+        &self,
+        tracker: SocketAddr,
+        req: &TrackerRequest,
+    ) -> Result<TrackerResponse, TrackerClientError> {
+        match self.request_to(tracker, req).await {
+            Err(TrackerClientError::Malformed { tracker } | TrackerClientError::Unsupported { tracker, .. }) => {
+                Err(TrackerClientError::TooOldForStage { tracker })
+            }
+            other => other,
+        }
+    }
+
+    /// Gives `tracker` a stage order (`swarm stage`); returns the tracker's stage
+    /// generation and orders.
+    pub async fn stage(
+        &self,
+        tracker: SocketAddr,
+        order: &StageOrder,
+    ) -> Result<(u64, Vec<StageOrder>), TrackerClientError> {
+        match self.stage_request(tracker, &TrackerRequest::Stage(order.clone())).await? {
+            TrackerResponse::StageOrders { generation, orders } => Ok((generation, orders)),
+            other => Err(unexpected("stage", other)),
+        }
+    }
+
+    /// Long-polls `tracker` for its stage orders: answered at once when its
+    /// generation differs from `after`, else within `wait` (keep it under the
+    /// client's timeout).
+    pub async fn wait_stage(
+        &self,
+        tracker: SocketAddr,
+        agent: &StageAgent,
+        after: u64,
+        wait: Duration,
+    ) -> Result<(u64, Vec<StageOrder>), TrackerClientError> {
+        let wait_ms = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX);
+        let req = TrackerRequest::WaitStage { agent: agent.clone(), after, wait_ms };
+        match self.stage_request(tracker, &req).await? {
+            TrackerResponse::StageOrders { generation, orders } => Ok((generation, orders)),
+            other => Err(unexpected("wait-stage", other)),
+        }
+    }
+
+    /// Reports this agent's stage progress to `tracker`.
+    pub async fn stage_progress(
+        &self,
+        tracker: SocketAddr,
+        agent: &StageAgent,
+        progress: Vec<StageProgress>,
+    ) -> Result<(), TrackerClientError> {
+        let req = TrackerRequest::StageProgress { agent: agent.clone(), progress };
+        match self.stage_request(tracker, &req).await? {
+            TrackerResponse::Registered => Ok(()),
+            other => Err(unexpected("stage-progress", other)),
+        }
+    }
+
+    /// `tracker`'s order for `image` and every staging agent's progress on it.
+    pub async fn stage_status(&self, tracker: SocketAddr, image: &str) -> Result<StageStatus, TrackerClientError> {
+        match self.stage_request(tracker, &TrackerRequest::StageStatus { image: image.to_string() }).await? {
+            TrackerResponse::StageStatus(s) => Ok(s),
+            other => Err(unexpected("stage-status", other)),
+        }
+    }
+}
+
 /// Merges the views of several trackers: nodes by peer id (the latest sighting
 /// wins), blobs by digest (holders by peer id, the fuller holding wins; a live lease
 /// beats others), `truncated` if any was.
@@ -826,6 +913,8 @@ fn unexpected(request: &'static str, response: TrackerResponse) -> TrackerClient
         TrackerResponse::ClusterView(_) => "ClusterView",
         TrackerResponse::Hello { .. } => "Hello",
         TrackerResponse::StoreAnnounced { .. } => "StoreAnnounced",
+        TrackerResponse::StageOrders { .. } => "StageOrders",
+        TrackerResponse::StageStatus(_) => "StageStatus",
     };
     TrackerClientError::UnexpectedResponse { request, response }
 }
@@ -880,5 +969,101 @@ mod tests {
         }
         assert_eq!(blob_of(&TrackerRequest::ClusterView { blobs: vec![blob] }), None);
         assert_eq!(version_of(&TrackerRequest::Hello { version: TRACKER_VERSION }), 2);
+    }
+
+    fn stage_token() -> swarm_net::ClusterToken {
+        swarm_net::ClusterToken::new(vec![5; 32]).expect("token")
+    }
+
+    fn stage_endpoint() -> Endpoint {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Endpoint::bind(any, stage_token(), &swarm_net::EndpointConfig::default()).expect("bind")
+    }
+
+    fn agent() -> StageAgent {
+        StageAgent { peer_id: PeerId([1; 16]), name: "node-1".into(), zone: String::new() }
+    }
+
+    fn order(issued_ms: u64) -> StageOrder {
+        StageOrder {
+            image: "registry.local/os:v2".into(),
+            zones: vec![],
+            nodes: vec![],
+            pin_until_secs: u64::MAX,
+            release: false,
+            issued_ms,
+        }
+    }
+
+    /// The long poll is answered as soon as an order comes in, and at once for a
+    /// generation the tracker does not have.
+    #[tokio::test]
+    async fn wait_stage_is_answered_as_soon_as_an_order_comes_in() {
+        let server = stage_endpoint();
+        let addr = server.local_addr().expect("addr");
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(crate::serve(server, crate::TrackerConfig::default(), cancel.clone()));
+        let agent_client = TrackerClient::new(stage_endpoint(), addr);
+        let cli = TrackerClient::new(stage_endpoint(), addr);
+        let (generation, orders) =
+            agent_client.wait_stage(addr, &agent(), 0, Duration::from_secs(5)).await.expect("first poll");
+        assert!(orders.is_empty());
+        let started = std::time::Instant::now();
+        let waiting = {
+            let c = agent_client.clone();
+            tokio::spawn(async move { c.wait_stage(addr, &agent(), generation, Duration::from_secs(10)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cli.stage(addr, &order(1)).await.expect("stage");
+        let (next, orders) = waiting.await.expect("join").expect("poll");
+        assert!(started.elapsed() < Duration::from_secs(3), "answered after {:?}", started.elapsed());
+        assert_ne!(next, generation);
+        assert_eq!(orders, vec![order(1)]);
+        // The agent now shows in the status, without progress yet.
+        let status = cli.stage_status(addr, "registry.local/os:v2").await.expect("status");
+        assert_eq!(status.order, Some(order(1)));
+        assert_eq!(status.agents.len(), 1);
+        assert_eq!(status.agents[0].agent, agent());
+        cancel.cancel();
+        task.await.expect("join").expect("serve");
+    }
+
+    /// A tracker of the release before stage orders: it knows `Hello` (version 2) and
+    /// resets a stream it cannot decode, as the old server does.
+    async fn pre_stage_tracker(endpoint: Endpoint) {
+        while let Some(incoming) = endpoint.accept().await {
+            let Ok(conn) = incoming.authenticate().await else { continue };
+            tokio::spawn(async move {
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    match read_msg::<TrackerRequest>(&mut recv, MAX_FRAME_LEN).await {
+                        Ok(Some(TrackerRequest::Hello { .. })) => {
+                            let _ = write_msg(&mut send, &TrackerResponse::Hello { version: 2, instance: 9 }).await;
+                            let _ = send.finish();
+                        }
+                        _ => {
+                            let code = quinn::VarInt::from_u32(codes::PROTOCOL_ERROR);
+                            let _ = send.reset(code);
+                            let _ = recv.stop(code);
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tracker_without_stage_requests_is_reported_too_old_at_once() {
+        let server = stage_endpoint();
+        let addr = server.local_addr().expect("addr");
+        let task = tokio::spawn(pre_stage_tracker(server));
+        let c = TrackerClient::new(stage_endpoint(), addr);
+        let started = std::time::Instant::now();
+        let err = c.stage(addr, &order(1)).await.expect_err("refused");
+        assert!(matches!(err, TrackerClientError::TooOldForStage { .. }), "{err:?}");
+        assert!(err.to_string().contains("tracker too old for stage"), "{err}");
+        let err = c.wait_stage(addr, &agent(), 0, Duration::from_secs(10)).await.expect_err("refused");
+        assert!(matches!(err, TrackerClientError::TooOldForStage { .. }), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        task.abort();
     }
 }

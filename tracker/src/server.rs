@@ -44,6 +44,8 @@ struct SharedState {
     state: Mutex<TrackerState>,
     /// Woken on every publish of piece hashes.
     published: Notify,
+    /// Woken on every stage order (agents long-poll with `WaitStage`).
+    staged: Notify,
     /// Nodes and leases seen, for [`Tracker::stats`]. Locked after `state`, if both.
     seen: Mutex<Seen>,
     /// Requests received, by kind (indexed like [`REQUEST_KINDS`]).
@@ -62,7 +64,7 @@ struct Seen {
 }
 
 /// The kinds of tracker request, as counted in [`TrackerStats::requests`].
-pub const REQUEST_KINDS: [&str; 11] = [
+pub const REQUEST_KINDS: [&str; 15] = [
     "register",
     "get-metainfo",
     "announce",
@@ -74,6 +76,10 @@ pub const REQUEST_KINDS: [&str; 11] = [
     "cluster-view",
     "hello",
     "announce-store",
+    "stage",
+    "wait-stage",
+    "stage-progress",
+    "stage-status",
 ];
 
 /// A read-only snapshot of the tracker, for health and metrics endpoints.
@@ -111,6 +117,7 @@ impl Tracker {
         let shared = Arc::new(SharedState {
             state: Mutex::new(state),
             published: Notify::new(),
+            staged: Notify::new(),
             seen: Mutex::new(Seen::default()),
             requests: std::array::from_fn(|_| AtomicU64::new(0)),
             peer_ttl,
@@ -201,7 +208,14 @@ async fn expire_loop(state: Shared, every: Duration, cancel: CancellationToken) 
             () = cancel.cancelled() => return,
             _ = ticks.tick() => {
                 let now = Instant::now();
-                let dropped = lock(&state).expire(now);
+                let unix = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let dropped = {
+                    let mut st = lock(&state);
+                    st.expire_stage_orders(unix);
+                    st.expire(now)
+                };
                 let ttl = state.peer_ttl;
                 state
                     .seen
@@ -284,6 +298,7 @@ async fn request(mut send: quinn::SendStream, mut recv: quinn::RecvStream, remot
     }
     let response = match req {
         TrackerRequest::GetHashes { blob, first } => hashes_when_published(&state, blob, first, remote).await,
+        req @ TrackerRequest::WaitStage { .. } => stage_when_ordered(&state, req, remote).await,
         req => answer(&state, req, remote),
     };
     if let Err(e) = write_msg(&mut send, &response).await {
@@ -305,6 +320,26 @@ async fn hashes_when_published(state: &Shared, blob: Digest, first: u32, remote:
         let response = answer(state, TrackerRequest::GetHashes { blob, first }, remote);
         let waiting = matches!(&response, TrackerResponse::Hashes { hashes, complete: false, .. } if hashes.is_empty());
         if !waiting || tokio::time::timeout_at(deadline, published).await.is_err() {
+            return response;
+        }
+    }
+}
+
+/// Answers `WaitStage`: at once when the tracker's stage generation differs from the
+/// agent's, else when a new order comes in or after the request's `wait_ms` (at most
+/// [`MAX_STAGE_WAIT_MS`](swarm_proto::msg::MAX_STAGE_WAIT_MS)).
+async fn stage_when_ordered(state: &Shared, req: TrackerRequest, remote: SocketAddr) -> TrackerResponse {
+    let TrackerRequest::WaitStage { after, wait_ms, .. } = &req else { return answer(state, req, remote) };
+    let (after, wait) = (*after, Duration::from_millis(u64::from((*wait_ms).min(swarm_proto::msg::MAX_STAGE_WAIT_MS))));
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        // Registered before the state is read, so an order in between is not missed.
+        let staged = state.staged.notified();
+        tokio::pin!(staged);
+        staged.as_mut().enable();
+        let response = answer(state, req.clone(), remote);
+        let same = matches!(&response, TrackerResponse::StageOrders { generation, .. } if *generation == after);
+        if !same || tokio::time::timeout_at(deadline, staged).await.is_err() {
             return response;
         }
     }
@@ -340,6 +375,11 @@ enum Before {
     NewStore {
         peer: PeerId,
         blobs: usize,
+    },
+    /// A stage order.
+    StageOrder {
+        image: String,
+        release: bool,
     },
     /// A lease release, and the lease as it stood.
     Release {
@@ -388,6 +428,7 @@ fn answer(state: &Shared, req: TrackerRequest, remote: SocketAddr) -> TrackerRes
             TrackerRequest::ReleaseLease { peer_id, blob, failed } => {
                 Before::Release { peer: *peer_id, blob: *blob, was: st.lease_status(blob, now), failed: failed.clone() }
             }
+            TrackerRequest::Stage(order) => Before::StageOrder { image: order.image.clone(), release: order.release },
             _ => Before::Nothing,
         };
         let response = st.handle(req, remote, now);
@@ -399,6 +440,10 @@ fn answer(state: &Shared, req: TrackerRequest, remote: SocketAddr) -> TrackerRes
     };
     if wakes {
         state.published.notify_waiters();
+    }
+    if let (TrackerResponse::StageOrders { .. }, Before::StageOrder { image, release }) = (&response, &before) {
+        info!(%remote, image, release, "stage order");
+        state.staged.notify_waiters();
     }
     note_seen(state, announcer, &response, &before);
     add_lease_ages(state, &mut response);
@@ -523,5 +568,9 @@ fn describe(req: &TrackerRequest) -> &'static str {
         TrackerRequest::ClusterView { .. } => "cluster-view",
         TrackerRequest::Hello { .. } => "hello",
         TrackerRequest::AnnounceStore(_) => "announce-store",
+        TrackerRequest::Stage(_) => "stage",
+        TrackerRequest::WaitStage { .. } => "wait-stage",
+        TrackerRequest::StageProgress { .. } => "stage-progress",
+        TrackerRequest::StageStatus { .. } => "stage-status",
     }
 }
