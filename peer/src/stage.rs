@@ -58,8 +58,11 @@ pub const REPORT_EVERY: Duration = Duration::from_secs(5);
 pub const REPORT_MIN_GAP: Duration = Duration::from_millis(250);
 /// How often a running stage samples its bytes held.
 const SAMPLE_EVERY: Duration = Duration::from_millis(250);
-/// Blobs of one image fetched at once.
-const PARALLEL_BLOBS: usize = 8;
+/// Blobs of one image fetched at once: containerd's own default. Each blob is a
+/// connection to each of its peers (two for a moment while a pair dials both ways),
+/// and a node keeps at most `swarm_core::conns::MAX_CONNECTIONS_PER_ADDRESS` (8) to
+/// one peer, so three blobs leave room for a containerd pull alongside.
+const PARALLEL_BLOBS: usize = 3;
 /// Tries per blob (a blob whose swarm failed is started again).
 const BLOB_TRIES: u32 = 4;
 /// Tries per manifest request that fails transiently.
