@@ -58,7 +58,20 @@ pub enum TrackerRequest {
     /// and registers the metainfo it is given. Answered with
     /// [`TrackerResponse::StoreAnnounced`].
     AnnounceStore(StoreAnnounce),
+    /// From a lease holder fetching `blob` from upstream, to the cap owner (the
+    /// tracker first in the rendezvous order of [`UPLINK_CAP_KEY`]): "how fast may I
+    /// fetch?". Sent when the fetch starts, then every `renew_ms` of the last answer.
+    /// Answered with [`TrackerResponse::UplinkShare`]. A tracker that cannot decode it
+    /// (an older release) resets the stream: the holder then fetches uncapped.
+    /// `fetching: false` says the fetch is over (done, failed or the lease lost): the
+    /// caller's share goes back to the other holders at once.
+    UplinkShare { peer_id: PeerId, blob: Digest, fetching: bool },
 }
+
+/// The fixed key whose rendezvous order over the trackers names the owner of the
+/// cluster's uplink cap ([`TrackerRequest::UplinkShare`] goes there, and to the next
+/// tracker while the owner does not answer). Not a blob's digest.
+pub const UPLINK_CAP_KEY: Digest = Digest(*b"swarm uplink cap owner key......");
 
 /// The tracker protocol version this code speaks (see `docs/protocol.md`, "Versions").
 /// Version 1: every tracker message up to `ClusterView`; version 2 adds `Hello` and
@@ -145,6 +158,14 @@ pub enum TrackerResponse {
     StoreAnnounced {
         interval_secs: u32,
         missing: Vec<Digest>,
+    },
+    /// The answer to [`TrackerRequest::UplinkShare`]: the caller's share of the
+    /// cluster's uplink cap in bytes per second (`0`: no cap, fetch at full speed), and
+    /// when to ask again, in milliseconds. The caller keeps this share until a tracker
+    /// answers again, however long that takes.
+    UplinkShare {
+        bytes_per_sec: u64,
+        renew_ms: u32,
     },
 }
 

@@ -30,9 +30,12 @@ fn layout() -> Layout {
     Layout { digest: blob(), length: 600_000, piece_length: 1 << 18 }
 }
 
+/// Named requests and responses of one version.
+type Frames = (Vec<(&'static str, TrackerRequest)>, Vec<(&'static str, TrackerResponse)>);
+
 /// Version 1: every tracker request and response (and lease reply) as of the first
 /// release.
-fn v1() -> (Vec<(&'static str, TrackerRequest)>, Vec<(&'static str, TrackerResponse)>) {
+fn v1() -> Frames {
     let announce = Announce {
         peer_id: peer(),
         blob: blob(),
@@ -118,7 +121,7 @@ fn v1() -> (Vec<(&'static str, TrackerRequest)>, Vec<(&'static str, TrackerRespo
 }
 
 /// Version 2: the hello exchange and the store announce.
-fn v2() -> (Vec<(&'static str, TrackerRequest)>, Vec<(&'static str, TrackerResponse)>) {
+fn v2() -> Frames {
     let store = StoreAnnounce {
         peer_id: peer(),
         listen_port: 7001,
@@ -132,6 +135,21 @@ fn v2() -> (Vec<(&'static str, TrackerRequest)>, Vec<(&'static str, TrackerRespo
         vec![
             ("hello", TrackerResponse::Hello { version: 2, instance: 0x0123_4567_89ab_cdef }),
             ("store-announced", TrackerResponse::StoreAnnounced { interval_secs: 30, missing: vec![blob()] }),
+        ],
+    )
+}
+
+/// The next version (its number is settled when it is released): the uplink share
+/// exchange of the cluster-wide uplink cap.
+fn v3() -> Frames {
+    (
+        vec![
+            ("uplink-share", TrackerRequest::UplinkShare { peer_id: peer(), blob: blob(), fetching: true }),
+            ("uplink-share-done", TrackerRequest::UplinkShare { peer_id: peer(), blob: blob(), fetching: false }),
+        ],
+        vec![
+            ("uplink-share", TrackerResponse::UplinkShare { bytes_per_sec: 2_500_000, renew_ms: 500 }),
+            ("uplink-share-uncapped", TrackerResponse::UplinkShare { bytes_per_sec: 0, renew_ms: 5000 }),
         ],
     )
 }
@@ -176,7 +194,7 @@ fn recorded_tracker_frames_still_decode_and_encode_byte_identically() {
     let record = std::env::var_os("SWARM_RECORD_FRAMES").is_some();
     let mut problems = Vec::new();
     let mut count = 0;
-    for (version, (requests, responses)) in [(1, v1()), (2, v2())] {
+    for (version, (requests, responses)) in [(1, v1()), (2, v2()), (3, v3())] {
         for (name, m) in &requests {
             check(version, "request", name, m, record, &mut problems);
             count += 1;
@@ -191,6 +209,7 @@ fn recorded_tracker_frames_still_decode_and_encode_byte_identically() {
     // inserted: its frame goes under the next version).
     assert_eq!(v1().0.len(), 9);
     assert_eq!(v2().0.len() + v1().0.len(), 11);
+    assert_eq!(v3().0.len() + v2().0.len() + v1().0.len(), 13);
 }
 
 #[test]
@@ -201,5 +220,10 @@ fn version_2_requests_use_tags_a_version_1_decoder_does_not_know() {
     for (name, m) in v2().0 {
         let frame = encode_frame(&m).expect("encode");
         assert!(frame[4] > 8, "{name} has tag {}", frame[4]);
+    }
+    // Likewise, a version-2 decoder knows tags 0..=10.
+    for (name, m) in v3().0 {
+        let frame = encode_frame(&m).expect("encode");
+        assert!(frame[4] > 10, "{name} has tag {}", frame[4]);
     }
 }

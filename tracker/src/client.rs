@@ -38,11 +38,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use swarm_core::tracker::uplink::{Share, UNCAPPED_RENEW};
 use swarm_net::{Endpoint, NetError, codes, read_msg, write_msg};
 use swarm_proto::codec::MAX_FRAME_LEN;
 use swarm_proto::msg::{
     Announce, ClusterView, LeaseReply, LeaseViewState, PeerInfo, StoreAnnounce, TRACKER_VERSION, TrackerErrorCode,
-    TrackerRequest, TrackerResponse,
+    TrackerRequest, TrackerResponse, UPLINK_CAP_KEY,
 };
 use swarm_proto::{Digest, Layout, Metainfo, PeerId, ProtoError};
 use tokio::sync::watch;
@@ -243,13 +244,17 @@ fn blob_of(req: &TrackerRequest) -> Option<Digest> {
         TrackerRequest::Announce(a) => Some(a.blob),
         TrackerRequest::PublishHashes { layout, .. } => Some(layout.digest),
         TrackerRequest::ClusterView { .. } | TrackerRequest::Hello { .. } | TrackerRequest::AnnounceStore(_) => None,
+        // Not about its blob: to the owner of the cluster's uplink cap.
+        TrackerRequest::UplinkShare { .. } => Some(UPLINK_CAP_KEY),
     }
 }
 
 /// The oldest tracker protocol version that has `req`.
 fn version_of(req: &TrackerRequest) -> u32 {
     match req {
-        TrackerRequest::Hello { .. } | TrackerRequest::AnnounceStore(_) => 2,
+        // `UplinkShare` is newer still; a version-2 tracker without it refuses it as
+        // malformed, which `uplink_share` takes as "no cap".
+        TrackerRequest::Hello { .. } | TrackerRequest::AnnounceStore(_) | TrackerRequest::UplinkShare { .. } => 2,
         _ => 1,
     }
 }
@@ -706,6 +711,32 @@ impl TrackerClient {
             other => Err(unexpected("announce-store", other)),
         }
     }
+
+    /// As a node fetching `blob` from upstream (`fetching`), or done with it: asks the
+    /// owner of the cluster's uplink cap (the first tracker up in the rendezvous
+    /// order of [`UPLINK_CAP_KEY`]) for this fetch's share of the cap. A tracker of a
+    /// release without the cap (it refuses the request as malformed, or speaks
+    /// version 1) means no cap: the share is uncapped, asked again after
+    /// [`UNCAPPED_RENEW`]. A tracker failure is an error: the caller keeps its last
+    /// share.
+    pub async fn uplink_share(
+        &self,
+        peer_id: PeerId,
+        blob: Digest,
+        fetching: bool,
+    ) -> Result<Share, TrackerClientError> {
+        match self.request(&TrackerRequest::UplinkShare { peer_id, blob, fetching }).await {
+            Ok(TrackerResponse::UplinkShare { bytes_per_sec, renew_ms }) => Ok(Share {
+                bytes_per_sec: (bytes_per_sec > 0).then_some(bytes_per_sec),
+                renew: Duration::from_millis(u64::from(renew_ms)).clamp(Duration::from_millis(100), UNCAPPED_RENEW),
+            }),
+            Ok(other) => Err(unexpected("uplink-share", other)),
+            Err(TrackerClientError::Malformed { .. } | TrackerClientError::Unsupported { .. }) => {
+                Ok(Share { bytes_per_sec: None, renew: UNCAPPED_RENEW })
+            }
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// Merges the views of several trackers: nodes by peer id (the latest sighting
@@ -826,6 +857,7 @@ fn unexpected(request: &'static str, response: TrackerResponse) -> TrackerClient
         TrackerResponse::ClusterView(_) => "ClusterView",
         TrackerResponse::Hello { .. } => "Hello",
         TrackerResponse::StoreAnnounced { .. } => "StoreAnnounced",
+        TrackerResponse::UplinkShare { .. } => "UplinkShare",
     };
     TrackerClientError::UnexpectedResponse { request, response }
 }
