@@ -186,12 +186,14 @@ mod tests {
         assert_eq!(rate(u.report(peer(1), blob(1), true, t0 + 500 * MS)), CAP / 2);
         // Holder 2 goes silent; holder 1 keeps renewing.
         assert_eq!(rate(u.report(peer(1), blob(1), true, t0 + 1000 * MS)), CAP / 2);
-        assert_eq!(rate(u.report(peer(1), blob(1), true, t0 + 1500 * MS)), CAP);
+        // Holder 2 was last heard at 1 ms: at 1501 ms it is counted out.
+        assert_eq!(rate(u.report(peer(1), blob(1), true, t0 + 1500 * MS)), CAP / 2);
+        assert_eq!(rate(u.report(peer(1), blob(1), true, t0 + 2000 * MS)), CAP);
         assert_eq!(u.holders(), 1);
         // Holder 2 comes back: what is left, then its fair share after holder 1 renews.
-        assert_eq!(rate(u.report(peer(2), blob(2), true, t0 + 1600 * MS)), MIN_SHARE);
-        assert_eq!(rate(u.report(peer(1), blob(1), true, t0 + 2000 * MS)), CAP / 2);
-        assert_eq!(rate(u.report(peer(2), blob(2), true, t0 + 2100 * MS)), CAP / 2);
+        assert_eq!(rate(u.report(peer(2), blob(2), true, t0 + 2100 * MS)), MIN_SHARE);
+        assert_eq!(rate(u.report(peer(1), blob(1), true, t0 + 2500 * MS)), CAP / 2);
+        assert_eq!(rate(u.report(peer(2), blob(2), true, t0 + 2600 * MS)), CAP / 2);
         assert!(u.granted() <= CAP);
     }
 
