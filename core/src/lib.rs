@@ -19,12 +19,14 @@
 //!   next, which fresh pieces a source holds back).
 //! - [`scheduler`]: one blob's piece picking and peer choosing (rarest first,
 //!   endgame, timeouts, bad-piece accounting).
+//! - [`rate`]: the token bucket behind the uplink cap's shares and the download rate.
 //! - [`tracker`]: the tracker's state: who holds or wants which blob, the metainfo,
 //!   upstream leases and the piece hashes published while a blob streams in.
 
 pub mod conns;
 pub mod lease;
 pub mod node;
+pub mod rate;
 pub mod scheduler;
 pub mod swarm;
 pub mod tracker;

@@ -17,7 +17,8 @@
 //!
 //! Upstream leases and the piece hashes published while a blob streams in from the
 //! upstream registry live in the [`lease`] submodule (its docs state the rules);
-//! [`TrackerState::handle`] routes their requests there.
+//! [`TrackerState::handle`] routes their requests there. The division of the
+//! cluster's uplink cap among the lease holders lives in [`uplink`].
 //!
 //! **Replicas and restarts.** Several trackers may serve one cluster with no shared
 //! state: clients pick each blob's arbiter by rendezvous hashing over the trackers
@@ -62,6 +63,7 @@ pub use self::lease::{LeaseState, LeaseStatus, MAX_FAILURE_REASON_LEN, MAX_HASHE
 
 pub mod lease;
 pub mod stage;
+pub mod uplink;
 
 /// Tracker tuning.
 #[derive(Clone, Debug)]
@@ -85,6 +87,9 @@ pub struct TrackerConfig {
     /// No new lease is granted during a tracker's first `lease_grace` as a blob's
     /// arbiter (see the module docs), so that holders can re-assert theirs.
     pub lease_grace: Duration,
+    /// The cluster's uplink cap in bytes per second, divided among the nodes fetching
+    /// from upstream when this tracker owns the cap ([`uplink`]); `None`: no cap.
+    pub uplink_cap: Option<u64>,
 }
 
 /// The default [`TrackerConfig::lease_grace`]: a lease holder publishes at least every
@@ -103,7 +108,7 @@ pub const NO_HOLDER: PeerId = PeerId([0; 16]);
 impl Default for TrackerConfig {
     /// Re-announce every 30 s, forget after three missed announces, 50 peers a reply;
     /// leases of 10 s, lost after 110 s without progress; failures remembered 10 s;
-    /// a lease grace of [`LEASE_GRACE`].
+    /// a lease grace of [`LEASE_GRACE`]; no uplink cap.
     fn default() -> Self {
         Self {
             announce_interval: Duration::from_secs(30),
@@ -113,6 +118,7 @@ impl Default for TrackerConfig {
             stall_timeout: STALL_TIMEOUT,
             failure_memory: Duration::from_secs(10),
             lease_grace: LEASE_GRACE,
+            uplink_cap: None,
         }
     }
 }
@@ -341,6 +347,8 @@ pub struct TrackerState {
     grace_until: Option<Instant>,
     /// Stage orders and the staging agents ([`stage`]).
     stage: stage::StageBook,
+    /// The uplink cap's holders and their shares.
+    uplink: uplink::UplinkShares,
 }
 
 impl std::fmt::Debug for TrackerState {
@@ -356,7 +364,16 @@ impl TrackerState {
         // RNG, so seeded runs shuffle as they always did.
         let instance = splitmix64(seed ^ 0x5741_524d_5f49_4e53).max(1);
         let stage = stage::StageBook::new(splitmix64(instance));
-        Self { config, rng: StdRng::seed_from_u64(seed), blobs: BTreeMap::new(), instance, grace_until: None, stage }
+        let uplink = uplink::UplinkShares::new(config.uplink_cap);
+        Self {
+            config,
+            rng: StdRng::seed_from_u64(seed),
+            blobs: BTreeMap::new(),
+            instance,
+            grace_until: None,
+            stage,
+            uplink,
+        }
     }
 
     /// This tracker's instance id (never 0).
@@ -420,6 +437,13 @@ impl TrackerState {
                 .map_err(Into::into),
             TrackerRequest::StageStatus { image } => {
                 Ok(TrackerResponse::StageStatus(self.stage.status(&image, self.config.announce_interval, now)))
+            }
+            TrackerRequest::UplinkShare { peer_id, blob, fetching } => {
+                let share = self.uplink.report(peer_id, blob, fetching, now);
+                Ok(TrackerResponse::UplinkShare {
+                    bytes_per_sec: share.bytes_per_sec.unwrap_or(0),
+                    renew_ms: u32::try_from(share.renew.as_millis()).unwrap_or(u32::MAX),
+                })
             }
         };
         result.unwrap_or_else(|e| TrackerResponse::Error { code: e.code(), message: e.to_string() })
@@ -596,7 +620,13 @@ impl TrackerState {
         }
         self.blobs.retain(|_, e| !e.is_empty());
         self.stage.expire_agents(now, ttl);
+        self.uplink.expire(now);
         dropped
+    }
+
+    /// The uplink cap's state: the cap, the holders counted and their grants.
+    pub fn uplink(&self) -> &uplink::UplinkShares {
+        &self.uplink
     }
 
     /// Peers tracked for `blob`.

@@ -32,6 +32,7 @@
 //! mirror answers so that containerd falls back to the upstream itself.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,6 +41,7 @@ use futures_util::stream::{self, StreamExt};
 use swarm_core::lease::{
     LayoutReply, LeaseAnswer, PublishStep, Published, Publisher, StartStep, Startup, TakeoverWatch,
 };
+use swarm_core::tracker::uplink::SHARE_RENEW;
 use swarm_proto::msg::LeaseReply;
 use swarm_proto::{Digest, Layout, piece_length_for};
 use swarm_tracker::client::TrackerClientError;
@@ -47,6 +49,7 @@ use tracing::{Instrument, debug, info, info_span, trace, warn};
 
 use crate::mirror::{BlobBody, BlobProvider, BlobRequest, ProviderError, provider_error};
 use crate::node::{Download, DownloadState, Node};
+use crate::rate::Limiter;
 use crate::upstream::{UpstreamBlob, UpstreamClient};
 
 pub use swarm_core::lease::RENEW;
@@ -202,7 +205,10 @@ impl SwarmProvider {
             let _ = tracker.release_lease(me, digest, None).await;
             return Err(e);
         }
-        let blob = match self.upstream.blob(&req.registry, &req.repository, &digest, 0).await {
+        // The fetch's share of the uplink cap first: the very first request runs at it.
+        let share = start_share(&self.node, digest).await;
+        let limits = vec![share.limiter.clone()];
+        let blob = match self.upstream.blob_limited(&req.registry, &req.repository, &digest, 0, limits).await {
             Ok(b) => b,
             Err(e) => {
                 let reason = format!("upstream: {e}");
@@ -224,7 +230,8 @@ impl SwarmProvider {
             self.node.fetch_partial(layout, 0, Vec::new()).await.map_err(|e| ProviderError::Other(e.to_string()))?;
         info!(%digest, length = layout.length, resume_from, "fetching from upstream as the lease holder");
         self.node.hold_lease(&digest).await;
-        spawn_feed(self.node.clone(), self.upstream.clone(), req.clone(), d.blob().clone(), Some(blob), resume_from);
+        let (node, upstream) = (self.node.clone(), self.upstream.clone());
+        spawn_feed(node, upstream, req.clone(), d.blob().clone(), Some(blob), resume_from, Some(share));
         Ok(d)
     }
 
@@ -257,7 +264,8 @@ impl SwarmProvider {
                             let resume_from = TakeoverWatch::resume_from(blob.have().zeros().next(), resume_from);
                             warn!(resume_from, "upstream fetch stalled elsewhere; taking over the lease");
                             node.hold_lease(&req.digest).await;
-                            spawn_feed(node.clone(), upstream.clone(), req.clone(), blob.clone(), None, resume_from);
+                            let (n, u) = (node.clone(), upstream.clone());
+                            spawn_feed(n, u, req.clone(), blob.clone(), None, resume_from, None);
                             return;
                         }
                         Ok(other) => debug!(?other, "lease not taken over"),
@@ -293,6 +301,7 @@ fn spawn_feed(
     blob: Arc<crate::store::BlobFile>,
     opened: Option<UpstreamBlob>,
     resume_from: u32,
+    share: Option<UplinkShare>,
 ) {
     let span = info_span!("upstream", blob = %req.digest.short(), registry = %req.registry);
     let (known_tx, known_rx) = tokio::sync::watch::channel(resume_from);
@@ -300,11 +309,18 @@ fn spawn_feed(
     node.spawn(publish(node.clone(), blob.clone(), known_rx, resume_from, lost.clone()).instrument(span.clone()));
     node.clone().spawn(
         async move {
+            // The fetch runs at its share of the cluster's uplink cap, renewed beside it
+            // until `share` is dropped.
+            let share = match share {
+                Some(s) => s,
+                None => start_share(&node, req.digest).await,
+            };
             let result = tokio::select! {
-                r = feed(&node, &upstream, &req, &blob, opened, resume_from, &known_tx) => r,
+                r = feed(&node, &upstream, &req, &blob, opened, resume_from, &known_tx, &share.limiter) => r,
                 _ = lost.cancelled() => Err("another node holds the upstream lease now".to_string()),
                 _ = node.cancelled() => return,
             };
+            drop(share);
             if let Err(reason) = result {
                 warn!(%reason, "upstream fetch failed");
                 let _ = node.tracker().release_lease(node.peer_id(), req.digest, Some(reason.clone())).await;
@@ -315,9 +331,85 @@ fn spawn_feed(
     );
 }
 
+/// How long a lease holder waits for its first share of the uplink cap before it
+/// fetches uncapped (no tracker answers); also the bound on saying it is done.
+const FIRST_SHARE_WAIT: Duration = Duration::from_secs(1);
+
+/// An upstream fetch's share of the cluster's uplink cap: its limiter, kept at the
+/// share by a task that renews it until this is dropped, and then tells the cap's
+/// owner the fetch is over (its share goes back to the others at once).
+struct UplinkShare {
+    limiter: Limiter,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for UplinkShare {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Starts a fetch's [`UplinkShare`]: the first share is asked for within
+/// [`FIRST_SHARE_WAIT`] (uncapped without an answer), then renewed in the background.
+async fn start_share(node: &Node, blob: Digest) -> UplinkShare {
+    let limiter = Limiter::new(None);
+    let renew = uplink_share(node, blob, &limiter, FIRST_SHARE_WAIT).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (n, l, s) = (node.clone(), limiter.clone(), stop.clone());
+    node.spawn(
+        async move {
+            tokio::select! {
+                () = s.cancelled() => {}
+                () = n.cancelled() => return,
+                never = renew_uplink_share(&n, blob, &l, renew) => match never {},
+            }
+            let done = n.tracker().uplink_share(n.peer_id(), blob, false);
+            let _ = tokio::time::timeout(FIRST_SHARE_WAIT, done).await;
+        }
+        .in_current_span(),
+    );
+    UplinkShare { limiter, stop }
+}
+
+/// Asks the owner of the uplink cap for this fetch's share (within `wait`) and sets
+/// `share` to it; returns when to ask again. With no answer the share stays as it
+/// was (uncapped before the first answer).
+async fn uplink_share(node: &Node, blob: Digest, share: &Limiter, wait: Duration) -> Duration {
+    let ask = node.tracker().uplink_share(node.peer_id(), blob, true);
+    match tokio::time::timeout(wait, ask).await {
+        Ok(Ok(s)) => {
+            if share.rate() != s.bytes_per_sec {
+                match s.bytes_per_sec {
+                    Some(rate) => debug!(bytes_per_sec = rate, "share of the uplink cap"),
+                    None => debug!("no uplink cap"),
+                }
+                share.set_rate(s.bytes_per_sec);
+            }
+            s.renew
+        }
+        Ok(Err(e)) => {
+            debug!(error = %e, "no uplink share from the trackers; keeping the last one");
+            SHARE_RENEW
+        }
+        Err(_) => {
+            debug!("no uplink share within {wait:?}; keeping the last one");
+            SHARE_RENEW
+        }
+    }
+}
+
+/// Renews the fetch's share of the uplink cap for as long as it runs.
+async fn renew_uplink_share(node: &Node, blob: Digest, share: &Limiter, mut renew: Duration) -> Infallible {
+    loop {
+        tokio::time::sleep(renew).await;
+        renew = uplink_share(node, blob, share, swarm_tracker::client::REQUEST_TIMEOUT).await;
+    }
+}
+
 /// Streams the blob from upstream starting at piece `from`, turning bytes into
 /// verified, stored pieces, each announced to the swarm (its hash with its `Have`)
 /// and handed to the publisher through `known`. Never waits for the tracker.
+#[allow(clippy::too_many_arguments)] // the feed's inputs, its output (`known`) and its limiter
 async fn feed(
     node: &Node,
     upstream: &UpstreamClient,
@@ -326,13 +418,17 @@ async fn feed(
     opened: Option<UpstreamBlob>,
     from: u32,
     known: &tokio::sync::watch::Sender<u32>,
+    share: &Limiter,
 ) -> Result<(), String> {
     let layout = *blob.layout();
     let count = layout.piece_count();
     let start = layout.piece_offset(from);
     let mut body = match opened {
         Some(b) if start == 0 => b,
-        _ => upstream.blob(&req.registry, &req.repository, &req.digest, start).await.map_err(|e| e.to_string())?,
+        _ => upstream
+            .blob_limited(&req.registry, &req.repository, &req.digest, start, vec![share.clone()])
+            .await
+            .map_err(|e| e.to_string())?,
     };
     if body.total_length != layout.length {
         return Err(format!("upstream length {} differs from the published {}", body.total_length, layout.length));

@@ -4,6 +4,8 @@
 //! - [`store`]: blobs on disk, one data file plus a persisted bitfield per blob.
 //! - [`node`]: the QUIC peer that drives the scheduler, serves uploads and talks to the
 //!   tracker.
+//! - [`rate`]: the async token-bucket limiter behind `--download-rate` and the
+//!   upstream fetch's share of the cluster's uplink cap.
 //! - [`upstream`]: the OCI registry client (token flow, ranges, redirects).
 //! - [`mirror`]: the HTTP registry mirror containerd talks to.
 //! - [`upload`]: who gets the next upload slot (least-sent piece first) and which
@@ -23,6 +25,7 @@ pub mod disk;
 pub mod known_peers;
 pub mod mirror;
 pub mod node;
+pub mod rate;
 pub use swarm_core::scheduler;
 pub mod stage;
 pub mod store;

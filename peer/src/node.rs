@@ -103,6 +103,9 @@ pub struct NodeConfig {
     pub metainfo_wait: Duration,
     /// Cap on the bytes per second this node uploads (None: unlimited).
     pub upload_rate: Option<u64>,
+    /// The agent-wide download limiter piece bytes from peers pass through as they are
+    /// read (`--download-rate`; None: unlimited).
+    pub download_limit: Option<crate::rate::Limiter>,
 }
 
 impl NodeConfig {
@@ -115,6 +118,7 @@ impl NodeConfig {
             policy: NodePolicy::default(),
             metainfo_wait: Duration::from_secs(30),
             upload_rate: None,
+            download_limit: None,
         }
     }
 }
@@ -1218,9 +1222,10 @@ impl SwarmActor {
         let blob = self.blob.clone();
         let inbox = self.inbox_tx.clone();
         let budget = self.node.inner.receive_budget.clone();
+        let limit = self.node.inner.config.download_limit.clone();
         let task = self.node.spawn(
             async move {
-                let outcome = fetch_piece(conn, blob, piece, budget).await;
+                let outcome = fetch_piece(conn, blob, piece, budget, limit).await;
                 let _ = inbox.send(Event::Piece { key, piece, outcome }).await;
             }
             .in_current_span(),
@@ -1410,7 +1415,13 @@ async fn control_reader(
 }
 
 /// Requests one piece on a new stream, verifies it and stores it.
-async fn fetch_piece(conn: quinn::Connection, blob: Arc<BlobFile>, piece: u32, budget: Arc<ReceiveBudget>) -> Outcome {
+async fn fetch_piece(
+    conn: quinn::Connection,
+    blob: Arc<BlobFile>,
+    piece: u32,
+    budget: Arc<ReceiveBudget>,
+    limit: Option<crate::rate::Limiter>,
+) -> Outcome {
     let len = blob.layout().piece_len(piece);
     let _permit = budget.acquire(len).await;
     let result = async {
@@ -1426,7 +1437,12 @@ async fn fetch_piece(conn: quinn::Connection, blob: Arc<BlobFile>, piece: u32, b
         let mut data = Vec::with_capacity(len as usize);
         while data.len() < len as usize {
             match recv.read_chunk(len as usize - data.len(), true).await.map_err(|e| e.to_string())? {
-                Some(chunk) => data.extend_from_slice(&chunk.bytes),
+                Some(chunk) => {
+                    data.extend_from_slice(&chunk.bytes);
+                    if let Some(limit) = &limit {
+                        limit.consume(chunk.bytes.len()).await;
+                    }
+                }
                 None => return Err(format!("the piece ended after {} of {len} bytes", data.len())),
             }
         }

@@ -7,6 +7,7 @@
 //!   piece-length policy ([`piece_length_for`]) and the incremental [`PieceHasher`].
 //! - [`Bitfield`]: which pieces a peer holds.
 //! - [`msg`]: one message enum per direction (peer→tracker, tracker→peer, peer↔peer).
+//! - [`units`]: human rates and sizes (`50Mbit/s`, `64MiB`), the one parser of them.
 //! - [`codec`]: the only place where bytes become messages and back, with a size cap
 //!   on every decode.
 //!
@@ -18,6 +19,7 @@ pub mod codec;
 pub mod ids;
 pub mod metainfo;
 pub mod msg;
+pub mod units;
 
 pub use bitfield::Bitfield;
 pub use ids::{Digest, PeerId};

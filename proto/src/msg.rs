@@ -58,7 +58,7 @@ pub enum TrackerRequest {
     /// and registers the metainfo it is given. Answered with
     /// [`TrackerResponse::StoreAnnounced`].
     AnnounceStore(StoreAnnounce),
-    /// Stage (`swarm stage`): add or replace the stage order of `image` (a release is
+    /// Version 3 (`swarm stage`): add or replace the stage order of `image` (a release is
     /// an order too). An order older (`issued_ms`) than the one held for the image is
     /// ignored. Answered with [`TrackerResponse::StageOrders`].
     Stage(StageOrder),
@@ -74,6 +74,14 @@ pub enum TrackerRequest {
     /// Stage, read-only: the order of `image` and every staging agent's progress on
     /// it. Answered with [`TrackerResponse::StageStatus`].
     StageStatus { image: String },
+    /// From a lease holder fetching `blob` from upstream, to the cap owner (the
+    /// tracker first in the rendezvous order of [`UPLINK_CAP_KEY`]): "how fast may I
+    /// fetch?". Sent when the fetch starts, then every `renew_ms` of the last answer.
+    /// Answered with [`TrackerResponse::UplinkShare`]. Version 3: a holder does not ask
+    /// an older tracker, and fetches uncapped if no tracker speaks version 3.
+    /// `fetching: false` says the fetch is over (done, failed or the lease lost): the
+    /// caller's share goes back to the other holders at once.
+    UplinkShare { peer_id: PeerId, blob: Digest, fetching: bool },
 }
 
 /// Most stage orders a tracker keeps (the oldest is dropped beyond it).
@@ -186,11 +194,17 @@ pub struct StageAgentView {
     pub progress: Option<StageProgress>,
 }
 
+/// The fixed key whose rendezvous order over the trackers names the owner of the
+/// cluster's uplink cap ([`TrackerRequest::UplinkShare`] goes there, and to the next
+/// tracker while the owner does not answer). Not a blob's digest.
+pub const UPLINK_CAP_KEY: Digest = Digest(*b"swarm uplink cap owner key......");
+
 /// The tracker protocol version this code speaks (see `docs/protocol.md`, "Versions").
 /// Version 1: every tracker message up to `ClusterView`; version 2 adds `Hello` and
-/// `AnnounceStore`. Independent of the peer handshake's
+/// `AnnounceStore`; version 3 the stage requests (`Stage`, `WaitStage`, `StageProgress`,
+/// `StageStatus`) and `UplinkShare`. Independent of the peer handshake's
 /// [`PROTOCOL_VERSION`](crate::PROTOCOL_VERSION).
-pub const TRACKER_VERSION: u32 = 2;
+pub const TRACKER_VERSION: u32 = 3;
 
 /// Most digests in one [`StoreAnnounce`]; a larger store is announced in several.
 pub const MAX_STORE_BLOBS: usize = 16_384;
@@ -281,6 +295,14 @@ pub enum TrackerResponse {
     },
     /// The answer to [`TrackerRequest::StageStatus`].
     StageStatus(StageStatus),
+    /// The answer to [`TrackerRequest::UplinkShare`]: the caller's share of the
+    /// cluster's uplink cap in bytes per second (`0`: no cap, fetch at full speed), and
+    /// when to ask again, in milliseconds. The caller keeps this share until a tracker
+    /// answers again, however long that takes.
+    UplinkShare {
+        bytes_per_sec: u64,
+        renew_ms: u32,
+    },
 }
 
 /// The answer to [`TrackerRequest::AcquireLease`].

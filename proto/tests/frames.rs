@@ -1,6 +1,5 @@
 //! Recorded frames of every tracker message, by protocol version
-//! (`proto/tests/frames/v<N>/<name>.bin`, committed; the stage requests, whose version
-//! is not decided yet, under `frames/stage/`). The current code must decode
+//! (`proto/tests/frames/v<N>/<name>.bin`, committed). The current code must decode
 //! each recorded frame to the message it was made from and encode that message to
 //! the very same bytes: a change that would break agents or trackers of an older
 //! release (a field added to an existing variant, variants reordered) fails here.
@@ -31,9 +30,12 @@ fn layout() -> Layout {
     Layout { digest: blob(), length: 600_000, piece_length: 1 << 18 }
 }
 
+/// Named requests and responses of one version.
+type Frames = (Vec<(&'static str, TrackerRequest)>, Vec<(&'static str, TrackerResponse)>);
+
 /// Version 1: every tracker request and response (and lease reply) as of the first
 /// release.
-fn v1() -> (Vec<(&'static str, TrackerRequest)>, Vec<(&'static str, TrackerResponse)>) {
+fn v1() -> Frames {
     let announce = Announce {
         peer_id: peer(),
         blob: blob(),
@@ -119,7 +121,7 @@ fn v1() -> (Vec<(&'static str, TrackerRequest)>, Vec<(&'static str, TrackerRespo
 }
 
 /// Version 2: the hello exchange and the store announce.
-fn v2() -> (Vec<(&'static str, TrackerRequest)>, Vec<(&'static str, TrackerResponse)>) {
+fn v2() -> Frames {
     let store = StoreAnnounce {
         peer_id: peer(),
         listen_port: 7001,
@@ -137,10 +139,9 @@ fn v2() -> (Vec<(&'static str, TrackerRequest)>, Vec<(&'static str, TrackerRespo
     )
 }
 
-/// The stage requests (`swarm stage`), appended after version 2's; their version
-/// number is decided when they ship, so their frames live in `frames/stage/` until
-/// then.
-fn stage() -> (Vec<(&'static str, TrackerRequest)>, Vec<(&'static str, TrackerResponse)>) {
+/// Version 3: the stage requests (`swarm stage`) and the uplink share exchange of the
+/// cluster-wide uplink cap.
+fn v3() -> Frames {
     let order = StageOrder {
         image: "registry.local:5000/kairos/core:v3.2".into(),
         zones: vec!["rack-a".into()],
@@ -183,10 +184,14 @@ fn stage() -> (Vec<(&'static str, TrackerRequest)>, Vec<(&'static str, TrackerRe
             ("wait-stage", TrackerRequest::WaitStage { agent: agent.clone(), after: 17, wait_ms: 10_000 }),
             ("stage-progress", TrackerRequest::StageProgress { agent, progress: states }),
             ("stage-status", TrackerRequest::StageStatus { image: order.image.clone() }),
+            ("uplink-share", TrackerRequest::UplinkShare { peer_id: peer(), blob: blob(), fetching: true }),
+            ("uplink-share-done", TrackerRequest::UplinkShare { peer_id: peer(), blob: blob(), fetching: false }),
         ],
         vec![
             ("stage-orders", TrackerResponse::StageOrders { generation: 18, orders: vec![order] }),
             ("stage-status", TrackerResponse::StageStatus(status)),
+            ("uplink-share", TrackerResponse::UplinkShare { bytes_per_sec: 2_500_000, renew_ms: 500 }),
+            ("uplink-share-uncapped", TrackerResponse::UplinkShare { bytes_per_sec: 0, renew_ms: 5000 }),
         ],
     )
 }
@@ -231,7 +236,7 @@ fn recorded_tracker_frames_still_decode_and_encode_byte_identically() {
     let record = std::env::var_os("SWARM_RECORD_FRAMES").is_some();
     let mut problems = Vec::new();
     let mut count = 0;
-    for (version, (requests, responses)) in [("v1", v1()), ("v2", v2()), ("stage", stage())] {
+    for (version, (requests, responses)) in [("v1", v1()), ("v2", v2()), ("v3", v3())] {
         for (name, m) in &requests {
             check(version, "request", name, m, record, &mut problems);
             count += 1;
@@ -246,7 +251,7 @@ fn recorded_tracker_frames_still_decode_and_encode_byte_identically() {
     // inserted: its frame goes under the next version).
     assert_eq!(v1().0.len(), 9);
     assert_eq!(v2().0.len() + v1().0.len(), 11);
-    assert_eq!(stage().0.len() + v2().0.len() + v1().0.len(), 15);
+    assert_eq!(v3().0.len() + v2().0.len() + v1().0.len(), 17);
 }
 
 #[test]
@@ -258,13 +263,8 @@ fn version_2_requests_use_tags_a_version_1_decoder_does_not_know() {
         let frame = encode_frame(&m).expect("encode");
         assert!(frame[4] > 8, "{name} has tag {}", frame[4]);
     }
-}
-
-#[test]
-fn stage_requests_use_tags_a_version_2_decoder_does_not_know() {
-    // A version-2 decoder knows tags 0..=10: an old tracker refuses a stage request
-    // as malformed (the client reports "tracker too old for stage").
-    for (name, m) in stage().0 {
+    // Likewise, a version-2 decoder knows tags 0..=10.
+    for (name, m) in v3().0 {
         let frame = encode_frame(&m).expect("encode");
         assert!(frame[4] > 10, "{name} has tag {}", frame[4]);
     }

@@ -18,6 +18,7 @@ use swarm_peer::agent::SwarmProvider;
 use swarm_peer::disk::{self, Disk};
 use swarm_peer::mirror::{self, MirrorConfig, MirrorMetrics};
 use swarm_peer::node::{Node, NodeConfig};
+use swarm_peer::rate::Limiter;
 use swarm_peer::upstream::{UpstreamClient, UpstreamConfig, k3s};
 use swarm_tracker::TrackerClient;
 use tokio_util::sync::CancellationToken;
@@ -73,6 +74,10 @@ pub struct Args {
     /// Cap on this node's upload rate to peers, e.g. 200Mbit/s.
     #[arg(long, env = "SWARM_UPLOAD_RATE", value_name = "RATE")]
     upload_rate: Option<String>,
+    /// Cap on everything this node receives (pieces from peers and upstream bytes),
+    /// e.g. 20Mbit/s.
+    #[arg(long, env = "SWARM_DOWNLOAD_RATE", value_name = "RATE")]
+    download_rate: Option<String>,
     /// Byte budget of the piece store, e.g. 20GiB, 500MiB or plain bytes; least
     /// recently used blobs are evicted beyond it [default: 25% of the size of the data
     /// directory's filesystem].
@@ -102,6 +107,7 @@ pub struct FileConfig {
     pub metrics: Option<String>,
     pub advertise: Option<String>,
     pub upload_rate: Option<String>,
+    pub download_rate: Option<String>,
     pub k3s_registries: Option<PathBuf>,
     pub cache_size: Option<String>,
     pub containerd_root: Option<PathBuf>,
@@ -127,6 +133,7 @@ struct Settings {
     metrics: Option<String>,
     advertise: Option<String>,
     upload_rate: Option<u64>,
+    download_rate: Option<u64>,
     k3s_registries: Option<PathBuf>,
     /// None: the default share of the data directory's filesystem.
     cache_size: Option<u64>,
@@ -148,6 +155,10 @@ fn settings(args: Args) -> Result<Settings> {
         Some(r) => Some(parse_rate(&r).map_err(anyhow::Error::msg).context("upload_rate")?),
         None => None,
     };
+    let download_rate = match args.download_rate.or(file.download_rate) {
+        Some(r) => Some(parse_rate(&r).map_err(anyhow::Error::msg).context("download_rate")?),
+        None => None,
+    };
     let cache_size = match args.cache_size.or(file.cache_size) {
         Some(s) => Some(parse_size(&s).map_err(anyhow::Error::msg).context("cache_size")?),
         None => None,
@@ -164,6 +175,7 @@ fn settings(args: Args) -> Result<Settings> {
         metrics: args.metrics.or(file.metrics),
         advertise: args.advertise.or(file.advertise),
         upload_rate,
+        download_rate,
         k3s_registries: args.k3s_registries.or(file.k3s_registries),
         upstream,
     })
@@ -184,6 +196,10 @@ pub async fn run(args: Args) -> Result<()> {
         upstream.registries = registries;
     }
     let upstream = UpstreamClient::new(upstream).context("upstream registry settings")?;
+    // One limiter (and counter) for every byte the node receives: upstream blob bytes
+    // and pieces. Unlimited without --download-rate.
+    let download_limit = Limiter::new(s.download_rate);
+    upstream.limit_downloads(download_limit.clone());
     let advertise = match &s.advertise {
         Some(a) => Some(resolve("advertise", a).await?),
         None => None,
@@ -197,6 +213,7 @@ pub async fn run(args: Args) -> Result<()> {
     config.zone = s.zone;
     config.advertise = advertise;
     config.upload_rate = s.upload_rate;
+    config.download_limit = Some(download_limit.clone());
     let node = Node::start(endpoint, tracker, config).context("starting the peer")?;
     node.tracker().set_trackers(trackers.clone());
 
@@ -265,8 +282,8 @@ pub async fn run(args: Args) -> Result<()> {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr} for metrics"))?;
-            let router =
-                super::metrics::agent_router(node.clone(), metrics.clone()).merge(health::router(readiness.clone()));
+            let router = super::metrics::agent_router(node.clone(), metrics.clone(), download_limit.clone())
+                .merge(health::router(readiness.clone()));
             let cancel = cancel.clone();
             Some(tokio::spawn(async move {
                 axum::serve(listener, router).with_graceful_shutdown(cancel.cancelled_owned()).await
@@ -315,6 +332,7 @@ mod tests {
 tracker = "master:7000"
 zone = "rack-1"
 upload_rate = "200Mbit/s"
+download_rate = "20Mbit/s"
 [upstream]
 plain_http = ["registry.local:5000"]
 [upstream.registries."docker.io"]
@@ -339,6 +357,7 @@ password = "p"
         assert_eq!(s.zone, "rack-2");
         assert_eq!(s.mirror, DEFAULT_MIRROR);
         assert_eq!(s.upload_rate, Some(25_000_000));
+        assert_eq!(s.download_rate, Some(2_500_000));
         assert_eq!(s.upstream.plain_http, vec!["registry.local:5000".to_string(), "127.0.0.1:5000".to_string()]);
         assert!(s.upstream.registries.contains_key("docker.io"));
 

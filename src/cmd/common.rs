@@ -218,41 +218,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 30s, 5m, 1h)"))
 }
 
-/// Parses a rate such as `100Mbit/s`, `12.5MB/s`, `1Gbit/s` into bytes per second.
+/// Parses a rate such as `100Mbit/s`, `12.5MB/s`, `1Gbit/s` into whole bytes per
+/// second (the workspace's one parser, [`swarm_proto::units`]).
 pub fn parse_rate(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("{s:?}: expected a number followed by a unit, e.g. 100Mbit/s"))?;
-    let unit = unit.trim().trim_end_matches("/s").trim_end_matches("ps");
-    let factor = match unit {
-        "bit" | "b" => 1.0 / 8.0,
-        "kbit" | "Kbit" | "kb" => 1e3 / 8.0,
-        "Mbit" | "mbit" | "Mb" => 1e6 / 8.0,
-        "Gbit" | "gbit" | "Gb" => 1e9 / 8.0,
-        "B" | "" => 1.0,
-        "kB" | "KB" => 1e3,
-        "MB" => 1e6,
-        "GB" => 1e9,
-        "KiB" => 1024.0,
-        "MiB" => 1024.0 * 1024.0,
-        "GiB" => 1024.0 * 1024.0 * 1024.0,
-        other => {
-            return Err(format!(
-                "{s:?}: unknown unit {other:?} (use bit, kbit, Mbit, Gbit, B, kB, MB, GB, KiB, MiB, GiB)"
-            ));
-        }
-    };
-    let v = n * factor;
-    if !(v >= 1.0 && v.is_finite()) {
-        return Err(format!("{s:?}: a rate must be at least 1 byte per second"));
-    }
-    Ok(v as u64)
+    swarm_proto::units::parse_rate_bytes(s).map_err(|e| e.to_string())
 }
 
-/// Parses a size such as `64MiB`, `1GiB`, `1000000`.
+/// Parses a size such as `64MiB`, `1GiB`, `1000000` ([`swarm_proto::units::parse_size`]).
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    parse_rate(s)
+    swarm_proto::units::parse_size(s).map_err(|e| e.to_string())
 }
 
 /// `1.50 GiB`-style text.

@@ -11,6 +11,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use swarm_peer::mirror::{DELIVERY_BUCKETS, MirrorMetrics};
 use swarm_peer::node::Node;
+use swarm_peer::rate::Limiter;
 use swarm_tracker::Tracker;
 
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
@@ -27,8 +28,8 @@ fn router(render: impl Fn() -> String + Clone + Send + Sync + 'static) -> axum::
 }
 
 /// Routes `/metrics` to a rendering of the node's and the mirror's counters.
-pub fn agent_router(node: Node, mirror: Arc<MirrorMetrics>) -> axum::Router {
-    router(move || render_agent(&node, &mirror))
+pub fn agent_router(node: Node, mirror: Arc<MirrorMetrics>, received: Limiter) -> axum::Router {
+    router(move || render_agent(&node, &mirror, &received))
 }
 
 /// Routes `/metrics` to a rendering of the tracker's statistics.
@@ -73,7 +74,9 @@ fn label(value: &str) -> String {
 }
 
 /// The agent's metrics as Prometheus text.
-pub fn render_agent(node: &Node, mirror: &MirrorMetrics) -> String {
+/// `received` is the agent's download limiter (`--download-rate`, unlimited without
+/// it), which counts every byte received as it arrives.
+pub fn render_agent(node: &Node, mirror: &MirrorMetrics, received: &Limiter) -> String {
     let n = node.stats();
     let m = mirror.snapshot();
     let mut e = Exposition::default();
@@ -90,6 +93,12 @@ pub fn render_agent(node: &Node, mirror: &MirrorMetrics) -> String {
         "counter",
         "Verified piece bytes received from peers.",
         &[("", n.downloaded())],
+    );
+    e.metric(
+        "swarm_received_bytes_total",
+        "counter",
+        "Bytes received as they arrive: piece bytes from peers and upstream blob bytes (what --download-rate limits).",
+        &[("", received.bytes())],
     );
     e.metric("swarm_pieces_failed_total", "counter", "Pieces that failed sha256 verification.", &[("", n.bad_pieces)]);
     e.metric(

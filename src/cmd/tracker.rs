@@ -1,5 +1,7 @@
 //! `swarm tracker`: run the tracker until interrupted, optionally with an HTTP address
-//! for probes and Prometheus (`--http-listen`: `/healthz`, `/readyz`, `/metrics`).
+//! for probes and Prometheus (`--http-listen`: `/healthz`, `/readyz`, `/metrics`),
+//! and optionally a cluster-wide uplink cap (`--uplink-cap`, see
+//! `swarm_core::tracker::uplink`).
 
 use anyhow::{Context, Result};
 use swarm_net::{Endpoint, EndpointConfig};
@@ -7,7 +9,7 @@ use swarm_tracker::Tracker;
 use swarm_tracker::state::TrackerConfig;
 use tokio_util::sync::CancellationToken;
 
-use super::common::{TokenArgs, parse_duration, resolve, shutdown_signal};
+use super::common::{TokenArgs, parse_duration, parse_rate, resolve, shutdown_signal};
 use super::health::{self, Readiness};
 use crate::STATUS;
 
@@ -23,6 +25,11 @@ pub struct Args {
     /// when absent).
     #[arg(long, env = "SWARM_HTTP_LISTEN", value_name = "ADDR:PORT")]
     http_listen: Option<String>,
+    /// Cap on the cluster's total upstream rate, e.g. 50Mbit/s: divided among the
+    /// nodes fetching from the upstream registry. With several trackers, give every
+    /// one the same cap (one of them owns it at a time). Off when absent.
+    #[arg(long, env = "SWARM_UPLINK_CAP", value_name = "RATE", value_parser = parse_rate)]
+    uplink_cap: Option<u64>,
     #[command(flatten)]
     token: TokenArgs,
 }
@@ -37,8 +44,13 @@ pub async fn run(args: Args) -> Result<()> {
     let config = TrackerConfig {
         announce_interval: args.announce_interval,
         peer_ttl: args.announce_interval * 3,
+        uplink_cap: args.uplink_cap,
         ..TrackerConfig::default()
     };
+    if let Some(cap) = args.uplink_cap {
+        let rate = swarm_proto::units::fmt_rate(cap as f64);
+        tracing::info!(target: STATUS, "uplink cap {rate}, divided among the nodes fetching from upstream");
+    }
     let tracker = Tracker::new(config);
     let cancel = CancellationToken::new();
     let http_task = match &args.http_listen {

@@ -139,13 +139,25 @@ impl Cluster {
         plain_http: &[&str],
         extra: impl FnMut(usize, SocketAddr) -> Vec<std::ffi::OsString>,
     ) -> anyhow::Result<Self> {
-        Self::start_full(dir, 1, n, plain_http, extra)
+        Self::start_full(dir, 1, &[], n, plain_http, extra)
+    }
+
+    /// Like [`Cluster::start_with`], the tracker started with `tracker_args` too
+    /// (`--uplink-cap 40Mbit/s`, say).
+    pub fn start_with_tracker_args(
+        dir: &Path,
+        tracker_args: &[&str],
+        n: usize,
+        plain_http: &[&str],
+        extra: impl FnMut(usize, SocketAddr) -> Vec<std::ffi::OsString>,
+    ) -> anyhow::Result<Self> {
+        Self::start_full(dir, 1, tracker_args, n, plain_http, extra)
     }
 
     /// Like [`Cluster::start`] with `trackers` tracker processes (replicas sharing
     /// nothing); every agent gets all of them as its `--tracker` list.
     pub fn start_replicated(dir: &Path, trackers: usize, n: usize, plain_http: &[&str]) -> anyhow::Result<Self> {
-        Self::start_full(dir, trackers, n, plain_http, |_, _| Vec::new())
+        Self::start_full(dir, trackers, &[], n, plain_http, |_, _| Vec::new())
     }
 
     /// Every tracker's QUIC address, the first tracker's first.
@@ -156,6 +168,7 @@ impl Cluster {
     fn start_full(
         dir: &Path,
         trackers: usize,
+        tracker_args: &[&str],
         n: usize,
         plain_http: &[&str],
         mut extra: impl FnMut(usize, SocketAddr) -> Vec<std::ffi::OsString>,
@@ -165,13 +178,15 @@ impl Cluster {
         write_token(&token_file)?;
         let tracker_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let tracker_http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-        let cmd = tracker_command(tracker_addr, tracker_http, &token_file);
+        let mut cmd = tracker_command(tracker_addr, tracker_http, &token_file);
+        cmd.args(tracker_args);
         let tracker = ChildGuard::spawn("tracker", cmd, &dir.join("logs"))?;
         let mut replicas = Vec::new();
         for i in 1..trackers.max(1) {
             let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
             let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-            let cmd = tracker_command(addr, http, &token_file);
+            let mut cmd = tracker_command(addr, http, &token_file);
+            cmd.args(tracker_args);
             let child = ChildGuard::spawn(&format!("tracker-{i}"), cmd, &dir.join("logs"))?;
             replicas.push(Replica { child, addr, http });
         }

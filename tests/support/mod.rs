@@ -12,7 +12,8 @@
 //! - [`http`]: a raw HTTP client (no URL normalisation, detects truncated bodies) and
 //!   a static server.
 //! - [`throttle::throttled_proxy`]: a rate-capped TCP relay that counts its bytes (a
-//!   slow uplink in front of the registry).
+//!   slow uplink in front of the registry); [`throttle::throttled_proxy_logged`] also
+//!   logs when each chunk crossed it, for peak rates over 1 s windows.
 //! - [`FlakyProxy`]: an unreliable uplink (rate cap, resets, outages) in front of a
 //!   registry, counting the bytes it sends.
 //! - [`require_tool`]: fail (never skip) with the package to install.

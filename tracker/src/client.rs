@@ -38,11 +38,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use swarm_core::tracker::uplink::{Share, UNCAPPED_RENEW};
 use swarm_net::{Endpoint, NetError, codes, read_msg, write_msg};
 use swarm_proto::codec::MAX_FRAME_LEN;
 use swarm_proto::msg::{
     Announce, ClusterView, LeaseReply, LeaseViewState, PeerInfo, StageAgent, StageOrder, StageProgress, StageStatus,
-    StoreAnnounce, TRACKER_VERSION, TrackerErrorCode, TrackerRequest, TrackerResponse,
+    StoreAnnounce, TRACKER_VERSION, TrackerErrorCode, TrackerRequest, TrackerResponse, UPLINK_CAP_KEY,
 };
 use swarm_proto::{Digest, Layout, Metainfo, PeerId, ProtoError};
 use tokio::sync::watch;
@@ -253,20 +254,22 @@ fn blob_of(req: &TrackerRequest) -> Option<Digest> {
         | TrackerRequest::WaitStage { .. }
         | TrackerRequest::StageProgress { .. }
         | TrackerRequest::StageStatus { .. } => None,
+        // Not about its blob: to the owner of the cluster's uplink cap.
+        TrackerRequest::UplinkShare { .. } => Some(UPLINK_CAP_KEY),
     }
 }
 
 /// The oldest tracker protocol version that has `req`.
 fn version_of(req: &TrackerRequest) -> u32 {
     match req {
-        // The stage requests are newer still; a tracker without them refuses them as
-        // malformed ([`TrackerClientError::TooOldForStage`]).
-        TrackerRequest::Hello { .. }
-        | TrackerRequest::AnnounceStore(_)
-        | TrackerRequest::Stage(_)
+        TrackerRequest::Hello { .. } | TrackerRequest::AnnounceStore(_) => 2,
+        // Version 3: not sent to an older tracker (`Unsupported`): `swarm stage` reports
+        // [`TrackerClientError::TooOldForStage`], a lease holder fetches uncapped.
+        TrackerRequest::Stage(_)
         | TrackerRequest::WaitStage { .. }
         | TrackerRequest::StageProgress { .. }
-        | TrackerRequest::StageStatus { .. } => 2,
+        | TrackerRequest::StageStatus { .. }
+        | TrackerRequest::UplinkShare { .. } => 3,
         _ => 1,
     }
 }
@@ -723,6 +726,32 @@ impl TrackerClient {
             other => Err(unexpected("announce-store", other)),
         }
     }
+
+    /// As a node fetching `blob` from upstream (`fetching`), or done with it: asks the
+    /// owner of the cluster's uplink cap (the first tracker up in the rendezvous
+    /// order of [`UPLINK_CAP_KEY`]) for this fetch's share of the cap. A tracker of a
+    /// release without the cap (it refuses the request as malformed, or speaks
+    /// version 1) means no cap: the share is uncapped, asked again after
+    /// [`UNCAPPED_RENEW`]. A tracker failure is an error: the caller keeps its last
+    /// share.
+    pub async fn uplink_share(
+        &self,
+        peer_id: PeerId,
+        blob: Digest,
+        fetching: bool,
+    ) -> Result<Share, TrackerClientError> {
+        match self.request(&TrackerRequest::UplinkShare { peer_id, blob, fetching }).await {
+            Ok(TrackerResponse::UplinkShare { bytes_per_sec, renew_ms }) => Ok(Share {
+                bytes_per_sec: (bytes_per_sec > 0).then_some(bytes_per_sec),
+                renew: Duration::from_millis(u64::from(renew_ms)).clamp(Duration::from_millis(100), UNCAPPED_RENEW),
+            }),
+            Ok(other) => Err(unexpected("uplink-share", other)),
+            Err(TrackerClientError::Malformed { .. } | TrackerClientError::Unsupported { .. }) => {
+                Ok(Share { bytes_per_sec: None, renew: UNCAPPED_RENEW })
+            }
+            Err(e) => Err(e),
+        }
+    }
 }
 
 impl TrackerClient {
@@ -915,6 +944,7 @@ fn unexpected(request: &'static str, response: TrackerResponse) -> TrackerClient
         TrackerResponse::StoreAnnounced { .. } => "StoreAnnounced",
         TrackerResponse::StageOrders { .. } => "StageOrders",
         TrackerResponse::StageStatus(_) => "StageStatus",
+        TrackerResponse::UplinkShare { .. } => "UplinkShare",
     };
     TrackerClientError::UnexpectedResponse { request, response }
 }
@@ -969,6 +999,14 @@ mod tests {
         }
         assert_eq!(blob_of(&TrackerRequest::ClusterView { blobs: vec![blob] }), None);
         assert_eq!(version_of(&TrackerRequest::Hello { version: TRACKER_VERSION }), 2);
+        assert_eq!(
+            version_of(&TrackerRequest::UplinkShare {
+                peer_id: PeerId([1; 16]),
+                blob: Digest([2; 32]),
+                fetching: true
+            }),
+            3
+        );
     }
 
     fn stage_token() -> swarm_net::ClusterToken {

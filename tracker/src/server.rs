@@ -64,7 +64,7 @@ struct Seen {
 }
 
 /// The kinds of tracker request, as counted in [`TrackerStats::requests`].
-pub const REQUEST_KINDS: [&str; 15] = [
+pub const REQUEST_KINDS: [&str; 16] = [
     "register",
     "get-metainfo",
     "announce",
@@ -80,6 +80,7 @@ pub const REQUEST_KINDS: [&str; 15] = [
     "wait-stage",
     "stage-progress",
     "stage-status",
+    "uplink-share",
 ];
 
 /// A read-only snapshot of the tracker, for health and metrics endpoints.
@@ -381,6 +382,12 @@ enum Before {
         image: String,
         release: bool,
     },
+    /// A share request of the uplink cap, and the holders counted before it.
+    Share {
+        peer: PeerId,
+        blob: Digest,
+        holders: usize,
+    },
     /// A lease release, and the lease as it stood.
     Release {
         peer: PeerId,
@@ -425,6 +432,9 @@ fn answer(state: &Shared, req: TrackerRequest, remote: SocketAddr) -> TrackerRes
             TrackerRequest::AcquireLease { peer_id, blob } => {
                 Before::Acquire { peer: *peer_id, blob: *blob, was: st.lease_status(blob, now) }
             }
+            TrackerRequest::UplinkShare { peer_id, blob, .. } if st.uplink().cap().is_some() => {
+                Before::Share { peer: *peer_id, blob: *blob, holders: st.uplink().holders() }
+            }
             TrackerRequest::ReleaseLease { peer_id, blob, failed } => {
                 Before::Release { peer: *peer_id, blob: *blob, was: st.lease_status(blob, now), failed: failed.clone() }
             }
@@ -434,6 +444,7 @@ fn answer(state: &Shared, req: TrackerRequest, remote: SocketAddr) -> TrackerRes
         let response = st.handle(req, remote, now);
         let completed = match &before {
             Before::NoMetainfo { blob, .. } => st.metainfo(blob).is_some(),
+            Before::Share { holders, .. } => st.uplink().holders() != *holders,
             _ => false,
         };
         (response, before, completed)
@@ -462,6 +473,9 @@ fn answer(state: &Shared, req: TrackerRequest, remote: SocketAddr) -> TrackerRes
         }
         (TrackerResponse::StoreAnnounced { missing, .. }, Before::NewStore { peer, blobs }) => {
             info!(%remote, %peer, blobs, missing = missing.len(), "node announced its store");
+        }
+        (TrackerResponse::UplinkShare { bytes_per_sec, .. }, Before::Share { peer, blob, .. }) if completed => {
+            info!(%remote, %peer, blob = %blob.short(), share = *bytes_per_sec, "uplink cap re-divided");
         }
         (TrackerResponse::Peers { peers, .. }, Before::FirstAnnounce { peer, blob }) => {
             info!(%remote, %peer, blob = %blob.short(), handed_out = peers.len(), "peer joined");
@@ -572,5 +586,6 @@ fn describe(req: &TrackerRequest) -> &'static str {
         TrackerRequest::WaitStage { .. } => "wait-stage",
         TrackerRequest::StageProgress { .. } => "stage-progress",
         TrackerRequest::StageStatus { .. } => "stage-status",
+        TrackerRequest::UplinkShare { .. } => "uplink-share",
     }
 }

@@ -384,3 +384,39 @@ async fn a_lease_moves_when_its_holder_goes_silent() {
     other.release_lease(b, layout.digest, None).await.expect("release");
     tracker.stop().await;
 }
+
+/// The uplink cap over QUIC: with two capped trackers, two holders' requests both go
+/// to the cap's owner (the first tracker in the rendezvous order of the fixed key),
+/// which divides the cap between them; a holder done fetching gives its share back;
+/// a tracker without a cap answers "uncapped".
+#[tokio::test]
+async fn uplink_shares_are_divided_by_one_owner_among_the_holders() {
+    const CAP: u64 = 5_000_000;
+    let config = TrackerConfig { uplink_cap: Some(CAP), ..TrackerConfig::default() };
+    let (a, b) = (Tracker::start_with(1, loopback(), config.clone()), Tracker::start_with(1, loopback(), config));
+    let both = || {
+        let endpoint = bind(1, loopback());
+        TrackerClient::with_trackers(endpoint, vec![a.addr, b.addr], Duration::from_secs(10))
+    };
+    let (c1, c2) = (both(), both());
+    let (p1, p2) = (PeerId([1; 16]), PeerId([2; 16]));
+    let (b1, b2) = (Digest::of(b"one"), Digest::of(b"two"));
+    let share = |s: swarm_tracker::state::uplink::Share| s.bytes_per_sec.expect("capped");
+    assert_eq!(share(c1.uplink_share(p1, b1, true).await.expect("share")), CAP);
+    // The second holder gets what is left until the first renews at its new share.
+    assert_eq!(share(c2.uplink_share(p2, b2, true).await.expect("share")), 1);
+    assert_eq!(share(c1.uplink_share(p1, b1, true).await.expect("share")), CAP / 2);
+    let s2 = c2.uplink_share(p2, b2, true).await.expect("share");
+    assert_eq!((share(s2), s2.renew), (CAP / 2, Duration::from_millis(500)));
+    // The first is done: the second gets the whole cap at its next renewal.
+    c1.uplink_share(p1, b1, false).await.expect("done");
+    assert_eq!(share(c2.uplink_share(p2, b2, true).await.expect("share")), CAP);
+
+    let plain = Tracker::start(1, loopback());
+    let (c3, _) = client(1, plain.addr);
+    let s = c3.uplink_share(p1, b1, true).await.expect("share");
+    assert_eq!((s.bytes_per_sec, s.renew), (None, Duration::from_secs(5)));
+    for t in [a, b, plain] {
+        t.stop().await;
+    }
+}

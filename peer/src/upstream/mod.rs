@@ -35,6 +35,14 @@
 //! - Blob streams resume: a body that breaks midway is asked for again from the
 //!   byte reached, with backoff, until [`resume::RESUME_GIVE_UP`] passes without a
 //!   byte; a definite refusal fails at once (see [`resume`]).
+//! - Rates: every byte of a blob stream passes through the agent's download limiter
+//!   ([`UpstreamClient::limit_downloads`], `--download-rate`) and through any limiter
+//!   the caller adds ([`UpstreamClient::blob_limited`]: a lease holder's share of the
+//!   cluster's uplink cap). While a limiter has a rate, the blob is asked for in
+//!   ranges of [`resume::SEGMENT_TIME`] worth of that rate, each paid to the limiters
+//!   before it is sent, so that the rate holds on the wire (what TCP and the kernel
+//!   buffer ahead of this process is at most the range in flight), not only in this
+//!   process. Manifests and tokens (a few KB) are not limited.
 
 mod auth;
 pub mod k3s;
@@ -52,6 +60,8 @@ use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
 use swarm_proto::Digest;
 use tracing::{debug, warn};
+
+use crate::rate::Limiter;
 
 use auth::{AuthCache, TokenResponse};
 pub use auth::{Challenge, parse_challenge};
@@ -306,6 +316,8 @@ struct Inner {
     resume: ResumePolicy,
     /// Never held across an `.await`.
     auth: Mutex<AuthCache>,
+    /// The agent-wide download limiter every blob stream's bytes pass through.
+    download: std::sync::OnceLock<Limiter>,
 }
 
 impl std::fmt::Debug for UpstreamClient {
@@ -329,6 +341,13 @@ impl UpstreamClient {
     /// default [`ResumePolicy`]. Fails if an endpoint override is not an http(s) URL.
     pub fn new(config: UpstreamConfig) -> Result<Self, UpstreamError> {
         Self::with_resume(config, ResumePolicy::default())
+    }
+
+    /// Makes every blob stream of this client (and of its clones) pass its bytes
+    /// through `limiter` (the agent's `--download-rate`). Set once, before use; a
+    /// second call is ignored.
+    pub fn limit_downloads(&self, limiter: Limiter) {
+        let _ = self.inner.download.set(limiter);
     }
 
     /// Like [`UpstreamClient::new`], with blob streams retrying as `resume` says.
@@ -356,7 +375,14 @@ impl UpstreamClient {
             tls_clients.insert(registry.clone(), build_client(&config, Some((registry, rc)))?);
         }
         Ok(Self {
-            inner: Arc::new(Inner { http, tls_clients, config, resume, auth: Mutex::new(AuthCache::default()) }),
+            inner: Arc::new(Inner {
+                http,
+                tls_clients,
+                config,
+                resume,
+                auth: Mutex::new(AuthCache::default()),
+                download: std::sync::OnceLock::new(),
+            }),
         })
     }
 
@@ -494,8 +520,22 @@ impl UpstreamClient {
         digest: &Digest,
         offset: u64,
     ) -> Result<UpstreamBlob, UpstreamError> {
-        let first = self.open_range(registry, repository, digest, offset).await?;
-        Ok(resume::resuming(self.clone(), registry, repository, *digest, offset, first))
+        self.blob_limited(registry, repository, digest, offset, Vec::new()).await
+    }
+
+    /// Like [`UpstreamClient::blob`], every byte also passing through `limits` (and
+    /// asked for in ranges while one of them has a rate; see the module docs).
+    pub async fn blob_limited(
+        &self,
+        registry: &str,
+        repository: &str,
+        digest: &Digest,
+        offset: u64,
+        limits: Vec<Limiter>,
+    ) -> Result<UpstreamBlob, UpstreamError> {
+        let limits: Vec<Limiter> = self.inner.download.get().cloned().into_iter().chain(limits).collect();
+        let first = resume::open_paid(self, registry, repository, digest, offset, &limits).await?;
+        Ok(resume::resuming(self.clone(), registry, repository, *digest, offset, first, limits))
     }
 
     /// One `GET` of a blob from `offset`: the total length from `Content-Range` (206)
@@ -507,12 +547,18 @@ impl UpstreamClient {
         repository: &str,
         digest: &Digest,
         offset: u64,
+        segment: Option<u64>,
     ) -> Result<resume::Opened, UpstreamError> {
         let target = self.target(registry)?;
         let url = Self::url(&target, repository, "blobs", &digest.to_string())?;
         let mut headers = HeaderMap::new();
-        if offset > 0 {
-            let range = HeaderValue::from_str(&format!("bytes={offset}-"))
+        let range = match segment {
+            Some(len) => Some(format!("bytes={offset}-{}", offset + len.max(1) - 1)),
+            None if offset > 0 => Some(format!("bytes={offset}-")),
+            None => None,
+        };
+        if let Some(range) = range {
+            let range = HeaderValue::from_str(&range)
                 .map_err(|e| UpstreamError::BadRequest { reason: format!("range header: {e}") })?;
             headers.insert(header::RANGE, range);
         }
@@ -521,7 +567,8 @@ impl UpstreamClient {
                 // Nothing left from `offset`: fine exactly at the end of the blob.
                 let total = self.blob_length(registry, repository, digest).await?;
                 if total == offset {
-                    return Ok(resume::Opened { total, skip: 0, stream: futures_util::stream::empty().boxed() });
+                    let stream = futures_util::stream::empty().boxed();
+                    return Ok(resume::Opened { total, skip: 0, end: None, paid: false, stream });
                 }
                 return Err(invalid(&url, format!("range from {offset} refused for a blob of {total} bytes")));
             }
@@ -529,30 +576,31 @@ impl UpstreamClient {
         };
         let status = resp.status();
         let content_length = header_u64(resp.headers(), header::CONTENT_LENGTH);
-        let (total, skip) = if status == StatusCode::PARTIAL_CONTENT {
+        let (total, skip, end) = if status == StatusCode::PARTIAL_CONTENT {
             let range = resp
                 .headers()
                 .get(header::CONTENT_RANGE)
                 .and_then(|v| v.to_str().ok())
                 .ok_or_else(|| invalid(&url, "206 without Content-Range".to_string()))?;
-            let (start, _end, total) =
+            let (start, last, total) =
                 parse_content_range(range).ok_or_else(|| invalid(&url, format!("bad Content-Range {range:?}")))?;
             if start != offset {
                 return Err(invalid(&url, format!("asked for bytes from {offset}, got Content-Range {range:?}")));
             }
-            (total, 0)
+            // A range that stops before the blob's end: the stream asks for the next.
+            (total, 0, (last + 1 < total).then_some(last + 1))
         } else {
             let total =
                 content_length.ok_or_else(|| invalid(&url, "blob response without Content-Length".to_string()))?;
             if offset > total {
                 return Err(invalid(&url, format!("offset {offset} is past the end of a {total}-byte blob")));
             }
-            (total, offset)
+            (total, offset, None)
         };
         debug!(registry, repository, %digest, offset, total, status = status.as_u16(), "blob response opened");
         let body_url = url.to_string();
         let stream = resp.bytes_stream().map_err(move |source| UpstreamError::Body { url: body_url.clone(), source });
-        Ok(resume::Opened { total, skip, stream: stream.boxed() })
+        Ok(resume::Opened { total, skip, end, paid: false, stream: stream.boxed() })
     }
 
     /// Sends a request, handling the auth challenge (one retry) and mapping statuses.

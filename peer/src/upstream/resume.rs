@@ -26,6 +26,12 @@
 //!   to the offset are read and dropped here (they cost uplink traffic, but such a
 //!   registry offers nothing better), and count as progress while they arrive.
 //!
+//! Every chunk is passed through the stream's rate limiters (the agent's download
+//! rate, a lease holder's share of the uplink cap) as it comes off the wire, before
+//! the bytes to skip are dropped: what is limited is what crossed the uplink. While a
+//! limiter has a rate the blob is asked for in ranges ([`segment_len`]); a range read
+//! to its end is followed by the next at once (no wait, no retry counted).
+//!
 //! Each retry logs one warning with the reason, the byte offset and the attempt
 //! number; the first bytes after a retry log one info line.
 
@@ -39,6 +45,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::{UpstreamBlob, UpstreamClient, UpstreamError};
+use crate::rate::Limiter;
 
 /// How long a blob stream keeps retrying without receiving a single byte before it
 /// fails. Rides out a 60 s outage noticed by a 30 s read timeout; below the agent's
@@ -96,6 +103,11 @@ impl ResumePolicy {
 pub(super) struct Opened {
     pub total: u64,
     pub skip: u64,
+    /// Where the body ends when it is a range short of the blob's end (then the next
+    /// range is asked for once it is read).
+    pub end: Option<u64>,
+    /// Whether its bytes were paid to the limiters before it was asked for.
+    pub paid: bool,
     pub stream: BoxStream<'static, Result<Bytes, UpstreamError>>,
 }
 
@@ -108,9 +120,14 @@ pub(super) fn resuming(
     digest: Digest,
     offset: u64,
     first: Opened,
+    limits: Vec<Limiter>,
 ) -> UpstreamBlob {
     let total_length = first.total;
     let state = Resuming {
+        limits,
+        segment_end: first.end,
+        paid: first.paid,
+        next: None,
         policy: client.inner.resume,
         client,
         registry: registry.to_string(),
@@ -126,6 +143,8 @@ pub(super) fn resuming(
     };
     // The state lives in the stream, not in the future of one `next()`: a caller that
     // drops a pending `next()` (a timeout) loses nothing.
+    let mut state = state;
+    state.prefetch();
     let stream = futures_util::stream::unfold(state, |mut st| async move { st.next().await.map(|item| (item, st)) });
     UpstreamBlob { total_length, stream: stream.boxed() }
 }
@@ -149,6 +168,60 @@ struct Resuming {
     attempt: u32,
     /// A final error was returned, or the blob is complete.
     done: bool,
+    /// Every chunk off the wire passes through these before it is handed out.
+    limits: Vec<Limiter>,
+    /// Where the current body ends, when it is a range short of the blob's end.
+    segment_end: Option<u64>,
+    /// Whether the current body's bytes were paid to the limiters when it was asked
+    /// for (a range), so they pass without being counted again.
+    paid: bool,
+    /// The request for the range after the current one, sent as soon as the current
+    /// one opened (so the next range is on its way while this one is read).
+    next: Option<tokio::task::JoinHandle<Result<Opened, UpstreamError>>>,
+}
+
+impl Drop for Resuming {
+    fn drop(&mut self) {
+        if let Some(next) = self.next.take() {
+            next.abort();
+        }
+    }
+}
+
+/// Opens the blob from `offset`: in one request when no limiter has a rate (its bytes
+/// are then counted as they arrive), else a range of [`segment_len`] bytes, paid to
+/// every limiter (waiting for them) before it is asked for, so that what crosses the
+/// uplink follows the limiters' rates.
+pub(super) async fn open_paid(
+    client: &UpstreamClient,
+    registry: &str,
+    repository: &str,
+    digest: &Digest,
+    offset: u64,
+    limits: &[Limiter],
+) -> Result<Opened, UpstreamError> {
+    let segment = segment_len(limits);
+    if let Some(len) = segment {
+        for limiter in limits {
+            limiter.consume(len as usize).await;
+        }
+    }
+    let mut opened = client.open_range(registry, repository, digest, offset, segment).await?;
+    opened.paid = segment.is_some();
+    Ok(opened)
+}
+
+/// How much of a limiter's rate one range asks for (see [`segment_len`]).
+pub const SEGMENT_TIME: Duration = Duration::from_millis(50);
+/// The shortest range asked for while a rate is set.
+pub const MIN_SEGMENT: u64 = 64 * 1024;
+
+/// The length of the ranges a stream limited by `limits` asks for: [`SEGMENT_TIME`]
+/// worth of the lowest rate among them (at least [`MIN_SEGMENT`]); `None` (one
+/// open-ended request) when none has a rate.
+pub fn segment_len(limits: &[Limiter]) -> Option<u64> {
+    let rate = limits.iter().filter_map(Limiter::rate).min()?;
+    Some(((rate as f64 * SEGMENT_TIME.as_secs_f64()) as u64).max(MIN_SEGMENT))
 }
 
 /// Why the current attempt ended, when it is worth another.
@@ -172,7 +245,10 @@ impl Resuming {
                 None => match tokio::time::timeout_at(deadline, self.reopen()).await {
                     Ok(Ok(opened)) => {
                         self.skip = opened.skip;
+                        self.segment_end = opened.end;
+                        self.paid = opened.paid;
                         self.body = Some(opened.stream);
+                        self.prefetch();
                         continue;
                     }
                     Ok(Err(e)) if !e.is_transient() => return self.fail(e),
@@ -180,7 +256,7 @@ impl Resuming {
                     Err(_) => Interruption { reason: "no answer to the range request".into(), retry_after: None },
                 },
                 Some(body) => match tokio::time::timeout_at(deadline, body.next()).await {
-                    Ok(Some(Ok(chunk))) => match self.received(chunk) {
+                    Ok(Some(Ok(chunk))) => match self.throttled(chunk).await {
                         Ok(Some(chunk)) => return Some(Ok(chunk)),
                         Ok(None) => continue,
                         Err(e) => return self.fail(e),
@@ -191,6 +267,11 @@ impl Resuming {
                         self.done = true;
                         return None;
                     }
+                    Ok(None) if self.segment_end.is_some_and(|end| self.position >= end) => {
+                        // A range read to its end: ask for the next one.
+                        self.body = None;
+                        continue;
+                    }
                     Ok(None) => Interruption {
                         reason: format!("the body ended {} bytes early", self.total - self.position),
                         retry_after: None,
@@ -199,6 +280,7 @@ impl Resuming {
                 },
             };
             self.body = None;
+            self.drop_prefetch();
             self.attempt += 1;
             let delay = self.policy.delay(self.attempt, interruption.retry_after);
             let now = Instant::now();
@@ -224,6 +306,17 @@ impl Resuming {
             );
             tokio::time::sleep(delay).await;
         }
+    }
+
+    /// Passes a chunk off the wire through the stream's limiters (waiting while any is
+    /// in debt), then [`Resuming::received`].
+    async fn throttled(&mut self, chunk: Bytes) -> Result<Option<Bytes>, UpstreamError> {
+        if !self.paid {
+            for limiter in &self.limits {
+                limiter.consume(chunk.len()).await;
+            }
+        }
+        self.received(chunk)
     }
 
     /// Accounts for a chunk off the wire: drops what precedes `position`, refuses
@@ -256,9 +349,38 @@ impl Resuming {
         Ok(Some(chunk))
     }
 
-    /// Asks for the rest of the blob; the answer must be about the same blob.
+    /// Sends the request for the range after the current one, if the current body is
+    /// a range short of the blob's end.
+    fn prefetch(&mut self) {
+        self.drop_prefetch();
+        let Some(end) = self.segment_end.filter(|end| *end < self.total) else { return };
+        let (client, registry, repository, digest) =
+            (self.client.clone(), self.registry.clone(), self.repository.clone(), self.digest);
+        let limits = self.limits.clone();
+        self.next =
+            Some(tokio::spawn(async move { open_paid(&client, &registry, &repository, &digest, end, &limits).await }));
+    }
+
+    fn drop_prefetch(&mut self) {
+        if let Some(next) = self.next.take() {
+            next.abort();
+        }
+    }
+
+    /// Asks for the rest of the blob (or takes the range requested ahead, when the
+    /// current range was read to its end); the answer must be about the same blob.
     async fn reopen(&mut self) -> Result<Opened, UpstreamError> {
-        let opened = self.client.open_range(&self.registry, &self.repository, &self.digest, self.position).await?;
+        let ahead = self.next.take().filter(|_| self.segment_end == Some(self.position));
+        let opened = match ahead {
+            Some(next) => match next.await {
+                Ok(opened) => opened?,
+                Err(e) => return Err(UpstreamError::Invalid { url: self.digest.to_string(), reason: e.to_string() }),
+            },
+            None => {
+                open_paid(&self.client, &self.registry, &self.repository, &self.digest, self.position, &self.limits)
+                    .await?
+            }
+        };
         if opened.total != self.total {
             return Err(UpstreamError::Invalid {
                 url: self.digest.to_string(),
