@@ -3,8 +3,8 @@
 
     emulate.py run [--nodes 8] [--size 64MiB] [--uplink 100mbit] [--node-rate 200mbit]
                    [--scenario edge|incluster|churn|edge-churn|edge-containerd|edge-killholder|edge-trackerkill
-                               |edge-masterfirst|edge-flakyuplink|edge-replicakill|edge-knownpeer[,...]]
-                   [--master-down 15] [--outage 60]
+                               |edge-masterfirst|edge-flakyuplink|edge-replicakill|edge-knownpeer|edge-stage[,...]]
+                   [--master-down 15] [--outage 60] [--baseline-pulls 2]
                    [--systems direct,swarm,libtorrent]
                    [--swarm-bin PATH] [--json OUT.json]
     emulate.py selftest [--swarm-bin PATH]     N=3, 4 MiB, incluster: direct + swarm (+ libtorrent)
@@ -58,7 +58,7 @@ cells say "not applicable". containerd's and ctr's CPU count in both systems.
 Resilience scenarios, edge layout, swarm only (other systems: "not applicable"):
 edge-killholder (the node whose agent logs that it fetches as the lease holder is
 SIGKILLed at --churn-at for good; `killed_holders`), edge-trackerkill (the tracker
-SIGKILLed at --churn-at for good; `tracker_killed_at_s`), and four scripted flows
+SIGKILLed at --churn-at for good; `tracker_killed_at_s`), and five scripted flows
 (class Flow; their events are extra result fields):
   edge-masterfirst   node 1 (tracker + agent) pulls; once its store has the blob
                      complete, tracker and agent are SIGKILLed for --master-down s
@@ -83,6 +83,16 @@ SIGKILLed at --churn-at for good; `tracker_killed_at_s`), and four scripted flow
                      and node 3's agent restarts; measured: node 3 pulls the blob,
                      which only node 2 holds: `known_peers` (node 3's <data>/peers),
                      `holder`, `from_known_peer`, `tracker_killed_before_start`.
+  edge-stage         issue 11: a 3-layer image (6:3:1 of --size); before the start
+                     each node's containerd pulls it --baseline-pulls times from a
+                     docker-registry in the node's namespace (a skopeo copy; image
+                     and content removed after each); then `swarm stage IMAGE` in
+                     node 1's namespace (must exit 0), then edge-masterfirst with
+                     every pull a real containerd's through its agent: `stage_s`,
+                     `stage_rc`, `stage_uplink_bytes`, `stage_nodes`, `image_bytes`,
+                     `uplink_over_image`, `pull_over_baseline_max`; per node
+                     `pull_s`, `baseline_s`, `baseline_median_s`,
+                     `pull_over_baseline`.
 Flows log swarm at warn,swarm_peer=info,swarm_tracker=info (they read the logs).
 
 Figures per system and scenario (field names match swarm-sim's): per-node completion
@@ -744,6 +754,17 @@ class Image:
         push_blob(ns, base, self.name, self.manifest, self.manifest_digest, tag=self.tag, media_type=MANIFEST_TYPE)
 
 
+def registry_hosts(hosts_dir, registry):
+    """Writes HOSTS_DIR/REGISTRY/hosts.toml for containerd to pull from the plain-HTTP
+    `registry` itself. containerd 1.6 refuses a hosts.toml without a [host] table, so
+    the registry is both: its one host, and the fallback `server`."""
+    d = os.path.join(hosts_dir, registry)
+    os.makedirs(d)
+    with open(os.path.join(d, "hosts.toml"), "w") as f:
+        f.write('server = "http://%s"\n\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n'
+                % (registry, registry))
+
+
 class Containerd:
     """A real containerd (Debian's 1.6) on node i, one per system: config, root, state
     and sockets under the node's dir, started in the node's namespace, so
@@ -904,14 +925,9 @@ class Direct(System):
         self.host = UP_IP
         self.extra = None
         if ctx.image:
-            hosts = os.path.join(ctx.sysdir, "hosts", ctx.image.registry)
-            os.makedirs(hosts)
-            # containerd 1.6 refuses a hosts.toml without a [host] table, so the registry
-            # is both: its one host, and the fallback `server`.
-            with open(os.path.join(hosts, "hosts.toml"), "w") as f:
-                f.write('server = "http://%s"\n\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n'
-                        % (ctx.image.registry, ctx.image.registry))
-            self.start_containerds(ctx, os.path.dirname(hosts))
+            hosts = os.path.join(ctx.sysdir, "hosts")
+            registry_hosts(hosts, ctx.image.registry)
+            self.start_containerds(ctx, hosts)
         elif ctx.layout != "edge":
             self.extra = Registry(ctx.topo, ctx.topo.ns(1), ctx.topo.ip(1), ctx.reg_root, "node1")
             self.extra.start(ctx.workdir)
@@ -1366,9 +1382,7 @@ class Staged(MasterFirst):
         img = ctx.image
         local = "127.0.0.1:%d" % REG_PORT
         hosts = os.path.join(ctx.sysdir, "hosts-local")
-        os.makedirs(os.path.join(hosts, local))
-        with open(os.path.join(hosts, local, "hosts.toml"), "w") as f:
-            f.write('server = "http://%s"\n\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n' % (local, local))
+        registry_hosts(hosts, local)
         ref = "%s/%s:%s" % (local, img.name, img.tag)
         digests = [d for _, d in img.blobs]
         for i in ctx.downloaders:
@@ -1567,8 +1581,8 @@ class KnownPeer(Flow):
         self.events["from_known_peer"] = sw.agent_log_count(b"swarming with a peer known from before", [3]) > 0
 
 
-FLOWS = {"edge-masterfirst": MasterFirst, "edge-stage": Staged, "edge-flakyuplink": FlakyUplink, "edge-replicakill": ReplicaKill,
-         "edge-knownpeer": KnownPeer}
+FLOWS = {"edge-masterfirst": MasterFirst, "edge-stage": Staged, "edge-flakyuplink": FlakyUplink,
+         "edge-replicakill": ReplicaKill, "edge-knownpeer": KnownPeer}
 
 
 def scenario_tmin(topo, size, layout):
