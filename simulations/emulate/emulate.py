@@ -3,8 +3,8 @@
 
     emulate.py run [--nodes 8] [--size 64MiB] [--uplink 100mbit] [--node-rate 200mbit]
                    [--scenario edge|incluster|churn|edge-churn|edge-containerd|edge-killholder|edge-trackerkill
-                               |edge-masterfirst|edge-flakyuplink|edge-replicakill|edge-knownpeer[,...]]
-                   [--master-down 15] [--outage 60]
+                               |edge-masterfirst|edge-flakyuplink|edge-replicakill|edge-knownpeer|edge-stage[,...]]
+                   [--master-down 15] [--outage 60] [--baseline-pulls 2]
                    [--systems direct,swarm,libtorrent]
                    [--swarm-bin PATH] [--json OUT.json]
     emulate.py selftest [--swarm-bin PATH]     N=3, 4 MiB, incluster: direct + swarm (+ libtorrent)
@@ -58,7 +58,7 @@ cells say "not applicable". containerd's and ctr's CPU count in both systems.
 Resilience scenarios, edge layout, swarm only (other systems: "not applicable"):
 edge-killholder (the node whose agent logs that it fetches as the lease holder is
 SIGKILLed at --churn-at for good; `killed_holders`), edge-trackerkill (the tracker
-SIGKILLed at --churn-at for good; `tracker_killed_at_s`), and four scripted flows
+SIGKILLed at --churn-at for good; `tracker_killed_at_s`), and five scripted flows
 (class Flow; their events are extra result fields):
   edge-masterfirst   node 1 (tracker + agent) pulls; once its store has the blob
                      complete, tracker and agent are SIGKILLed for --master-down s
@@ -83,6 +83,16 @@ SIGKILLed at --churn-at for good; `tracker_killed_at_s`), and four scripted flow
                      and node 3's agent restarts; measured: node 3 pulls the blob,
                      which only node 2 holds: `known_peers` (node 3's <data>/peers),
                      `holder`, `from_known_peer`, `tracker_killed_before_start`.
+  edge-stage         issue 11: a 3-layer image (6:3:1 of --size); before the start
+                     each node's containerd pulls it --baseline-pulls times from a
+                     docker-registry in the node's namespace (a skopeo copy; image
+                     and content removed after each); then `swarm stage IMAGE` in
+                     node 1's namespace (must exit 0), then edge-masterfirst with
+                     every pull a real containerd's through its agent: `stage_s`,
+                     `stage_rc`, `stage_uplink_bytes`, `stage_nodes`, `image_bytes`,
+                     `uplink_over_image`, `pull_over_baseline_max`; per node
+                     `pull_s`, `baseline_s`, `baseline_median_s`,
+                     `pull_over_baseline`.
 Flows log swarm at warn,swarm_peer=info,swarm_tracker=info (they read the logs).
 
 Figures per system and scenario (field names match swarm-sim's): per-node completion
@@ -107,6 +117,7 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -124,6 +135,11 @@ UP_IP = "198.18.0.1"
 NET_PREFIX = 24
 REPO_NAME = "swbench/blob"
 IMAGE_NAME, IMAGE_TAG = "swbench/image", "v1"
+# edge-stage: the image (three layers, 6:3:1 of --size, like tests/stage.rs's 6, 3
+# and 1 MiB) and the bound on `swarm stage`.
+STAGE_IMAGE_NAME = "swbench/staged"
+STAGE_LAYER_SHARES = (0.6, 0.3, 0.1)
+STAGE_TIMEOUT_S = 120
 CONTAINERD_BIN = "/usr/bin/containerd"
 CTR_BIN = "/usr/bin/ctr"
 REG_PORT = 5000
@@ -680,38 +696,48 @@ class HashingWriter:
 
 
 class Image:
-    """The edge-containerd image, built here without tools: one layer, a gzip'd tar
-    holding the run's blob as /blob.bin, an OCI config (its diff_id is the tar's
-    sha256) and an OCI manifest, all under WORKDIR/image. `size` and `layer_hex` are
-    the layer's: F and the digest every node's copy is checked against."""
+    """An image built here without tools: one layer per blob file (a gzip'd tar holding
+    the file; the edge-containerd image has one, the run's blob as /blob.bin; the
+    edge-stage image three, /layer-K.bin), an OCI config (its diff_ids are the tars'
+    sha256) and an OCI manifest, all under WORKDIR/<dir>. `layer`, `size` and
+    `layer_hex` are the first layer's: for edge-containerd F and the digest every
+    node's copy is checked against; `blobs` are every blob a pull fetches (layers,
+    then the config) and `total_bytes` their size plus the manifest's: the image's
+    bytes (edge-stage's F)."""
 
     registry = "%s:%d" % (UP_IP, REG_PORT)
-    ref = "%s/%s:%s" % (registry, IMAGE_NAME, IMAGE_TAG)
 
-    def __init__(self, workdir, blob):
-        d = os.path.join(workdir, "image")
+    def __init__(self, workdir, blobs, name=IMAGE_NAME, tag=IMAGE_TAG, dirname="image"):
+        self.name, self.tag = name, tag
+        self.ref = "%s/%s:%s" % (self.registry, name, tag)
+        d = os.path.join(workdir, dirname)
         os.makedirs(d)
-        self.layer = os.path.join(d, "layer.tar.gz")
-        diff = hashlib.sha256()
-        with open(self.layer, "wb") as out, \
-                gzip.GzipFile(filename="", mode="wb", fileobj=out, compresslevel=1, mtime=0) as gz, \
-                tarfile.open(fileobj=HashingWriter(gz, diff), mode="w|", format=tarfile.USTAR_FORMAT) as tar, \
-                open(blob, "rb") as f:
-            info = tarfile.TarInfo("blob.bin")
-            info.size, info.mode = os.path.getsize(blob), 0o644
-            tar.addfile(info, f)
-        self.layer_hex = sha256_file(self.layer)
-        self.size = os.path.getsize(self.layer)
+        layers, diff_ids = [], []
+        for k, blob in enumerate(blobs):
+            path = os.path.join(d, "layer-%d.tar.gz" % k)
+            diff = hashlib.sha256()
+            with open(path, "wb") as out, \
+                    gzip.GzipFile(filename="", mode="wb", fileobj=out, compresslevel=1, mtime=0) as gz, \
+                    tarfile.open(fileobj=HashingWriter(gz, diff), mode="w|", format=tarfile.USTAR_FORMAT) as tar, \
+                    open(blob, "rb") as f:
+                info = tarfile.TarInfo("blob.bin" if len(blobs) == 1 else "layer-%d.bin" % k)
+                info.size, info.mode = os.path.getsize(blob), 0o644
+                tar.addfile(info, f)
+            layers.append((path, sha256_file(path), os.path.getsize(path)))
+            diff_ids.append("sha256:" + diff.hexdigest())
+        self.layer, self.layer_hex, self.size = layers[0]
+        self.layers = layers
         config = {"architecture": GOARCH, "os": "linux", "config": {},
-                  "rootfs": {"type": "layers", "diff_ids": ["sha256:" + diff.hexdigest()]}}
+                  "rootfs": {"type": "layers", "diff_ids": diff_ids}}
         self.config, config_digest, config_size = self._write(d, "config.json", config)
         manifest = {"schemaVersion": 2, "mediaType": MANIFEST_TYPE,
                     "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest,
                                "size": config_size},
                     "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                                "digest": "sha256:" + self.layer_hex, "size": self.size}]}
-        self.manifest, self.manifest_digest, _ = self._write(d, "manifest.json", manifest)
-        self.blobs = [(self.layer, "sha256:" + self.layer_hex), (self.config, config_digest)]
+                                "digest": "sha256:" + hexd, "size": n} for _, hexd, n in layers]}
+        self.manifest, self.manifest_digest, manifest_size = self._write(d, "manifest.json", manifest)
+        self.blobs = [(path, "sha256:" + hexd) for path, hexd, _ in layers] + [(self.config, config_digest)]
+        self.total_bytes = sum(n for _, _, n in layers) + config_size + manifest_size
 
     @staticmethod
     def _write(d, name, obj):
@@ -724,8 +750,19 @@ class Image:
     def push(self, ns):
         base = "http://" + self.registry
         for path, digest in self.blobs:
-            push_blob(ns, base, IMAGE_NAME, path, digest)
-        push_blob(ns, base, IMAGE_NAME, self.manifest, self.manifest_digest, tag=IMAGE_TAG, media_type=MANIFEST_TYPE)
+            push_blob(ns, base, self.name, path, digest)
+        push_blob(ns, base, self.name, self.manifest, self.manifest_digest, tag=self.tag, media_type=MANIFEST_TYPE)
+
+
+def registry_hosts(hosts_dir, registry):
+    """Writes HOSTS_DIR/REGISTRY/hosts.toml for containerd to pull from the plain-HTTP
+    `registry` itself. containerd 1.6 refuses a hosts.toml without a [host] table, so
+    the registry is both: its one host, and the fallback `server`."""
+    d = os.path.join(hosts_dir, registry)
+    os.makedirs(d)
+    with open(os.path.join(d, "hosts.toml"), "w") as f:
+        f.write('server = "http://%s"\n\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n'
+                % (registry, registry))
 
 
 class Containerd:
@@ -765,10 +802,13 @@ class Containerd:
                 raise Fail("containerd of node %d not ready after %.0f s; log: %s" % (self.i, timeout, self.proc.tail()))
             time.sleep(0.1)
 
-    def pull(self, ctx, ref):
-        return ctx.spawn("ctr-n%d" % self.i, ctx.topo.ns(self.i),
-                         [CTR_BIN, "-a", self.sock, "images", "pull", "--hosts-dir", self.hosts_dir, ref],
-                         ctx.workdir, node=self.i, done_on="exit")
+    def pull(self, ctx, ref, hosts_dir=None, name=None, counted=True):
+        """`ctr images pull` of `ref` in the node's namespace (a Proc done at its exit 0).
+        `counted`: one of the system's processes (its CPU counts); else a preparation."""
+        spawn = ctx.spawn if counted else Proc
+        return spawn(name or "ctr-n%d" % self.i, ctx.topo.ns(self.i),
+                     [CTR_BIN, "-a", self.sock, "images", "pull", "--hosts-dir", hosts_dir or self.hosts_dir, ref],
+                     ctx.workdir, node=self.i, done_on="exit")
 
     def content_path(self, hexdigest):
         return os.path.join(self.root, "io.containerd.content.v1.content", "blobs", "sha256", hexdigest)
@@ -852,7 +892,21 @@ class System:
     def verify(self, ctx, i):
         """After the run, before teardown: why node i's finished copy is not usable, or
         None. The copy's sha256 is checked after teardown for every system."""
-        return self.containerds[i].check(ctx.image.ref) if ctx.image else None
+        if not ctx.image:
+            return None
+        why = self.containerds[i].check(ctx.image.ref)
+        if why is None and len(ctx.image.blobs) > 2:
+            # Several layers: every blob in the content store must hash right (the
+            # first layer's is checked after teardown like every system's copy).
+            for _, digest in ctx.image.blobs:
+                path = self.containerds[i].content_path(digest.split(":", 1)[1])
+                try:
+                    good = sha256_file(path) == digest.split(":", 1)[1]
+                except OSError as e:
+                    return "node %d: cannot read %s: %s" % (i, path, e)
+                if not good:
+                    return "node %d: %s in the content store does not hash to its digest" % (i, digest)
+        return why
 
     def teardown(self, ctx):
         stop_all(ctx.procs)
@@ -871,14 +925,9 @@ class Direct(System):
         self.host = UP_IP
         self.extra = None
         if ctx.image:
-            hosts = os.path.join(ctx.sysdir, "hosts", ctx.image.registry)
-            os.makedirs(hosts)
-            # containerd 1.6 refuses a hosts.toml without a [host] table, so the registry
-            # is both: its one host, and the fallback `server`.
-            with open(os.path.join(hosts, "hosts.toml"), "w") as f:
-                f.write('server = "http://%s"\n\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n'
-                        % (ctx.image.registry, ctx.image.registry))
-            self.start_containerds(ctx, os.path.dirname(hosts))
+            hosts = os.path.join(ctx.sysdir, "hosts")
+            registry_hosts(hosts, ctx.image.registry)
+            self.start_containerds(ctx, hosts)
         elif ctx.layout != "edge":
             self.extra = Registry(ctx.topo, ctx.topo.ns(1), ctx.topo.ip(1), ctx.reg_root, "node1")
             self.extra.start(ctx.workdir)
@@ -1185,7 +1234,7 @@ SCENARIOS = {"edge": ("edge", False, False), "incluster": ("incluster", False, F
              "edge-containerd": ("edge", False, True), "edge-killholder": ("edge", True, False),
              "edge-trackerkill": ("edge", True, False), "edge-masterfirst": ("edge", False, False),
              "edge-flakyuplink": ("edge", False, False), "edge-replicakill": ("edge", False, False),
-             "edge-knownpeer": ("edge", False, False)}
+             "edge-knownpeer": ("edge", False, False), "edge-stage": ("edge", False, True)}
 # edge-killholder: the churn kill hits the node holding the upstream lease (found in
 # its agent's log; at --churn-at, or as soon as one logged it if none had by then)
 # and nobody restarts; the others must take the lease over. Its
@@ -1246,6 +1295,9 @@ class Flow:
     def finish(self, ctx, sw):
         """After the run, before teardown: facts from the logs."""
 
+    def report(self, res, nodes, done_proc):
+        """Adds the flow's figures to the result `res` and its `nodes` (at the end)."""
+
 
 class MasterFirst(Flow):
     """The Kairos upgrade, master first (GUIDE.md section 7): node 1 (tracker and
@@ -1299,6 +1351,121 @@ class MasterFirst(Flow):
             elif i == 3 or nodes[i - 1]["status"] != "pending":
                 launch(i)
                 self.stage = i + 1
+
+
+class Staged(MasterFirst):
+    """Issue 11's first target: `swarm stage` first, then the master-first upgrade
+    through every node's real containerd. Before the start, the baseline: a
+    docker-registry in each node's namespace (127.0.0.1:5000) gets a copy of the
+    image (skopeo), and the node's containerd pulls it from there --baseline-pulls
+    times (the image removed and its content garbage-collected after each). At the
+    start `swarm stage IMAGE` runs in node 1's namespace and must exit 0; then the
+    master-first flow: node 1's containerd pulls; tracker and agent of node 1 down
+    for --master-down s while node 2's pulls; nodes 3..N one after another. The
+    uplink is counted over all of it, staging included."""
+    fallback = False  # containerd falls back to the registry by itself (hosts.toml)
+    min_nodes = 2
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.stage = "stage"
+        self.stager = None
+        self.baseline = {}
+
+    def initial(self, ctx):
+        return []
+
+    def extra_time(self):
+        return self.args.master_down + STAGE_TIMEOUT_S
+
+    def prepare(self, ctx, sw):
+        img = ctx.image
+        local = "127.0.0.1:%d" % REG_PORT
+        hosts = os.path.join(ctx.sysdir, "hosts-local")
+        registry_hosts(hosts, local)
+        ref = "%s/%s:%s" % (local, img.name, img.tag)
+        digests = [d for _, d in img.blobs]
+        for i in ctx.downloaders:
+            ns, c = ctx.topo.ns(i), sw.containerds[i]
+            reg = Registry(ctx.topo, ns, "127.0.0.1", os.path.join(ctx.sysdir, "n%d" % i, "local-registry"),
+                           "n%d-local" % i)
+            reg.start(ctx.workdir)
+            try:
+                sh(["ip", "netns", "exec", ns, "skopeo", "copy", "--insecure-policy", "--src-tls-verify=false",
+                    "--dest-tls-verify=false", "docker://" + img.ref, "docker://" + ref], timeout=600)
+                head = sh(["ip", "netns", "exec", ns, "curl", "-sS", "--fail", "-I", "-H", "Accept: " + MANIFEST_TYPE,
+                           "http://%s/v2/%s/manifests/%s" % (local, img.name, img.tag)])
+                m = re.search(r"(?im)^docker-content-digest:\s*(\S+)", head)
+                if not m or m.group(1) != img.manifest_digest:
+                    raise Fail("node %d's local registry holds another manifest (%s) than upstream's %s" % (
+                        i, m.group(1) if m else "none", img.manifest_digest))
+                times = []
+                for k in range(self.args.baseline_pulls):
+                    p = c.pull(ctx, ref, hosts_dir=hosts, name="baseline-ctr-n%d-%d" % (i, k), counted=False)
+                    if not p.join(300) or p.rc != 0:
+                        raise Fail("node %d's containerd could not pull %s from its own registry (%s): %s; "
+                                   "containerd: %s" % (i, ref, p.rc, p.tail(), c.proc.tail()))
+                    times.append(round(p.exit_at - p.started_at, 4))
+                    # Forget it (content and snapshots), so the staged pull fetches and
+                    # unpacks everything again.
+                    c.ctr("images", "rm", "--sync", ref)
+                    left = [d for d in c.ctr("content", "ls", "-q").split() if d in digests]
+                    snaps = [ln for ln in c.ctr("snapshots", "ls").splitlines()[1:] if ln.strip()]
+                    if left or snaps:
+                        raise Fail("node %d's containerd kept %s and %d snapshot(s) after `ctr images rm --sync`" % (
+                            i, left, len(snaps)))
+                self.baseline[i] = times
+                log("edge-stage: node %d pulls the image from its own registry in %s s" % (i, times))
+            finally:
+                reg.stop()
+
+    def step(self, ctx, sw, now, nodes, launch):
+        if self.stage != "stage":
+            return super().step(ctx, sw, now, nodes, launch)
+        if self.stager is None:
+            trackers = ",".join("%s:%d" % (ctx.topo.ip(t), TRACKER_PORT) for t in sw.tracker_nodes)
+            self.stager = ctx.spawn("stage", ctx.topo.ns(1), [
+                sw._bin(ctx.args), "stage", ctx.image.ref, "--tracker", trackers, "--token-file", sw.token,
+                "--json", "--timeout", "%ds" % STAGE_TIMEOUT_S], ctx.workdir, node=1, env=sw.env)
+            log("edge-stage: swarm stage %s started at %.2f s" % (ctx.image.ref, now))
+            return
+        if self.stager.alive:
+            return
+        p = self.stager
+        self.events.update(stage_s=round(p.exit_at - p.started_at, 4), stage_rc=p.rc,
+                           stage_uplink_bytes=ctx.topo.uplink_tx() - self.up0)
+        text = "\n".join(line for _, line in p.lines)
+        try:
+            report = json.loads(text)
+            self.events["stage_nodes"] = [{k: n.get(k) for k in ("name", "addr", "state", "blobs", "blobs_held",
+                                                                 "bytes_held", "reason")} for n in report["nodes"]]
+        except (ValueError, KeyError, TypeError):
+            self.events["stage_nodes"] = None
+        if p.rc != 0:
+            raise Fail("swarm stage exited %s after %.2f s: %s | stderr: %s" % (
+                p.rc, self.events["stage_s"], text[-1500:], p.tail()))
+        log("edge-stage: staged in %.2f s (uplink %d bytes so far)" % (
+            self.events["stage_s"], self.events["stage_uplink_bytes"]))
+        self.stage = "master"
+        launch(1)
+
+    def report(self, res, nodes, done_proc):
+        ratios = []
+        for i, st in nodes.items():
+            base = self.baseline.get(i)
+            p = done_proc.get(i)
+            st["baseline_s"] = base
+            st["baseline_median_s"] = round(statistics.median(base), 4) if base else None
+            st["pull_s"] = round(p.done_at - p.started_at, 4) if p is not None and p.done_at is not None else None
+            if st["pull_s"] is not None and st["baseline_median_s"]:
+                st["pull_over_baseline"] = round(st["pull_s"] / st["baseline_median_s"], 4)
+                ratios.append(st["pull_over_baseline"])
+            else:
+                st["pull_over_baseline"] = None
+        res["baseline_pulls"] = self.args.baseline_pulls
+        res["image_bytes"] = res["size_bytes"]
+        res["uplink_over_image"] = res["uplink_ratio"]
+        res["pull_over_baseline_max"] = max(ratios) if ratios else None
 
 
 class FlakyUplink(Flow):
@@ -1414,8 +1581,8 @@ class KnownPeer(Flow):
         self.events["from_known_peer"] = sw.agent_log_count(b"swarming with a peer known from before", [3]) > 0
 
 
-FLOWS = {"edge-masterfirst": MasterFirst, "edge-flakyuplink": FlakyUplink, "edge-replicakill": ReplicaKill,
-         "edge-knownpeer": KnownPeer}
+FLOWS = {"edge-masterfirst": MasterFirst, "edge-stage": Staged, "edge-flakyuplink": FlakyUplink,
+         "edge-replicakill": ReplicaKill, "edge-knownpeer": KnownPeer}
 
 
 def scenario_tmin(topo, size, layout):
@@ -1670,6 +1837,7 @@ def run_system(sysobj, topo, args, blob, digest, size, registry, scenario, workd
         res["churn"] = {k: v for k, v in churn_plan.items() if k in ("victims", "kill_at_s", "restart", "restart_at_s")}
     if flow:
         res.update(flow.events)
+        flow.report(res, nodes, done_proc)
         if flow.fallback:
             for i, st in nodes.items():
                 st["fell_back"] = i in done_proc and any(line == "fallback" for _, line in done_proc[i].lines)
@@ -1730,8 +1898,11 @@ def run(args):
         if s not in SCENARIOS:
             raise Fail("unknown scenario %r (%s)" % (s, ", ".join(SCENARIOS)))
     with_containerd = any(SCENARIOS[s][2] for s in scenarios)
+    one_layer = any(SCENARIOS[s][2] and s != "edge-stage" for s in scenarios)
     if with_containerd and not (os.access(CONTAINERD_BIN, os.X_OK) and os.access(CTR_BIN, os.X_OK)):
         raise Fail("edge-containerd needs %s and %s (apt-get install containerd)" % (CONTAINERD_BIN, CTR_BIN))
+    if "edge-stage" in scenarios and not shutil.which("skopeo"):
+        raise Fail("edge-stage copies the image to each node's registry with skopeo (apt-get install skopeo)")
     for s in systems:
         if s not in SYSTEMS:
             raise Fail("unknown system %r (%s)" % (s, ", ".join(SYSTEMS)))
@@ -1763,11 +1934,20 @@ def run(args):
         registry.start(workdir)
         topo.check_reachability()
         push_blob(topo.up, "http://%s:%d" % (UP_IP, REG_PORT), REPO_NAME, blob, "sha256:" + digest)
-        image = None
-        if with_containerd:
-            image = Image(workdir, blob)
+        image = stage_image = None
+        if one_layer:
+            image = Image(workdir, [blob])
             image.push(topo.up)
             log("image %s: one layer of %d bytes (F), sha256:%s" % (image.ref, image.size, image.layer_hex[:16]))
+        if "edge-stage" in scenarios:
+            parts = []
+            for k, share in enumerate(STAGE_LAYER_SHARES):
+                parts.append(os.path.join(workdir, "stage-layer-%d.bin" % k))
+                make_blob(parts[-1], max(1, int(size * share)))
+            stage_image = Image(workdir, parts, name=STAGE_IMAGE_NAME, dirname="stage-image")
+            stage_image.push(topo.up)
+            log("image %s: %d layers, %d bytes with config and manifest (F)" % (
+                stage_image.ref, len(stage_image.layers), stage_image.total_bytes))
         if args.calibrate:
             calib = calibrate(topo)
             log("calibration: %s" % json.dumps(calib))
@@ -1775,8 +1955,14 @@ def run(args):
             for k in range(args.repeat):
                 for name in systems:
                     log("running %s / %s%s" % (name, sc, " (repeat %d)" % (k + 1) if args.repeat > 1 else ""))
-                    payload = (image.layer, image.layer_hex, image.size) if SCENARIOS[sc][2] else (blob, digest, size)
-                    r = run_system(SYSTEMS[name](), topo, args, *payload, registry, sc, workdir, k, image=image)
+                    img = stage_image if sc == "edge-stage" else image
+                    if sc == "edge-stage":
+                        payload = (img.layer, img.layer_hex, img.total_bytes)
+                    elif SCENARIOS[sc][2]:
+                        payload = (img.layer, img.layer_hex, img.size)
+                    else:
+                        payload = (blob, digest, size)
+                    r = run_system(SYSTEMS[name](), topo, args, *payload, registry, sc, workdir, k, image=img)
                     results.append(r)
                     log("%s / %s: %s %s" % (name, sc, r["status"], r.get("reason", "")[:300]))
                     if r.get("last_s") is not None:
@@ -1973,6 +2159,8 @@ def build_parser():
         p.add_argument("--no-restart", action="store_true", help="churn: killed nodes stay down")
         p.add_argument("--master-down", type=float, default=15.0,
                        help="edge-masterfirst: seconds node 1 (tracker and agent) stays down")
+        p.add_argument("--baseline-pulls", type=int, default=2,
+                       help="edge-stage: pulls from the node's own registry; their median is the baseline")
         p.add_argument("--outage", type=float, default=60.0,
                        help="edge-flakyuplink: seconds the uplink stays down after the two resets")
         p.add_argument("--agent-arg", action="append", metavar="ARG",
