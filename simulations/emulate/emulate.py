@@ -3,8 +3,9 @@
 
     emulate.py run [--nodes 8] [--size 64MiB] [--uplink 100mbit] [--node-rate 200mbit]
                    [--scenario edge|incluster|churn|edge-churn|edge-containerd|edge-killholder|edge-trackerkill
-                               |edge-masterfirst|edge-flakyuplink|edge-replicakill|edge-knownpeer|edge-stage[,...]]
-                   [--master-down 15] [--outage 60] [--baseline-pulls 2]
+                               |edge-masterfirst|edge-flakyuplink|edge-replicakill|edge-knownpeer|edge-stage
+                               |edge-stagecap[,...]]
+                   [--master-down 15] [--outage 60] [--baseline-pulls 2] [--stage-cap 40mbit]
                    [--systems direct,swarm,libtorrent]
                    [--swarm-bin PATH] [--json OUT.json]
     emulate.py selftest [--swarm-bin PATH]     N=3, 4 MiB, incluster: direct + swarm (+ libtorrent)
@@ -93,6 +94,12 @@ SIGKILLed at --churn-at for good; `tracker_killed_at_s`), and five scripted flow
                      `uplink_over_image`, `pull_over_baseline_max`; per node
                      `pull_s`, `baseline_s`, `baseline_median_s`,
                      `pull_over_baseline`.
+  edge-stagecap      issue 11: the same image staged with the tracker's --uplink-cap
+                     at --stage-cap (every node at once; up to three lease holders
+                     share the cap), the uplink sampled every 100 ms: `uplink_cap_bps`,
+                     `stage_uplink_peak_bps`, `stage_peak_over_cap` (peak over 1 s
+                     windows, Ethernet frames counted), `stage_s`, `stage_over_f_cap`
+                     (stage_s / (F / cap)); then every node's containerd pulls it.
 Flows log swarm at warn,swarm_peer=info,swarm_tracker=info (they read the logs).
 
 Figures per system and scenario (field names match swarm-sim's): per-node completion
@@ -140,6 +147,8 @@ IMAGE_NAME, IMAGE_TAG = "swbench/image", "v1"
 STAGE_IMAGE_NAME = "swbench/staged"
 STAGE_LAYER_SHARES = (0.6, 0.3, 0.1)
 STAGE_TIMEOUT_S = 120
+# Scenarios that stage the 3-layer image of STAGE_LAYER_SHARES.
+STAGE_SCENARIOS = ("edge-stage", "edge-stagecap")
 CONTAINERD_BIN = "/usr/bin/containerd"
 CTR_BIN = "/usr/bin/ctr"
 REG_PORT = 5000
@@ -1038,7 +1047,8 @@ class Swarm(System):
         b = self._bin(ctx.args)
         name = "tracker" if i == 1 and not restart else "tracker-n%d%s" % (i, "-r" if restart else "")
         tr = ctx.spawn(name, ctx.topo.ns(i),
-                       [b, "tracker", "--listen", "%s:%d" % (ctx.topo.ip(i), TRACKER_PORT), "--token-file", self.token],
+                       [b, "tracker", "--listen", "%s:%d" % (ctx.topo.ip(i), TRACKER_PORT), "--token-file", self.token]
+                       + (ctx.flow.tracker_args() if ctx.flow else []),
                        ctx.workdir, node=i, env=self.env)
         wait_listen(ctx.topo.ns(i), "udp", TRACKER_PORT, proc=tr)
         self.trackers[i] = tr
@@ -1234,7 +1244,8 @@ SCENARIOS = {"edge": ("edge", False, False), "incluster": ("incluster", False, F
              "edge-containerd": ("edge", False, True), "edge-killholder": ("edge", True, False),
              "edge-trackerkill": ("edge", True, False), "edge-masterfirst": ("edge", False, False),
              "edge-flakyuplink": ("edge", False, False), "edge-replicakill": ("edge", False, False),
-             "edge-knownpeer": ("edge", False, False), "edge-stage": ("edge", False, True)}
+             "edge-knownpeer": ("edge", False, False), "edge-stage": ("edge", False, True),
+             "edge-stagecap": ("edge", False, True)}
 # edge-killholder: the churn kill hits the node holding the upstream lease (found in
 # its agent's log; at --churn-at, or as soon as one logged it if none had by then)
 # and nobody restarts; the others must take the lease over. Its
@@ -1266,6 +1277,10 @@ class Flow:
     def measured(self, ctx):
         """The nodes whose downloads are timed and checked."""
         return ctx.downloaders
+
+    def tracker_args(self):
+        """Extra `swarm tracker` arguments."""
+        return []
 
     def initial(self, ctx):
         """The nodes launched at the common start (the others are queued)."""
@@ -1422,15 +1437,21 @@ class Staged(MasterFirst):
     def step(self, ctx, sw, now, nodes, launch):
         if self.stage != "stage":
             return super().step(ctx, sw, now, nodes, launch)
+        if self.staged(ctx, sw, now):
+            self.stage = "master"
+            launch(1)
+
+    def staged(self, ctx, sw, now):
+        """Runs `swarm stage` (started on the first call); True once it exited 0."""
         if self.stager is None:
             trackers = ",".join("%s:%d" % (ctx.topo.ip(t), TRACKER_PORT) for t in sw.tracker_nodes)
             self.stager = ctx.spawn("stage", ctx.topo.ns(1), [
                 sw._bin(ctx.args), "stage", ctx.image.ref, "--tracker", trackers, "--token-file", sw.token,
                 "--json", "--timeout", "%ds" % STAGE_TIMEOUT_S], ctx.workdir, node=1, env=sw.env)
             log("edge-stage: swarm stage %s started at %.2f s" % (ctx.image.ref, now))
-            return
+            return False
         if self.stager.alive:
-            return
+            return False
         p = self.stager
         self.events.update(stage_s=round(p.exit_at - p.started_at, 4), stage_rc=p.rc,
                            stage_uplink_bytes=ctx.topo.uplink_tx() - self.up0)
@@ -1446,8 +1467,7 @@ class Staged(MasterFirst):
                 p.rc, self.events["stage_s"], text[-1500:], p.tail()))
         log("edge-stage: staged in %.2f s (uplink %d bytes so far)" % (
             self.events["stage_s"], self.events["stage_uplink_bytes"]))
-        self.stage = "master"
-        launch(1)
+        return True
 
     def report(self, res, nodes, done_proc):
         ratios = []
@@ -1466,6 +1486,81 @@ class Staged(MasterFirst):
         res["image_bytes"] = res["size_bytes"]
         res["uplink_over_image"] = res["uplink_ratio"]
         res["pull_over_baseline_max"] = max(ratios) if ratios else None
+
+
+# Uplink samples during a capped stage: every 100 ms; the peak is taken over 1 s
+# windows (issue 11: "the uplink rate measured over 1 s windows").
+CAP_SAMPLE_S = 0.1
+CAP_WINDOW_S = 1.0
+
+
+def peak_window_rate(samples, window):
+    """Highest rate in bytes/s over any span of at least `window` s between two
+    samples `(t, bytes)` (the shortest such span from each sample), or None."""
+    peak = None
+    j = 0
+    for i, (t, b) in enumerate(samples):
+        j = max(j, i + 1)
+        while j < len(samples) and samples[j][0] - t < window:
+            j += 1
+        if j == len(samples):
+            break
+        rate = (samples[j][1] - b) / (samples[j][0] - t)
+        peak = rate if peak is None else max(peak, rate)
+    return peak
+
+
+class StagedCapped(Staged):
+    """Issue 11's second target: the tracker runs with `--uplink-cap` (--stage-cap,
+    default 40 Mbit/s) and `swarm stage IMAGE` puts the 3-layer image on every node
+    (the layers are fetched from upstream by up to three lease holders at once, which
+    share the cap). The uplink's transmit counter is sampled every 100 ms while the
+    stage runs: `stage_peak_over_cap` is the highest rate over any 1 s window (bytes on
+    the wire, Ethernet frames included) against the cap, `stage_over_f_cap` the
+    staging time against F / cap. Then every node's containerd pulls the staged image
+    at once (checked like any pull; nothing but tag lookups crosses the uplink)."""
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.samples = []
+
+    def tracker_args(self):
+        return ["--uplink-cap", "%dbit/s" % self.args.stage_cap]
+
+    def extra_time(self):
+        return STAGE_TIMEOUT_S
+
+    def prepare(self, ctx, sw):
+        pass
+
+    def step(self, ctx, sw, now, nodes, launch):
+        if self.stage != "stage":
+            self.finished = True
+            return
+        t = time.monotonic()
+        if not self.samples or t - self.samples[-1][0] >= CAP_SAMPLE_S:
+            self.samples.append((t, ctx.topo.uplink_tx()))
+        if self.staged(ctx, sw, now):
+            self.samples.append((time.monotonic(), ctx.topo.uplink_tx()))
+            self.stage = "pulls"
+            for i in self.measured(ctx):
+                launch(i)
+            self.finished = True
+
+    def report(self, res, nodes, done_proc):
+        cap = self.args.stage_cap / 8.0
+        peak = peak_window_rate(self.samples, CAP_WINDOW_S)
+        f = res["size_bytes"]
+        res["image_bytes"] = f
+        res["uplink_cap_bps"] = self.args.stage_cap
+        res["uplink_samples"] = len(self.samples)
+        res["stage_uplink_peak_bps"] = round(peak * 8) if peak is not None else None
+        res["stage_peak_over_cap"] = round(peak / cap, 4) if peak is not None else None
+        stage_s = self.events.get("stage_s")
+        res["stage_over_f_cap"] = round(stage_s / (f / cap), 4) if stage_s is not None else None
+        res["uplink_over_image"] = res["uplink_ratio"]
+        # The uplink's bytes since the start, every sample: [s since the start, bytes].
+        res["stage_uplink_series"] = [[round(t - self.t0, 3), b - self.up0] for t, b in self.samples]
 
 
 class FlakyUplink(Flow):
@@ -1581,7 +1676,8 @@ class KnownPeer(Flow):
         self.events["from_known_peer"] = sw.agent_log_count(b"swarming with a peer known from before", [3]) > 0
 
 
-FLOWS = {"edge-masterfirst": MasterFirst, "edge-stage": Staged, "edge-flakyuplink": FlakyUplink,
+FLOWS = {"edge-masterfirst": MasterFirst, "edge-stage": Staged, "edge-stagecap": StagedCapped,
+         "edge-flakyuplink": FlakyUplink,
          "edge-replicakill": ReplicaKill, "edge-knownpeer": KnownPeer}
 
 
@@ -1898,7 +1994,7 @@ def run(args):
         if s not in SCENARIOS:
             raise Fail("unknown scenario %r (%s)" % (s, ", ".join(SCENARIOS)))
     with_containerd = any(SCENARIOS[s][2] for s in scenarios)
-    one_layer = any(SCENARIOS[s][2] and s != "edge-stage" for s in scenarios)
+    one_layer = any(SCENARIOS[s][2] and s not in STAGE_SCENARIOS for s in scenarios)
     if with_containerd and not (os.access(CONTAINERD_BIN, os.X_OK) and os.access(CTR_BIN, os.X_OK)):
         raise Fail("edge-containerd needs %s and %s (apt-get install containerd)" % (CONTAINERD_BIN, CTR_BIN))
     if "edge-stage" in scenarios and not shutil.which("skopeo"):
@@ -1939,7 +2035,7 @@ def run(args):
             image = Image(workdir, [blob])
             image.push(topo.up)
             log("image %s: one layer of %d bytes (F), sha256:%s" % (image.ref, image.size, image.layer_hex[:16]))
-        if "edge-stage" in scenarios:
+        if any(s in STAGE_SCENARIOS for s in scenarios):
             parts = []
             for k, share in enumerate(STAGE_LAYER_SHARES):
                 parts.append(os.path.join(workdir, "stage-layer-%d.bin" % k))
@@ -1955,8 +2051,8 @@ def run(args):
             for k in range(args.repeat):
                 for name in systems:
                     log("running %s / %s%s" % (name, sc, " (repeat %d)" % (k + 1) if args.repeat > 1 else ""))
-                    img = stage_image if sc == "edge-stage" else image
-                    if sc == "edge-stage":
+                    img = stage_image if sc in STAGE_SCENARIOS else image
+                    if sc in STAGE_SCENARIOS:
                         payload = (img.layer, img.layer_hex, img.total_bytes)
                     elif SCENARIOS[sc][2]:
                         payload = (img.layer, img.layer_hex, img.size)
@@ -2161,6 +2257,8 @@ def build_parser():
                        help="edge-masterfirst: seconds node 1 (tracker and agent) stays down")
         p.add_argument("--baseline-pulls", type=int, default=2,
                        help="edge-stage: pulls from the node's own registry; their median is the baseline")
+        p.add_argument("--stage-cap", type=parse_rate, default=parse_rate("40mbit"),
+                       help="edge-stagecap: the tracker's --uplink-cap")
         p.add_argument("--outage", type=float, default=60.0,
                        help="edge-flakyuplink: seconds the uplink stays down after the two resets")
         p.add_argument("--agent-arg", action="append", metavar="ARG",

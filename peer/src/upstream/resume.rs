@@ -29,18 +29,23 @@
 //! Every chunk is passed through the stream's rate limiters (the agent's download
 //! rate, a lease holder's share of the uplink cap) as it comes off the wire, before
 //! the bytes to skip are dropped: what is limited is what crossed the uplink. While a
-//! limiter has a rate the blob is asked for in ranges ([`segment_len`]); a range read
-//! to its end is followed by the next at once (no wait, no retry counted).
+//! limiter has a rate the blob is asked for in ranges ([`segment_len`]), each paid to
+//! the limiters before it is asked for; up to [`RANGES_AHEAD`] ranges after the one
+//! being read are paid for and asked for in order, so a slow answer to one request
+//! does not idle the rate; a range read to its end is followed by the next at once (no
+//! wait, no retry counted).
 //!
 //! Each retry logs one warning with the reason, the byte offset and the attempt
 //! number; the first bytes after a retry log one info line.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use futures_util::stream::{BoxStream, StreamExt};
 use rand::Rng;
 use swarm_proto::Digest;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -127,7 +132,8 @@ pub(super) fn resuming(
         limits,
         segment_end: first.end,
         paid: first.paid,
-        next: None,
+        ahead: VecDeque::new(),
+        last_paid: None,
         policy: client.inner.resume,
         client,
         registry: registry.to_string(),
@@ -175,16 +181,29 @@ struct Resuming {
     /// Whether the current body's bytes were paid to the limiters when it was asked
     /// for (a range), so they pass without being counted again.
     paid: bool,
-    /// The request for the range after the current one, sent as soon as the current
-    /// one opened (so the next range is on its way while this one is read).
-    next: Option<tokio::task::JoinHandle<Result<Opened, UpstreamError>>>,
+    /// The ranges after the current one (at most [`RANGES_AHEAD`]), in blob order,
+    /// each paid for and asked for in the background, one after the other.
+    ahead: VecDeque<Ahead>,
+    /// Fires when the last range of `ahead` is paid for: the next one pays after it.
+    last_paid: Option<oneshot::Receiver<()>>,
 }
+
+/// A range requested ahead of the one being read.
+struct Ahead {
+    /// Its first byte.
+    start: u64,
+    /// Just past its last byte.
+    end: u64,
+    task: tokio::task::JoinHandle<Result<Opened, UpstreamError>>,
+}
+
+/// How many ranges after the one being read are paid for and asked for ahead: two,
+/// so the rate is kept while the answer to a request takes up to one range's time.
+pub const RANGES_AHEAD: usize = 2;
 
 impl Drop for Resuming {
     fn drop(&mut self) {
-        if let Some(next) = self.next.take() {
-            next.abort();
-        }
+        self.drop_prefetch();
     }
 }
 
@@ -201,11 +220,29 @@ pub(super) async fn open_paid(
     limits: &[Limiter],
 ) -> Result<Opened, UpstreamError> {
     let segment = segment_len(limits);
+    pay(limits, segment).await;
+    open_segment(client, registry, repository, digest, offset, segment).await
+}
+
+/// Pays `segment` bytes (if any) to every limiter, waiting for them.
+async fn pay(limits: &[Limiter], segment: Option<u64>) {
     if let Some(len) = segment {
         for limiter in limits {
             limiter.consume(len as usize).await;
         }
     }
+}
+
+/// Asks for `segment` bytes from `offset` (the rest of the blob when `None`),
+/// already paid for when it is a range.
+async fn open_segment(
+    client: &UpstreamClient,
+    registry: &str,
+    repository: &str,
+    digest: &Digest,
+    offset: u64,
+    segment: Option<u64>,
+) -> Result<Opened, UpstreamError> {
     let mut opened = client.open_range(registry, repository, digest, offset, segment).await?;
     opened.paid = segment.is_some();
     Ok(opened)
@@ -349,28 +386,65 @@ impl Resuming {
         Ok(Some(chunk))
     }
 
-    /// Sends the request for the range after the current one, if the current body is
-    /// a range short of the blob's end.
+    /// Requests ranges after the current one until [`RANGES_AHEAD`] are under way, if
+    /// the current body is a range short of the blob's end. Each is paid for after the
+    /// one before it, so they go out in blob order at the limiters' rate.
     fn prefetch(&mut self) {
-        self.drop_prefetch();
-        let Some(end) = self.segment_end.filter(|end| *end < self.total) else { return };
-        let (client, registry, repository, digest) =
-            (self.client.clone(), self.registry.clone(), self.repository.clone(), self.digest);
-        let limits = self.limits.clone();
-        self.next =
-            Some(tokio::spawn(async move { open_paid(&client, &registry, &repository, &digest, end, &limits).await }));
+        while self.ahead.len() < RANGES_AHEAD {
+            let from = match self.ahead.back() {
+                Some(last) => last.end,
+                None => match self.segment_end {
+                    Some(end) => end,
+                    None => return,
+                },
+            };
+            // A rate lifted meanwhile: the rest in one request, paid for by nobody.
+            let segment = segment_len(&self.limits);
+            if from >= self.total {
+                return;
+            }
+            let end = segment.map_or(self.total, |len| (from + len).min(self.total));
+            let (client, registry, repository, digest) =
+                (self.client.clone(), self.registry.clone(), self.repository.clone(), self.digest);
+            let limits = self.limits.clone();
+            let after = self.last_paid.take();
+            let (paid, last_paid) = oneshot::channel();
+            self.last_paid = Some(last_paid);
+            let task = tokio::spawn(async move {
+                if let Some(after) = after {
+                    // An error: the range before was dropped; pay now.
+                    let _ = after.await;
+                }
+                pay(&limits, segment).await;
+                let _ = paid.send(());
+                open_segment(&client, &registry, &repository, &digest, from, segment).await
+            });
+            self.ahead.push_back(Ahead { start: from, end, task });
+            if segment.is_none() {
+                return;
+            }
+        }
     }
 
     fn drop_prefetch(&mut self) {
-        if let Some(next) = self.next.take() {
-            next.abort();
+        for ahead in self.ahead.drain(..) {
+            ahead.task.abort();
         }
+        self.last_paid = None;
     }
 
     /// Asks for the rest of the blob (or takes the range requested ahead, when the
     /// current range was read to its end); the answer must be about the same blob.
     async fn reopen(&mut self) -> Result<Opened, UpstreamError> {
-        let ahead = self.next.take().filter(|_| self.segment_end == Some(self.position));
+        let ahead = match self.ahead.pop_front() {
+            Some(next) if next.start == self.position => Some(next.task),
+            Some(next) => {
+                next.task.abort();
+                self.drop_prefetch();
+                None
+            }
+            None => None,
+        };
         let opened = match ahead {
             Some(next) => match next.await {
                 Ok(opened) => opened?,
