@@ -317,39 +317,18 @@ fn spawn_feed(
             };
             let result = tokio::select! {
                 r = feed(&node, &upstream, &req, &blob, opened, resume_from, &known_tx, &share.limiter) => r,
-                _ = lost.cancelled() => Err(FeedError::Upstream("another node holds the upstream lease now".to_string())),
+                _ = lost.cancelled() => Err("another node holds the upstream lease now".to_string()),
                 _ = node.cancelled() => return,
             };
             drop(share);
-            if let Err(e) = result {
-                let (reason, failed) = match e {
-                    FeedError::Upstream(r) => (r.clone(), Some(r)),
-                    FeedError::Store(r) => (r, None),
-                };
+            if let Err(reason) = result {
                 warn!(%reason, "upstream fetch failed");
-                let _ = node.tracker().release_lease(node.peer_id(), req.digest, failed).await;
+                let _ = node.tracker().release_lease(node.peer_id(), req.digest, Some(reason.clone())).await;
                 node.abandon(&req.digest, reason).await;
             }
         }
         .instrument(span),
     );
-}
-
-/// Why an upstream feed stopped.
-#[derive(Debug)]
-enum FeedError {
-    /// The upstream refused, broke off or sent something else: the tracker is told,
-    /// and the other nodes fall back to the upstream themselves for a while.
-    Upstream(String),
-    /// This node could not store a good piece (disk full, I/O error): a local fault,
-    /// the lease is released without a failure.
-    Store(String),
-}
-
-impl From<String> for FeedError {
-    fn from(reason: String) -> Self {
-        Self::Upstream(reason)
-    }
 }
 
 /// How long a lease holder waits for its first share of the uplink cap before it
@@ -440,7 +419,7 @@ async fn feed(
     from: u32,
     known: &tokio::sync::watch::Sender<u32>,
     share: &Limiter,
-) -> Result<(), FeedError> {
+) -> Result<(), String> {
     let layout = *blob.layout();
     let count = layout.piece_count();
     let start = layout.piece_offset(from);
@@ -449,10 +428,10 @@ async fn feed(
         _ => upstream
             .blob_limited(&req.registry, &req.repository, &req.digest, start, vec![share.clone()])
             .await
-            .map_err(|e| FeedError::Upstream(e.to_string()))?,
+            .map_err(|e| e.to_string())?,
     };
     if body.total_length != layout.length {
-        return Err(FeedError::Upstream(format!("upstream length {} differs from the published {}", body.total_length, layout.length)));
+        return Err(format!("upstream length {} differs from the published {}", body.total_length, layout.length));
     }
     let mut piece = from;
     let mut buf: Vec<u8> = Vec::with_capacity(layout.piece_length as usize);
@@ -461,23 +440,19 @@ async fn feed(
         while buf.len() < want {
             match body.next_chunk().await {
                 Some(Ok(bytes)) => buf.extend_from_slice(&bytes),
-                Some(Err(e)) => return Err(FeedError::Upstream(format!("upstream stream: {e}"))),
+                Some(Err(e)) => return Err(format!("upstream stream: {e}")),
                 None => {
-                    return Err(FeedError::Upstream(format!("upstream ended {} bytes early", layout.length - layout.piece_offset(piece))));
+                    return Err(format!("upstream ended {} bytes early", layout.length - layout.piece_offset(piece)));
                 }
             }
         }
         let rest = buf.split_off(want);
         let data = std::mem::replace(&mut buf, rest);
         let b = blob.clone();
-        let (_hash, stored) = match tokio::task::spawn_blocking(move || b.write_source_piece(piece, &data)).await {
-            Ok(Ok(r)) => r,
-            // This node's disk (full, failing), not the upstream: the lease is given
-            // back without a failure, so other nodes still fetch through the swarm.
-            Ok(Err(e @ crate::store::StoreError::Io { .. })) => return Err(FeedError::Store(e.to_string())),
-            Ok(Err(e)) => return Err(e.to_string().into()),
-            Err(e) => return Err(e.to_string().into()),
-        };
+        let (_hash, stored) = tokio::task::spawn_blocking(move || b.write_source_piece(piece, &data))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
         if stored {
             node.upstream_piece(&req.digest, piece).await;
         }

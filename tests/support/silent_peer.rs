@@ -75,15 +75,20 @@ impl SilentPeer {
                         let _ = write_msg(&mut send, &reply).await;
                         let bits = PeerMessage::Bitfield(Bitfield::full(layout.piece_count()));
                         let _ = write_msg(&mut send, &bits).await;
+                        // Drain the control stream (bitfield, haves, hashes) so the
+                        // node's control writer never stalls on us.
+                        let control = tokio::spawn(async move {
+                            while let Ok(Some(_)) = read_msg::<PeerMessage>(&mut recv, MAX_PEER_FRAME_LEN).await {}
+                        });
                         // Accept every request stream, read the request, never answer.
-                        let mut open = vec![(send, recv)];
+                        let mut open = vec![(send, control)];
                         while let Ok((s, mut r)) = conn.accept_bi().await {
                             if let Ok(Some(PeerMessage::Request { .. })) =
                                 read_msg::<PeerMessage>(&mut r, MAX_PEER_FRAME_LEN).await
                             {
                                 counter.fetch_add(1, Ordering::Relaxed);
                             }
-                            open.push((s, r));
+                            open.push((s, tokio::spawn(async move { drop(r) })));
                         }
                     });
                 }
