@@ -75,3 +75,43 @@ impl NodePolicy {
         }
     }
 }
+
+/// Where the bytes of a blob a node serves are read from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyKind {
+    /// The node's own copy in its data directory.
+    Own,
+    /// Another program's copy of the complete blob (containerd's content store).
+    External,
+    /// A file the user asked the node to seed, served where it lies.
+    Seeded,
+}
+
+/// What a node does once a piece it read to serve (to a peer or to the local
+/// mirror) failed its sha256. In every case that request is refused (a peer gets
+/// `Missing` and asks another holder; the mirror's response is cut short, so
+/// containerd retries or goes to the registry), the piece is no longer counted as
+/// held, and a warning is logged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BadRead {
+    /// Fetch the piece again: the blob's swarm restarts from the store, whose
+    /// bitfield no longer has the piece, so the node downloads just that piece from
+    /// its peers and re-checks the whole digest (its peers see it reconnect with the
+    /// smaller bitfield).
+    Refetch,
+    /// Forget the whole blob: the other program's copy cannot be repaired by this
+    /// node (the disk manager drops it and tells the tracker).
+    Forget,
+    /// Keep serving the other pieces and withhold this one: the node never writes
+    /// into a file it was asked to seed.
+    Withhold,
+}
+
+/// The decision after a piece read from `copy` failed its hash (see [`BadRead`]).
+pub fn after_bad_read(copy: CopyKind) -> BadRead {
+    match copy {
+        CopyKind::Own => BadRead::Refetch,
+        CopyKind::External => BadRead::Forget,
+        CopyKind::Seeded => BadRead::Withhold,
+    }
+}

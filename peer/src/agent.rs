@@ -547,7 +547,7 @@ impl BlobProvider for SwarmProvider {
         if offset > layout.length {
             return Err(ProviderError::Other(format!("offset {offset} past the end ({})", layout.length)));
         }
-        let stream = verified_stream(d, offset);
+        let stream = verified_stream(self.node.clone(), d, offset);
         let stream = match &self.disk {
             // Busy (never evicted) while the body streams; also the blob's last use.
             Some(disk) => {
@@ -566,8 +566,12 @@ impl BlobProvider for SwarmProvider {
 }
 
 /// The blob's bytes from `offset`, each piece released once verified, the last one
-/// once the whole blob matched its digest.
+/// once the whole blob matched its digest. Every piece is checked against its hash
+/// again as it is read from disk: one that rotted since it was verified ends the
+/// stream with an error (containerd retries, or goes to the registry) and the node
+/// drops the piece and fetches it again ([`Node::piece_rotted`]).
 fn verified_stream(
+    node: Node,
     d: Download,
     offset: u64,
 ) -> futures_util::stream::BoxStream<'static, Result<Bytes, std::io::Error>> {
@@ -575,7 +579,18 @@ fn verified_stream(
     let first = layout.piece_at(offset);
     let count = layout.piece_count();
     let state = (d, first, offset);
-    stream::unfold(state, move |(d, piece, offset)| async move {
+    stream::unfold(state, move |(d, piece, offset)| {
+        let node = node.clone();
+        verified_step(node, d, piece, offset, layout, count)
+    })
+    .boxed()
+}
+
+/// One piece of [`verified_stream`]: the bytes and the next state, or `None` at the end.
+type Step = Option<(Result<Bytes, std::io::Error>, (Download, u32, u64))>;
+
+async fn verified_step(node: Node, d: Download, piece: u32, offset: u64, layout: Layout, count: u32) -> Step {
+    {
         if piece >= count || offset >= layout.length {
             return None;
         }
@@ -616,6 +631,10 @@ fn verified_stream(
         .await;
         let data = match read {
             Ok(Ok(data)) => data,
+            Ok(Err(e @ crate::store::StoreError::PieceMismatch { .. })) => {
+                node.piece_rotted(&layout.digest, piece).await;
+                return Some((Err(err(e.to_string())), (d, count, offset)));
+            }
             Ok(Err(e)) => return Some((Err(err(e.to_string())), (d, count, offset))),
             Err(e) => return Some((Err(err(e.to_string())), (d, count, offset))),
         };
@@ -623,6 +642,5 @@ fn verified_stream(
         let bytes = Bytes::from(data).slice(skip..);
         let next_offset = layout.piece_offset(piece + 1);
         Some((Ok(bytes), (d, piece + 1, next_offset)))
-    })
-    .boxed()
+    }
 }

@@ -48,7 +48,7 @@ use crate::known_peers::{KnownPeers, write_atomically};
 use crate::store::{BlobFile, Store, StoreError};
 use crate::upload::{ReceiveBudget, UploadLedger, UploadSlots};
 use swarm_core::conns::{AtBound, Connections};
-use swarm_core::node::NodePolicy;
+use swarm_core::node::{BadRead, NodePolicy};
 use swarm_core::scheduler::{PeerKey, RequestFailure};
 use swarm_core::swarm::{
     AnnounceReply, CloseReason, HashRange, HashesReply as SwarmHashes, PeerConn, PeerHashes, PieceOutcome, Refused,
@@ -420,6 +420,15 @@ impl Node {
     pub async fn hold_lease(&self, digest: &Digest) {
         if let Some(h) = self.swarm(digest) {
             let _ = h.inbox.send(Event::LeaseHeld).await;
+        }
+    }
+
+    /// Tells `digest`'s swarm that a piece read to be served failed its hash (the
+    /// store has already dropped it): the swarm acts on
+    /// [`swarm_core::node::after_bad_read`].
+    pub async fn piece_rotted(&self, digest: &Digest, piece: u32) {
+        if let Some(h) = self.swarm(digest) {
+            let _ = h.inbox.send(Event::PieceRotted(piece)).await;
         }
     }
 
@@ -799,6 +808,8 @@ enum Outcome {
     BadPiece,
     Rejected(RejectReason),
     Failed(String),
+    /// A good piece could not be stored (disk full, I/O error).
+    StoreFailed(String),
 }
 
 enum Event {
@@ -830,6 +841,8 @@ enum Event {
     Hashes(Option<HashesReply>),
     HashSyncFailed,
     Abandon(String),
+    /// A piece read to be served failed its hash and was dropped from the store.
+    PieceRotted(u32),
 }
 
 /// The I/O side of one connection of a swarm.
@@ -921,6 +934,7 @@ impl SwarmActor {
             }
             Event::HashSyncFailed => self.swarm.hashes(SwarmHashes::Failed, now),
             Event::Abandon(reason) => self.abandon(reason),
+            Event::PieceRotted(piece) => self.piece_rotted(piece),
             Event::Connected(p) => self.add_peer(*p, now),
             Event::ConnectFailed(addr) => self.swarm.dial_failed(addr, now),
             Event::Control { key, msg } => self.control(key, msg, now),
@@ -949,6 +963,13 @@ impl SwarmActor {
                     Outcome::Failed(reason) => {
                         debug!(piece, %reason, "request failed");
                         PieceOutcome::Failed
+                    }
+                    Outcome::StoreFailed(reason) => {
+                        // Retrying cannot help while the disk is full: stop, free what
+                        // the partial copy holds, and let the mirror's caller go
+                        // elsewhere; the next request starts afresh.
+                        self.abandon(format!("cannot store piece {piece}: {reason}"));
+                        return;
                     }
                 };
                 let failed = outcome == PieceOutcome::Failed;
@@ -1000,6 +1021,47 @@ impl SwarmActor {
         // The partial copy (and its hashes) must not seed the next attempt.
         if let Err(e) = self.node.inner.store.remove(&digest) {
             warn!(error = %e, "cannot remove the abandoned copy");
+        }
+        self.inbox.close();
+    }
+
+    /// A piece of ours failed its hash when read to be served (the store dropped it).
+    fn piece_rotted(&mut self, piece: u32) {
+        match swarm_core::node::after_bad_read(self.blob.copy_kind()) {
+            BadRead::Refetch => {
+                // The scheduler never un-holds a piece, so this swarm retires and a
+                // new one starts from the store, which no longer has the piece.
+                warn!(piece, "a stored piece failed its hash; fetching it again");
+                self.retire();
+                let (node, digest) = (self.node.clone(), self.digest());
+                self.node.spawn(
+                    async move {
+                        match node.fetch(digest).await {
+                            Ok(mut d) => match d.finished().await {
+                                Ok(()) => info!(%digest, "healed: the dropped piece was fetched again"),
+                                Err(e) => warn!(%digest, error = %e, "fetching the dropped piece again failed"),
+                            },
+                            Err(e) => warn!(%digest, error = %e, "cannot restart the blob to fetch the dropped piece"),
+                        }
+                    }
+                    .in_current_span(),
+                );
+            }
+            // The disk manager forgets a broken blob on its next check.
+            BadRead::Forget => warn!(piece, "containerd's copy failed a piece hash; the blob will be forgotten"),
+            BadRead::Withhold => warn!(piece, "the seeded file no longer matches piece {piece}; withholding it"),
+        }
+    }
+
+    /// Stops this swarm without touching the store: the node forgets the handle (so
+    /// the next fetch starts a new swarm) and the actor ends, closing its links.
+    fn retire(&mut self) {
+        let digest = self.digest();
+        {
+            let mut swarms = self.node.inner.swarms.lock().unwrap_or_else(|e| e.into_inner());
+            if swarms.get(&digest).is_some_and(|h| Arc::ptr_eq(&h.blob, &self.blob)) {
+                swarms.remove(&digest);
+            }
         }
         self.inbox.close();
     }
@@ -1457,6 +1519,8 @@ async fn fetch_piece(
     match tokio::task::spawn_blocking(move || blob.write_piece(piece, &data)).await {
         Ok(Ok(_)) => Outcome::Verified,
         Ok(Err(StoreError::PieceMismatch { .. })) => Outcome::BadPiece,
+        // The bytes were good but could not be written (disk full, I/O error).
+        Ok(Err(e @ StoreError::Io { .. })) => Outcome::StoreFailed(e.to_string()),
         Ok(Err(e)) => Outcome::Failed(e.to_string()),
         Err(e) => Outcome::Failed(e.to_string()),
     }
@@ -1520,12 +1584,25 @@ async fn serve_one(
         return Ok(());
     };
     let reader = blob.clone();
-    let data = tokio::task::spawn_blocking(move || {
+    let read = tokio::task::spawn_blocking(move || {
         let mut buf = Vec::new();
         reader.read_piece_into(piece, &mut buf).map(|()| buf)
     })
     .await
-    .map_err(|e| NodeError::DownloadFailed { digest: blob.layout().digest, reason: e.to_string() })??;
+    .map_err(|e| NodeError::DownloadFailed { digest: blob.layout().digest, reason: e.to_string() })?;
+    let data = match read {
+        Ok(data) => data,
+        Err(StoreError::PieceMismatch { .. }) => {
+            // Our copy of the piece rotted after it was verified: the requester asks
+            // another holder; this node drops the piece (see `piece_rotted`).
+            drop(permit);
+            write_msg(&mut send, &PeerMessage::Reject { piece, reason: RejectReason::Missing }).await?;
+            let _ = send.finish();
+            node.piece_rotted(&blob.layout().digest, piece).await;
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
     write_msg(&mut send, &PeerMessage::Piece { piece, length: data.len() as u32 }).await?;
     // Handed to quinn as owned chunks: no copy into its send buffer.
     let data = bytes::Bytes::from(data);

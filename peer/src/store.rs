@@ -13,12 +13,28 @@
 //! blobs/<64 hex>/used      (optional) its modification time is the blob's last use
 //! ```
 //!
+//! Every piece read to be served ([`BlobFile::read_piece_into`]: to a peer or to the
+//! mirror) is checked against its sha256 first, whatever file it is read from: a disk
+//! can rot, or someone can write into the file, after the piece was verified. The
+//! cost is one sha256 per served piece. What a piece that does not verify leads to
+//! depends on the file (the decision is `swarm_core::node::after_bad_read`):
+//!
+//! - the blob's own `data`: the piece is dropped ([`BlobFile::has_piece`] turns
+//!   false, its bit is cleared in `have`, `complete` is removed), so the blob is
+//!   incomplete again and its owner fetches that piece again;
+//! - another program's file (below): the blob is marked broken
+//!   ([`BlobFile::is_broken`]): it is no longer complete, and its owner should forget
+//!   it;
+//! - a seeded file served in place: the piece is dropped from the in-memory bitfield
+//!   only (the node never writes into a file it was asked to seed).
+//!
+//! Either way the read fails with [`StoreError::PieceMismatch`], so no caller ever
+//! gets the bad bytes.
+//!
 //! A complete blob may move its bytes out ([`BlobFile::serve_from`]): the node then
 //! serves them from that file (containerd's copy), keeps only the layout and the piece
-//! hashes, and verifies every piece it reads against its hash. A piece that does not
-//! verify marks the blob broken ([`BlobFile::is_broken`]): it is no longer complete,
-//! and its owner should forget it. A restart reopens such a blob from its `source`;
-//! when that file is gone (containerd deleted it) the blob is no longer held.
+//! hashes. A restart reopens such a blob from its `source`; when that file is gone
+//! (containerd deleted it) the blob is no longer held.
 //!
 //! Piece hashes may arrive after the layout: a blob streaming in from upstream has its
 //! hashes published piece by piece by the node fetching it, so a [`BlobFile`] knows a
@@ -275,7 +291,7 @@ impl Store {
             // Re-check every claimed piece; rewrite the bitfield with what survived.
             let mut buf = Vec::new();
             for i in have.clone().ones() {
-                blob.read_piece_into(i, &mut buf)?;
+                blob.read_unchecked(i, &mut buf)?;
                 if !blob.matches_hash(i, &buf) {
                     have.set(i, false);
                 }
@@ -626,29 +642,32 @@ impl BlobFile {
         self.file.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Reads piece `piece` into `buf` (resized to the piece's length). A piece read
-    /// from another program's file is verified against its hash; one that does not
-    /// match marks the blob broken and is [`StoreError::PieceMismatch`].
+    /// Reads piece `piece` into `buf` (resized to the piece's length) and checks it
+    /// against its hash. A piece that does not match is dropped or marks the blob
+    /// broken (see the module docs) and is [`StoreError::PieceMismatch`]: `buf` then
+    /// holds bytes that must not be used.
     pub fn read_piece_into(&self, piece: u32, buf: &mut Vec<u8>) -> Result<(), StoreError> {
-        self.check_range(piece)?;
-        buf.resize(self.layout.piece_len(piece) as usize, 0);
-        let data = self.data();
-        data.file.read_exact_at(buf, self.layout.piece_offset(piece)).map_err(io_err("cannot read", &data.path))?;
-        if data.external && !self.matches_hash(piece, buf) {
-            drop(data);
-            self.mark_broken(piece);
+        let external = self.read_unchecked(piece, buf)?;
+        if !self.matches_hash(piece, buf) {
+            self.drop_bad_piece(piece, external);
             return Err(StoreError::PieceMismatch { digest: self.layout.digest, piece });
         }
         Ok(())
     }
 
-    /// Reads `buf.len()` bytes at `offset` of the blob (whole pieces, each checked as
-    /// [`BlobFile::read_piece_into`] does, when the bytes are another program's file).
+    /// Reads piece `piece` into `buf` without checking it; returns whether it came
+    /// from another program's file.
+    fn read_unchecked(&self, piece: u32, buf: &mut Vec<u8>) -> Result<bool, StoreError> {
+        self.check_range(piece)?;
+        buf.resize(self.layout.piece_len(piece) as usize, 0);
+        let data = self.data();
+        data.file.read_exact_at(buf, self.layout.piece_offset(piece)).map_err(io_err("cannot read", &data.path))?;
+        Ok(data.external)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` of the blob: whole pieces, each checked as
+    /// [`BlobFile::read_piece_into`] does.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
-        if !self.data().external {
-            let data = self.data();
-            return data.file.read_exact_at(buf, offset).map_err(io_err("cannot read", &data.path));
-        }
         let mut piece_buf = Vec::new();
         let mut done = 0usize;
         while done < buf.len() {
@@ -663,14 +682,40 @@ impl BlobFile {
         Ok(())
     }
 
-    /// A piece served from another file failed its hash: the blob is no longer whole.
-    fn mark_broken(&self, piece: u32) {
-        tracing::warn!(digest = %self.layout.digest, piece, "a piece read from containerd's copy does not match its hash; dropping the blob");
-        self.broken.store(true, std::sync::atomic::Ordering::Release);
+    /// A piece read to be served failed its hash: drop it (see the module docs).
+    fn drop_bad_piece(&self, piece: u32, external: bool) {
+        let digest = self.layout.digest;
+        if external {
+            tracing::warn!(%digest, piece, "a piece read from containerd's copy does not match its hash; dropping the blob");
+            self.broken.store(true, std::sync::atomic::Ordering::Release);
+        } else {
+            tracing::warn!(%digest, piece, path = %self.data_path.display(), "a stored piece no longer matches its hash (the disk or someone changed it); dropping the piece");
+        }
         self.verified.store(false, std::sync::atomic::Ordering::Release);
-        self.state().have.set(piece, false);
+        let mut st = self.state();
+        st.have.set(piece, false);
+        if let Some(have_file) = &self.have_file {
+            let byte_index = (piece / 8) as usize;
+            let byte = st.have.as_bytes()[byte_index];
+            if let Err(e) = have_file.write_all_at(&[byte], byte_index as u64) {
+                tracing::warn!(%digest, piece, error = %e, "cannot record the dropped piece; a restart re-checks it");
+            }
+        }
+        drop(st);
         if let Some(dir) = &self.dir {
             let _ = fs::remove_file(dir.join("complete"));
+        }
+    }
+
+    /// What kind of file the bytes are read from, for `swarm_core::node::after_bad_read`.
+    pub fn copy_kind(&self) -> swarm_core::node::CopyKind {
+        use swarm_core::node::CopyKind;
+        if self.dir.is_none() {
+            CopyKind::Seeded
+        } else if self.data().external {
+            CopyKind::External
+        } else {
+            CopyKind::Own
         }
     }
 
@@ -810,7 +855,8 @@ impl BlobFile {
             match just {
                 Some((piece, data)) if piece == prefix.next => prefix.hasher.update(data),
                 _ => {
-                    self.read_piece_into(prefix.next, &mut buf)?;
+                    // Unchecked: the whole digest this feeds checks these bytes.
+                    self.read_unchecked(prefix.next, &mut buf)?;
                     prefix.hasher.update(&buf);
                 }
             }

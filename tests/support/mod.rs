@@ -16,6 +16,8 @@
 //!   logs when each chunk crossed it, for peak rates over 1 s windows.
 //! - [`FlakyProxy`]: an unreliable uplink (rate cap, resets, outages) in front of a
 //!   registry, counting the bytes it sends.
+//! - [`silent_peer::SilentPeer`]: a peer with the real token that announces a whole
+//!   blob, handshakes, sends a full bitfield and never answers a piece request.
 //! - [`require_tool`]: fail (never skip) with the package to install.
 //!
 //! Use it with `mod support;` from a file in `tests/`. Each test should take its own
@@ -32,6 +34,7 @@ pub mod mirror;
 pub mod process;
 pub mod proxy;
 pub mod registry;
+pub mod silent_peer;
 pub mod throttle;
 
 pub use containerd::{Containerd, ImageCheck, write_direct_hosts_toml, write_hosts_toml};
@@ -56,4 +59,13 @@ pub fn init_tracing() {
         )
         .with_test_writer()
         .try_init();
+}
+
+/// Polls `check` every 100 ms until it holds; panics with `what` after `limit`.
+pub async fn eventually(what: &str, limit: std::time::Duration, mut check: impl FnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while !check() {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
