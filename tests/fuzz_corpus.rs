@@ -14,7 +14,10 @@ fn corpus_dir(target: &str) -> PathBuf {
 fn replay(target: &str, body: fn(&[u8])) -> usize {
     let dir = corpus_dir(target);
     let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| {
-        panic!("fuzz target {target}: cannot read its corpus {}: {e} (run the target and commit its corpus)", dir.display())
+        panic!(
+            "fuzz target {target}: cannot read its corpus {}: {e} (run the target and commit its corpus)",
+            dir.display()
+        )
     });
     let mut files: Vec<PathBuf> = entries.map(|e| e.expect("corpus entry").path()).filter(|p| p.is_file()).collect();
     files.sort();
@@ -27,7 +30,7 @@ fn replay(target: &str, body: fn(&[u8])) -> usize {
     files.len()
 }
 
-fn replay_all(targets: &[(&str, fn(&[u8]))]) {
+fn replay_all(targets: &[swarm_proto::fuzzing::Target]) {
     assert!(!targets.is_empty());
     for (target, body) in targets {
         let n = replay(target, *body);

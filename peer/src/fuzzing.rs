@@ -15,6 +15,7 @@
 use std::net::SocketAddr;
 
 use swarm_proto::Digest;
+use swarm_proto::fuzzing::Target;
 
 use crate::mirror::{RangeSpec, Reference, Route, parse_ns, parse_range, parse_route, resolve_range};
 use crate::upstream::names::{self, MAX_REPOSITORY_LEN};
@@ -33,9 +34,9 @@ pub fn oci_name_grammar(name: &str) -> bool {
             let b = component.as_bytes();
             b.first().is_some_and(alnum)
                 && b.last().is_some_and(alnum)
-                && b.chunk_by(|x, y| alnum(x) == alnum(y)).filter(|run| !alnum(&run[0])).all(|sep| {
-                    matches!(sep, b"." | b"_" | b"__") || sep.iter().all(|&c| c == b'-')
-                })
+                && b.chunk_by(|x, y| alnum(x) == alnum(y))
+                    .filter(|run| !alnum(&run[0]))
+                    .all(|sep| matches!(sep, b"." | b"_" | b"__") || sep.iter().all(|&c| c == b'-'))
         })
 }
 
@@ -208,9 +209,8 @@ pub fn k3s_registries(data: &[u8]) {
     }
 }
 
-/// Every target of this crate, by the name of its cargo-fuzz target and corpus
-/// directory.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+/// Every target of this crate.
+pub const TARGETS: &[Target] = &[
     ("mirror_route", mirror_route),
     ("names", names),
     ("range", range),

@@ -128,10 +128,10 @@ pub fn metainfo(data: &[u8]) {
 /// [`Bitfield::from_bytes`] (bit count from the first 4 bytes, the rest as the
 /// bitfield's bytes) and a bitfield's own bincode decoding.
 pub fn bitfield(data: &[u8]) {
-    if let Some((len, bytes)) = data.split_first_chunk::<4>() {
-        if let Ok(b) = Bitfield::from_bytes(u32::from_le_bytes(*len), bytes) {
-            check_bitfield(&b);
-        }
+    if let Some((len, bytes)) = data.split_first_chunk::<4>()
+        && let Ok(b) = Bitfield::from_bytes(u32::from_le_bytes(*len), bytes)
+    {
+        check_bitfield(&b);
     }
     if let Some(b) = round_trip::<Bitfield>(data, MAX_PEER_FRAME_LEN) {
         check_bitfield(&b);
@@ -153,9 +153,11 @@ pub fn digest(data: &[u8]) {
     }
 }
 
-/// Every target of this crate, by the name of its cargo-fuzz target and corpus
-/// directory.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+/// A fuzz target: the name of its cargo-fuzz target and corpus directory, and its body.
+pub type Target = (&'static str, fn(&[u8]));
+
+/// Every target of this crate.
+pub const TARGETS: &[Target] = &[
     ("peer_message", peer_message),
     ("tracker_request", tracker_request),
     ("tracker_response", tracker_response),
@@ -171,8 +173,8 @@ mod tests {
 
     #[test]
     fn targets_accept_valid_and_garbage_input() {
-        let reject = codec::encode_frame(&PeerMessage::Reject { piece: 3, reason: RejectReason::Missing })
-            .expect("encode");
+        let reject =
+            codec::encode_frame(&PeerMessage::Reject { piece: 3, reason: RejectReason::Missing }).expect("encode");
         peer_message(&reject);
         peer_message(&reject[4..]);
         let text = Digest::of(b"x").to_string();
