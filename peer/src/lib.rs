@@ -18,10 +18,14 @@
 //! - [`announce`]: tells every tracker which complete blobs the store holds.
 //! - [`stage`]: `swarm stage` on the node: stage orders from the trackers, images
 //!   resolved, fetched and pinned ahead of a rollout, progress reported.
+//! - `fuzzing` (hidden): the bodies of the fuzz targets for the mirror's and the
+//!   upstream client's parsers, shared by `fuzz/` and the corpus replay test.
 
 pub mod agent;
 pub mod announce;
 pub mod disk;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod known_peers;
 pub mod mirror;
 pub mod node;

@@ -10,12 +10,16 @@
 //! - [`units`]: human rates and sizes (`50Mbit/s`, `64MiB`), the one parser of them.
 //! - [`codec`]: the only place where bytes become messages and back, with a size cap
 //!   on every decode.
+//! - `fuzzing` (hidden): the bodies of the fuzz targets for these decoders, shared by
+//!   `fuzz/` and the corpus replay test.
 //!
 //! The protocol is specified in `docs/protocol.md`; [`PROTOCOL_VERSION`] and [`ALPN`]
 //! change together whenever a message changes incompatibly.
 
 pub mod bitfield;
 pub mod codec;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ids;
 pub mod metainfo;
 pub mod msg;

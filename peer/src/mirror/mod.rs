@@ -77,7 +77,7 @@ use swarm_proto::Digest;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-pub use api::{Outcome, RangeSpec, Reference, Route, parse_range, parse_route, resolve_range};
+pub use api::{Outcome, RangeSpec, Reference, Route, parse_ns, parse_range, parse_route, resolve_range};
 pub use cache::{CachedManifest, ManifestCache};
 pub use provider::{BlobBody, BlobProvider, BlobRequest, ProviderError, UpstreamOnly, checked_stream, provider_error};
 
