@@ -407,7 +407,7 @@ impl Stager {
     /// Changes the progress of `image` (order `issued_ms`) and wakes the reporter.
     fn set(&self, image: &str, issued_ms: u64, f: impl FnOnce(&mut StageProgress)) {
         let mut progress = self.progress.lock().unwrap_or_else(PoisonError::into_inner);
-        let p = progress.entry(image.to_string()).or_insert_with(|| StageProgress {
+        let fresh = || StageProgress {
             image: image.to_string(),
             issued_ms,
             state: StageState::Resolving,
@@ -416,18 +416,10 @@ impl Stager {
             blobs_held: 0,
             bytes: 0,
             bytes_held: 0,
-        });
+        };
+        let p = progress.entry(image.to_string()).or_insert_with(fresh);
         if p.issued_ms != issued_ms {
-            *p = StageProgress {
-                image: image.to_string(),
-                issued_ms,
-                state: StageState::Resolving,
-                manifest: None,
-                blobs: 0,
-                blobs_held: 0,
-                bytes: 0,
-                bytes_held: 0,
-            };
+            *p = fresh();
         }
         let before = p.clone();
         f(p);
