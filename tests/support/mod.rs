@@ -16,6 +16,8 @@
 //!   logs when each chunk crossed it, for peak rates over 1 s windows.
 //! - [`FlakyProxy`]: an unreliable uplink (rate cap, resets, outages) in front of a
 //!   registry, counting the bytes it sends.
+//! - [`flood`]: garbage datagrams, handshake floods and abusive HTTP at real
+//!   processes, and their memory (`/proc/<pid>/status`) and log lines.
 //! - [`require_tool`]: fail (never skip) with the package to install.
 //!
 //! Use it with `mod support;` from a file in `tests/`. Each test should take its own
@@ -26,6 +28,7 @@
 
 pub mod agents;
 pub mod containerd;
+pub mod flood;
 pub mod http;
 pub mod image;
 pub mod mirror;
