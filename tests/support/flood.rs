@@ -321,3 +321,28 @@ pub fn agent_quic_addr(child: &ChildGuard) -> anyhow::Result<SocketAddr> {
     let addr = line.split(" on ").nth(1).and_then(|r| r.split(' ').next()).context("QUIC address in the line")?;
     addr.parse().with_context(|| format!("parsing {addr:?}"))
 }
+
+/// Lowers the priority of every thread of this (test) process to nice `n`, with
+/// `renice`; threads started later inherit it. Then the flood this process generates
+/// takes CPU only when the processes under test leave some, as an attacker on
+/// another machine would: on a two-core test machine the attacker's own TLS work
+/// would otherwise be what slows the pull.
+pub fn nice_this_process(n: i32) -> anyhow::Result<()> {
+    let tids: Vec<String> = std::fs::read_dir("/proc/self/task")?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    let mut cmd = std::process::Command::new(super::process::require_tool("renice", "util-linux"));
+    cmd.args(["-n", &n.to_string(), "-p"]).args(&tids);
+    super::process::run(cmd, Duration::from_secs(10))?;
+    Ok(())
+}
+
+/// `curl` GETs `url` into `out` (a process of its own, at normal priority); returns
+/// how long it took. Fails unless the answer is 200.
+pub fn curl_get(url: &str, out: &Path) -> anyhow::Result<Duration> {
+    let mut cmd = std::process::Command::new(super::process::require_tool("curl", "curl"));
+    cmd.args(["-sS", "--fail", "-o"]).arg(out).arg(url);
+    let started = Instant::now();
+    super::process::run(cmd, Duration::from_secs(120))?;
+    Ok(started.elapsed())
+}
