@@ -38,7 +38,7 @@ pub const INCOMING_BUFFER: u64 = 64 * 1024;
 pub const INCOMING_BUFFER_TOTAL: u64 = 4 * 1024 * 1024;
 /// Incoming connections between accept and the end of their token proof at once;
 /// see the module docs.
-pub const MAX_HANDSHAKES: usize = 256;
+pub const MAX_HANDSHAKES: usize = 64;
 
 /// QUIC transport knobs, sized for bulk transfer on a LAN by default.
 #[derive(Clone, Debug)]
