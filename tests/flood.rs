@@ -7,11 +7,11 @@ mod support;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use support::agents::Cluster;
 use support::flood::{
     MemorySampler, abuse_mirror, agent_quic_addr, curl_get, garbage_datagrams, handshake_flood, line_count,
     logged_lines_after, nice_this_process,
 };
-use support::agents::Cluster;
 use support::{Registry, build_image, test_dir};
 use swarm_net::{ClusterToken, probe};
 
@@ -80,9 +80,15 @@ async fn floods_at_the_quic_ports_and_the_mirror_leave_a_pull_within_twice_its_t
     let quiet = timed_get(puller.mirror, &target(&quiet_blob), &quiet_want, logs).await;
 
     // Disturbed: the same size of blob while the floods run.
-    for (name, pid) in [("seeder", seeder.child.pid()), ("puller", puller.child.pid()), ("tracker", cluster.tracker.pid())] {
+    for (name, pid) in
+        [("seeder", seeder.child.pid()), ("puller", puller.child.pid()), ("tracker", cluster.tracker.pid())]
+    {
         let (rss, hwm) = support::flood::memory_kib(pid).expect("memory");
-        eprintln!("{name} before the floods: VmRSS {:.1} MiB, VmHWM {:.1} MiB", rss as f64 / 1024.0, hwm as f64 / 1024.0);
+        eprintln!(
+            "{name} before the floods: VmRSS {:.1} MiB, VmHWM {:.1} MiB",
+            rss as f64 / 1024.0,
+            hwm as f64 / 1024.0
+        );
     }
     let samplers = [
         ("seeder", MemorySampler::start(seeder.child.pid())),
@@ -154,7 +160,8 @@ async fn floods_at_the_quic_ports_and_the_mirror_leave_a_pull_within_twice_its_t
     // The trickle would last 30 s; the mirror cuts it at its header timeout (the
     // client, busy flooding, notices a few seconds late at worst).
     assert!(
-        first.is_some_and(|t| *t >= swarm_peer::mirror::HEADER_READ_TIMEOUT) && last.is_some_and(|t| *t < Duration::from_secs(25)),
+        first.is_some_and(|t| *t >= swarm_peer::mirror::HEADER_READ_TIMEOUT)
+            && last.is_some_and(|t| *t < Duration::from_secs(25)),
         "slowloris connections lasted {first:?} to {last:?}"
     );
 
@@ -179,7 +186,11 @@ async fn floods_at_the_quic_ports_and_the_mirror_leave_a_pull_within_twice_its_t
     for ((name, path), before) in log_files.iter().zip(lines_before) {
         let lines = logged_lines_after(path, before);
         let refusals = refusal_lines(&lines);
-        eprintln!("{name}: {} lines at info or above during the floods, {} of them refusals", lines.len(), refusals.len());
+        eprintln!(
+            "{name}: {} lines at info or above during the floods, {} of them refusals",
+            lines.len(),
+            refusals.len()
+        );
         for l in &refusals {
             eprintln!("  {l}");
         }
@@ -216,7 +227,8 @@ async fn a_proof_replayed_from_another_connection_is_refused_by_the_tracker_and_
         let a = probe::connect(&attacker, addr).await.expect("TLS with A");
         let ekm_a = probe::session_secret(&a).expect("exporter A");
         let proof_a = probe::client_proof(&token, &ekm_a);
-        let answer = probe::send_proof(&a, &proof_a).await.unwrap_or_else(|e| panic!("{name} refused an honest proof: {e}"));
+        let answer =
+            probe::send_proof(&a, &proof_a).await.unwrap_or_else(|e| panic!("{name} refused an honest proof: {e}"));
         assert!(probe::is_server_proof(&token, &ekm_a, &answer), "{name}'s answer does not verify");
 
         // Connection B: A's proof replayed.

@@ -96,11 +96,8 @@ struct Guard {
 
 impl Guard {
     fn refused(&self, addr: SocketAddr, kind: Refusal, detail: &dyn fmt::Display) {
-        let verdict = self.refusals.lock().unwrap_or_else(PoisonError::into_inner).refused(
-            addr.ip(),
-            kind,
-            Instant::now(),
-        );
+        let verdict =
+            self.refusals.lock().unwrap_or_else(PoisonError::into_inner).refused(addr.ip(), kind, Instant::now());
         if let Verdict::Log { suppressed, other_sources } = verdict {
             let what = kind.as_str();
             let scope = if other_sources { " (and other sources)" } else { "" };

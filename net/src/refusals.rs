@@ -156,7 +156,10 @@ mod tests {
     fn one_line_per_source_and_kind_per_period_with_the_count_it_stood_for() {
         let t0 = Instant::now();
         let mut log = RefusalLog::default();
-        assert_eq!(log.refused(ip(1), Refusal::TokenMismatch, t0), Verdict::Log { suppressed: 0, other_sources: false });
+        assert_eq!(
+            log.refused(ip(1), Refusal::TokenMismatch, t0),
+            Verdict::Log { suppressed: 0, other_sources: false }
+        );
         for i in 1..=1000 {
             let at = t0 + Duration::from_millis(i);
             assert_eq!(log.refused(ip(1), Refusal::TokenMismatch, at), Verdict::Quiet);

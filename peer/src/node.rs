@@ -48,13 +48,13 @@ use crate::known_peers::{KnownPeers, write_atomically};
 use crate::store::{BlobFile, Store, StoreError};
 use crate::upload::{ReceiveBudget, UploadLedger, UploadSlots};
 use swarm_core::conns::{AtBound, Connections};
-use swarm_net::refusals::Refusal;
 use swarm_core::node::NodePolicy;
 use swarm_core::scheduler::{PeerKey, RequestFailure};
 use swarm_core::swarm::{
     AnnounceReply, CloseReason, HashRange, HashesReply as SwarmHashes, PeerConn, PeerHashes, PieceOutcome, Refused,
     Swarm, SwarmAction,
 };
+use swarm_net::refusals::Refusal;
 
 /// How long a handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

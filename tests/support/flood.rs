@@ -238,7 +238,8 @@ pub async fn abuse_mirror(addr: SocketAddr, slow: usize, limit: Duration) -> Vec
 }
 
 fn huge_body(method: &str) -> Vec<Vec<u8>> {
-    let mut parts = vec![format!("{method} /v2/ HTTP/1.1\r\nHost: x\r\nContent-Length: 1073741824\r\n\r\n").into_bytes()];
+    let mut parts =
+        vec![format!("{method} /v2/ HTTP/1.1\r\nHost: x\r\nContent-Length: 1073741824\r\n\r\n").into_bytes()];
     parts.extend((0..16).map(|_| vec![0x5a; 1 << 20]));
     parts
 }
