@@ -12,6 +12,8 @@
 //!   handshake and then never proves anything holds a place only until newer
 //!   attempts push it out, while an honest handshake, done in a few round trips, is
 //!   never the oldest for long;
+//! - until its token proof a client may open [`STREAMS_BEFORE_PROOF`] streams, not the
+//!   configured number (quinn keeps state for every stream a connection may open);
 //! - every refusal is logged through one [`RefusalLog`] per endpoint: once per
 //!   source IP and kind per minute, whatever the rate of attempts.
 
@@ -39,6 +41,9 @@ pub const INCOMING_BUFFER_TOTAL: u64 = 4 * 1024 * 1024;
 /// Incoming connections between accept and the end of their token proof at once;
 /// see the module docs.
 pub const MAX_HANDSHAKES: usize = 64;
+/// Bidirectional streams a client may open before its token proof is checked (the
+/// proof's and the first message's); raised to the configured number after.
+pub const STREAMS_BEFORE_PROOF: u32 = 4;
 
 /// QUIC transport knobs, sized for bulk transfer on a LAN by default.
 #[derive(Clone, Debug)]
@@ -92,6 +97,8 @@ pub struct Endpoint {
 struct Guard {
     handshakes: Mutex<Handshakes>,
     refusals: Mutex<RefusalLog>,
+    /// Bidirectional streams a client may open once it has proved the token.
+    streams: u32,
 }
 
 impl Guard {
@@ -200,7 +207,11 @@ impl Endpoint {
         let transport = tls::transport(config)?;
 
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls::server_crypto(config.max_protocol_version)?));
-        server.transport_config(transport.clone());
+        // Until its token proof, a client may open only the streams the proof and the
+        // first message need: quinn keeps state for every stream a connection may
+        // open, and an unauthenticated one must cost little.
+        let unproven = EndpointConfig { max_concurrent_bidi_streams: STREAMS_BEFORE_PROOF, ..config.clone() };
+        server.transport_config(tls::transport(&unproven)?);
         server
             .max_incoming(MAX_INCOMING)
             .incoming_buffer_size(INCOMING_BUFFER)
@@ -217,7 +228,8 @@ impl Endpoint {
             .map_err(|source| NetError::Bind { addr, source })?;
         inner.set_default_client_config(client);
         debug!(local = ?inner.local_addr().ok(), "bound QUIC endpoint");
-        Ok(Self { inner, token: Arc::new(token), guard: Arc::default() })
+        let guard = Arc::new(Guard { streams: config.max_concurrent_bidi_streams, ..Guard::default() });
+        Ok(Self { inner, token: Arc::new(token), guard })
     }
 
     /// The address the socket is bound to (with the real port if bound to port 0).
@@ -328,7 +340,10 @@ impl Incoming {
             let connecting = inner.accept().map_err(|source| NetError::Handshake { addr, source })?;
             let conn = connecting.await.map_err(|source| NetError::Handshake { addr, source })?;
             match auth::server(&conn, &token).await {
-                Ok(()) => Ok(conn),
+                Ok(()) => {
+                    conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(guard.streams));
+                    Ok(conn)
+                }
                 Err(e) => {
                     // Already closed with AUTH_FAILED on a mismatch (closing twice is a no-op).
                     conn.close(quinn::VarInt::from_u32(codes::PROTOCOL_ERROR), b"authentication failed");

@@ -90,6 +90,7 @@ mod token;
 pub use auth::AUTH_TIMEOUT;
 pub use endpoint::{
     Endpoint, EndpointConfig, INCOMING_BUFFER, INCOMING_BUFFER_TOTAL, Incoming, MAX_HANDSHAKES, MAX_INCOMING,
+    STREAMS_BEFORE_PROOF,
 };
 pub use error::NetError;
 pub use framing::{read_msg, write_msg};
