@@ -15,9 +15,13 @@
 //! the swarm treats it like a failed dial (that address waits
 //! [`crate::node::CONNECT_BACKOFF`]; other peers are dialled meanwhile). A connection
 //! that closes frees its place at once.
+//!
+//! [`SharedConnections`] is the same table behind a mutex, handing out a [`Permit`]
+//! that frees its place when dropped (the tracker's accept loop uses it).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// Connections to one remote address (all blobs, both directions).
 pub const MAX_CONNECTIONS_PER_ADDRESS: u16 = 8;
@@ -91,6 +95,49 @@ impl Connections {
     }
 }
 
+/// A [`Connections`] table shared between tasks; each open connection holds a
+/// [`Permit`].
+#[derive(Clone, Debug, Default)]
+pub struct SharedConnections {
+    table: Arc<Mutex<Connections>>,
+}
+
+/// One connection's place in a [`SharedConnections`]; freed when dropped.
+#[derive(Debug)]
+pub struct Permit {
+    table: Arc<Mutex<Connections>>,
+    addr: SocketAddr,
+}
+
+impl SharedConnections {
+    /// A shared table with other bounds (the tracker's total, tests).
+    pub fn with_limits(per_address: u16, max: usize) -> Self {
+        Self { table: Arc::new(Mutex::new(Connections::with_limits(per_address, max))) }
+    }
+
+    /// A place for one more connection to `addr`, if both bounds allow it.
+    pub fn open(&self, addr: SocketAddr) -> Result<Permit, AtBound> {
+        self.lock().open(addr)?;
+        Ok(Permit { table: self.table.clone(), addr })
+    }
+
+    /// Connections held in total.
+    pub fn total(&self) -> usize {
+        self.lock().total()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connections> {
+        // The table stays consistent across a panic (no update is half done).
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.table.lock().unwrap_or_else(PoisonError::into_inner).closed(self.addr);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,5 +177,18 @@ mod tests {
             c.closed(addr(2, p));
         }
         assert_eq!(c.by_addr.len(), 3);
+    }
+
+    #[test]
+    fn a_shared_permit_frees_its_place_when_dropped() {
+        let shared = SharedConnections::with_limits(2, 3);
+        let a = shared.open(addr(1, 1)).expect("first");
+        let _b = shared.open(addr(1, 1)).expect("second");
+        assert_eq!(shared.open(addr(1, 1)).err(), Some(AtBound::Address));
+        let _c = shared.open(addr(2, 1)).expect("another address");
+        assert_eq!(shared.open(addr(3, 1)).err(), Some(AtBound::Total));
+        drop(a);
+        assert_eq!(shared.total(), 2);
+        shared.open(addr(1, 1)).expect("a place was freed");
     }
 }

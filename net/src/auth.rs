@@ -18,14 +18,14 @@ pub(crate) const CLIENT_ROLE: &[u8] = b"swarm/1 client";
 /// Role label of the server's proof.
 pub(crate) const SERVER_ROLE: &[u8] = b"swarm/1 server";
 /// Length of a proof (HMAC-SHA256).
-pub(crate) const PROOF_LEN: usize = 32;
+pub const PROOF_LEN: usize = 32;
 /// How long either side waits for the QUIC handshake plus the proof exchange.
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Close reason sent with [`codes::AUTH_FAILED`].
 pub(crate) const MISMATCH_REASON: &[u8] = b"cluster token mismatch";
 
 /// The 32-byte secret both ends of this TLS session, and nobody else, can derive.
-pub(crate) fn session_secret(conn: &quinn::Connection) -> Result<[u8; 32], NetError> {
+pub fn session_secret(conn: &quinn::Connection) -> Result<[u8; 32], NetError> {
     let mut ekm = [0u8; 32];
     conn.export_keying_material(&mut ekm, EXPORTER_LABEL, b"")
         .map_err(|_| NetError::Config { reason: "the TLS session cannot export keying material".into() })?;
@@ -78,7 +78,7 @@ pub(crate) async fn client(conn: &quinn::Connection, token: &ClusterToken) -> Re
 
 /// Server side: read the client's proof from its first bidirectional stream, check
 /// it, answer with ours. On a bad or missing client proof the connection is closed
-/// with [`codes::AUTH_FAILED`] and a warning naming the remote is logged.
+/// with [`codes::AUTH_FAILED`] (the caller logs the refusal).
 pub(crate) async fn server(conn: &quinn::Connection, token: &ClusterToken) -> Result<(), NetError> {
     let addr = conn.remote_address();
     let ekm = session_secret(conn)?;
@@ -88,7 +88,6 @@ pub(crate) async fn server(conn: &quinn::Connection, token: &ClusterToken) -> Re
     match got {
         Ok(()) if token.verify(CLIENT_ROLE, &ekm, &theirs) => {}
         Ok(()) | Err(NetError::Truncated { .. }) => {
-            warn!(%addr, "refusing {addr}: cluster token mismatch");
             conn.close(quinn::VarInt::from_u32(codes::AUTH_FAILED), MISMATCH_REASON);
             return Err(NetError::AuthFailed { addr });
         }

@@ -1,16 +1,49 @@
 //! [`Endpoint`] (one UDP socket acting as QUIC server and client), [`Incoming`]
 //! connections waiting to be authenticated, and the [`EndpointConfig`] knobs.
+//!
+//! It also owns what keeps a flood of connection attempts cheap:
+//!
+//! - quinn buffers at most [`MAX_INCOMING`] attempts not yet handed to the
+//!   application, with [`INCOMING_BUFFER`] bytes each and [`INCOMING_BUFFER_TOTAL`]
+//!   in all (quinn's defaults are 65,536 attempts and 100 MiB);
+//! - at most [`MAX_HANDSHAKES`] attempts are between [`Endpoint::accept`] and the end
+//!   of their token proof at once. At the bound the *oldest* is abandoned (closed
+//!   with [`codes::PROTOCOL_ERROR`]) to make room: a client that completes its
+//!   handshake and then never proves anything holds a place only until newer
+//!   attempts push it out, while an honest handshake, done in a few round trips, is
+//!   never the oldest for long;
+//! - until its token proof a client may open [`STREAMS_BEFORE_PROOF`] streams, not the
+//!   configured number (quinn keeps state for every stream a connection may open);
+//! - every refusal is logged through one [`RefusalLog`] per endpoint: once per
+//!   source IP and kind per minute, whatever the rate of attempts.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
+use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 use crate::auth::{self, AUTH_TIMEOUT};
+use crate::refusals::{Refusal, RefusalLog, Verdict};
 use crate::token::ClusterToken;
 use crate::{NetError, codes, tls};
+
+/// Connection attempts quinn keeps before the application accepts them; past it
+/// quinn refuses new ones at once.
+pub const MAX_INCOMING: usize = 1024;
+/// Bytes quinn buffers for one attempt not yet accepted (beyond its first packet).
+pub const INCOMING_BUFFER: u64 = 64 * 1024;
+/// Bytes quinn buffers for all attempts not yet accepted.
+pub const INCOMING_BUFFER_TOTAL: u64 = 4 * 1024 * 1024;
+/// Incoming connections between accept and the end of their token proof at once;
+/// see the module docs.
+pub const MAX_HANDSHAKES: usize = 64;
+/// Bidirectional streams a client may open before its token proof is checked (the
+/// proof's and the first message's); raised to the configured number after.
+pub const STREAMS_BEFORE_PROOF: u32 = 4;
 
 /// QUIC transport knobs, sized for bulk transfer on a LAN by default.
 #[derive(Clone, Debug)]
@@ -55,6 +88,89 @@ impl Default for EndpointConfig {
 pub struct Endpoint {
     inner: quinn::Endpoint,
     token: Arc<ClusterToken>,
+    guard: Arc<Guard>,
+}
+
+/// What an endpoint's incoming attempts share: the handshakes in flight and the
+/// refusal log.
+#[derive(Debug, Default)]
+struct Guard {
+    handshakes: Mutex<Handshakes>,
+    refusals: Mutex<RefusalLog>,
+    /// Bidirectional streams a client may open once it has proved the token.
+    streams: u32,
+}
+
+impl Guard {
+    fn refused(&self, addr: SocketAddr, kind: Refusal, detail: &dyn fmt::Display) {
+        let verdict =
+            self.refusals.lock().unwrap_or_else(PoisonError::into_inner).refused(addr.ip(), kind, Instant::now());
+        if let Verdict::Log { suppressed, other_sources } = verdict {
+            let what = kind.as_str();
+            let scope = if other_sources { " (and other sources)" } else { "" };
+            if suppressed > 0 {
+                warn!(
+                    %addr,
+                    suppressed,
+                    "refusing {addr}{scope}: {what}{detail} ({suppressed} more like it from {ip} since the last line; logged once a minute per source)",
+                    ip = addr.ip()
+                );
+            } else {
+                warn!(%addr, "refusing {addr}{scope}: {what}{detail} (logged once a minute per source)");
+            }
+        }
+    }
+}
+
+/// The handshakes in flight, oldest first; at [`MAX_HANDSHAKES`] the oldest is told
+/// to give up.
+#[derive(Debug)]
+struct Handshakes {
+    next: u64,
+    max: usize,
+    live: BTreeMap<u64, Arc<Notify>>,
+}
+
+impl Default for Handshakes {
+    fn default() -> Self {
+        Self { next: 0, max: MAX_HANDSHAKES, live: BTreeMap::new() }
+    }
+}
+
+impl Handshakes {
+    /// A place for one more handshake: its id and the signal that it was evicted.
+    fn start(&mut self) -> (u64, Arc<Notify>) {
+        while self.live.len() >= self.max {
+            match self.live.pop_first() {
+                // A stored permit: the evicted handshake sees it even if it is not
+                // waiting yet.
+                Some((_, oldest)) => oldest.notify_one(),
+                None => break,
+            }
+        }
+        let id = self.next;
+        self.next += 1;
+        let evicted = Arc::new(Notify::new());
+        self.live.insert(id, evicted.clone());
+        (id, evicted)
+    }
+
+    fn finish(&mut self, id: u64) {
+        self.live.remove(&id);
+    }
+}
+
+/// One incoming attempt's place among the handshakes in flight; freed on drop.
+struct HandshakeSlot {
+    guard: Arc<Guard>,
+    id: u64,
+    evicted: Arc<Notify>,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.guard.handshakes.lock().unwrap_or_else(PoisonError::into_inner).finish(self.id);
+    }
 }
 
 impl fmt::Debug for Endpoint {
@@ -91,7 +207,15 @@ impl Endpoint {
         let transport = tls::transport(config)?;
 
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls::server_crypto(config.max_protocol_version)?));
-        server.transport_config(transport.clone());
+        // Until its token proof, a client may open only the streams the proof and the
+        // first message need: quinn keeps state for every stream a connection may
+        // open, and an unauthenticated one must cost little.
+        let unproven = EndpointConfig { max_concurrent_bidi_streams: STREAMS_BEFORE_PROOF, ..config.clone() };
+        server.transport_config(tls::transport(&unproven)?);
+        server
+            .max_incoming(MAX_INCOMING)
+            .incoming_buffer_size(INCOMING_BUFFER)
+            .incoming_buffer_size_total(INCOMING_BUFFER_TOTAL);
         let mut client = quinn::ClientConfig::new(Arc::new(tls::client_crypto(config.max_protocol_version)?));
         client.transport_config(transport);
 
@@ -104,7 +228,8 @@ impl Endpoint {
             .map_err(|source| NetError::Bind { addr, source })?;
         inner.set_default_client_config(client);
         debug!(local = ?inner.local_addr().ok(), "bound QUIC endpoint");
-        Ok(Self { inner, token: Arc::new(token) })
+        let guard = Arc::new(Guard { streams: config.max_concurrent_bidi_streams, ..Guard::default() });
+        Ok(Self { inner, token: Arc::new(token), guard })
     }
 
     /// The address the socket is bound to (with the real port if bound to port 0).
@@ -134,9 +259,20 @@ impl Endpoint {
 
     /// The next incoming connection attempt, or `None` once the endpoint is closed.
     /// Call [`Incoming::authenticate`] on it, preferably in its own task.
+    /// It takes a place among the [`MAX_HANDSHAKES`] handshakes in flight (see the
+    /// module docs), held until it is authenticated, refused or dropped.
     pub async fn accept(&self) -> Option<Incoming> {
         let inner = self.inner.accept().await?;
-        Some(Incoming { inner, token: self.token.clone() })
+        let (id, evicted) = self.guard.handshakes.lock().unwrap_or_else(PoisonError::into_inner).start();
+        let slot = HandshakeSlot { guard: self.guard.clone(), id, evicted };
+        Some(Incoming { inner, token: self.token.clone(), slot })
+    }
+
+    /// Logs that something from `addr` was refused, through the endpoint's
+    /// [`RefusalLog`] (once per source IP and kind per minute); `detail` follows the
+    /// kind in the line (`": already 8 connections to this address"`, say).
+    pub fn log_refusal(&self, addr: SocketAddr, kind: Refusal, detail: &dyn fmt::Display) {
+        self.guard.refused(addr, kind, detail);
     }
 
     /// Closes every connection with [`codes::SHUTDOWN`] and stops accepting.
@@ -163,6 +299,7 @@ fn handshake_error(addr: SocketAddr, source: quinn::ConnectionError) -> NetError
 pub struct Incoming {
     inner: quinn::Incoming,
     token: Arc<ClusterToken>,
+    slot: HandshakeSlot,
 }
 
 impl fmt::Debug for Incoming {
@@ -178,37 +315,65 @@ impl Incoming {
     }
 
     /// Refuses the attempt before any handshake (the node is at a connection bound):
-    /// the client sees its connection refused at once, the node keeps no state.
-    pub fn refuse(self) {
+    /// the client sees its connection refused at once, the node keeps no state. The
+    /// refusal is logged through the endpoint's [`RefusalLog`] as [`Refusal::AtBound`]
+    /// with `why` (`already 8 connections to this address`, say).
+    pub fn refuse(self, why: &dyn fmt::Display) {
+        let addr = self.inner.remote_address();
         self.inner.refuse();
+        self.slot.guard.refused(addr, Refusal::AtBound, &format_args!(": {why}"));
     }
 
     /// Server side of the handshake: TLS, then the token proof. A client with the
     /// wrong token gets its connection closed with [`codes::AUTH_FAILED`] and this
-    /// returns [`NetError::AuthFailed`] (after logging a warning naming the remote).
-    /// Bounded by [`AUTH_TIMEOUT`]; a client too slow to prove itself is closed with
-    /// [`codes::PROTOCOL_ERROR`].
+    /// returns [`NetError::AuthFailed`]. Bounded by [`AUTH_TIMEOUT`]; a client too slow
+    /// to prove itself, or pushed out by newer attempts ([`MAX_HANDSHAKES`]), is closed
+    /// with [`codes::PROTOCOL_ERROR`]. Every failure is logged here (a warning naming
+    /// the remote, once per source and kind per minute), so callers need not log it
+    /// again above debug level.
     pub async fn authenticate(self) -> Result<quinn::Connection, NetError> {
-        let addr = self.inner.remote_address();
-        let deadline = tokio::time::Instant::now() + AUTH_TIMEOUT;
-        let timeout = || NetError::HandshakeTimeout { addr, after: AUTH_TIMEOUT };
-        let connecting = self.inner.accept().map_err(|source| NetError::Handshake { addr, source })?;
-        let conn = tokio::time::timeout_at(deadline, connecting)
-            .await
-            .map_err(|_| timeout())?
-            .map_err(|source| NetError::Handshake { addr, source })?;
-        match tokio::time::timeout_at(deadline, auth::server(&conn, &self.token)).await {
-            Ok(Ok(())) => Ok(conn),
-            Ok(Err(e)) => {
-                // Already closed with AUTH_FAILED on a mismatch (closing twice is a no-op).
-                conn.close(quinn::VarInt::from_u32(codes::PROTOCOL_ERROR), b"authentication failed");
-                Err(e)
+        let Incoming { inner, token, slot } = self;
+        let addr = inner.remote_address();
+        let guard = slot.guard.clone();
+        let evicted = slot.evicted.clone();
+        let attempt = async {
+            let connecting = inner.accept().map_err(|source| NetError::Handshake { addr, source })?;
+            let conn = connecting.await.map_err(|source| NetError::Handshake { addr, source })?;
+            match auth::server(&conn, &token).await {
+                Ok(()) => {
+                    conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(guard.streams));
+                    Ok(conn)
+                }
+                Err(e) => {
+                    // Already closed with AUTH_FAILED on a mismatch (closing twice is a no-op).
+                    conn.close(quinn::VarInt::from_u32(codes::PROTOCOL_ERROR), b"authentication failed");
+                    Err(e)
+                }
             }
-            Err(_) => {
-                warn!(%addr, "closing {addr}: no cluster token proof within {AUTH_TIMEOUT:?}");
-                conn.close(quinn::VarInt::from_u32(codes::PROTOCOL_ERROR), b"authentication timed out");
-                Err(timeout())
+        };
+        let outcome = tokio::select! {
+            biased;
+            () = evicted.notified() => Err(NetError::HandshakeEvicted { addr }),
+            r = tokio::time::timeout(AUTH_TIMEOUT, attempt) => {
+                r.unwrap_or(Err(NetError::HandshakeTimeout { addr, after: AUTH_TIMEOUT }))
             }
+        };
+        // The place is free from here on.
+        drop(slot);
+        match &outcome {
+            Ok(_) => {}
+            Err(NetError::AuthFailed { .. }) => guard.refused(addr, Refusal::TokenMismatch, &""),
+            Err(NetError::HandshakeTimeout { .. }) => {
+                guard.refused(addr, Refusal::ProofTimeout, &format_args!(" within {AUTH_TIMEOUT:?}"))
+            }
+            Err(NetError::HandshakeEvicted { .. }) => {
+                guard.refused(addr, Refusal::HandshakeEvicted, &format_args!(" (over {MAX_HANDSHAKES})"))
+            }
+            Err(e) if e.is_connection_lost() => {
+                debug!(%addr, error = %e, "client went away during authentication")
+            }
+            Err(e) => guard.refused(addr, Refusal::HandshakeFailed, &format_args!(": {e}")),
         }
+        outcome
     }
 }

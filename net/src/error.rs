@@ -71,6 +71,10 @@ pub enum NetError {
     /// The handshake or the token proof with `addr` did not finish in time.
     #[error("handshake with {addr} did not finish within {after:?} (is a swarm endpoint listening there?)")]
     HandshakeTimeout { addr: SocketAddr, after: Duration },
+    /// An incoming handshake was abandoned to make room for newer ones (more than
+    /// [`crate::endpoint::MAX_HANDSHAKES`] at once: a flood of connection attempts).
+    #[error("handshake with {addr} abandoned: too many handshakes at once")]
+    HandshakeEvicted { addr: SocketAddr },
     /// The remote closed the connection because our token proof was wrong: the two
     /// sides hold different cluster tokens.
     #[error(

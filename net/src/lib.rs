@@ -8,6 +8,9 @@
 //! - `auth`: the token proof exchanged on every new connection.
 //! - `endpoint`: [`Endpoint`], [`Incoming`], [`EndpointConfig`].
 //! - `framing`: [`write_msg`] and [`read_msg`] around `swarm_proto::codec`.
+//! - [`refusals`]: [`refusals::RefusalLog`], the per-source limiter of refusal log lines.
+//! - `probe` (feature `probe`, tests only): raw connections that skip or forge the
+//!   token proof, for tests that play an attacker.
 //! - `error`: [`NetError`]; [`codes`] holds the QUIC application error codes.
 //!
 //! # Security design
@@ -35,7 +38,8 @@
 //!    `HMAC-SHA256(token, "swarm/1 client" || ekm)` (32 bytes), then finishes its side.
 //! 2. The server reads 32 bytes (within 10 s, [`AUTH_TIMEOUT`]) and verifies them in
 //!    constant time. On a mismatch (or a short proof) it logs
-//!    `refusing <addr>: cluster token mismatch` and closes the connection with
+//!    `refusing <addr>: cluster token mismatch` (once per source IP per minute, see
+//!    [`refusals`]) and closes the connection with
 //!    [`codes::AUTH_FAILED`] and reason `cluster token mismatch`; the client reports
 //!    [`NetError::AuthRejected`]. Too slow a proof closes with
 //!    [`codes::PROTOCOL_ERROR`].
@@ -77,11 +81,17 @@ mod auth;
 mod endpoint;
 mod error;
 mod framing;
+#[cfg(any(test, feature = "probe"))]
+pub mod probe;
+pub mod refusals;
 mod tls;
 mod token;
 
 pub use auth::AUTH_TIMEOUT;
-pub use endpoint::{Endpoint, EndpointConfig, Incoming};
+pub use endpoint::{
+    Endpoint, EndpointConfig, INCOMING_BUFFER, INCOMING_BUFFER_TOTAL, Incoming, MAX_HANDSHAKES, MAX_INCOMING,
+    STREAMS_BEFORE_PROOF,
+};
 pub use error::NetError;
 pub use framing::{read_msg, write_msg};
 pub use token::{ClusterToken, MIN_TOKEN_LEN};

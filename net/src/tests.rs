@@ -2,13 +2,13 @@
 //! servers built from the crate's own TLS configs play the attackers.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use swarm_proto::msg::{PeerMessage, RejectReason};
 use swarm_proto::{Digest, PROTOCOL_VERSION, PeerId};
 
 use crate::auth::{CLIENT_ROLE, PROOF_LEN, SERVER_ROLE, session_secret};
+use crate::probe::send_proof;
 use crate::*;
 
 fn loopback() -> SocketAddr {
@@ -38,54 +38,16 @@ fn spawn_acceptor(server: &Endpoint) -> tokio::sync::mpsc::UnboundedReceiver<Res
     rx
 }
 
-/// A plain quinn endpoint with swarm's TLS and transport configs but no token proof:
-/// lets a test speak the auth protocol by hand.
 fn raw_endpoint(server: bool) -> quinn::Endpoint {
-    let transport = tls::transport(&EndpointConfig::default()).expect("transport");
-    let server_config = server.then(|| {
-        let mut s = quinn::ServerConfig::with_crypto(Arc::new(
-            tls::server_crypto(swarm_proto::PROTOCOL_VERSION).expect("server tls"),
-        ));
-        s.transport_config(transport.clone());
-        s
-    });
-    let socket = std::net::UdpSocket::bind(loopback()).expect("bind");
-    let runtime = quinn::default_runtime().expect("runtime");
-    let mut ep = quinn::Endpoint::new(quinn::EndpointConfig::default(), server_config, socket, runtime).expect("ep");
-    let mut client =
-        quinn::ClientConfig::new(Arc::new(tls::client_crypto(swarm_proto::PROTOCOL_VERSION).expect("client tls")));
-    client.transport_config(transport);
-    ep.set_default_client_config(client);
-    ep
+    probe::raw_endpoint(server).expect("raw endpoint")
 }
 
 async fn raw_connect(ep: &quinn::Endpoint, addr: SocketAddr) -> quinn::Connection {
-    ep.connect(addr, tls::SERVER_NAME).expect("connect").await.expect("handshake")
-}
-
-/// Sends `proof` as the client's token proof; returns the server's answer, or the
-/// connection error if it closed the connection instead.
-async fn send_proof(conn: &quinn::Connection, proof: &[u8]) -> Result<Vec<u8>, quinn::ConnectionError> {
-    let (mut send, mut recv) = conn.open_bi().await?;
-    send.write_all(proof).await.map_err(|e| match e {
-        quinn::WriteError::ConnectionLost(e) => e,
-        other => panic!("unexpected write error {other}"),
-    })?;
-    let _ = send.finish();
-    match recv.read_to_end(1024).await {
-        Ok(answer) => Ok(answer),
-        Err(_) => Err(conn.closed().await),
-    }
+    probe::connect(ep, addr).await.expect("handshake")
 }
 
 fn assert_auth_failed_close(e: &quinn::ConnectionError) {
-    match e {
-        quinn::ConnectionError::ApplicationClosed(close) => {
-            assert_eq!(close.error_code, quinn::VarInt::from_u32(codes::AUTH_FAILED));
-            assert_eq!(&close.reason[..], b"cluster token mismatch");
-        }
-        other => panic!("expected an AUTH_FAILED close, got {other}"),
-    }
+    assert!(probe::is_auth_failed(e), "expected an AUTH_FAILED close, got {e}");
 }
 
 fn handshake(n: u8) -> PeerMessage {

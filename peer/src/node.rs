@@ -54,6 +54,7 @@ use swarm_core::swarm::{
     AnnounceReply, CloseReason, HashRange, HashesReply as SwarmHashes, PeerConn, PeerHashes, PieceOutcome, Refused,
     Swarm, SwarmAction,
 };
+use swarm_net::refusals::Refusal;
 
 /// How long a handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -264,8 +265,6 @@ struct Inner {
     known_peers: Mutex<KnownPeers>,
     /// Connections to peers, bounded per address and in total (see [`swarm_core::conns`]).
     connections: Mutex<Connections>,
-    /// When a refusal at a connection bound was last logged.
-    refusal_logged: Mutex<Option<Instant>>,
     cancel: CancellationToken,
     /// Every task that holds the node or one of its blobs, so `shutdown` can wait for them.
     tasks: TaskTracker,
@@ -299,7 +298,6 @@ impl Node {
             upload_limit: config_rate.map(RateLimiter::new),
             known_peers: Mutex::new(known_peers),
             connections: Mutex::new(Connections::default()),
-            refusal_logged: Mutex::new(None),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
@@ -650,8 +648,8 @@ impl Node {
             let permit = match self.connection_permit(remote) {
                 Ok(permit) => permit,
                 Err(bound) => {
-                    incoming.refuse();
-                    self.log_refusal(remote, bound);
+                    // Logged by the endpoint, once per source per minute.
+                    incoming.refuse(&bound);
                     continue;
                 }
             };
@@ -672,15 +670,11 @@ impl Node {
         Ok(ConnectionPermit { node: Arc::downgrade(&self.inner), addr })
     }
 
-    /// Logs a refusal at a connection bound, at most once a minute (a flood of
-    /// attempts must not become a flood of log lines).
+    /// Logs a refusal at a connection bound through the endpoint's refusal log, once
+    /// per address and minute (a flood of attempts must not become a flood of log
+    /// lines).
     fn log_refusal(&self, remote: SocketAddr, bound: AtBound) {
-        let now = Instant::now();
-        let mut last = locked(&self.inner.refusal_logged);
-        if last.is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_EVERY) {
-            *last = Some(now);
-            warn!(%remote, "refusing connections: {bound} (logged once a minute)");
-        }
+        self.inner.endpoint.log_refusal(remote, Refusal::AtBound, &format_args!(": {bound}"));
     }
 
     async fn accept_one(&self, incoming: swarm_net::Incoming, permit: ConnectionPermit) -> Result<(), NodeError> {
@@ -764,9 +758,6 @@ struct NewPeer {
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
-
-/// How often a refusal at a connection bound is logged.
-const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// One connection's place in the node's [`Connections`]; freed when dropped.
 struct ConnectionPermit {

@@ -18,6 +18,8 @@
 //!   registry, counting the bytes it sends.
 //! - [`silent_peer::SilentPeer`]: a peer with the real token that announces a whole
 //!   blob, handshakes, sends a full bitfield and never answers a piece request.
+//! - [`flood`]: garbage datagrams, handshake floods and abusive HTTP at real
+//!   processes, and their memory (`/proc/<pid>/status`) and log lines.
 //! - [`require_tool`]: fail (never skip) with the package to install.
 //!
 //! Use it with `mod support;` from a file in `tests/`. Each test should take its own
@@ -28,6 +30,7 @@
 
 pub mod agents;
 pub mod containerd;
+pub mod flood;
 pub mod http;
 pub mod image;
 pub mod mirror;

@@ -1,5 +1,13 @@
 //! The tracker service: a QUIC accept loop around [`TrackerState`].
 //!
+//! Connections are bounded with the node's table ([`swarm_core::conns`]): 8 per
+//! remote address and [`MAX_TRACKER_CONNECTIONS`] in total, counted from the attempt
+//! (every agent keeps one cached connection to each tracker, so the total is the
+//! cluster size the tracker serves; attempts still in their handshake are bounded far
+//! lower by the endpoint, [`swarm_net::MAX_HANDSHAKES`]). Past a bound an attempt is
+//! refused before its TLS handshake, and the refusal is logged once per source per
+//! minute (by the endpoint's refusal log, as are failed token proofs).
+//!
 //! Task layout: [`serve`] owns a `JoinSet` with one task per connection plus the
 //! expiry task; each connection task owns a `JoinSet` with one task per request
 //! stream. Dropping a set aborts its tasks, so stopping `serve` tears everything
@@ -17,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use swarm_core::conns::{MAX_CONNECTIONS_PER_ADDRESS, Permit, SharedConnections};
 use swarm_net::{Endpoint, Incoming, NetError, codes, read_msg, write_msg};
 use swarm_proto::codec::MAX_FRAME_LEN;
 use swarm_proto::msg::{LeaseReply, TrackerErrorCode, TrackerRequest, TrackerResponse};
@@ -30,6 +39,8 @@ use crate::{LeaseState, LeaseStatus, TrackerConfig, TrackerState};
 
 /// How long a peer may take to send its request once it opened a stream.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections the tracker holds at most (one per agent and tracker client).
+pub const MAX_TRACKER_CONNECTIONS: usize = 16_384;
 /// How long `serve` waits for close frames to go out when it stops.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
@@ -173,6 +184,7 @@ async fn run(endpoint: Endpoint, state: Shared, cancel: CancellationToken) -> Re
 
     let mut tasks = JoinSet::new();
     tasks.spawn(expire_loop(state.clone(), expire_every, cancel.clone()).instrument(info_span!("expire")));
+    let connections = SharedConnections::with_limits(MAX_CONNECTIONS_PER_ADDRESS, MAX_TRACKER_CONNECTIONS);
     loop {
         tokio::select! {
             biased;
@@ -186,8 +198,14 @@ async fn run(endpoint: Endpoint, state: Shared, cancel: CancellationToken) -> Re
             }
             incoming = endpoint.accept() => match incoming {
                 Some(incoming) => {
-                    let span = info_span!("conn", remote = %incoming.remote_address());
-                    tasks.spawn(connection(incoming, state.clone(), cancel.clone()).instrument(span));
+                    let remote = incoming.remote_address();
+                    match connections.open(remote) {
+                        Ok(permit) => {
+                            let span = info_span!("conn", %remote);
+                            tasks.spawn(connection(incoming, permit, state.clone(), cancel.clone()).instrument(span));
+                        }
+                        Err(bound) => incoming.refuse(&bound),
+                    }
                 }
                 None => break,
             },
@@ -238,15 +256,16 @@ fn lock(state: &Shared) -> std::sync::MutexGuard<'_, TrackerState> {
     state.state.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Authenticates one connection, then serves its request streams.
-async fn connection(incoming: Incoming, state: Shared, cancel: CancellationToken) {
+/// Authenticates one connection, then serves its request streams; `_permit` is its
+/// place among the tracker's connections.
+async fn connection(incoming: Incoming, _permit: Permit, state: Shared, cancel: CancellationToken) {
     let remote = incoming.remote_address();
     let conn = match incoming.authenticate().await {
         Ok(conn) => conn,
-        // The mismatch itself is logged by swarm_net as "refusing <addr>: ...".
-        Err(NetError::AuthFailed { .. }) => return,
+        // Refusals are logged by swarm_net ("refusing <addr>: ...", once per source
+        // per minute).
         Err(e) => {
-            info!(%remote, error = %e, "connection failed before authentication");
+            debug!(%remote, error = %e, "connection failed before authentication");
             return;
         }
     };

@@ -227,8 +227,22 @@ pub fn router<P: BlobProvider>(
     Route::accept_registry_in_path(axum::Router::new().fallback(handle::<P>).with_state(shared))
 }
 
+/// Connections the mirror serves at once; past it a new connection is closed at once
+/// (containerd then falls back to the next host) and the refusal logged once per
+/// source per minute.
+pub const MAX_CONNECTIONS: usize = 256;
+/// How long a client may take to send a request's line and headers (from the
+/// connection's start, or from the end of its previous response): a client that
+/// trickles its headers (slowloris) is cut off after this.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes buffered per connection while reading a request (its line and headers):
+/// a longer head is answered `431`/`414` and the connection closed. Request bodies
+/// are never read (the mirror serves only GET and HEAD).
+pub const MAX_REQUEST_HEAD: usize = 64 * 1024;
+
 /// Serves `router` on `listener` until `cancel` fires; in-flight responses then get
-/// [`SHUTDOWN_GRACE`] to finish.
+/// [`SHUTDOWN_GRACE`] to finish. At most [`MAX_CONNECTIONS`] connections at once,
+/// each bounded by [`HEADER_READ_TIMEOUT`] and [`MAX_REQUEST_HEAD`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: axum::Router,
@@ -236,17 +250,61 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     info!(%addr, "registry mirror listening");
-    let server = axum::serve(listener, router).with_graceful_shutdown(cancel.clone().cancelled_owned());
-    tokio::select! {
-        result = server => result,
-        () = async {
-            cancel.cancelled().await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        } => {
-            warn!(%addr, "registry mirror: in-flight responses did not finish in time; dropping them");
-            Ok(())
-        }
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut refusals = swarm_net::refusals::RefusalLog::default();
+    let tasks = tokio_util::task::TaskTracker::new();
+    loop {
+        let (stream, remote) = tokio::select! {
+            biased;
+            () = cancel.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    warn!(%addr, error = %e, "registry mirror: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            let kind = swarm_net::refusals::Refusal::AtBound;
+            if let swarm_net::refusals::Verdict::Log { suppressed, .. } =
+                refusals.refused(remote.ip(), kind, Instant::now())
+            {
+                warn!(%remote, suppressed, "registry mirror: refusing {remote}: already {MAX_CONNECTIONS} connections (logged once a minute per source)");
+            }
+            drop(stream);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            let _slot = slot;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_REQUEST_HEAD);
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        debug!(%remote, error = %e, "registry mirror: connection ended with an error");
+                    }
+                    return;
+                }
+                () = cancel.cancelled() => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = conn.await;
+        });
     }
+    tasks.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {
+        warn!(%addr, "registry mirror: in-flight responses did not finish in time; dropping them");
+    }
+    Ok(())
 }
 
 async fn handle<P: BlobProvider>(
