@@ -357,7 +357,9 @@ impl TrackerState {
                 entry.upstream.from_lease = true;
             }
         }
-        if reassert {
+        // A publish that completes the hashes needs no lease: the fetch is over (a
+        // holder's last publish can arrive after its release).
+        if reassert && entry.metainfo.is_none() {
             entry.upstream.lease = Some(Lease { holder: peer_id, expires: now, last_progress: now });
         }
         if let Some(lease) = entry.upstream.lease.as_mut() {

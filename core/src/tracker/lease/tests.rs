@@ -343,6 +343,15 @@ fn lease_holders_re_assert_by_publishing() {
     assert_eq!(f.publish(1, 8, 3, hashes(3..4), 1.0), TrackerResponse::Registered, "and it goes on publishing");
     assert_eq!(f.get_hashes(0, 1.0), hashes_reply(8, 0, 0..4, false));
 
+    // A last publish arriving after the holder's release completes the hashes and
+    // leaves no lease behind.
+    let mut f = Fixture::new();
+    assert_eq!(f.acquire(1, 0.0), granted(0));
+    assert_eq!(f.release(1, None, 0.1), TrackerResponse::Left);
+    assert_eq!(f.publish(1, 8, 0, hashes(0..8), 0.2), TrackerResponse::Registered);
+    assert_eq!(f.holder(0.2), None);
+    assert_eq!(f.get_hashes(0, 0.3), hashes_reply(8, 0, 0..8, true));
+
     // Not after a failure: the failed fetch is not revived.
     let mut f = Fixture::new();
     assert_eq!(f.acquire(1, 0.0), granted(0));
