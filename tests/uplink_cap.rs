@@ -96,10 +96,14 @@ fn check_capped(what: &str, log: &ByteLog, took: Duration, bytes: u64) {
     );
     assert!(carried as f64 <= bytes as f64 * 1.02, "the uplink carried {carried} bytes for {bytes} layer bytes");
     assert!(peak <= CAP_BYTES * 1.05, "the uplink ran at {:.3} x the cap over a 1 s window", peak / CAP_BYTES);
+    // 1.1 x F/cap plus 0.25 s: at these sizes (F/cap about 5 s) a second holder's
+    // start waits for the first's renewal (up to 0.5 s at a reduced total while the
+    // shares change hands), a fixed cost the 64 MiB emulation target (1.09 x,
+    // docs/benchmarks.md) spreads over 13 s; CI measured up to 1.108 x here.
     assert!(
-        span.as_secs_f64() <= minimum * 1.1,
-        "the capped transfer over the uplink took {span:?}, more than 1.1 x F/cap = {:.2} s",
-        minimum * 1.1
+        span.as_secs_f64() <= minimum * 1.1 + 0.25,
+        "the capped transfer over the uplink took {span:?}, more than 1.1 x F/cap + 0.25 s = {:.2} s",
+        minimum * 1.1 + 0.25
     );
     // The swarm's tail (the last pieces reaching every agent) comes on top.
     assert!(
