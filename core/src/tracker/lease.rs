@@ -358,8 +358,10 @@ impl TrackerState {
             }
         }
         // A publish that completes the hashes needs no lease: the fetch is over (a
-        // holder's last publish can arrive after its release).
-        if reassert && entry.metainfo.is_none() {
+        // holder's last publish can arrive after its release). Nor does one with no
+        // hashes (the layout only, sent as a fetch starts or, late, after it ended):
+        // a holder re-asserts with its next hashes.
+        if reassert && entry.metainfo.is_none() && !hashes.is_empty() {
             entry.upstream.lease = Some(Lease { holder: peer_id, expires: now, last_progress: now });
         }
         if let Some(lease) = entry.upstream.lease.as_mut() {
