@@ -30,10 +30,12 @@
 //! rate, a lease holder's share of the uplink cap) as it comes off the wire, before
 //! the bytes to skip are dropped: what is limited is what crossed the uplink. While a
 //! limiter has a rate the blob is asked for in ranges ([`segment_len`]), each paid to
-//! the limiters before it is asked for; up to [`RANGES_AHEAD`] ranges after the one
-//! being read are paid for and asked for in order, so a slow answer to one request
-//! does not idle the rate; a range read to its end is followed by the next at once (no
-//! wait, no retry counted).
+//! the limiters before it is asked for (and admitted by their window guards, which
+//! count its bytes as they arrive: answers that bunch up cannot push a 1 s window
+//! over the rate); up to [`RANGES_AHEAD`] ranges after the one being read are paid
+//! for and asked for in order, so a slow answer to one request does not idle the
+//! rate; a range read to its end is followed by the next at once (no wait, no retry
+//! counted).
 //!
 //! Each retry logs one warning with the reason, the byte offset and the attempt
 //! number; the first bytes after a retry log one info line.
@@ -50,7 +52,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::{UpstreamBlob, UpstreamClient, UpstreamError};
-use crate::rate::Limiter;
+use crate::rate::{Limiter, RangeTicket};
 
 /// How long a blob stream keeps retrying without receiving a single byte before it
 /// fails. Rides out a 60 s outage noticed by a 30 s read timeout; below the agent's
@@ -113,6 +115,9 @@ pub(super) struct Opened {
     pub end: Option<u64>,
     /// Whether its bytes were paid to the limiters before it was asked for.
     pub paid: bool,
+    /// The limiters' tickets for a paid range: its bytes are counted on them as they
+    /// arrive.
+    pub tickets: Vec<RangeTicket>,
     pub stream: BoxStream<'static, Result<Bytes, UpstreamError>>,
 }
 
@@ -132,6 +137,7 @@ pub(super) fn resuming(
         limits,
         segment_end: first.end,
         paid: first.paid,
+        tickets: first.tickets,
         ahead: VecDeque::new(),
         last_paid: None,
         policy: client.inner.resume,
@@ -181,6 +187,8 @@ struct Resuming {
     /// Whether the current body's bytes were paid to the limiters when it was asked
     /// for (a range), so they pass without being counted again.
     paid: bool,
+    /// The limiters' tickets for the current body when it is a paid range.
+    tickets: Vec<RangeTicket>,
     /// The ranges after the current one (at most [`RANGES_AHEAD`]), in blob order,
     /// each paid for and asked for in the background, one after the other.
     ahead: VecDeque<Ahead>,
@@ -197,9 +205,10 @@ struct Ahead {
     task: tokio::task::JoinHandle<Result<Opened, UpstreamError>>,
 }
 
-/// How many ranges after the one being read are paid for and asked for ahead: two,
-/// so the rate is kept while the answer to a request takes up to one range's time.
-pub const RANGES_AHEAD: usize = 2;
+/// How many ranges after the one being read are paid for and asked for ahead: four,
+/// so the rate is kept while the answer to a request takes up to 100 ms (four ranges'
+/// time, [`SEGMENT_TIME`] each).
+pub const RANGES_AHEAD: usize = 4;
 
 impl Drop for Resuming {
     fn drop(&mut self) {
@@ -220,17 +229,19 @@ pub(super) async fn open_paid(
     limits: &[Limiter],
 ) -> Result<Opened, UpstreamError> {
     let segment = segment_len(limits);
-    pay(limits, segment).await;
-    open_segment(client, registry, repository, digest, offset, segment).await
+    let tickets = pay(limits, segment).await;
+    open_segment(client, registry, repository, digest, offset, segment, tickets).await
 }
 
-/// Pays `segment` bytes (if any) to every limiter, waiting for them.
-async fn pay(limits: &[Limiter], segment: Option<u64>) {
+/// Pays `segment` bytes (if any) to every limiter, waiting for each to admit them.
+async fn pay(limits: &[Limiter], segment: Option<u64>) -> Vec<RangeTicket> {
+    let mut tickets = Vec::new();
     if let Some(len) = segment {
         for limiter in limits {
-            limiter.consume(len as usize).await;
+            tickets.push(limiter.request(len).await);
         }
     }
+    tickets
 }
 
 /// Asks for `segment` bytes from `offset` (the rest of the blob when `None`),
@@ -242,14 +253,24 @@ async fn open_segment(
     digest: &Digest,
     offset: u64,
     segment: Option<u64>,
+    tickets: Vec<RangeTicket>,
 ) -> Result<Opened, UpstreamError> {
+    let asked = Instant::now();
     let mut opened = client.open_range(registry, repository, digest, offset, segment).await?;
+    for ticket in &tickets {
+        ticket.answered(asked.elapsed());
+    }
     opened.paid = segment.is_some();
+    opened.tickets = tickets;
     Ok(opened)
 }
 
-/// How much of a limiter's rate one range asks for (see [`segment_len`]).
-pub const SEGMENT_TIME: Duration = Duration::from_millis(50);
+/// How much of a limiter's rate one range asks for (see [`segment_len`]): 25 ms. Each
+/// range crosses the uplink as a short burst at the link's speed, so a 1 s window can
+/// hold one more range than the rate pays for when the answers' delays vary; the
+/// shorter the ranges, the less that adds (2.5 % here; it was 5 % at 50 ms, which a
+/// loaded CI machine pushed past the 5 % the cap allows).
+pub const SEGMENT_TIME: Duration = Duration::from_millis(25);
 /// The shortest range asked for while a rate is set.
 pub const MIN_SEGMENT: u64 = 64 * 1024;
 
@@ -284,6 +305,7 @@ impl Resuming {
                         self.skip = opened.skip;
                         self.segment_end = opened.end;
                         self.paid = opened.paid;
+                        self.tickets = opened.tickets;
                         self.body = Some(opened.stream);
                         self.prefetch();
                         continue;
@@ -307,6 +329,7 @@ impl Resuming {
                     Ok(None) if self.segment_end.is_some_and(|end| self.position >= end) => {
                         // A range read to its end: ask for the next one.
                         self.body = None;
+                        self.tickets.clear();
                         continue;
                     }
                     Ok(None) => Interruption {
@@ -317,6 +340,7 @@ impl Resuming {
                 },
             };
             self.body = None;
+            self.tickets.clear();
             self.drop_prefetch();
             self.attempt += 1;
             let delay = self.policy.delay(self.attempt, interruption.retry_after);
@@ -348,7 +372,11 @@ impl Resuming {
     /// Passes a chunk off the wire through the stream's limiters (waiting while any is
     /// in debt), then [`Resuming::received`].
     async fn throttled(&mut self, chunk: Bytes) -> Result<Option<Bytes>, UpstreamError> {
-        if !self.paid {
+        if self.paid {
+            for ticket in &mut self.tickets {
+                ticket.arrived(chunk.len() as u64);
+            }
+        } else {
             for limiter in &self.limits {
                 limiter.consume(chunk.len()).await;
             }
@@ -415,9 +443,9 @@ impl Resuming {
                     // An error: the range before was dropped; pay now.
                     let _ = after.await;
                 }
-                pay(&limits, segment).await;
+                let tickets = pay(&limits, segment).await;
                 let _ = paid.send(());
-                open_segment(&client, &registry, &repository, &digest, from, segment).await
+                open_segment(&client, &registry, &repository, &digest, from, segment, tickets).await
             });
             self.ahead.push_back(Ahead { start: from, end, task });
             if segment.is_none() {
@@ -467,6 +495,7 @@ impl Resuming {
     fn fail(&mut self, err: UpstreamError) -> Option<Result<Bytes, UpstreamError>> {
         self.done = true;
         self.body = None;
+        self.tickets.clear();
         debug!(digest = %self.digest, offset = self.position, error = %err, "upstream blob failed");
         Some(Err(err))
     }
