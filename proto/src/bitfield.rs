@@ -22,8 +22,8 @@ impl Bitfield {
     }
 
     /// A bitfield of `len` pieces, all set. The spare bits of the last byte stay
-    /// zero (`bitvec![u8, Msb0; 1; len]` would set them too, and a receiver rejects
-    /// such a bitfield).
+    /// zero: `bitvec![u8, Msb0; 1; len]` would set them too (only a clone would
+    /// clear them), and a receiver rejects such a bitfield.
     pub fn full(len: u32) -> Self {
         let mut b = Self::new(len);
         b.bits.fill(true);
