@@ -141,7 +141,9 @@ mod tests {
             let full = Bitfield::full(len);
             assert_eq!(full.count(), len);
             assert_eq!(Bitfield::from_bytes(len, full.as_bytes()), Ok(full.clone()), "{len} pieces");
-            let frame = crate::codec::encode_frame(&crate::msg::PeerMessage::Bitfield(full.clone())).expect("encode");
+            // Encoded as built (a clone would clear spare bits and hide the bug).
+            let frame =
+                crate::codec::encode_frame(&crate::msg::PeerMessage::Bitfield(Bitfield::full(len))).expect("encode");
             let body = &frame[4..];
             let back: crate::msg::PeerMessage =
                 crate::codec::decode_body(body, crate::codec::MAX_PEER_FRAME_LEN).expect("decode");
