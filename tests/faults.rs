@@ -276,6 +276,85 @@ async fn disk_full_while_storing_logs_a_clear_error_containerd_falls_back_and_th
     assert!(cluster.agents[0].stores_blob(&layer), "the agent holds the layer now");
 }
 
+// 4 ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_that_accepts_requests_and_never_answers_does_not_hold_the_download_back() {
+    let dir = test_dir("faults-silent");
+    let registry = Registry::start(&dir.path().join("registry")).expect("registry");
+    // Two layers of one size: one pulled undisturbed, one with the silent peer.
+    let image = build_image(&registry, "edge/silent", "v1", &[16 * MIB, 16 * MIB]).expect("image");
+    let (calm, silent) = (image.layer_digests[0], image.layer_digests[1]);
+    let host = registry.host();
+    // Agent 0 holds both layers and uploads at 10 Mbit/s: a pull takes about 13 s,
+    // longer than a request timeout (10 s), so the silent peer's first requests can
+    // time out before the endgame would take them over; and the pull measures the
+    // link rather than which process wins the 2 cores.
+    let cluster = Cluster::start_with(&dir.path().join("swarm"), 2, &[&host], |i, _| {
+        let mut args: Vec<std::ffi::OsString> = ["--containerd-root", "none"].map(Into::into).to_vec();
+        if i == 0 {
+            args.extend(["--upload-rate", "10Mbit/s"].map(Into::into));
+        }
+        args
+    })
+    .expect("cluster");
+    let mut want = Vec::new();
+    for layer in [calm, silent] {
+        let bytes = image.read_blob(&layer).expect("layer bytes");
+        let r = get(&cluster.agents[0], &image.name, &host, &layer, &[]).await;
+        assert!(r.status == 200 && r.body == bytes, "agent 0\n{}", cluster.logs());
+        want.push(bytes);
+    }
+    // Agent 1 pulls the first layer from agent 0 alone.
+    let started = Instant::now();
+    let r = get(&cluster.agents[1], &image.name, &host, &calm, &[]).await;
+    let undisturbed = started.elapsed();
+    assert!(r.status == 200 && r.complete && r.body == want[0], "undisturbed pull\n{}", cluster.logs());
+    // The silent peer announces the second layer whole; agent 1 pulls it from both.
+    let peer = support::silent_peer::SilentPeer::start(&cluster.token_file, cluster.tracker_addr, silent)
+        .await
+        .expect("the silent peer");
+    let started = Instant::now();
+    let r = get(&cluster.agents[1], &image.name, &host, &silent, &[]).await;
+    let disturbed = started.elapsed();
+    assert!(r.status == 200 && r.complete && r.body == want[1], "pull beside the silent peer\n{}", cluster.logs());
+    let requests = peer.requests();
+    let timeout = swarm_peer::scheduler::SchedulerConfig::default().request_timeout;
+    let given_up = peer.given_up();
+    // Measured here from when the request arrived, so a timeout reads a little under
+    // the requester's 10 s; the endgame, which starts near the pull's end, stops the rest.
+    let timed_out = given_up.iter().filter(|&&w| w >= timeout.mul_f64(0.95)).count();
+    eprintln!(
+        "16 MiB layer ({} pieces) from a 10 Mbit/s holder: undisturbed {undisturbed:.2?}, beside the silent peer \
+         {disturbed:.2?} ({:+.2} s); the silent peer was sent {requests} requests; the puller gave up on {} of \
+         them, {timed_out} at the request timeout ({timeout:?}), the others when another copy won, after {:.2?}",
+        layout_of(silent, want[1].len()).piece_count(),
+        disturbed.as_secs_f64() - undisturbed.as_secs_f64(),
+        given_up.len(),
+        given_up,
+    );
+    assert!(
+        requests > 0,
+        "the silent peer was never asked for a piece: the test shows nothing\nits connections: {:?}\n{}",
+        peer.closes(),
+        cluster.logs()
+    );
+    // The pull lasts longer than a request timeout and its endgame comes after it, so
+    // the requests sent to the silent peer at the start must have timed out.
+    assert!(timed_out > 0, "no request to the silent peer timed out: {given_up:?}\n{}", cluster.logs());
+    // Waiting for the silent peer would never end; a stall on its requests until they
+    // time out costs one request timeout.
+    assert!(
+        disturbed <= undisturbed + timeout + Duration::from_secs(2),
+        "the pull took {disturbed:?} beside the silent peer, {undisturbed:?} without\n{}",
+        cluster.logs()
+    );
+    for layer in [calm, silent] {
+        assert_eq!(registry.blob_get_count(&layer), 1, "agent 1 went upstream for {layer}\n{}", cluster.logs());
+    }
+    assert!(cluster.agents[1].stores_blob(&silent), "agent 1 holds a byte-identical copy");
+}
+
 // 5 ---------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

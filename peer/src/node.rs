@@ -1459,7 +1459,13 @@ async fn control_reader(
                     return;
                 }
             }
-            Ok(None) | Err(_) => {
+            Ok(None) => {
+                debug!("the peer finished its control stream");
+                let _ = inbox.send(Event::Closed { key }).await;
+                return;
+            }
+            Err(e) => {
+                debug!(error = %e, "the peer's control stream failed");
                 let _ = inbox.send(Event::Closed { key }).await;
                 return;
             }

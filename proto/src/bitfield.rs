@@ -21,9 +21,13 @@ impl Bitfield {
         Self { bits: bitvec![u8, Msb0; 0; len as usize] }
     }
 
-    /// A bitfield of `len` pieces, all set.
+    /// A bitfield of `len` pieces, all set. The spare bits of the last byte stay
+    /// zero: `bitvec![u8, Msb0; 1; len]` would set them too (only a clone would
+    /// clear them), and a receiver rejects such a bitfield.
     pub fn full(len: u32) -> Self {
-        Self { bits: bitvec![u8, Msb0; 1; len as usize] }
+        let mut b = Self::new(len);
+        b.bits.fill(true);
+        b
     }
 
     /// Rebuilds a bitfield from its wire bytes; spare bits in the last byte must be zero.
@@ -129,6 +133,23 @@ mod tests {
         assert_eq!(b.as_bytes(), &[0b0001_0000, 0b0100_0000]);
         assert_eq!(Bitfield::from_bytes(10, b.as_bytes()), Ok(b.clone()));
         assert!(Bitfield::full(10).is_complete());
+    }
+
+    #[test]
+    fn a_full_bitfield_has_no_spare_bits_and_decodes() {
+        for len in 0..=17 {
+            let full = Bitfield::full(len);
+            assert_eq!(full.count(), len);
+            assert_eq!(Bitfield::from_bytes(len, full.as_bytes()), Ok(full.clone()), "{len} pieces");
+            // Encoded as built (a clone would clear spare bits and hide the bug).
+            let frame =
+                crate::codec::encode_frame(&crate::msg::PeerMessage::Bitfield(Bitfield::full(len))).expect("encode");
+            let body = &frame[4..];
+            let back: crate::msg::PeerMessage =
+                crate::codec::decode_body(body, crate::codec::MAX_PEER_FRAME_LEN).expect("decode");
+            assert_eq!(back, crate::msg::PeerMessage::Bitfield(full), "{len} pieces");
+        }
+        assert_eq!(Bitfield::full(10).as_bytes(), &[0xFF, 0b1100_0000]);
     }
 
     #[test]
