@@ -94,7 +94,10 @@ async fn an_agent_serving_and_one_pulling_a_1_gib_blob_stay_under_64_mib() {
     }
     let role = |i: usize| {
         let holder = cluster.agents[i].child.stderr_text().contains("as the lease holder");
-        format!("agent {i} ({})", if holder { "upstream lease holder, serving the other" } else { "pulling from the other" })
+        format!(
+            "agent {i} ({})",
+            if holder { "upstream lease holder, serving the other" } else { "pulling from the other" }
+        )
     };
     for (i, (got, got_len, took)) in answers.into_iter().enumerate() {
         let who = role(i);
