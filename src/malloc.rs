@@ -16,12 +16,17 @@
 //! `unsafe` (so no `mallopt`): [`fix_mmap_threshold`] re-executes the binary with
 //! `GLIBC_TUNABLES` set, once, before anything else runs. A `GLIBC_TUNABLES` that
 //! already sets `glibc.malloc.mmap_threshold` is left alone. Other C libraries
-//! ignore it.
+//! ignore it. The re-executed process carries [`REEXECUTED`] too and never
+//! re-executes again, even where the loader drops `GLIBC_TUNABLES` (a binary with
+//! file capabilities or setuid runs in secure mode).
 
 use std::ffi::{OsStr, OsString};
 
 /// The tunable: allocations of 128 KiB and more are mapped, and unmapped when freed.
 pub const MMAP_THRESHOLD: &str = "glibc.malloc.mmap_threshold=131072";
+
+/// Set in the environment of the re-executed process (and so of its children).
+pub const REEXECUTED: &str = "SWARM_MALLOC_REEXECUTED";
 
 /// `GLIBC_TUNABLES` with [`MMAP_THRESHOLD`] added to `current`, or `None` when
 /// `current` already sets the threshold (the user's choice wins, and a re-executed
@@ -47,6 +52,9 @@ pub fn fix_mmap_threshold() {
     {
         use std::os::unix::process::CommandExt;
 
+        if std::env::var_os(REEXECUTED).is_some() {
+            return;
+        }
         let Some(value) = tunables_with_threshold(std::env::var_os("GLIBC_TUNABLES").as_deref()) else { return };
         let exe = match std::env::current_exe() {
             Ok(exe) => exe,
@@ -60,7 +68,7 @@ pub fn fix_mmap_threshold() {
         if let Some(argv0) = args.next() {
             cmd.arg0(argv0);
         }
-        let err = cmd.args(args).env("GLIBC_TUNABLES", value).exec();
+        let err = cmd.args(args).env("GLIBC_TUNABLES", value).env(REEXECUTED, "1").exec();
         eprintln!("swarm: cannot re-execute {} to set {MMAP_THRESHOLD} ({err}); memory may grow", exe.display());
     }
 }
