@@ -3,6 +3,7 @@
 //! over to one module per subcommand under `cmd/`.
 
 mod cmd;
+mod malloc;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -77,6 +78,8 @@ fn init_logging(filter: &str, format: LogFormat) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
+    // Before anything allocates or starts a thread: may re-execute this binary.
+    malloc::fix_mmap_threshold();
     let cli = Cli::parse();
     if let Err(e) = init_logging(&cli.log, cli.log_format) {
         eprintln!("error: {e}");

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{Context, bail};
+use swarm_proto::Digest;
 
 use super::process::{ChildGuard, free_port, require_tool, run, tcp_open, wait_until};
 
@@ -214,6 +215,69 @@ impl Registry {
             }
             last = now;
         }
+    }
+
+    /// Pushes the bytes `source` yields as one blob of repository `repo` through the
+    /// registry's upload API: `POST` an upload, one streamed `PATCH` (curl reading its
+    /// stdin, chunked) and the closing `PUT` with the digest, hashed on the way. The
+    /// bytes are neither held in memory nor written to a file here, so a blob of any
+    /// size costs only the registry's copy. Returns the digest and the length.
+    pub fn push_blob(&self, repo: &str, mut source: impl std::io::Read) -> anyhow::Result<(Digest, u64)> {
+        use sha2::Digest as _;
+        use std::io::Write;
+        let curl = require_tool("curl", "curl");
+        let base = format!("http://{}", self.addr);
+        let curl_cmd = |method: &str, url: &str| {
+            let mut cmd = Command::new(&curl);
+            cmd.args(["-sS", "--fail", "-X", method, "-D", "-", "-o", "/dev/null"]);
+            if let Some((u, p)) = self.credentials() {
+                cmd.args(["-u", &format!("{u}:{p}")]);
+            }
+            cmd.arg(url);
+            cmd
+        };
+        // The upload's URL from a response's `Location` header (relative or absolute).
+        let location = |headers: &[u8]| -> anyhow::Result<String> {
+            let text = String::from_utf8_lossy(headers);
+            let value = text
+                .lines()
+                .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("location")).map(|(_, v)| v))
+                .map(str::trim)
+                .with_context(|| format!("no Location header in:\n{text}"))?;
+            Ok(if value.starts_with('/') { format!("{base}{value}") } else { value.to_string() })
+        };
+        let started = run(curl_cmd("POST", &format!("{base}/v2/{repo}/blobs/uploads/")), Duration::from_secs(30))?;
+        let upload = location(&started.stdout)?;
+
+        let mut patch = curl_cmd("PATCH", &upload);
+        patch.args(["-H", "Content-Type: application/octet-stream", "-T", "-"]);
+        patch.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+        let mut child = patch.spawn().context("starting curl")?;
+        let mut stdin = child.stdin.take().context("curl's stdin")?;
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut len = 0u64;
+        loop {
+            let n = source.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            stdin.write_all(&buf[..n]).context("streaming the blob to curl")?;
+            len += n as u64;
+        }
+        drop(stdin);
+        let patched = child.wait_with_output().context("waiting for curl")?;
+        if !patched.status.success() {
+            bail!("PATCH of {len} bytes to {upload} failed: {}", String::from_utf8_lossy(&patched.stderr));
+        }
+        let digest = Digest(hasher.finalize().into());
+        let upload = location(&patched.stdout)?;
+        let sep = if upload.contains('?') { '&' } else { '?' };
+        let mut put = curl_cmd("PUT", &format!("{upload}{sep}digest={digest}"));
+        put.args(["--data-binary", ""]);
+        run(put, Duration::from_secs(300))?;
+        Ok((digest, len))
     }
 
     /// The registry's log tail, for assertion messages.
