@@ -12,12 +12,22 @@
 //!   handshake and then never proves anything holds a place only until newer
 //!   attempts push it out, while an honest handshake, done in a few round trips, is
 //!   never the oldest for long;
+//! - quinn's state of a connection (about 37 KiB with its TLS session, event channel
+//!   and sent-packet record) outlives the connection by three probe timeouts: a
+//!   refused client is remembered while the close is repeated to it. The probe
+//!   timeout follows the round-trip time the client shows, so a slow client
+//!   (deliberately or not) keeps refused states alive for seconds: a flood of 10,000
+//!   handshakes left 2,000-2,500 of them at once, 75-90 MiB. So at most
+//!   [`MAX_UNPROVEN_STATES`] connections without a token proof, in their handshake or
+//!   still closing after a refusal, exist at once; past it a new attempt is refused
+//!   before its handshake, which costs no state (see [`Endpoint::accept`]);
 //! - until its token proof a client may open [`STREAMS_BEFORE_PROOF`] streams, not the
 //!   configured number (quinn keeps state for every stream a connection may open);
 //! - every refusal is logged through one [`RefusalLog`] per endpoint: once per
 //!   source IP and kind per minute, whatever the rate of attempts.
 
-use std::collections::BTreeMap;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -44,6 +54,14 @@ pub const MAX_HANDSHAKES: usize = 64;
 /// Bidirectional streams a client may open before its token proof is checked (the
 /// proof's and the first message's); raised to the configured number after.
 pub const STREAMS_BEFORE_PROOF: u32 = 4;
+/// Connections without a token proof whose state quinn keeps at once: the handshakes
+/// in flight plus the refused ones still closing (see the module docs). About
+/// 14 MiB of connection state at this bound.
+pub const MAX_UNPROVEN_STATES: usize = 384;
+/// How long a refused connection that never completed its handshake is counted as
+/// closing: three probe timeouts at quinn's initial round-trip estimate (333 ms, and
+/// half that as its variance), rounded up.
+pub const CLOSING_BEFORE_HANDSHAKE: Duration = Duration::from_secs(3);
 
 /// QUIC transport knobs, sized for bulk transfer on a LAN by default.
 #[derive(Clone, Debug)]
@@ -123,21 +141,39 @@ impl Guard {
 }
 
 /// The handshakes in flight, oldest first; at [`MAX_HANDSHAKES`] the oldest is told
-/// to give up.
+/// to give up. Also the refused connections quinn still keeps while they close (by
+/// when each is gone), which count with the handshakes against
+/// [`MAX_UNPROVEN_STATES`].
 #[derive(Debug)]
 struct Handshakes {
     next: u64,
     max: usize,
     live: BTreeMap<u64, Arc<Notify>>,
+    closing: BinaryHeap<Reverse<Instant>>,
 }
 
 impl Default for Handshakes {
     fn default() -> Self {
-        Self { next: 0, max: MAX_HANDSHAKES, live: BTreeMap::new() }
+        Self { next: 0, max: MAX_HANDSHAKES, live: BTreeMap::new(), closing: BinaryHeap::new() }
     }
 }
 
 impl Handshakes {
+    /// Connections without a proof quinn keeps at `now`: in their handshake or
+    /// closing.
+    fn unproven(&mut self, now: Instant) -> usize {
+        while self.closing.peek().is_some_and(|Reverse(gone)| *gone <= now) {
+            self.closing.pop();
+        }
+        self.live.len() + self.closing.len()
+    }
+
+    /// Handshake `id` failed; quinn keeps its state until `gone`.
+    fn failed(&mut self, id: u64, gone: Instant) {
+        self.live.remove(&id);
+        self.closing.push(Reverse(gone));
+    }
+
     /// A place for one more handshake: its id and the signal that it was evicted.
     fn start(&mut self) -> (u64, Arc<Notify>) {
         while self.live.len() >= self.max {
@@ -160,16 +196,23 @@ impl Handshakes {
     }
 }
 
-/// One incoming attempt's place among the handshakes in flight; freed on drop.
+/// One incoming attempt's place among the handshakes in flight; freed on drop, or
+/// if `closing_until` is set, turned into a place among the closing connections
+/// until then.
 struct HandshakeSlot {
     guard: Arc<Guard>,
     id: u64,
     evicted: Arc<Notify>,
+    closing_until: Option<Instant>,
 }
 
 impl Drop for HandshakeSlot {
     fn drop(&mut self) {
-        self.guard.handshakes.lock().unwrap_or_else(PoisonError::into_inner).finish(self.id);
+        let mut handshakes = self.guard.handshakes.lock().unwrap_or_else(PoisonError::into_inner);
+        match self.closing_until {
+            Some(gone) => handshakes.failed(self.id, gone),
+            None => handshakes.finish(self.id),
+        }
     }
 }
 
@@ -260,12 +303,30 @@ impl Endpoint {
     /// The next incoming connection attempt, or `None` once the endpoint is closed.
     /// Call [`Incoming::authenticate`] on it, preferably in its own task.
     /// It takes a place among the [`MAX_HANDSHAKES`] handshakes in flight (see the
-    /// module docs), held until it is authenticated, refused or dropped.
+    /// module docs), held until it is authenticated, refused or dropped. While
+    /// [`MAX_UNPROVEN_STATES`] connections without a proof exist, attempts are refused
+    /// here before their handshake (logged as [`Refusal::AtBound`]) and not returned.
     pub async fn accept(&self) -> Option<Incoming> {
-        let inner = self.inner.accept().await?;
-        let (id, evicted) = self.guard.handshakes.lock().unwrap_or_else(PoisonError::into_inner).start();
-        let slot = HandshakeSlot { guard: self.guard.clone(), id, evicted };
-        Some(Incoming { inner, token: self.token.clone(), slot })
+        loop {
+            let inner = self.inner.accept().await?;
+            let mut handshakes = self.guard.handshakes.lock().unwrap_or_else(PoisonError::into_inner);
+            let unproven = handshakes.unproven(Instant::now());
+            if unproven >= MAX_UNPROVEN_STATES {
+                drop(handshakes);
+                let addr = inner.remote_address();
+                inner.refuse();
+                self.guard.refused(
+                    addr,
+                    Refusal::AtBound,
+                    &format_args!(": {unproven} unauthenticated connections open or closing"),
+                );
+                continue;
+            }
+            let (id, evicted) = handshakes.start();
+            drop(handshakes);
+            let slot = HandshakeSlot { guard: self.guard.clone(), id, evicted, closing_until: None };
+            return Some(Incoming { inner, token: self.token.clone(), slot });
+        }
     }
 
     /// Logs that something from `addr` was refused, through the endpoint's
@@ -285,6 +346,16 @@ impl Endpoint {
     pub async fn wait_idle(&self) {
         self.inner.wait_idle().await;
     }
+}
+
+/// How long quinn keeps a closed connection whose smoothed round-trip time is `rtt`:
+/// three probe timeouts, a probe timeout being the round-trip time plus four times
+/// its variance plus the peer's ACK delay (25 ms by default). The variance is not
+/// exposed; this takes it as the round-trip time itself, which over-counts rather
+/// than under-counts (a place held too long refuses an attempt early; one freed too
+/// early lets states pile up).
+fn closing_time(rtt: Duration) -> Duration {
+    (rtt * 5 + Duration::from_millis(25)) * 3
 }
 
 fn handshake_error(addr: SocketAddr, source: quinn::ConnectionError) -> NetError {
@@ -332,13 +403,17 @@ impl Incoming {
     /// the remote, once per source and kind per minute), so callers need not log it
     /// again above debug level.
     pub async fn authenticate(self) -> Result<quinn::Connection, NetError> {
-        let Incoming { inner, token, slot } = self;
+        let Incoming { inner, token, mut slot } = self;
         let addr = inner.remote_address();
         let guard = slot.guard.clone();
         let evicted = slot.evicted.clone();
+        // The connection once its handshake is done: on a failure, its round-trip
+        // time says how long quinn keeps it while closing.
+        let handshaken: Mutex<Option<quinn::Connection>> = Mutex::new(None);
         let attempt = async {
             let connecting = inner.accept().map_err(|source| NetError::Handshake { addr, source })?;
             let conn = connecting.await.map_err(|source| NetError::Handshake { addr, source })?;
+            *handshaken.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn.clone());
             match auth::server(&conn, &token).await {
                 Ok(()) => {
                     conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(guard.streams));
@@ -358,8 +433,25 @@ impl Incoming {
                 r.unwrap_or(Err(NetError::HandshakeTimeout { addr, after: AUTH_TIMEOUT }))
             }
         };
-        // The place is free from here on.
-        drop(slot);
+        match &outcome {
+            // The place is free from here on.
+            Ok(_) => drop(slot),
+            Err(_) => {
+                // Closed here if not yet (an attempt cut short by a timeout or an
+                // eviction); quinn keeps it for three probe timeouts more.
+                let conn = handshaken.into_inner().unwrap_or_else(PoisonError::into_inner);
+                let closing = match &conn {
+                    Some(conn) => {
+                        conn.close(quinn::VarInt::from_u32(codes::PROTOCOL_ERROR), b"authentication failed");
+                        closing_time(conn.rtt())
+                    }
+                    None => CLOSING_BEFORE_HANDSHAKE,
+                };
+                // The place stays taken while it closes.
+                slot.closing_until = Some(Instant::now() + closing);
+                drop(slot);
+            }
+        }
         match &outcome {
             Ok(_) => {}
             Err(NetError::AuthFailed { .. }) => guard.refused(addr, Refusal::TokenMismatch, &""),
@@ -375,5 +467,55 @@ impl Incoming {
             Err(e) => guard.refused(addr, Refusal::HandshakeFailed, &format_args!(": {e}")),
         }
         outcome
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn refused_handshakes_count_against_the_unproven_bound_until_they_are_closed() {
+        let mut h = Handshakes::default();
+        let t0 = Instant::now();
+        let (a, _) = h.start();
+        let (b, _) = h.start();
+        let (c, _) = h.start();
+        assert_eq!(h.unproven(t0), 3);
+        // An authenticated one leaves at once.
+        h.finish(a);
+        assert_eq!(h.unproven(t0), 2);
+        // Refused ones stay until quinn has dropped them.
+        h.failed(b, t0 + Duration::from_secs(1));
+        h.failed(c, t0 + Duration::from_secs(3));
+        assert_eq!(h.unproven(t0), 2);
+        assert_eq!(h.unproven(t0 + Duration::from_secs(1)), 1);
+        assert_eq!(h.unproven(t0 + Duration::from_secs(3)), 0);
+        assert!(h.live.is_empty() && h.closing.is_empty());
+    }
+
+    #[test]
+    fn an_evicted_handshake_still_counts_while_it_closes() {
+        let mut h = Handshakes { max: 2, ..Handshakes::default() };
+        let t0 = Instant::now();
+        let (first, _) = h.start();
+        h.start();
+        h.start();
+        // The first was pushed out of the handshakes in flight; its task then reports
+        // it refused, and it counts until closed.
+        assert_eq!(h.unproven(t0), 2);
+        h.failed(first, t0 + CLOSING_BEFORE_HANDSHAKE);
+        assert_eq!(h.unproven(t0), 3);
+        assert_eq!(h.unproven(t0 + CLOSING_BEFORE_HANDSHAKE), 2);
+    }
+
+    #[test]
+    fn closing_time_covers_three_probe_timeouts() {
+        // quinn: 3 x (srtt + 4 x rttvar + 25 ms max ACK delay); rttvar is srtt / 2
+        // after the first sample.
+        for ms in [1, 10, 100, 1000] {
+            let rtt = Duration::from_millis(ms);
+            assert!(closing_time(rtt) >= (rtt + rtt * 2 + Duration::from_millis(25)) * 3);
+        }
     }
 }
