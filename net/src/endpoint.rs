@@ -12,12 +12,27 @@
 //!   handshake and then never proves anything holds a place only until newer
 //!   attempts push it out, while an honest handshake, done in a few round trips, is
 //!   never the oldest for long;
+//! - quinn's state of a connection (about 37 KiB with its TLS session, event channel
+//!   and sent-packet record) outlives the connection by three probe timeouts: a
+//!   refused client is remembered while the close is repeated to it. The probe
+//!   timeout follows the round-trip time the client shows, so a slow client
+//!   (deliberately or not) keeps refused states alive for seconds: a flood of 10,000
+//!   handshakes left 2,000-2,500 of them at once, 75-90 MiB. So at most
+//!   [`MAX_UNPROVEN_STATES`] connections without a token proof, in their handshake or
+//!   still closing after a refusal, exist at once; past it a new attempt is refused
+//!   before its handshake, which costs no state (see [`Endpoint::accept`]). The
+//!   places up to [`MAX_UNPROVEN_STATES_NEW_ADDRESS`] are kept for addresses with no
+//!   such connection: a flood from a few addresses fills the first bound, and a peer
+//!   that dials meanwhile (from its own address) still gets in. A flood from ever new
+//!   addresses fills both, and then honest attempts are refused too until states
+//!   close: memory stays bounded, connectivity during such a flood is not promised;
 //! - until its token proof a client may open [`STREAMS_BEFORE_PROOF`] streams, not the
 //!   configured number (quinn keeps state for every stream a connection may open);
 //! - every refusal is logged through one [`RefusalLog`] per endpoint: once per
 //!   source IP and kind per minute, whatever the rate of attempts.
 
-use std::collections::BTreeMap;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -44,6 +59,19 @@ pub const MAX_HANDSHAKES: usize = 64;
 /// Bidirectional streams a client may open before its token proof is checked (the
 /// proof's and the first message's); raised to the configured number after.
 pub const STREAMS_BEFORE_PROOF: u32 = 4;
+/// Connections without a token proof whose state quinn keeps at once: the handshakes
+/// in flight plus the refused ones still closing (see the module docs), for an
+/// attempt from an address (IP and port) that already has one of them.
+pub const MAX_UNPROVEN_STATES: usize = 256;
+/// The same bound for an attempt from an address with none: the places above
+/// [`MAX_UNPROVEN_STATES`] are kept for new addresses, so that a peer dialling
+/// during a flood from a few addresses still gets in. About 16 MiB of connection
+/// state at this bound.
+pub const MAX_UNPROVEN_STATES_NEW_ADDRESS: usize = 448;
+/// How long a refused connection that never completed its handshake is counted as
+/// closing: three probe timeouts at quinn's initial round-trip estimate (333 ms, and
+/// half that as its variance), rounded up.
+pub const CLOSING_BEFORE_HANDSHAKE: Duration = Duration::from_secs(3);
 
 /// QUIC transport knobs, sized for bulk transfer on a LAN by default.
 #[derive(Clone, Debug)]
@@ -123,23 +151,74 @@ impl Guard {
 }
 
 /// The handshakes in flight, oldest first; at [`MAX_HANDSHAKES`] the oldest is told
-/// to give up.
+/// to give up. Also the refused connections quinn still keeps while they close (by
+/// when each is gone); both count as unproven states, in all and per remote
+/// address, against [`MAX_UNPROVEN_STATES`] and [`MAX_UNPROVEN_STATES_NEW_ADDRESS`].
 #[derive(Debug)]
 struct Handshakes {
     next: u64,
     max: usize,
     live: BTreeMap<u64, Arc<Notify>>,
+    /// Places taken by attempts not yet authenticated or refused (evicted ones
+    /// included, until their task ends).
+    held: usize,
+    closing: BinaryHeap<Reverse<(Instant, SocketAddr)>>,
+    /// Unproven states (held or closing) per remote address.
+    by_addr: HashMap<SocketAddr, usize>,
 }
 
 impl Default for Handshakes {
     fn default() -> Self {
-        Self { next: 0, max: MAX_HANDSHAKES, live: BTreeMap::new() }
+        Self {
+            next: 0,
+            max: MAX_HANDSHAKES,
+            live: BTreeMap::new(),
+            held: 0,
+            closing: BinaryHeap::new(),
+            by_addr: HashMap::new(),
+        }
     }
 }
 
 impl Handshakes {
-    /// A place for one more handshake: its id and the signal that it was evicted.
-    fn start(&mut self) -> (u64, Arc<Notify>) {
+    /// Connections without a proof quinn keeps at `now`: in their handshake or
+    /// closing.
+    fn unproven(&mut self, now: Instant) -> usize {
+        while let Some(Reverse((gone, addr))) = self.closing.peek().copied() {
+            if gone > now {
+                break;
+            }
+            self.closing.pop();
+            self.forget(addr);
+        }
+        self.held + self.closing.len()
+    }
+
+    /// Whether an attempt from `addr` may start at `now`, when quinn keeps `states`
+    /// connections in all (proven or not): `Err` with the unproven count if not.
+    /// An address with no unproven state yet may use the places between
+    /// [`MAX_UNPROVEN_STATES`] and [`MAX_UNPROVEN_STATES_NEW_ADDRESS`]. The estimate
+    /// of states still closing errs long, so quinn's own count (which can only be
+    /// higher than the unproven ones) must be at the bound too.
+    fn admit(&mut self, addr: SocketAddr, now: Instant, states: usize) -> Result<(), usize> {
+        let unproven = self.unproven(now);
+        let bound =
+            if self.by_addr.contains_key(&addr) { MAX_UNPROVEN_STATES } else { MAX_UNPROVEN_STATES_NEW_ADDRESS };
+        if unproven >= bound && states >= bound { Err(unproven) } else { Ok(()) }
+    }
+
+    fn forget(&mut self, addr: SocketAddr) {
+        if let Some(n) = self.by_addr.get_mut(&addr) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_addr.remove(&addr);
+            }
+        }
+    }
+
+    /// A place for one more handshake, from `addr`: its id and the signal that it
+    /// was evicted.
+    fn start(&mut self, addr: SocketAddr) -> (u64, Arc<Notify>) {
         while self.live.len() >= self.max {
             match self.live.pop_first() {
                 // A stored permit: the evicted handshake sees it even if it is not
@@ -152,24 +231,41 @@ impl Handshakes {
         self.next += 1;
         let evicted = Arc::new(Notify::new());
         self.live.insert(id, evicted.clone());
+        self.held += 1;
+        *self.by_addr.entry(addr).or_default() += 1;
         (id, evicted)
     }
 
-    fn finish(&mut self, id: u64) {
+    /// Handshake `id` from `addr` is over: authenticated (`gone` is `None`), or
+    /// refused and kept by quinn until `gone`.
+    fn finish(&mut self, id: u64, addr: SocketAddr, gone: Option<Instant>) {
         self.live.remove(&id);
+        self.held = self.held.saturating_sub(1);
+        match gone {
+            Some(gone) => self.closing.push(Reverse((gone, addr))),
+            None => self.forget(addr),
+        }
     }
 }
 
-/// One incoming attempt's place among the handshakes in flight; freed on drop.
+/// One incoming attempt's place among the handshakes in flight; freed on drop, or
+/// if `closing_until` is set, turned into a place among the closing connections
+/// until then.
 struct HandshakeSlot {
     guard: Arc<Guard>,
     id: u64,
+    addr: SocketAddr,
     evicted: Arc<Notify>,
+    closing_until: Option<Instant>,
 }
 
 impl Drop for HandshakeSlot {
     fn drop(&mut self) {
-        self.guard.handshakes.lock().unwrap_or_else(PoisonError::into_inner).finish(self.id);
+        self.guard.handshakes.lock().unwrap_or_else(PoisonError::into_inner).finish(
+            self.id,
+            self.addr,
+            self.closing_until,
+        );
     }
 }
 
@@ -260,12 +356,32 @@ impl Endpoint {
     /// The next incoming connection attempt, or `None` once the endpoint is closed.
     /// Call [`Incoming::authenticate`] on it, preferably in its own task.
     /// It takes a place among the [`MAX_HANDSHAKES`] handshakes in flight (see the
-    /// module docs), held until it is authenticated, refused or dropped.
+    /// module docs), held until it is authenticated, refused or dropped. While
+    /// [`MAX_UNPROVEN_STATES`] connections without a proof exist (or
+    /// [`MAX_UNPROVEN_STATES_NEW_ADDRESS`], for an address that has none), attempts
+    /// are refused here before their handshake (logged as [`Refusal::AtBound`]) and
+    /// not returned.
     pub async fn accept(&self) -> Option<Incoming> {
-        let inner = self.inner.accept().await?;
-        let (id, evicted) = self.guard.handshakes.lock().unwrap_or_else(PoisonError::into_inner).start();
-        let slot = HandshakeSlot { guard: self.guard.clone(), id, evicted };
-        Some(Incoming { inner, token: self.token.clone(), slot })
+        loop {
+            let inner = self.inner.accept().await?;
+            let addr = inner.remote_address();
+            let states = self.inner.open_connections();
+            let mut handshakes = self.guard.handshakes.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Err(unproven) = handshakes.admit(addr, Instant::now(), states) {
+                drop(handshakes);
+                inner.refuse();
+                self.guard.refused(
+                    addr,
+                    Refusal::AtBound,
+                    &format_args!(": {unproven} unauthenticated connections open or closing"),
+                );
+                continue;
+            }
+            let (id, evicted) = handshakes.start(addr);
+            drop(handshakes);
+            let slot = HandshakeSlot { guard: self.guard.clone(), id, addr, evicted, closing_until: None };
+            return Some(Incoming { inner, token: self.token.clone(), slot });
+        }
     }
 
     /// Logs that something from `addr` was refused, through the endpoint's
@@ -285,6 +401,16 @@ impl Endpoint {
     pub async fn wait_idle(&self) {
         self.inner.wait_idle().await;
     }
+}
+
+/// How long quinn keeps a closed connection whose smoothed round-trip time is `rtt`:
+/// three probe timeouts, a probe timeout being the round-trip time plus four times
+/// its variance plus the peer's ACK delay (25 ms by default). The variance is not
+/// exposed; this takes it as the round-trip time itself, which over-counts rather
+/// than under-counts (a place held too long refuses an attempt early; one freed too
+/// early lets states pile up).
+fn closing_time(rtt: Duration) -> Duration {
+    (rtt * 5 + Duration::from_millis(25)) * 3
 }
 
 fn handshake_error(addr: SocketAddr, source: quinn::ConnectionError) -> NetError {
@@ -332,13 +458,17 @@ impl Incoming {
     /// the remote, once per source and kind per minute), so callers need not log it
     /// again above debug level.
     pub async fn authenticate(self) -> Result<quinn::Connection, NetError> {
-        let Incoming { inner, token, slot } = self;
+        let Incoming { inner, token, mut slot } = self;
         let addr = inner.remote_address();
         let guard = slot.guard.clone();
         let evicted = slot.evicted.clone();
+        // The connection once its handshake is done: on a failure, its round-trip
+        // time says how long quinn keeps it while closing.
+        let handshaken: Mutex<Option<quinn::Connection>> = Mutex::new(None);
         let attempt = async {
             let connecting = inner.accept().map_err(|source| NetError::Handshake { addr, source })?;
             let conn = connecting.await.map_err(|source| NetError::Handshake { addr, source })?;
+            *handshaken.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn.clone());
             match auth::server(&conn, &token).await {
                 Ok(()) => {
                     conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(guard.streams));
@@ -358,8 +488,25 @@ impl Incoming {
                 r.unwrap_or(Err(NetError::HandshakeTimeout { addr, after: AUTH_TIMEOUT }))
             }
         };
-        // The place is free from here on.
-        drop(slot);
+        match &outcome {
+            // The place is free from here on.
+            Ok(_) => drop(slot),
+            Err(_) => {
+                // Closed here if not yet (an attempt cut short by a timeout or an
+                // eviction); quinn keeps it for three probe timeouts more.
+                let conn = handshaken.into_inner().unwrap_or_else(PoisonError::into_inner);
+                let closing = match &conn {
+                    Some(conn) => {
+                        conn.close(quinn::VarInt::from_u32(codes::PROTOCOL_ERROR), b"authentication failed");
+                        closing_time(conn.rtt())
+                    }
+                    None => CLOSING_BEFORE_HANDSHAKE,
+                };
+                // The place stays taken while it closes.
+                slot.closing_until = Some(Instant::now() + closing);
+                drop(slot);
+            }
+        }
         match &outcome {
             Ok(_) => {}
             Err(NetError::AuthFailed { .. }) => guard.refused(addr, Refusal::TokenMismatch, &""),
@@ -375,5 +522,84 @@ impl Incoming {
             Err(e) => guard.refused(addr, Refusal::HandshakeFailed, &format_args!(": {e}")),
         }
         outcome
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn refused_handshakes_count_against_the_unproven_bound_until_they_are_closed() {
+        let mut h = Handshakes::default();
+        let t0 = Instant::now();
+        let (a, _) = h.start(addr(1));
+        let (b, _) = h.start(addr(2));
+        let (c, _) = h.start(addr(2));
+        assert_eq!(h.unproven(t0), 3);
+        // An authenticated one leaves at once.
+        h.finish(a, addr(1), None);
+        assert_eq!(h.unproven(t0), 2);
+        // Refused ones stay until quinn has dropped them.
+        h.finish(b, addr(2), Some(t0 + Duration::from_secs(1)));
+        h.finish(c, addr(2), Some(t0 + Duration::from_secs(3)));
+        assert_eq!(h.unproven(t0), 2);
+        assert_eq!(h.unproven(t0 + Duration::from_secs(1)), 1);
+        assert_eq!(h.by_addr.get(&addr(2)), Some(&1));
+        assert_eq!(h.unproven(t0 + Duration::from_secs(3)), 0);
+        assert!(h.live.is_empty() && h.closing.is_empty() && h.by_addr.is_empty());
+    }
+
+    #[test]
+    fn an_evicted_handshake_still_counts_until_it_has_closed() {
+        let mut h = Handshakes { max: 2, ..Handshakes::default() };
+        let t0 = Instant::now();
+        let (first, _) = h.start(addr(1));
+        h.start(addr(1));
+        h.start(addr(1));
+        // The first was pushed out of the handshakes in flight, but its state lives
+        // on: while its task ends, then while it closes.
+        assert_eq!(h.live.len(), 2);
+        assert_eq!(h.unproven(t0), 3);
+        h.finish(first, addr(1), Some(t0 + CLOSING_BEFORE_HANDSHAKE));
+        assert_eq!(h.unproven(t0), 3);
+        assert_eq!(h.unproven(t0 + CLOSING_BEFORE_HANDSHAKE), 2);
+    }
+
+    #[test]
+    fn at_the_bound_only_new_addresses_get_in_and_only_up_to_the_second_bound() {
+        let mut h = Handshakes { max: usize::MAX, ..Handshakes::default() };
+        let now = Instant::now();
+        // A flood from 4 addresses fills the first bound.
+        for i in 0..MAX_UNPROVEN_STATES {
+            let from = addr(1 + (i % 4) as u16);
+            assert_eq!(h.admit(from, now, i), Ok(()));
+            h.start(from);
+        }
+        let states = MAX_UNPROVEN_STATES_NEW_ADDRESS;
+        assert_eq!(h.admit(addr(1), now, states), Err(MAX_UNPROVEN_STATES));
+        // A peer dialling from its own address still gets in, until the second bound.
+        for i in MAX_UNPROVEN_STATES..MAX_UNPROVEN_STATES_NEW_ADDRESS {
+            let from = addr(1000 + i as u16);
+            assert_eq!(h.admit(from, now, states), Ok(()));
+            h.start(from);
+        }
+        assert_eq!(h.admit(addr(60000), now, states), Err(MAX_UNPROVEN_STATES_NEW_ADDRESS));
+        // The estimate errs long: if quinn holds fewer connections, attempts pass.
+        assert_eq!(h.admit(addr(1), now, MAX_UNPROVEN_STATES - 1), Ok(()));
+    }
+
+    #[test]
+    fn closing_time_covers_three_probe_timeouts() {
+        // quinn: 3 x (srtt + 4 x rttvar + 25 ms max ACK delay); rttvar is srtt / 2
+        // after the first sample.
+        for ms in [1, 10, 100, 1000] {
+            let rtt = Duration::from_millis(ms);
+            assert!(closing_time(rtt) >= (rtt + rtt * 2 + Duration::from_millis(25)) * 3);
+        }
     }
 }

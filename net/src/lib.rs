@@ -89,8 +89,8 @@ mod token;
 
 pub use auth::AUTH_TIMEOUT;
 pub use endpoint::{
-    Endpoint, EndpointConfig, INCOMING_BUFFER, INCOMING_BUFFER_TOTAL, Incoming, MAX_HANDSHAKES, MAX_INCOMING,
-    STREAMS_BEFORE_PROOF,
+    CLOSING_BEFORE_HANDSHAKE, Endpoint, EndpointConfig, INCOMING_BUFFER, INCOMING_BUFFER_TOTAL, Incoming,
+    MAX_HANDSHAKES, MAX_INCOMING, MAX_UNPROVEN_STATES, MAX_UNPROVEN_STATES_NEW_ADDRESS, STREAMS_BEFORE_PROOF,
 };
 pub use error::NetError;
 pub use framing::{read_msg, write_msg};
