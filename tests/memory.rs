@@ -15,9 +15,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::{RngCore, SeedableRng};
-use sha2::Digest as _;
 use support::agents::Cluster;
 use support::flood::MemorySampler;
+use support::registry::copy_hashed;
 use support::{Registry, require_tool, test_dir};
 use swarm_proto::Digest;
 
@@ -50,20 +50,10 @@ fn hashed_get(url: &str) -> anyhow::Result<(Digest, u64, Duration)> {
     let started = Instant::now();
     let mut child = Command::new(curl).args(["-sS", "--fail", url]).stdout(Stdio::piped()).spawn()?;
     let mut body = child.stdout.take().ok_or_else(|| anyhow::anyhow!("curl's stdout"))?;
-    let mut hasher = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut len = 0u64;
-    loop {
-        let n = body.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        len += n as u64;
-    }
+    let (digest, len) = copy_hashed(&mut body, &mut std::io::sink())?;
     let status = child.wait()?;
     anyhow::ensure!(status.success(), "curl {url} failed ({status}) after {len} bytes");
-    Ok((Digest(hasher.finalize().into()), len, started.elapsed()))
+    Ok((digest, len, started.elapsed()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

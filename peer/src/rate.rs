@@ -56,7 +56,10 @@ impl RangeTicket {
     /// Counts `n` bytes of the range that just arrived.
     pub fn arrived(&mut self, n: u64) {
         self.remaining = self.remaining.saturating_sub(n);
-        self.limiter.locked().guard.arrived(n, Instant::now());
+        let mut state = self.limiter.locked();
+        if state.bucket.rate().is_some() {
+            state.guard.arrived(n, Instant::now());
+        }
     }
 
     /// Records how long the range's request took to be answered.

@@ -254,24 +254,12 @@ impl Registry {
         patch.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
         let mut child = patch.spawn().context("starting curl")?;
         let mut stdin = child.stdin.take().context("curl's stdin")?;
-        let mut hasher = sha2::Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut len = 0u64;
-        loop {
-            let n = source.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            stdin.write_all(&buf[..n]).context("streaming the blob to curl")?;
-            len += n as u64;
-        }
+        let (digest, len) = copy_hashed(&mut source, &mut stdin).context("streaming the blob to curl")?;
         drop(stdin);
         let patched = child.wait_with_output().context("waiting for curl")?;
         if !patched.status.success() {
             bail!("PATCH of {len} bytes to {upload} failed: {}", String::from_utf8_lossy(&patched.stderr));
         }
-        let digest = Digest(hasher.finalize().into());
         let upload = location(&patched.stdout)?;
         let sep = if upload.contains('?') { '&' } else { '?' };
         let mut put = curl_cmd("PUT", &format!("{upload}{sep}digest={digest}"));
@@ -295,6 +283,25 @@ fn parse_access_line(line: &str) -> Option<AccessLine> {
     let target = request.next()?.to_string();
     let status = line[end + 1..].split_whitespace().next()?.parse().ok()?;
     Some(AccessLine { method, target, status })
+}
+
+/// Copies `source` to `sink` in 1 MiB steps, hashing as it goes (a blob of any size
+/// never held whole): the bytes' sha256 digest and their length.
+pub fn copy_hashed(source: &mut impl std::io::Read, sink: &mut impl std::io::Write) -> std::io::Result<(Digest, u64)> {
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut len = 0u64;
+    loop {
+        let n = source.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        sink.write_all(&buf[..n])?;
+        len += n as u64;
+    }
+    Ok((Digest(hasher.finalize().into()), len))
 }
 
 #[cfg(test)]

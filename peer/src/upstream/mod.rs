@@ -568,7 +568,7 @@ impl UpstreamClient {
                 let total = self.blob_length(registry, repository, digest).await?;
                 if total == offset {
                     let stream = futures_util::stream::empty().boxed();
-                    return Ok(resume::Opened { total, skip: 0, end: None, paid: false, tickets: Vec::new(), stream });
+                    return Ok(resume::Opened { total, skip: 0, end: None, tickets: Vec::new(), stream });
                 }
                 return Err(invalid(&url, format!("range from {offset} refused for a blob of {total} bytes")));
             }
@@ -600,7 +600,7 @@ impl UpstreamClient {
         debug!(registry, repository, %digest, offset, total, status = status.as_u16(), "blob response opened");
         let body_url = url.to_string();
         let stream = resp.bytes_stream().map_err(move |source| UpstreamError::Body { url: body_url.clone(), source });
-        Ok(resume::Opened { total, skip, end, paid: false, tickets: Vec::new(), stream: stream.boxed() })
+        Ok(resume::Opened { total, skip, end, tickets: Vec::new(), stream: stream.boxed() })
     }
 
     /// Sends a request, handling the auth challenge (one retry) and mapping statuses.

@@ -113,10 +113,8 @@ pub(super) struct Opened {
     /// Where the body ends when it is a range short of the blob's end (then the next
     /// range is asked for once it is read).
     pub end: Option<u64>,
-    /// Whether its bytes were paid to the limiters before it was asked for.
-    pub paid: bool,
-    /// The limiters' tickets for a paid range: its bytes are counted on them as they
-    /// arrive.
+    /// The limiters' tickets when it is a range paid for before it was asked for
+    /// (empty otherwise): its bytes are counted on them as they arrive, not paid again.
     pub tickets: Vec<RangeTicket>,
     pub stream: BoxStream<'static, Result<Bytes, UpstreamError>>,
 }
@@ -136,7 +134,6 @@ pub(super) fn resuming(
     let state = Resuming {
         limits,
         segment_end: first.end,
-        paid: first.paid,
         tickets: first.tickets,
         ahead: VecDeque::new(),
         last_paid: None,
@@ -184,10 +181,8 @@ struct Resuming {
     limits: Vec<Limiter>,
     /// Where the current body ends, when it is a range short of the blob's end.
     segment_end: Option<u64>,
-    /// Whether the current body's bytes were paid to the limiters when it was asked
-    /// for (a range), so they pass without being counted again.
-    paid: bool,
-    /// The limiters' tickets for the current body when it is a paid range.
+    /// The limiters' tickets for the current body when it is a range paid for when it
+    /// was asked for (its bytes then pass without being paid again); else empty.
     tickets: Vec<RangeTicket>,
     /// The ranges after the current one (at most [`RANGES_AHEAD`]), in blob order,
     /// each paid for and asked for in the background, one after the other.
@@ -260,7 +255,6 @@ async fn open_segment(
     for ticket in &tickets {
         ticket.answered(asked.elapsed());
     }
-    opened.paid = segment.is_some();
     opened.tickets = tickets;
     Ok(opened)
 }
@@ -304,7 +298,6 @@ impl Resuming {
                     Ok(Ok(opened)) => {
                         self.skip = opened.skip;
                         self.segment_end = opened.end;
-                        self.paid = opened.paid;
                         self.tickets = opened.tickets;
                         self.body = Some(opened.stream);
                         self.prefetch();
@@ -372,7 +365,7 @@ impl Resuming {
     /// Passes a chunk off the wire through the stream's limiters (waiting while any is
     /// in debt), then [`Resuming::received`].
     async fn throttled(&mut self, chunk: Bytes) -> Result<Option<Bytes>, UpstreamError> {
-        if self.paid {
+        if !self.tickets.is_empty() {
             for ticket in &mut self.tickets {
                 ticket.arrived(chunk.len() as u64);
             }
