@@ -10,7 +10,7 @@
 # Needs root for the emulation (network namespaces), Debian's docker-registry,
 # containerd, python3-libtorrent and iproute2: see simulations/emulate/README.md. About
 # 4 minutes on the 2-core machine for the emulation and the 1,000-node runs, plus about
-# 6 for the 10,000-node run (SIM_LARGE).
+# 8 for the 10,000-node run (SIM_LARGE) and 2 for the simulator's LTO build.
 #
 # Environment:
 #   RESULTS=DIR        where the JSON goes (default simulations/results)
@@ -73,6 +73,8 @@ provenance() {
 }
 
 run - cargo build --release --workspace --locked
+# The simulator with whole-program optimisation (Cargo.toml's `sim` profile).
+run - cargo build --profile sim -p swarm-simulations --locked
 if [[ ${SKIP_EMULATION:-} == 1 || ${SKIP_SIM:-} == 1 ]]; then keep "# built from"; fi
 if [[ ${SKIP_EMULATION:-} != 1 || ${SKIP_SIM:-} != 1 ]]; then provenance >>"$new_commands"; fi
 
@@ -101,7 +103,7 @@ else
     for r in "${runs[@]}"; do
         read -r scenario n <<<"$r"
         out="$results/sim-$scenario-$n.json"
-        run "$out" target/release/swarm-sim --scenario "$scenario" -n "$n" --blob "$sim_blob" \
+        run "$out" target/sim/swarm-sim --scenario "$scenario" -n "$n" --blob "$sim_blob" \
             --node-up-spread "$sim_spread" --json
         sims+=(--sim "$out")
     done
@@ -112,7 +114,7 @@ else
             read -r name flags <<<"$fault"
             out="$results/sim-edge-$name-$n.json"
             # shellcheck disable=SC2086 # flags is a list of words on purpose
-            run "$out" target/release/swarm-sim --scenario edge -n "$n" --blob "$sim_blob" \
+            run "$out" target/sim/swarm-sim --scenario edge -n "$n" --blob "$sim_blob" \
                 --node-up-spread "$sim_spread" $flags --json
             sims+=(--sim "$out")
         done

@@ -60,9 +60,9 @@
 //! # Usage
 //!
 //! ```text
-//! cargo run --release -p swarm-simulations -- -n 1000 --blob 1GiB --node-up-spread 0.5
-//! cargo run --release -p swarm-simulations -- --scenario churn -n 200 --churn-leave 0.2 --churn-join 0.1
-//! cargo run --release -p swarm-simulations -- --scenario edge -n 100 --zones 4 --zone-link 500Mbit/s --json
+//! cargo run --profile sim -p swarm-simulations -- -n 1000 --blob 1GiB --node-up-spread 0.5
+//! cargo run --profile sim -p swarm-simulations -- --scenario churn -n 200 --churn-leave 0.2 --churn-join 0.1
+//! cargo run --profile sim -p swarm-simulations -- --scenario edge -n 100 --zones 4 --zone-link 500Mbit/s --json
 //! ```
 //!
 //! `--scenario all` (the default) runs edge, in-cluster and direct. Each report gives

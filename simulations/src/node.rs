@@ -550,8 +550,9 @@ impl World {
                 if let Some(f) = self.fetches.get_mut(id) {
                     f.state = FetchState::Queued(seq);
                 }
-                let t = self.clock.nanos(deadline).max(self.now);
-                self.events.push(t, Ev::QueueTimeout(id));
+                // Always `SLOT_WAIT` ahead: a lane, not the heap.
+                let wait = self.clock.nanos(deadline).saturating_sub(self.now);
+                self.events.push_after(self.now, wait, Ev::QueueTimeout(id));
             }
         }
     }
@@ -700,6 +701,13 @@ impl World {
         // the other (a drain touches no other node's swarm — except for a `Close`
         // after bad pieces, never simulated), and the independent core updates back to
         // back let the CPU overlap their cache misses.
+        // Read every recipient's lines first: the reads overlap (see `warm_have`).
+        let warm = peers.iter().fold(0u64, |acc, (l, _)| {
+            let node = &self.nodes[l.remote as usize];
+            let own = u64::from(node.takeover.is_some()) ^ node.timer_at.unwrap_or(0);
+            acc ^ own ^ node.swarm.warm_have(l.remote_key, piece)
+        });
+        std::hint::black_box(warm);
         for (l, hashes) in &peers {
             self.haves_delivered += 1;
             let swarm = &mut self.nodes[l.remote as usize].swarm;

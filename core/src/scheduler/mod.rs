@@ -1048,6 +1048,16 @@ impl Scheduler {
         self.peers.get(&peer).is_some_and(|p| p.bits.get(piece))
     }
 
+    /// Reads what [`Scheduler::peer_have`] of `piece` from `peer` reads first (the
+    /// peer's entry, its bit and the piece's availability) and returns a value made of
+    /// them; changes nothing. See [`crate::swarm::Swarm::warm_have`].
+    pub fn warm_have(&self, peer: PeerKey, piece: u32) -> u64 {
+        let avail = self.core.pieces.avail.get(piece as usize).copied().unwrap_or(0);
+        let held = u64::from(self.core.pieces.have.get(piece));
+        let peer = self.peers.get(&peer).map_or(0, |p| u64::from(p.bits.get(piece)) ^ p.requests.len() as u64);
+        u64::from(avail) ^ held ^ peer
+    }
+
     /// The peers that told us they have `piece`, in key order.
     pub fn peers_holding(&self, piece: u32) -> impl Iterator<Item = PeerKey> + '_ {
         self.peers.iter().filter(move |(_, p)| p.bits.get(piece)).map(|(&k, _)| k)
