@@ -64,24 +64,24 @@ run() {
 # keep PATTERN: carry the lines of the previous commands.sh that mention PATTERN.
 keep() { grep -F -- "$1" "$commands" >>"$new_commands" || true; }
 
-# provenance: the commit the binaries were built from, and what was uncommitted then.
+# provenance WHAT: the commit WHAT's binaries were built from, and what was uncommitted then.
 provenance() {
     local head dirty
     head=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
     dirty=$(git status --porcelain --untracked-files=no 2>/dev/null | awk '{print $2}' | tr '\n' ' ' || true)
-    echo "# built from commit $head${dirty:+, uncommitted changes in: ${dirty% }}"
+    echo "# $1 built from commit $head${dirty:+, uncommitted changes in: ${dirty% }}"
 }
 
 run - cargo build --release --workspace --locked
 # The simulator with whole-program optimisation (Cargo.toml's `sim` profile).
 run - cargo build --profile sim -p swarm-simulations --locked
-if [[ ${SKIP_EMULATION:-} == 1 || ${SKIP_SIM:-} == 1 ]]; then keep "# built from"; fi
-if [[ ${SKIP_EMULATION:-} != 1 || ${SKIP_SIM:-} != 1 ]]; then provenance >>"$new_commands"; fi
 
 status=0
 if [[ ${SKIP_EMULATION:-} == 1 ]]; then
+    keep "# emulation built from"
     keep "emulate.py"
 else
+    provenance emulation >>"$new_commands"
     [[ $(id -u) == 0 ]] || { echo "the emulation needs root (or SKIP_EMULATION=1)" >&2; exit 1; }
     # shellcheck disable=SC2086 # EMULATE_ARGS is a list of words on purpose
     run - /usr/bin/python3 simulations/emulate/emulate.py run --scenario edge,incluster,churn,edge-containerd \
@@ -93,10 +93,12 @@ fi
 
 sims=()
 if [[ ${SKIP_SIM:-} == 1 ]]; then
-    keep "swarm-sim"
+    keep "# simulator built from"
+    keep "swarm-sim --"
     for f in "$results"/sim-*.json; do [[ -f $f ]] && sims+=(--sim "$f"); done
 else
     rm -f "$results"/sim-*.json
+    provenance simulator >>"$new_commands"
     runs=()
     for n in $sim_nodes; do runs+=("edge $n" "in-cluster $n"); done
     for n in $sim_large; do runs+=("edge $n"); done
