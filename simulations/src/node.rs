@@ -697,17 +697,17 @@ impl World {
             }
         }
         let at = self.clock.at(self.now);
-        // All the `have`s first, then all the drains: the same result as one after
-        // the other (a drain touches no other node's swarm — except for a `Close`
-        // after bad pieces, never simulated), and the independent core updates back to
-        // back let the CPU overlap their cache misses.
-        // Read every recipient's lines first: the reads overlap (see `warm_have`).
+        // First read what every recipient's update will read, in one pass of
+        // independent loads whose cache misses overlap (see `Swarm::warm_have`).
         let warm = peers.iter().fold(0u64, |acc, (l, _)| {
             let node = &self.nodes[l.remote as usize];
             let own = u64::from(node.takeover.is_some()) ^ node.timer_at.unwrap_or(0);
             acc ^ own ^ node.swarm.warm_have(l.remote_key, piece)
         });
         std::hint::black_box(warm);
+        // Then all the `have`s, then all the drains: the same result as one after
+        // the other (a drain touches no other node's swarm — except for a `Close`
+        // after bad pieces, never simulated).
         for (l, hashes) in &peers {
             self.haves_delivered += 1;
             let swarm = &mut self.nodes[l.remote as usize].swarm;
